@@ -1,0 +1,349 @@
+"""Tests of trainer.evaluate against real pycocotools on a small hand-built COCO split."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import pickle
+import random
+
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_util
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from trainer import evaluate as ev
+from trainer.errors import TrainerError
+
+CATEGORIES = [{"id": 2, "name": "cat"}, {"id": 5, "name": "dog"}, {"id": 11, "name": "car"}]
+LABEL_TO_CAT = {1: 2, 2: 5, 3: 11}
+CAT_TO_LABEL = {c: l for l, c in LABEL_TO_CAT.items()}
+IMAGES = {1: (160, 200), 2: (100, 120), 3: (64, 64), 4: (240, 240)}  # id -> (height, width)
+KEYS = [f"{t}/{m}" for t in ev.IOU_TYPES for m in ev.METRIC_NAMES]
+
+
+def _rect(x, y, w, h):
+    return [x, y, x + w, y, x + w, y + h, x, y + h]
+
+
+def _ellipse(height, width, cy, cx, ry, rx):
+    yy, xx = np.mgrid[:height, :width]
+    return (((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0).astype(np.uint8)
+
+
+def _box(height, width, x, y, w, h):
+    mask = np.zeros((height, width), np.uint8)
+    mask[y:y + h, x:x + w] = 1
+    return mask
+
+
+def _uncompressed_rle(mask):
+    """Run lengths over the column-major pixels, starting with a (possibly empty) run of zeros."""
+    flat = np.asfortranarray(mask).ravel(order="F")
+    edges = np.flatnonzero(np.diff(flat)) + 1
+    runs = np.diff(np.concatenate(([0], edges, [flat.size])))
+    counts = runs.tolist() if flat[0] == 0 else [0] + runs.tolist()
+    return {"size": list(mask.shape), "counts": counts}
+
+
+def _compressed_rle(mask):
+    rle = mask_util.encode(np.asfortranarray(mask))
+    return {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+
+
+# (image_id, category_id, segmentation builder(h, w), iscrowd); sizes span small/medium/large.
+OBJECTS = [
+    (1, 2, lambda h, w: [_rect(10, 10, 140, 100)], 0),                          # large polygon
+    (1, 5, lambda h, w: [[160, 20, 195, 20, 160, 90]], 0),                     # medium triangle
+    (1, 11, lambda h, w: _compressed_rle(_ellipse(h, w, 130, 100, 6, 8)), 0),  # small RLE
+    (1, 2, lambda h, w: _uncompressed_rle(_box(h, w, 0, 120, 40, 40)), 1),     # crowd region
+    (2, 11, lambda h, w: [_rect(5, 5, 50, 40)], 0),
+    (2, 5, lambda h, w: _compressed_rle(_ellipse(h, w, 70, 90, 20, 25)), 0),
+    (2, 2, lambda h, w: [_rect(60, 70, 20, 20)], 0),
+    (3, 5, lambda h, w: [_rect(10, 10, 12, 12)], 0),
+    (3, 11, lambda h, w: _compressed_rle(_box(h, w, 30, 20, 30, 40)), 0),
+    (4, 11, lambda h, w: _compressed_rle(_ellipse(h, w, 120, 120, 60, 80)), 0),
+    (4, 2, lambda h, w: [[150, 10, 230, 10, 230, 30, 170, 30, 170, 60, 150, 60]], 0),  # L shape
+    (4, 5, lambda h, w: [[10, 200, 30, 200, 10, 225]], 0),
+]
+
+
+@pytest.fixture(scope="module")
+def coco_gt(tmp_path_factory) -> COCO:
+    images = [{"id": i, "height": h, "width": w, "file_name": f"{i}.jpg"} for i, (h, w) in IMAGES.items()]
+    annotations = []
+    for ann_id, (image_id, cat, build, crowd) in enumerate(OBJECTS, start=1):
+        h, w = IMAGES[image_id]
+        segm = build(h, w)
+        if isinstance(segm, list):
+            rle = mask_util.merge(mask_util.frPyObjects(segm, h, w))
+        else:  # frPyObjects reads any dict as uncompressed RLE, like COCO.annToRLE does
+            rle = mask_util.frPyObjects(segm, h, w) if isinstance(segm["counts"], list) else segm
+        annotations.append({"id": ann_id, "image_id": image_id, "category_id": cat, "iscrowd": crowd,
+                            "segmentation": segm, "area": float(mask_util.area(rle)),
+                            "bbox": mask_util.toBbox(rle).tolist()})
+    path = tmp_path_factory.mktemp("coco") / "instances_tiny.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": CATEGORIES}))
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(path))
+    areas = [a["area"] for a in gt.dataset["annotations"] if not a["iscrowd"]]
+    assert min(areas) < 32**2 and max(areas) > 96**2 and any(32**2 < a < 96**2 for a in areas)
+    return gt
+
+
+def perfect_outputs(gt: COCO) -> dict[int, dict[str, torch.Tensor]]:
+    """What an ideal Mask R-CNN would return per image: every non-crowd GT, score 1."""
+    outputs = {}
+    for image_id, (h, w) in IMAGES.items():
+        anns = [a for a in gt.imgToAnns[image_id] if not a["iscrowd"]]
+        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32)
+        boxes[:, 2:] += boxes[:, :2]
+        masks = np.stack([gt.annToMask(a) for a in anns])
+        outputs[image_id] = {
+            "boxes": boxes,
+            "labels": torch.tensor([CAT_TO_LABEL[a["category_id"]] for a in anns]),
+            "scores": torch.ones(len(anns)),
+            "masks": torch.from_numpy(masks).float()[:, None],
+        }
+    return outputs
+
+
+def perturbed_results(gt: COCO) -> list[dict]:
+    """Shifted boxes and masks, one miss, one false positive, a duplicate, and graded scores."""
+    outputs = perfect_outputs(gt)
+    ids = list(outputs)
+    results = ev.predictions_to_coco([outputs[i] for i in ids], ids, LABEL_TO_CAT)
+    del results[4]  # a miss
+    for k, r in enumerate(results):
+        r["score"] = 1.0 - 0.07 * k
+        if k % 3 == 1:  # shift boxes and masks by a few pixels: some IoUs fall below 0.75
+            r["bbox"] = [r["bbox"][0] + 3 + k, r["bbox"][1] + 2, r["bbox"][2], r["bbox"][3]]
+            mask = np.roll(mask_util.decode(r["segmentation"]), 3 + k, axis=1)
+            r["segmentation"] = _compressed_rle(mask)
+    fp_mask = _box(*IMAGES[2], 80, 5, 30, 30)
+    results.append({"image_id": 2, "category_id": 2, "bbox": [80.0, 5.0, 30.0, 30.0], "score": 0.95,
+                    "segmentation": _compressed_rle(fp_mask)})
+    duplicate = copy.deepcopy(results[0])
+    duplicate["score"] = 0.5
+    results.append(duplicate)
+    return results
+
+
+def direct_pycocotools(gt: COCO, results: list[dict]) -> dict[str, float]:
+    """COCOeval run by hand; segm gets results without "bbox" (the documented convention)."""
+    metrics = {}
+    for iou_type in ev.IOU_TYPES:
+        drop = "segmentation" if iou_type == "bbox" else "bbox"
+        dets = [{k: v for k, v in copy.deepcopy(r).items() if k != drop} for r in results]
+        with contextlib.redirect_stdout(io.StringIO()):
+            e = COCOeval(gt, gt.loadRes(dets), iou_type)
+            e.evaluate()
+            e.accumulate()
+            e.summarize()
+        metrics.update({f"{iou_type}/{m}": float(v) for m, v in zip(ev.METRIC_NAMES, e.stats[:6])})
+    return metrics
+
+
+# ----------------------------------------------------------------------------- score_coco
+
+
+def test_perfect_predictions_score_one(coco_gt, capsys):
+    outputs = perfect_outputs(coco_gt)
+    results = ev.predictions_to_coco(list(outputs.values()), list(outputs), LABEL_TO_CAT)
+    metrics = ev.score_coco(coco_gt, results, backend="pycocotools")
+    assert sorted(metrics) == sorted(KEYS)
+    for key in KEYS:
+        assert metrics[key] == pytest.approx(1.0, abs=1e-9), key
+    assert capsys.readouterr().out == ""  # pycocotools' chatter never reaches stdout
+
+
+def test_perturbed_predictions_match_direct_pycocotools(coco_gt):
+    results = perturbed_results(coco_gt)
+    before = copy.deepcopy(results)
+    metrics = ev.score_coco(coco_gt, results, backend="pycocotools")
+    expected = direct_pycocotools(coco_gt, results)
+    assert results == before  # loadRes mutates its input; score_coco must not pass ours through
+    for key in KEYS:
+        assert metrics[key] == pytest.approx(expected[key], abs=1e-12), key
+    assert 0.2 < metrics["bbox/AP"] < 0.95 and 0.2 < metrics["segm/AP"] < 0.95
+
+
+def test_faster_coco_eval_matches_pycocotools(coco_gt):
+    pytest.importorskip("faster_coco_eval")
+    for results in (perturbed_results(coco_gt), ev.predictions_to_coco(
+            list(perfect_outputs(coco_gt).values()), list(IMAGES), LABEL_TO_CAT)):
+        reference = ev.score_coco(coco_gt, results, backend="pycocotools")
+        fast = ev.score_coco(coco_gt, results, backend="faster_coco_eval")
+        for key in KEYS:
+            assert fast[key] == pytest.approx(reference[key], abs=ev.BACKEND_TOLERANCE), key
+    assert ev.faster_coco_eval_verified()
+    assert ev.resolve_backend("auto") == "faster_coco_eval"
+
+
+def test_backend_resolution(monkeypatch):
+    assert ev.resolve_backend("auto") in ("pycocotools", "faster_coco_eval")
+    assert ev.resolve_backend("pycocotools") == "pycocotools"
+    monkeypatch.setattr(ev, "_faster_coco_eval_importable", lambda: False)
+    monkeypatch.setattr(ev, "faster_coco_eval_verified", lambda: False)
+    assert ev.resolve_backend("auto") == "pycocotools"
+    with pytest.raises(ev.EvaluationError, match="not installed"):
+        ev.resolve_backend("faster_coco_eval")
+
+
+def test_empty_results_give_zeros_and_a_warning(coco_gt, caplog):
+    with caplog.at_level(logging.WARNING, logger="trainer.evaluate"):
+        metrics = ev.score_coco(coco_gt, [])
+    assert metrics == {key: 0.0 for key in KEYS}
+    assert "no detections" in caplog.text
+    assert ev.score_coco(coco_gt, [], iou_types=("bbox",)) == {f"bbox/{m}": 0.0 for m in ev.METRIC_NAMES}
+
+
+def test_bbox_only_results_and_iou_types(coco_gt):
+    results = [{k: v for k, v in r.items() if k != "segmentation"} for r in perturbed_results(coco_gt)]
+    metrics = ev.score_coco(coco_gt, results, iou_types=("bbox",), backend="pycocotools")
+    assert sorted(metrics) == [f"bbox/{m}" for m in sorted(ev.METRIC_NAMES)]
+    with pytest.raises(ev.EvaluationError, match="segmentation"):
+        ev.score_coco(coco_gt, results, iou_types=("segm",), backend="pycocotools")
+
+
+def test_bad_arguments_raise_typed_errors(coco_gt):
+    result = {"image_id": 999, "category_id": 2, "bbox": [0.0, 0.0, 5.0, 5.0], "score": 1.0}
+    with pytest.raises(ev.EvaluationError, match="ground truth"):
+        ev.score_coco(coco_gt, [result], iou_types=("bbox",), backend="pycocotools")
+    with pytest.raises(TrainerError, match="backend"):
+        ev.score_coco(coco_gt, [result], backend="detectron")
+    with pytest.raises(ev.EvaluationError, match="iou_types"):
+        ev.score_coco(coco_gt, [result], iou_types=("keypoints",))
+
+
+# ----------------------------------------------------------------------------- predictions_to_coco
+
+
+def test_predictions_to_coco_round_trip():
+    gen = torch.Generator().manual_seed(0)
+    h, w, n = 37, 53, 6  # odd sizes catch a transposed Fortran layout
+    xy = torch.rand(n, 2, generator=gen) * 20
+    boxes = torch.cat([xy, xy + 5 + torch.rand(n, 2, generator=gen) * 20], dim=1)
+    labels = torch.randint(1, 4, (n,), generator=gen)
+    scores = torch.rand(n, generator=gen)
+    masks = torch.rand(n, 1, h, w, generator=gen)
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
+             "scores": torch.zeros(0), "masks": torch.zeros(0, 1, h, w)}
+    out = {"boxes": boxes, "labels": labels, "scores": scores, "masks": masks}
+    results = ev.predictions_to_coco([empty, out], [7, 42], LABEL_TO_CAT, mask_threshold=0.6)
+    assert len(results) == n
+    json.dumps(results)  # JSON-able: RLE counts are str, numbers are Python floats
+    for k, r in enumerate(results):
+        assert r["image_id"] == 42 and r["category_id"] == LABEL_TO_CAT[int(labels[k])]
+        x0, y0, x1, y1 = boxes[k].tolist()
+        assert r["bbox"] == pytest.approx([x0, y0, x1 - x0, y1 - y0], abs=1e-5)
+        assert r["score"] == pytest.approx(float(scores[k]))
+        assert isinstance(r["segmentation"]["counts"], str)
+        decoded = mask_util.decode({**r["segmentation"], "counts": r["segmentation"]["counts"].encode()})
+        np.testing.assert_array_equal(decoded, (masks[k, 0] > 0.6).numpy().astype(np.uint8))
+    # The accelerator path (torch threshold + transpose) must give the same Fortran array as numpy's.
+    via_numpy, via_torch = ev._threshold_numpy(masks[:, 0], 0.6), ev._threshold_torch(masks[:, 0], 0.6)
+    assert via_numpy.flags.f_contiguous and via_torch.flags.f_contiguous and via_torch.shape == (h, w, n)
+    np.testing.assert_array_equal(via_numpy, via_torch)
+    bf16 = ev.predictions_to_coco([{**out, "masks": masks.bfloat16()}], [42], LABEL_TO_CAT)
+    assert len(bf16) == n and all("segmentation" in r for r in bf16)
+
+
+def test_predictions_to_coco_errors_and_bbox_only():
+    out = {"boxes": torch.tensor([[0.0, 0.0, 4.0, 4.0]]), "labels": torch.tensor([9]), "scores": torch.ones(1)}
+    with pytest.raises(ev.EvaluationError, match="label 9"):
+        ev.predictions_to_coco([out], [1], LABEL_TO_CAT)
+    with pytest.raises(ev.EvaluationError, match="image ids"):
+        ev.predictions_to_coco([out], [1, 2], LABEL_TO_CAT)
+    out["labels"] = torch.tensor([3])
+    with pytest.raises(ev.EvaluationError, match="masks of shape"):
+        ev.predictions_to_coco([{**out, "masks": torch.zeros(2, 1, 8, 8)}], [1], LABEL_TO_CAT)
+    (result,) = ev.predictions_to_coco([out], [1], LABEL_TO_CAT)
+    assert result == {"image_id": 1, "category_id": 11, "bbox": [0.0, 0.0, 4.0, 4.0], "score": 1.0}
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+class TinyDataset:
+    """Stand-in for trainer.data's eval dataset; each image's pixels encode its id."""
+
+    def __init__(self, coco: COCO, ids=None):
+        self.coco = coco
+        self.label_to_cat = dict(LABEL_TO_CAT)
+        self.ids = sorted(IMAGES) if ids is None else list(ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int):
+        image_id = self.ids[index]
+        h, w = IMAGES[image_id]
+        return torch.full((3, h, w), image_id / 255.0), {"image_id": image_id}
+
+
+class OracleModel(torch.nn.Module):
+    """Returns the perfect outputs of the image it is shown, and consumes global RNG like dropout."""
+
+    def __init__(self, outputs: dict[int, dict[str, torch.Tensor]]):
+        super().__init__()
+        self.head = torch.nn.Linear(1, 1)
+        self.outputs = outputs
+        self.seen_modes: list[tuple[bool, bool, bool]] = []
+
+    def forward(self, images):
+        self.seen_modes.append((self.training, self.head.training, torch.is_inference_mode_enabled()))
+        torch.rand(3)
+        return [self.outputs[round(float(img[0, 0, 0]) * 255)] for img in images]
+
+
+def test_evaluate_scores_one_and_has_no_side_effects(coco_gt):
+    model = OracleModel(perfect_outputs(coco_gt))
+    model.train()
+    model.head.eval()  # a frozen part must stay frozen: modes are restored module by module
+    torch.manual_seed(123)
+    random.seed(5)
+    np.random.seed(5)
+    torch_state, py_state, np_state = torch.get_rng_state(), random.getstate(), np.random.get_state()
+
+    metrics = ev.evaluate(model, TinyDataset(coco_gt), batch_size=3, backend="pycocotools")
+
+    for key in KEYS:
+        assert metrics[key] == pytest.approx(1.0, abs=1e-9), key
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    assert random.getstate() == py_state
+    assert np.random.get_state()[1].tolist() == np_state[1].tolist()
+    assert model.seen_modes == [(False, False, True)] * 2  # 4 images in batches of 3
+    assert model.training and not model.head.training
+
+
+def test_a_subset_is_scored_on_its_own_images(coco_gt):
+    """A val set may hold part of its split: GT of images never run must not count as misses."""
+    outputs = perfect_outputs(coco_gt)
+    metrics = ev.evaluate(OracleModel(outputs), TinyDataset(coco_gt, ids=[2, 4]), backend="pycocotools")
+    for key in KEYS:
+        assert metrics[key] == pytest.approx(1.0, abs=1e-9), key
+    results = ev.predictions_to_coco([outputs[2], outputs[4]], [2, 4], LABEL_TO_CAT)
+    whole_split = ev.score_coco(coco_gt, results, backend="pycocotools")
+    assert whole_split["bbox/AP"] < 0.9
+    for backend in ("pycocotools", "faster_coco_eval") if ev._faster_coco_eval_importable() else ("pycocotools",):
+        subset = ev.score_coco(coco_gt, results, backend=backend, image_ids=[2, 4])
+        assert subset["bbox/AP"] == pytest.approx(1.0) and subset["segm/AP"] == pytest.approx(1.0)
+
+
+def test_evaluate_unwraps_data_parallel_and_restores_modes_on_error(coco_gt):
+    model = OracleModel({})  # knows no image: forward raises KeyError
+    model.train()
+    state = torch.get_rng_state()
+    with pytest.raises(KeyError):
+        ev.evaluate(torch.nn.DataParallel(model), TinyDataset(coco_gt), backend="pycocotools")
+    assert model.training and model.head.training
+    assert torch.equal(torch.get_rng_state(), state)
+    with pytest.raises(ev.EvaluationError, match="coco"):
+        ev.evaluate(model, [1, 2, 3])
+    assert pickle.loads(pickle.dumps(ev.collate_batch)) is ev.collate_batch  # DataLoader workers

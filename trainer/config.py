@@ -1,0 +1,300 @@
+"""Trial configuration: one strict pydantic model per level, YAML loading and dotted overrides.
+
+A trial is fully described by a `TrainConfig` (model, data, optim, schedule, eval, checkpoint,
+runtime). Unknown keys are rejected with their dotted path and the keys that level allows, so a typo
+never silently falls back to a default. `load_config` reads YAML and applies `--set a.b=c` overrides
+before validation; `dump_config` writes the resolved config next to a run's outputs.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from trainer.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+Backbone = Literal["R18", "R34", "R50", "R101"]
+Norm = Literal["GN", "SyncBN", "BN", "FrozenBN"]
+
+
+class ModelConfig(_Strict):
+    """Mask R-CNN with a ResNet-FPN backbone; sampling knobs default to torchvision's."""
+
+    backbone: Backbone = "R50"
+    norm: Norm = "GN"
+    # None means "same as norm". Set by the model builder when ImageNet BN weights are loaded into a
+    # GN model (the body then runs FrozenBN), so the resolved config says what actually ran.
+    body_norm: Norm | None = None
+    init: str = "random"  # random | imagenet | checkpoint:PATH
+    imagenet_weights: Path | None = None  # explicit weights file; else the torch hub cache
+    freeze_at: int = Field(0, ge=0, le=5)  # stages frozen from the stem: 0 = nothing (scratch)
+    min_size: int = Field(800, gt=0)
+    max_size: int = Field(1333, gt=0)
+    rpn_batch_size_per_image: int = Field(256, gt=0)
+    rpn_pre_nms_top_n_train: int = Field(2000, gt=0)
+    rpn_post_nms_top_n_train: int = Field(2000, gt=0)
+    rpn_pre_nms_top_n_test: int = Field(1000, gt=0)
+    rpn_post_nms_top_n_test: int = Field(1000, gt=0)
+    box_batch_size_per_image: int = Field(512, gt=0)
+    box_detections_per_img: int = Field(100, gt=0)
+    representation_size: int = Field(1024, gt=0)
+    sampling_ratio: int = Field(2, ge=0)  # RoIAlign samples per bin; 0 = adaptive
+    fpn_channels: int = Field(256, gt=0)
+
+    @field_validator("init")
+    @classmethod
+    def _check_init(cls, v: str) -> str:
+        if v in ("random", "imagenet") or (v.startswith("checkpoint:") and len(v) > len("checkpoint:")):
+            return v
+        raise ValueError("must be 'random', 'imagenet' or 'checkpoint:PATH'")
+
+
+class DataConfig(_Strict):
+    """A COCO-layout dataset: ROOT/annotations/instances_{split}.json and ROOT/{split}/ images."""
+
+    root: Path = Path("datasets/coco")
+    train_split: str = "train2017"
+    val_split: str = "val2017"
+    train_images: int | Literal["all"] = "all"  # seeded, nested subset of the train split
+    val_images: int | Literal["all"] = "all"  # first N val images (by id), for quick checks
+    subset_seed: int = 0
+    hflip: bool = True
+    scale_jitter: tuple[int, int] | None = None  # e.g. (640, 800): the paper's "train aug"
+    num_workers: int = Field(2, ge=0)
+    prefetch_factor: int = Field(2, ge=1)
+
+    @field_validator("train_images", "val_images")
+    @classmethod
+    def _positive(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v <= 0:
+            raise ValueError("must be a positive image count or 'all'")
+        return v
+
+    @field_validator("scale_jitter")
+    @classmethod
+    def _jitter(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is not None and not (0 < v[0] <= v[1]):
+            raise ValueError("must be (min_short_side, max_short_side) with 0 < min <= max")
+        return v
+
+
+class OptimConfig(_Strict):
+    """SGD as in the paper: LR 0.02 at batch 16, momentum 0.9, wd 1e-4 and none on norm parameters."""
+
+    base_lr: float = Field(0.02, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    weight_decay_norm: float = Field(0.0, ge=0)
+    batch_size: int = Field(16, gt=0)  # images per iteration, over all workers of a trial
+    grad_clip: float | None = Field(None, gt=0)  # max total grad norm; None = off
+    amp: Literal["none", "bf16", "fp16"] = "none"
+
+
+_NX = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*x\s*$")
+
+
+class ScheduleConfig(_Strict):
+    """The paper's rule: `length: 2x` = 2 x iters_per_x iterations, LR x gamma at the last 60k and 20k.
+
+    Written in YAML either as `schedule: 2x` or as an explicit `schedule: {iters: 90000, drops: [60000,
+    80000]}` (Detectron's own 1x). Drop distances scale with iters_per_x / 90000.
+    """
+
+    length: str | None = None
+    iters: int | None = Field(None, gt=0)
+    drops: list[int] | None = None
+    iters_per_x: int = Field(90_000, gt=0)
+    drop_distances: tuple[int, ...] = (60_000, 20_000)  # at iters_per_x = 90k
+    gamma: float = Field(0.1, gt=0, le=1)
+    warmup_iters: int = Field(500, ge=0)
+    warmup_factor: float = Field(1.0 / 3.0, gt=0, le=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            return {"length": data}
+        return data
+
+    @model_validator(mode="after")
+    def _one_form(self) -> "ScheduleConfig":
+        if (self.length is None) == (self.iters is None):
+            if self.length is None:
+                self.__dict__["length"] = "1x"
+            else:
+                raise ValueError("give either a length like '2x' or explicit iters, not both")
+        if self.length is not None:
+            if not _NX.match(self.length):
+                raise ValueError(f"unknown schedule {self.length!r}; expected 'Nx' (e.g. 1x, 2x, 6x)")
+            if self.drops is not None:
+                raise ValueError("drops go with explicit iters; a length like '2x' derives them")
+        elif self.drops is not None:
+            if list(self.drops) != sorted(self.drops) or any(d <= 0 or d >= self.iters for d in self.drops):
+                raise ValueError(f"drops must be increasing and inside (0, {self.iters})")
+        return self
+
+
+class EvalConfig(_Strict):
+    period: int = Field(0, ge=0)  # iterations between evaluations; 0 = only at the end
+    batch_size: int = Field(2, gt=0)
+    backend: Literal["auto", "pycocotools", "faster_coco_eval"] = "auto"
+
+
+class CheckpointConfig(_Strict):
+    period: int = Field(0, ge=0)  # iterations between checkpoints; 0 = only at the end
+    keep_last: int = Field(3, ge=1)
+    # Extra iterations to checkpoint at (kept regardless of keep_last): schedule fork points.
+    at: list[int] = Field(default_factory=list)
+
+
+class RuntimeConfig(_Strict):
+    output_dir: Path = Path("runs/trial")
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, gt=0)  # torch intra-op threads; None = torch's default
+    log_period: int = Field(20, gt=0)
+
+
+class TrainConfig(_Strict):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    eval: EvalConfig = EvalConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading, overrides, errors
+
+
+def _allowed_keys(model: type[BaseModel], loc: Sequence[Any]) -> list[str]:
+    """The field names of the sub-model at `loc` (the parent of a rejected key)."""
+    current: Any = model
+    for part in loc:
+        field = getattr(current, "model_fields", {}).get(part) if isinstance(part, str) else None
+        if field is None:
+            return []
+        current = field.annotation
+        for arg in getattr(current, "__args__", ()) or ():
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                current = arg
+    return sorted(getattr(current, "model_fields", {}))
+
+
+def format_validation_error(err: ValidationError, model: type[BaseModel], prefix: str = "") -> str:
+    """One line per problem, each naming the dotted key; unknown keys list what is allowed."""
+    lines = []
+    for e in err.errors():
+        loc = [p for p in e["loc"] if not (isinstance(p, str) and p in ("function-after", "function-before"))]
+        dotted = prefix + ".".join(str(p) for p in loc) if loc else prefix.rstrip(".") or "<root>"
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, loc[:-1])
+            lines.append(f"unknown key '{dotted}' (allowed: {', '.join(allowed)})")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            got = e.get("input")
+            shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+            lines.append(f"{dotted}: {msg}{shown}")
+    return "; ".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'optim.base_lr=0.01' -> (['optim', 'base_lr'], 0.01); the value is parsed as YAML."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} is not of the form key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Set dotted keys in a nested dict (a copy); validation happens later, so typos are caught."""
+    out = _deep_copy(data)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = out
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {} if child is None or not isinstance(child, str) else {"length": child}
+                node[part] = child
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(v) for v in data]
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def build_config(data: Mapping[str, Any], overrides: Sequence[str] = (), source: str = "config") -> TrainConfig:
+    """Validate a nested dict (plus overrides) into a TrainConfig, or raise a one-line ConfigError."""
+    merged = apply_overrides(dict(data), overrides)
+    try:
+        return TrainConfig.model_validate(merged)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: {format_validation_error(err, TrainConfig)}") from None
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:
+    data = read_yaml(path) if path is not None else {}
+    return build_config(data, overrides, source=str(path) if path else "config")
+
+
+def config_to_dict(cfg: BaseModel) -> dict[str, Any]:
+    """Plain, YAML-safe nested dict (paths as strings, tuples as lists)."""
+    return cfg.model_dump(mode="json")
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'optim': {'base_lr': 0.02}} -> {'optim.base_lr': 0.02}; used for params and run tables."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def dump_config(cfg: TrainConfig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    tmp.replace(path)
+    return path

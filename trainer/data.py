@@ -1,0 +1,213 @@
+"""COCO instance data for training and evaluation, read through pycocotools.
+
+Owns: locating a COCO-layout split (ROOT/annotations/instances_{split}.json, ROOT/{split}/ images),
+the seeded nested train subsets (`data.train_images`), the training targets (polygons and RLE to
+masks, crowd regions left out, annotation-free images skipped), horizontal flip, and the batch
+stream. The stream is a pure function of (seed, iteration): position p of the global stream is image
+`perm(seed, p // n)[p % n]`, and iteration i takes positions [i*B, (i+1)*B). A resumed run therefore
+sees exactly the batches an uninterrupted one would, whatever the number of loader workers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+from torchvision.io import ImageReadMode, decode_image
+
+from trainer.config import DataConfig
+from trainer.errors import DatasetError
+
+logger = logging.getLogger(__name__)
+
+
+def split_paths(root: Path, split: str) -> tuple[Path, Path]:
+    """(annotation file, image folder) of a split, or a DatasetError saying what to put where."""
+    ann = Path(root) / "annotations" / f"instances_{split}.json"
+    images = Path(root) / split
+    if not ann.is_file():
+        raise DatasetError(
+            f"annotation file not found: {ann} (expected a COCO layout: ROOT/annotations/instances_{split}.json "
+            f"and images in ROOT/{split}/; set data.root, or generate offline data with "
+            f"`python -m trainer.synthetic --out {root}`)"
+        )
+    if not images.is_dir():
+        raise DatasetError(f"image folder not found: {images} (the images of split '{split}' belong there)")
+    return ann, images
+
+
+def load_coco(ann_file: Path):
+    """pycocotools COCO with its prints captured (logged at debug level)."""
+    from pycocotools.coco import COCO
+
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            coco = COCO(str(ann_file))
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise DatasetError(f"{ann_file}: not a COCO instances file ({type(exc).__name__}: {exc})") from None
+    logger.debug("pycocotools: %s", buf.getvalue().strip())
+    return coco
+
+
+def select_subset(image_ids: Sequence[int], n: int | str, seed: int) -> list[int]:
+    """A seeded random subset of `n` ids; for one seed, smaller subsets lie inside larger ones.
+
+    Nesting comes from taking prefixes of one fixed permutation of the sorted ids, so the 1k subset
+    is the first 1k of the same order that gives the 10k subset.
+    """
+    ids = sorted(int(i) for i in image_ids)
+    if n == "all":
+        return ids
+    if n > len(ids):
+        raise DatasetError(f"data.train_images: asked for {n} images but the split has only {len(ids)}")
+    order = np.random.default_rng(seed).permutation(len(ids))
+    return sorted(ids[i] for i in order[: int(n)])
+
+
+def resized_area(height: int, width: int, min_size: int, max_size: int) -> int:
+    """Pixels of an image after Mask R-CNN's resize (short side to min_size, long side capped)."""
+    scale = min(min_size / min(height, width), max_size / max(height, width))
+    return int(round(height * scale)) * int(round(width * scale))
+
+
+class CocoInstances(Dataset):
+    """One split of a COCO instances dataset.
+
+    Evaluation (`train=False`): every selected image, item i -> (image, {"image_id"}).
+    Training (`train=True`): only images with at least one usable non-crowd instance; items are
+    keyed by (stream_position, index) so the flip of a sample is fixed by its stream position.
+    """
+
+    def __init__(self, root: Path, split: str, image_ids: Sequence[int] | None = None, *,
+                 train: bool = False, hflip: bool = False, seed: int = 0, coco: Any = None):
+        ann_file, self.image_dir = split_paths(root, split)
+        self.coco = coco if coco is not None else load_coco(ann_file)
+        self.cat_ids = sorted(self.coco.getCatIds())
+        if not self.cat_ids:
+            raise DatasetError(f"{ann_file}: no categories")
+        self.cat_to_label = {c: i + 1 for i, c in enumerate(self.cat_ids)}
+        self.label_to_cat = {i: c for c, i in self.cat_to_label.items()}
+        ids = sorted(self.coco.getImgIds()) if image_ids is None else list(image_ids)
+        self.train, self.hflip, self.seed = train, hflip, seed
+        if train:
+            usable = [i for i in ids if self._usable_anns(i)]
+            logger.info("%s: %d of %d images have instances (others skipped in training)",
+                        split, len(usable), len(ids))
+            if not usable:
+                raise DatasetError(f"split '{split}': none of the {len(ids)} selected images has an instance")
+            ids = usable
+        self.image_ids = ids
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.cat_ids)
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def _usable_anns(self, image_id: int) -> list[dict]:
+        anns = self.coco.imgToAnns.get(image_id, [])
+        return [a for a in anns if not a.get("iscrowd", 0) and a["bbox"][2] >= 1 and a["bbox"][3] >= 1]
+
+    def _read(self, image_id: int) -> torch.Tensor:
+        info = self.coco.imgs[image_id]
+        path = self.image_dir / info["file_name"]
+        try:
+            data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+            img = decode_image(data, mode=ImageReadMode.RGB)
+        except (OSError, RuntimeError) as exc:
+            raise DatasetError(f"cannot read image {path}: {exc}") from None
+        return img.float().div_(255.0)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, dict[str, Any]]:
+        if not self.train:
+            image_id = self.image_ids[int(key)]
+            return self._read(image_id), {"image_id": image_id}
+        position, index = key
+        image_id = self.image_ids[index]
+        image = self._read(image_id)
+        target = self._target(image_id, image.shape[-2:])
+        if self.hflip and np.random.default_rng([self.seed, position]).random() < 0.5:
+            image, target = hflip(image, target)
+        return image, target
+
+    def _target(self, image_id: int, hw: torch.Size) -> dict[str, Any]:
+        anns = self._usable_anns(image_id)
+        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy
+        boxes[:, 0::2].clamp_(0, hw[1])
+        boxes[:, 1::2].clamp_(0, hw[0])
+        masks = np.stack([self.coco.annToMask(a) for a in anns]) if anns else np.zeros((0, *hw), np.uint8)
+        return {
+            "boxes": boxes,
+            "labels": torch.tensor([self.cat_to_label[a["category_id"]] for a in anns], dtype=torch.int64),
+            "masks": torch.from_numpy(masks),
+            "image_id": image_id,
+        }
+
+
+def hflip(image: torch.Tensor, target: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+    width = image.shape[-1]
+    boxes = target["boxes"].clone()
+    boxes[:, [0, 2]] = width - target["boxes"][:, [2, 0]]
+    return image.flip(-1), {**target, "boxes": boxes, "masks": target["masks"].flip(-1)}
+
+
+class StreamBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Yields, for iterations start..total-1, this rank's share of the global batch as (pos, index)."""
+
+    def __init__(self, num_images: int, batch_size: int, seed: int, start_iter: int, total_iters: int,
+                 rank: int = 0, world_size: int = 1):
+        if batch_size % world_size:
+            raise DatasetError(f"optim.batch_size {batch_size} is not divisible by {world_size} workers")
+        self.n, self.batch, self.seed = num_images, batch_size, seed
+        self.start, self.total, self.rank, self.world = start_iter, total_iters, rank, world_size
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _index(self, position: int) -> int:
+        epoch = position // self.n
+        if epoch not in self._perms:
+            if len(self._perms) > 2:
+                self._perms.pop(min(self._perms))
+            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        return int(self._perms[epoch][position % self.n])
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for it in range(self.start, self.total):
+            positions = range(it * self.batch + self.rank, (it + 1) * self.batch, self.world)
+            yield [(p, self._index(p)) for p in positions]
+
+    def __len__(self) -> int:
+        return max(self.total - self.start, 0)
+
+
+def collate(batch: list[tuple[torch.Tensor, dict]]) -> tuple[tuple, tuple]:
+    return tuple(zip(*batch))  # type: ignore[return-value]
+
+
+def build_datasets(cfg: DataConfig, stream_seed: int = 0) -> tuple[CocoInstances, CocoInstances, list[int]]:
+    """(train set, val set, chosen train image ids) for a data config.
+
+    `data.subset_seed` picks the images (shared by every init of a sweep); `stream_seed` fixes their
+    order and flips.
+    """
+    train_ann, _ = split_paths(cfg.root, cfg.train_split)
+    split_paths(cfg.root, cfg.val_split)  # fail before the (slow) train index is built
+    coco = load_coco(train_ann)
+    chosen = select_subset(coco.getImgIds(), cfg.train_images, cfg.subset_seed)
+    train = CocoInstances(cfg.root, cfg.train_split, chosen, train=True, hflip=cfg.hflip, seed=stream_seed,
+                          coco=coco)
+    val = CocoInstances(cfg.root, cfg.val_split)
+    if cfg.val_images != "all":
+        val.image_ids = val.image_ids[: cfg.val_images]
+    if val.cat_ids != train.cat_ids:
+        raise DatasetError(f"train and val splits have different categories ({train.cat_ids} vs {val.cat_ids})")
+    return train, val, chosen

@@ -1,0 +1,301 @@
+"""The training run: builds everything from a TrainConfig, resumes, and steps.
+
+`train(cfg, reporters=..., resume=...)` is the one entry point (the CLI and the orchestrator call
+it). The loop itself only steps — data, forward, backward, optimizer, LR — and leaves metrics,
+evaluation and checkpoints to the hooks in `trainer.hooks`. A run in an initialised
+torch.distributed process group trains with DDP; rank 0 evaluates, writes and reports.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from trainer import checkpoint as ckpt
+from trainer.config import TrainConfig, config_to_dict, dump_config
+from trainer.data import StreamBatchSampler, build_datasets, collate, resized_area
+from trainer.errors import CheckpointError, TrainerError
+from trainer.hooks import CheckpointHook, EvalHook, FinalMetricsHook, Hook, MetricsHook, first_nonfinite
+from trainer.report import Reporter, RunInfo
+from trainer.schedule import resolve_schedule
+
+logger = logging.getLogger(__name__)
+
+LOSS_NAMES = ("loss", "loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
+
+
+@dataclass
+class TrainResult:
+    status: str
+    iterations: int
+    final_metrics: dict[str, float]
+    output_dir: Path
+
+
+@dataclass
+class TrainState:
+    iteration: int = 0  # finished iterations
+    counters: dict[str, int] = field(default_factory=lambda: {"images": 0, "instances": 0, "pixels": 0})
+    pending: list[int] = field(default_factory=lambda: [0, 0, 0])  # this rank's counts not yet reduced
+    window_sums: torch.Tensor = field(default_factory=lambda: torch.zeros(len(LOSS_NAMES), dtype=torch.float64))
+    window_count: int = 0
+    last_eval: dict[str, float] = field(default_factory=dict)
+    tracking: dict[str, Any] = field(default_factory=dict)
+
+
+def _device(kind: str) -> torch.device:
+    if kind == "cuda" or (kind == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise TrainerError("runtime.device is 'cuda' but no CUDA device is available")
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.SGD:
+    """SGD with weight decay `optim.weight_decay_norm` (0, as in the paper) on norm parameters."""
+    norm_types = (torch.nn.GroupNorm, torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm)
+    norm_ids = {id(p) for m in model.modules() if isinstance(m, norm_types) for p in m.parameters(recurse=False)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if id(p) not in norm_ids], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if id(p) in norm_ids], "weight_decay": cfg.weight_decay_norm},
+    ]
+    return torch.optim.SGD([g for g in groups if g["params"]], lr=cfg.base_lr, momentum=cfg.momentum)
+
+
+class Trainer:
+    """Holds a run's objects and state; `fit()` runs the loop with its hooks."""
+
+    def __init__(self, cfg: TrainConfig, reporters: Sequence[Reporter] = (), stop_after: int | None = None):
+        from trainer.model import build_model
+
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        rt = cfg.runtime
+        if rt.threads:
+            torch.set_num_threads(rt.threads)
+        torch.manual_seed(rt.seed)
+        self.device = _device(rt.device)
+        self.output_dir = Path(rt.output_dir)
+        self.ckpt_dir = self.output_dir / "checkpoints"
+        self.train_set, self.val_set, self.train_ids = build_datasets(cfg.data, stream_seed=rt.seed)
+        model, model_cfg = build_model(cfg.model, num_classes=self.train_set.num_classes + 1)
+        self.cfg = cfg.model_copy(update={"model": model_cfg})
+        if cfg.data.scale_jitter:
+            lo, hi = cfg.data.scale_jitter
+            model.transform.min_size = tuple(range(lo, hi + 1))  # torchvision draws one per batch
+        self.bare_model = model.to(self.device)
+        self.model = self.bare_model
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        self.schedule = resolve_schedule(cfg.schedule)
+        self.total_iters = self.schedule.total_iters
+        self.stop_after = stop_after
+        self.optimizer = build_optimizer(self.bare_model, cfg.optim)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule.lr_factor)
+        use_scaler = cfg.optim.amp == "fp16" and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+        self.state = TrainState()
+        self.reporters = list(reporters)
+        self.loss_names = LOSS_NAMES
+        self.final_metrics: dict[str, float] = {}
+        self.hooks: list[Hook] = [MetricsHook(), EvalHook(), CheckpointHook(), FinalMetricsHook()]
+        # Device-side record of the first non-finite loss: (iteration or -1, value). Read at hooks.
+        self._bad_iter = torch.full((), -1, dtype=torch.int64, device=self.device)
+        self._bad_value = torch.zeros((), dtype=torch.float32, device=self.device)
+        self.state.window_sums = self.state.window_sums.to(self.device)
+        self._pixel_size = (cfg.data.scale_jitter[1] if cfg.data.scale_jitter else cfg.model.min_size,
+                            cfg.model.max_size)
+
+    # -- state ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        st = self.state
+        return {
+            "model": self.bare_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": ckpt.rng_state(),
+            "iteration": st.iteration,
+            "data_position": {"seed": self.cfg.runtime.seed, "iteration": st.iteration,
+                              "images_consumed": st.iteration * self.cfg.optim.batch_size},
+            "counters": dict(st.counters),
+            "window": {"sums": st.window_sums.cpu(), "count": st.window_count},
+            "last_eval": dict(st.last_eval),
+            "tracking": dict(st.tracking),
+            "config": config_to_dict(self.cfg),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], source: Path) -> None:
+        try:
+            self.bare_model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+        except (RuntimeError, KeyError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise CheckpointError(f"checkpoint {source} does not fit this model/config: {first}") from None
+        ckpt.set_rng_state(state["rng"])
+        st = self.state
+        st.iteration = int(state["iteration"])
+        st.counters = {k: int(v) for k, v in state["counters"].items()}
+        st.window_sums = state["window"]["sums"].to(self.device, torch.float64)
+        st.window_count = int(state["window"]["count"])
+        st.last_eval = dict(state.get("last_eval", {}))
+        st.tracking = dict(state.get("tracking", {}))
+
+    def restore(self, resume: bool, start_from: Path | None) -> None:
+        found = None
+        if start_from is not None:
+            found = (Path(start_from), ckpt.load(Path(start_from)))
+        elif resume:
+            found = ckpt.load_latest(self.ckpt_dir)
+        if found is None:
+            return
+        path, state = found
+        self.load_state_dict(state, path)
+        if self.state.iteration > self.total_iters:
+            raise CheckpointError(f"{path} is at iteration {self.state.iteration}, past this schedule's "
+                                  f"{self.total_iters} iterations")
+        logger.info("resumed from %s at iteration %d", path, self.state.iteration)
+
+    # -- distributed helpers ----------------------------------------------------------------
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            value = value.to(self.device)
+            dist.all_reduce(value)
+            value = value / self.world
+        return value.cpu()
+
+    def sync_counters(self) -> None:
+        pending = torch.tensor(self.state.pending, dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            dist.all_reduce(pending)
+        for key, value in zip(("images", "instances", "pixels"), pending.tolist()):
+            self.state.counters[key] += int(value)
+        self.state.pending = [0, 0, 0]
+
+    def check_finite(self) -> None:
+        err = first_nonfinite(self._bad_iter, self._bad_value)
+        if err is not None:
+            raise err
+
+    def report(self, step: int, metrics: dict[str, float]) -> None:
+        if self.rank == 0 and metrics:
+            for r in self.reporters:
+                r.log(step, metrics)
+
+    # -- loop -------------------------------------------------------------------------------
+    def loader(self) -> DataLoader:
+        dc = self.cfg.data
+        end = min(self.total_iters, self.stop_after or self.total_iters)
+        sampler = StreamBatchSampler(len(self.train_set), self.cfg.optim.batch_size, self.cfg.runtime.seed,
+                                     self.state.iteration, end, self.rank, self.world)
+        workers = dc.num_workers
+        # An explicit generator keeps the loader from drawing its worker seed from the global RNG,
+        # which would shift the model's sampling RNG by one draw on every resume.
+        gen = torch.Generator().manual_seed(self.cfg.runtime.seed)
+        return DataLoader(self.train_set, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
+                          pin_memory=self.device.type == "cuda", persistent_workers=False,
+                          prefetch_factor=dc.prefetch_factor if workers else None, generator=gen)
+
+    def run_step(self, images, targets) -> None:
+        it = self.state.iteration
+        dev = self.device
+        images = [im.to(dev, non_blocking=True) for im in images]
+        targets = [{k: (v.to(dev, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
+                   for t in targets]
+        amp = self.cfg.optim.amp
+        ctx = (torch.autocast(dev.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+               if amp != "none" else nullcontext())
+        with ctx:
+            loss_dict = self.model(images, targets)
+        total = sum(loss_dict.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        if self.cfg.optim.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        losses = torch.stack([total.detach()] + [loss_dict[k].detach() for k in LOSS_NAMES[1:]]).double()
+        bad = ~torch.isfinite(total.detach()) & (self._bad_iter < 0)
+        self._bad_iter = torch.where(bad, torch.full_like(self._bad_iter, it), self._bad_iter)
+        self._bad_value = torch.where(bad, total.detach().float(), self._bad_value)
+        st = self.state
+        st.window_sums += losses
+        st.window_count += 1
+        self._count(targets)
+
+    def _count(self, targets) -> None:
+        ms, mx = self._pixel_size
+        p = self.state.pending
+        p[0] += len(targets)
+        p[1] += sum(int(t["labels"].numel()) for t in targets)
+        p[2] += sum(resized_area(*t["masks"].shape[-2:], ms, mx) for t in targets)
+
+    def fit(self) -> None:
+        st = self.state
+        end = min(self.total_iters, self.stop_after or self.total_iters)
+        info = RunInfo(self.cfg, self.output_dir, st.iteration, self.total_iters, st.tracking, self.rank)
+        for r in self.reporters:
+            r.start(info)
+        self.model.train()
+        for images, targets in self.loader():
+            self.run_step(images, targets)
+            st.iteration += 1
+            for hook in self.hooks:
+                hook.after_step(self)
+        if st.iteration < end:
+            raise TrainerError(f"data stream ended at iteration {st.iteration} before {end}")
+        if st.iteration >= self.total_iters:
+            for hook in self.hooks:
+                hook.after_train(self)
+
+
+def train(cfg: TrainConfig, *, reporters: Sequence[Reporter] = (), resume: bool = False,
+          start_from: Path | None = None, stop_after: int | None = None) -> TrainResult:
+    """Train (or continue) one trial. See the module docstring; raises TrainerError subclasses."""
+    trainer = Trainer(cfg, reporters, stop_after)
+    trainer.restore(resume, start_from)
+    if trainer.rank == 0:
+        dump_config(trainer.cfg, trainer.output_dir / "config.yaml")
+        (trainer.output_dir / "train_image_ids.txt").write_text("".join(f"{i}\n" for i in trainer.train_ids))
+    status = "failed"
+    error: BaseException | None = None
+    try:
+        if trainer.state.iteration >= trainer.total_iters and trainer.state.last_eval.get("step") == trainer.total_iters:
+            logger.info("already finished (%d iterations)", trainer.total_iters)
+            for hook in trainer.hooks:
+                hook.after_train(trainer)
+        else:
+            trainer.fit()
+        status = "finished" if trainer.state.iteration >= trainer.total_iters else "stopped"
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        for r in trainer.reporters:
+            try:
+                r.finish(status, error)
+            except Exception:  # a reporter failing must not hide the training error
+                logger.exception("reporter %s failed in finish()", type(r).__name__)
+    final = trainer.final_metrics or {k: v for k, v in trainer.state.last_eval.items() if k != "step"}
+    return TrainResult(status, trainer.state.iteration, final, trainer.output_dir)

@@ -1,0 +1,390 @@
+"""COCO bbox and segm evaluation of a torchvision Mask R-CNN.
+
+This module owns three steps and nothing else:
+
+* `predictions_to_coco`: torchvision eval outputs -> COCO result dicts (bbox in xywh, masks as RLE),
+  vectorised per image (one threshold, one `pycocotools.mask.encode` call, one `.tolist()`).
+* `score_coco`: COCO results -> a flat dict of floats ("bbox/AP", ..., "segm/APl") on pycocotools'
+  [0, 1] scale, with pycocotools or, when it is installed and agrees with pycocotools on a built-in
+  self-check, faster-coco-eval.
+* `evaluate`: inference over a dataset without side effects on the model's train/eval modes or on
+  the global RNG state (resumed training must draw the same numbers whether or not it evaluated).
+
+Conventions: APs/APm/APl are -1.0 when the split has no ground truth of that size, exactly as
+pycocotools reports them (callers that plot should treat negative values as "undefined"). For segm,
+results are scored without their "bbox" so pycocotools derives the detection area from the mask, as
+Detectron2 and torchvision's references do; small/medium/large then mean mask area.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import logging
+import random
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_util
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from trainer.errors import TrainerError
+
+log = logging.getLogger(__name__)
+
+IOU_TYPES = ("bbox", "segm")
+BACKENDS = ("auto", "pycocotools", "faster_coco_eval")
+# Order of COCOeval.stats[:6]; the remaining six entries are recalls, which the sweep does not use.
+METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+# faster-coco-eval is only trusted when it reproduces pycocotools to this tolerance.
+BACKEND_TOLERANCE = 1e-4
+
+
+class EvaluationError(TrainerError, ValueError):
+    """Predictions, ground truth or options that cannot be scored (unknown label, wrong image id)."""
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+def predictions_to_coco(
+    outputs: Sequence[Mapping[str, torch.Tensor]],
+    image_ids: Sequence[int],
+    label_to_cat: Mapping[int, int],
+    mask_threshold: float = 0.5,
+) -> list[dict]:
+    """Convert torchvision Mask R-CNN eval outputs to COCO result dicts.
+
+    Each output holds `boxes` [N,4] xyxy in original image coordinates, `labels` [N] (contiguous
+    1..K), `scores` [N] and optionally `masks` [N,1,H,W] probabilities; without `masks` the results
+    carry no "segmentation" (bbox-only scoring).
+    """
+    if len(outputs) != len(image_ids):
+        raise EvaluationError(f"{len(outputs)} model outputs for {len(image_ids)} image ids")
+    results: list[dict] = []
+    for output, image_id in zip(outputs, image_ids):
+        results.extend(_image_to_coco(output, int(image_id), label_to_cat, mask_threshold))
+    return results
+
+
+def _image_to_coco(
+    output: Mapping[str, torch.Tensor], image_id: int, label_to_cat: Mapping[int, int], threshold: float
+) -> list[dict]:
+    boxes = output["boxes"].detach()
+    if boxes.numel() == 0:
+        return []
+    xywh = torch.cat((boxes[:, :2], boxes[:, 2:] - boxes[:, :2]), dim=1).float().cpu().tolist()
+    scores = output["scores"].detach().float().cpu().tolist()
+    try:
+        categories = [label_to_cat[label] for label in output["labels"].detach().cpu().tolist()]
+    except KeyError as err:
+        raise EvaluationError(
+            f"image {image_id}: model predicted label {err.args[0]}, not in label_to_cat "
+            f"(known labels {sorted(label_to_cat)})"
+        ) from None
+    if not len(xywh) == len(scores) == len(categories):
+        raise EvaluationError(f"image {image_id}: {len(xywh)} boxes, {len(scores)} scores and "
+                              f"{len(categories)} labels")
+    results = [
+        {"image_id": image_id, "category_id": cat, "bbox": box, "score": score}
+        for cat, box, score in zip(categories, xywh, scores)
+    ]
+    if "masks" in output:
+        masks = output["masks"]
+        if masks.dim() != 4 or masks.shape[:2] != (len(results), 1):
+            raise EvaluationError(f"image {image_id}: masks of shape {tuple(masks.shape)} for "
+                                  f"{len(results)} boxes; expected [N,1,H,W]")
+        for result, rle in zip(results, _encode_masks(masks, threshold)):
+            result["segmentation"] = rle
+    return results
+
+
+def _encode_masks(masks: torch.Tensor, threshold: float) -> list[dict]:
+    """RLE-encode [N,1,H,W] probabilities in one pycocotools call; counts become str (JSON-able)."""
+    probs = masks.detach()[:, 0]
+    if probs.device.type == "cpu" and probs.dtype != torch.bfloat16:  # numpy has no bfloat16
+        binary = _threshold_numpy(probs, threshold)
+    else:
+        binary = _threshold_torch(probs, threshold)
+    rles = mask_util.encode(binary)
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("ascii")
+    return rles
+
+
+# encode wants a Fortran-ordered uint8 [H,W,N]: every mask gets transposed, whoever does it.
+
+
+def _threshold_numpy(probs: torch.Tensor, threshold: float) -> np.ndarray:
+    # Thresholds straight into that layout in one pass; torch's CPU compare plus a transposing
+    # copy measured ~3x slower on 100 x 256x256 masks.
+    return np.greater(probs.numpy().transpose(1, 2, 0), threshold, order="F").view(np.uint8)
+
+
+def _threshold_torch(probs: torch.Tensor, threshold: float) -> np.ndarray:
+    # On an accelerator threshold and transpose are nearly free, and uint8 moves 4x less than
+    # float; a C-ordered [N,W,H] is a Fortran-ordered [H,W,N], so `.T` costs nothing.
+    return probs.gt(threshold).transpose(1, 2).contiguous().to(torch.uint8).cpu().numpy().T
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def score_coco(
+    coco_gt: COCO,
+    results: Sequence[dict],
+    iou_types: Sequence[str] = IOU_TYPES,
+    backend: str = "auto",
+    image_ids: Sequence[int] | None = None,
+) -> dict[str, float]:
+    """Score COCO results against `coco_gt`: {"bbox/AP": ..., "segm/APl": ...} in [0, 1] (or -1.0).
+
+    Empty `results` give 0.0 for every metric and a warning. `backend` is "pycocotools",
+    "faster_coco_eval" or "auto" (faster-coco-eval if importable and verified, else pycocotools).
+    `image_ids` restricts scoring to the images that were run (default: every image of `coco_gt`);
+    without it, the ground truth of images never shown to the model would count as misses.
+    """
+    unknown = [t for t in iou_types if t not in IOU_TYPES]
+    if unknown:
+        raise EvaluationError(f"unknown iou_types {unknown}; choose from {list(IOU_TYPES)}")
+    chosen = resolve_backend(backend)
+    if not results:
+        log.warning("no detections to score: every %s metric is 0.0", "/".join(iou_types))
+        return {f"{t}/{name}": 0.0 for t in iou_types for name in METRIC_NAMES}
+    metrics: dict[str, float] = {}
+    for iou_type in iou_types:
+        started = time.perf_counter()
+        dets = _results_for(iou_type, results)
+        stats = _BACKEND_RUNNERS[chosen](coco_gt, dets, iou_type, image_ids)
+        metrics.update({f"{iou_type}/{n}": float(v) for n, v in zip(METRIC_NAMES, stats[:6])})
+        log.debug("%s scored with %s in %.3fs", iou_type, chosen, time.perf_counter() - started)
+    return metrics
+
+
+def _results_for(iou_type: str, results: Sequence[dict]) -> list[dict]:
+    """Shallow copies shaped for one iou type (loadRes mutates its input, callers keep theirs)."""
+    if iou_type == "bbox":
+        return [{k: v for k, v in r.items() if k != "segmentation"} for r in results]
+    missing = sum("segmentation" not in r for r in results)
+    if missing:
+        raise EvaluationError(f"segm scoring asked for, but {missing} of {len(results)} results "
+                              "carry no 'segmentation'")
+    # Without "bbox", loadRes takes the area from the mask (see the module docstring).
+    return [{k: v for k, v in r.items() if k != "bbox"} for r in results]
+
+
+def resolve_backend(backend: str) -> str:
+    """Map "auto" to the backend actually used; reject unknown or unusable choices."""
+    if backend not in BACKENDS:
+        raise EvaluationError(f"unknown eval backend {backend!r}; choose from {list(BACKENDS)}")
+    if backend == "pycocotools":
+        return backend
+    if backend == "faster_coco_eval":
+        if not _faster_coco_eval_importable():
+            raise EvaluationError("eval backend 'faster_coco_eval' asked for, but it is not installed")
+        return backend
+    return "faster_coco_eval" if faster_coco_eval_verified() else "pycocotools"
+
+
+@functools.cache
+def _faster_coco_eval_importable() -> bool:
+    try:
+        import faster_coco_eval  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _load_results(coco_gt: Any, results: list[dict]) -> Any:
+    try:
+        return coco_gt.loadRes(results)
+    except AssertionError as err:  # pycocotools asserts on ids absent from the ground truth
+        raise EvaluationError(f"results do not fit the ground truth: {err or 'unknown image id'}") from None
+
+
+def _run_pycocotools(coco_gt: COCO, results: list[dict], iou_type: str,
+                     image_ids: Sequence[int] | None = None) -> np.ndarray:
+    chatter = io.StringIO()
+    with contextlib.redirect_stdout(chatter):
+        coco_dt = _load_results(coco_gt, results)
+        coco_eval = COCOeval(coco_gt, coco_dt, iou_type)
+        if image_ids is not None:
+            coco_eval.params.imgIds = sorted(set(image_ids))
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    log.debug("pycocotools %s:\n%s", iou_type, chatter.getvalue())
+    return np.asarray(coco_eval.stats, dtype=np.float64)
+
+
+def _run_faster_coco_eval(coco_gt: COCO, results: list[dict], iou_type: str,
+                          image_ids: Sequence[int] | None = None) -> np.ndarray:
+    from faster_coco_eval import COCO as FastCOCO
+    from faster_coco_eval import COCOeval_faster
+
+    chatter = io.StringIO()
+    with contextlib.redirect_stdout(chatter):
+        # Its own COCO class is built from the same dict; pycocotools objects are not accepted
+        # by every faster-coco-eval version.
+        fast_gt = _fast_gt(coco_gt, FastCOCO)
+        coco_dt = _load_results(fast_gt, results)
+        coco_eval = COCOeval_faster(fast_gt, coco_dt, iou_type)
+        if image_ids is not None:
+            coco_eval.params.imgIds = sorted(set(image_ids))
+        # It reports through logging.info by default: route its summary to our debug level.
+        coco_eval.print_function = _debug_line
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    log.debug("faster_coco_eval %s:\n%s", iou_type, chatter.getvalue())
+    return np.asarray(coco_eval.stats, dtype=np.float64)
+
+
+def _debug_line(message: Any, *_: Any, **__: Any) -> None:
+    log.debug("faster_coco_eval: %s", message)
+
+
+def _fast_gt(coco_gt: Any, fast_cls: type) -> Any:
+    if isinstance(coco_gt, fast_cls):
+        return coco_gt
+    # Indexed once per COCO object: evaluation runs every few thousand iterations on the same split.
+    # Keyed on the dataset dict itself so a COCO whose dataset was replaced is indexed again.
+    source, twin = getattr(coco_gt, "_faster_coco_eval_twin", (None, None))
+    if source is not coco_gt.dataset:
+        twin = fast_cls(coco_gt.dataset)
+        coco_gt._faster_coco_eval_twin = (coco_gt.dataset, twin)
+    return twin
+
+
+_BACKEND_RUNNERS: dict[str, Callable[[Any, list[dict], str, Sequence[int] | None], np.ndarray]] = {
+    "pycocotools": _run_pycocotools,
+    "faster_coco_eval": _run_faster_coco_eval,
+}
+
+
+@functools.cache
+def faster_coco_eval_verified() -> bool:
+    """True when faster-coco-eval is importable and matches pycocotools on a synthetic check."""
+    if not _faster_coco_eval_importable():
+        return False
+    coco_gt, results = _self_check_case()
+    try:
+        for iou_type in IOU_TYPES:
+            reference = _run_pycocotools(coco_gt, _results_for(iou_type, results), iou_type)[:6]
+            fast = _run_faster_coco_eval(coco_gt, _results_for(iou_type, results), iou_type)[:6]
+            if not np.allclose(reference, fast, rtol=0.0, atol=BACKEND_TOLERANCE):
+                log.warning("faster-coco-eval disagrees with pycocotools on %s (%s vs %s): "
+                            "using pycocotools", iou_type, fast.tolist(), reference.tolist())
+                return False
+    except Exception as err:  # any failure of the optional backend means "do not use it"
+        log.warning("faster-coco-eval self-check failed (%s: %s): using pycocotools",
+                    type(err).__name__, err)
+        return False
+    log.debug("faster-coco-eval verified against pycocotools")
+    return True
+
+
+def _self_check_case() -> tuple[COCO, list[dict]]:
+    """A small deterministic GT (3 sizes, 2 categories, a crowd) and imperfect detections."""
+    rng = np.random.default_rng(0)
+    images, anns, results = [], [], []
+    for image_id in range(1, 7):
+        images.append({"id": image_id, "height": 128, "width": 128})
+        for k, side in enumerate((12, 40, 110)):
+            x, y = float(rng.integers(0, 128 - side)), float(rng.integers(0, 128 - side))
+            poly = [x, y, x + side, y, x + side, y + side, x, y + side]
+            anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": 3 + 4 * (k % 2),
+                         "bbox": [x, y, side, side], "area": float(side * side),
+                         "segmentation": [poly], "iscrowd": int(image_id == 3 and k == 0)})
+            shift = float(rng.integers(0, side // 3 + 1))
+            dpoly = [v + shift for v in poly]
+            results.append({"image_id": image_id, "category_id": anns[-1]["category_id"],
+                            "bbox": [x + shift, y + shift, side, side],
+                            "segmentation": mask_util.merge(mask_util.frPyObjects([dpoly], 128, 128)),
+                            "score": float(rng.random())})
+    coco_gt = COCO()
+    coco_gt.dataset = {"images": images, "annotations": anns,
+                       "categories": [{"id": 3, "name": "a"}, {"id": 7, "name": "b"}]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt.createIndex()
+    return coco_gt, results
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+def collate_batch(batch: Sequence[tuple]) -> tuple:
+    """(image, target) pairs -> (images, targets); module-level so DataLoader workers can pickle it."""
+    return tuple(zip(*batch))
+
+
+def evaluate(
+    model: torch.nn.Module,
+    dataset: Any,
+    *,
+    batch_size: int = 2,
+    device: torch.device | str = "cpu",
+    backend: str = "auto",
+    num_workers: int = 0,
+) -> dict[str, float]:
+    """Run `model` over `dataset` and score it against `dataset.coco` (see `score_coco`).
+
+    The model's per-module train/eval flags and the global RNG states (torch, the device's, numpy,
+    random) are exactly as before on return, also when inference raises.
+    """
+    for attr in ("coco", "label_to_cat"):
+        if not hasattr(dataset, attr):
+            raise EvaluationError(f"evaluation dataset has no '{attr}' attribute")
+    resolve_backend(backend)  # fail on a bad backend before spending minutes on inference
+    net = model.module if isinstance(model, (torch.nn.parallel.DistributedDataParallel,
+                                             torch.nn.DataParallel)) else model
+    device = torch.device(device)
+    modes = [(module, module.training) for module in net.modules()]
+    started = time.perf_counter()
+    with _preserved_rng(device):
+        net.eval()
+        try:
+            results, image_ids = _predict(net, dataset, device, batch_size, num_workers)
+        finally:
+            for module, training in modes:
+                module.training = training
+    log.info("inference on %d images: %d detections in %.1fs",
+             len(dataset), len(results), time.perf_counter() - started)
+    # Only the images that were run count: a dataset may hold a subset of its COCO split.
+    return score_coco(dataset.coco, results, backend=backend, image_ids=image_ids)
+
+
+@contextlib.contextmanager
+def _preserved_rng(device: torch.device):
+    # The DataLoader draws its base seed from the global torch generator; transforms may use
+    # numpy or random. Resumed training must not see whether an evaluation happened.
+    devices = [device] if device.type == "cuda" else []
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+def _predict(net: torch.nn.Module, dataset: Any, device: torch.device, batch_size: int,
+             num_workers: int) -> tuple[list[dict], list[int]]:
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        collate_fn=collate_batch, pin_memory=device.type == "cuda",
+    )
+    results: list[dict] = []
+    seen: list[int] = []
+    with torch.inference_mode():
+        for images, targets in loader:
+            outputs = net([image.to(device, non_blocking=True) for image in images])
+            image_ids = [int(target["image_id"]) for target in targets]
+            # Converted per batch so full-size float masks never pile up on the device.
+            results.extend(predictions_to_coco(outputs, image_ids, dataset.label_to_cat))
+            seen.extend(image_ids)
+    return results, seen

@@ -1,0 +1,167 @@
+"""Mask R-CNN with a ResNet-FPN backbone, built the paper's way from a `ModelConfig`.
+
+Owns the detection model: norm placement (GN/SyncBN/BN in body, FPN, 4conv1fc box head and mask
+head; FrozenBN in the body only), the RoI heads and sampling knobs, and the initialization
+(`random` from scratch, `imagenet` from torchvision's local weight files, `checkpoint:PATH` from
+backbone pretraining). `build_model` returns the resolved config so a run records what actually ran
+(e.g. `body_norm: FrozenBN` when BN-trained ImageNet weights go into a GN model).
+
+The ResNet/norm/weight-file helpers live in `trainer.backbone` and are re-exported here.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from torch import nn
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.rpn import RPNHead
+from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from trainer.backbone import (
+    GN_GROUPS,
+    build_resnet,
+    find_imagenet_weights,
+    freeze_stages,
+    has_bn_statistics,
+    is_norm_param,
+    load_backbone_weights,
+    norm_factory,
+    norm_parameters,
+    read_state_file,
+)
+from trainer.config import ModelConfig
+from trainer.errors import InitError
+
+__all__ = [
+    "build_model",
+    "build_resnet",
+    "find_imagenet_weights",
+    "is_norm_param",
+    "load_backbone_weights",
+    "norm_factory",
+    "norm_parameters",
+]
+
+log = logging.getLogger(__name__)
+
+BN_FAMILY = ("BN", "SyncBN", "FrozenBN")
+FEATURE_MAPS = ["0", "1", "2", "3"]  # FPN levels P2-P5 the RoI heads pool from ("pool" is RPN only)
+
+
+def _head_norm(norm: str) -> Callable[[int], nn.Module] | None:
+    """Norm of FPN and RoI heads: the model's norm, except FrozenBN which means 'no norm' there."""
+    return None if norm == "FrozenBN" else norm_factory(norm)
+
+
+def _init_state(cfg: ModelConfig) -> tuple[dict | None, str]:
+    """The backbone state dict `cfg.init` asks for (None for random) and where it came from."""
+    if cfg.init == "random":
+        return None, "random"
+    if cfg.init == "imagenet":
+        path = find_imagenet_weights(cfg.backbone, cfg.imagenet_weights)
+    else:
+        path = cfg.init.removeprefix("checkpoint:")
+    return read_state_file(path), str(path)
+
+
+def _resolve_body_norm(cfg: ModelConfig, state: dict | None, source: str) -> str:
+    """The body's norm: cfg.body_norm if set, else cfg.norm, except BN-trained weights into a
+    non-BN model, which run FrozenBN in the body (GN cannot use BN statistics)."""
+    if cfg.body_norm is not None:
+        return cfg.body_norm
+    if state is not None and cfg.norm not in BN_FAMILY and has_bn_statistics(state):
+        log.warning(
+            "init weights %s are BN-trained (running statistics) but model.norm=%s: using FrozenBN "
+            "in the ResNet body (body_norm=FrozenBN); the FPN and heads keep %s",
+            source, cfg.norm, cfg.norm,
+        )
+        return "FrozenBN"
+    return cfg.norm
+
+
+def _check_channels(cfg: ModelConfig) -> None:
+    if cfg.norm == "GN" and cfg.fpn_channels % GN_GROUPS:
+        raise InitError(
+            f"model.fpn_channels={cfg.fpn_channels} must be divisible by {GN_GROUPS} for GroupNorm "
+            f"in the FPN and heads"
+        )
+
+
+def _build_backbone(cfg: ModelConfig, body_norm: str, state: dict | None, source: str) -> BackboneWithFPN:
+    """ResNet body (+ weights, + frozen stages) under an FPN with the head norm."""
+    body = build_resnet(cfg.backbone, body_norm)
+    if state is not None:
+        load_backbone_weights(body, state, source)
+    frozen = freeze_stages(body, cfg.freeze_at)
+    log.info("freeze_at=%d: %d backbone parameters frozen", cfg.freeze_at, frozen)
+    # Written out instead of torchvision's _resnet_fpn_extractor, which fixes 256 FPN channels;
+    # the layer selection and channel arithmetic are the same.
+    stage2 = body.inplanes // 8  # 64 for BasicBlock, 256 for Bottleneck
+    return BackboneWithFPN(
+        body,
+        return_layers={f"layer{k}": str(k - 1) for k in (1, 2, 3, 4)},
+        in_channels_list=[stage2 * 2 ** (k - 1) for k in (1, 2, 3, 4)],
+        out_channels=cfg.fpn_channels,
+        extra_blocks=LastLevelMaxPool(),
+        norm_layer=_head_norm(cfg.norm),
+    )
+
+
+def _heads(cfg: ModelConfig, num_classes: int) -> dict:
+    """RPN and RoI head modules: 1-conv RPN head (no norm), 4conv1fc box head, 4conv mask head."""
+    channels, norm = cfg.fpn_channels, _head_norm(cfg.norm)
+    anchors = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
+    return dict(
+        rpn_anchor_generator=anchors,
+        rpn_head=RPNHead(channels, anchors.num_anchors_per_location()[0], conv_depth=1),
+        box_roi_pool=MultiScaleRoIAlign(FEATURE_MAPS, output_size=7, sampling_ratio=cfg.sampling_ratio),
+        box_head=FastRCNNConvFCHead(
+            (channels, 7, 7), [channels] * 4, [cfg.representation_size], norm_layer=norm
+        ),
+        box_predictor=FastRCNNPredictor(cfg.representation_size, num_classes),
+        mask_roi_pool=MultiScaleRoIAlign(FEATURE_MAPS, output_size=14, sampling_ratio=cfg.sampling_ratio),
+        mask_head=MaskRCNNHeads(channels, [channels] * 4, 1, norm_layer=norm),
+        mask_predictor=MaskRCNNPredictor(channels, channels, num_classes),
+    )
+
+
+def build_model(cfg: ModelConfig, num_classes: int) -> tuple[MaskRCNN, ModelConfig]:
+    """Mask R-CNN for `num_classes` (background included) and the resolved config."""
+    if num_classes < 2:
+        raise InitError(f"num_classes must count background plus at least one class, got {num_classes}")
+    _check_channels(cfg)
+    state, source = _init_state(cfg)
+    body_norm = _resolve_body_norm(cfg, state, source)
+    backbone = _build_backbone(cfg, body_norm, state, source)
+    model = MaskRCNN(
+        backbone,
+        num_classes=None,  # the predictors below carry it
+        min_size=cfg.min_size,
+        max_size=cfg.max_size,
+        rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_top_n_train,
+        rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_top_n_test,
+        rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
+        rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
+        rpn_batch_size_per_image=cfg.rpn_batch_size_per_image,
+        box_batch_size_per_image=cfg.box_batch_size_per_image,
+        box_detections_per_img=cfg.box_detections_per_img,
+        **_heads(cfg, num_classes),
+    )
+    resolved = cfg.model_copy(update={"body_norm": body_norm})
+    head_norm = "none" if cfg.norm == "FrozenBN" else cfg.norm
+    init = "random (torchvision default init)" if state is None else f"{cfg.init.split(':')[0]} ({source})"
+    log.info(
+        "Mask R-CNN %s-FPN: init=%s, body norm %s, FPN/head norm %s, %d classes, %.1fM parameters "
+        "(%.1fM trainable)",
+        cfg.backbone, init, body_norm, head_norm, num_classes,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
+    )
+    return model, resolved

@@ -1,0 +1,225 @@
+"""Backbone pretraining: classification on an ImageFolder set, written as an init for detection.
+
+`python -m trainer.pretrain --config pretrain.yaml [--set key=value] [--resume]` trains the same
+ResNet (same norm) that detection uses, on ImageNet's layout (ROOT/train/<class>/*.jpg, optional
+ROOT/val/) or on the synthetic classification set, and writes OUTPUT/backbone.pt, usable as
+`model.init: checkpoint:OUTPUT/backbone.pt`. It counts the images and pixels it saw (stored in the
+file's `meta`, for the paper's cost accounting) and resumes exactly like detection training: the
+batch stream and augmentation depend only on (seed, iteration).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from pydantic import Field, ValidationError
+from torch.utils.data import DataLoader, Dataset
+
+from trainer import checkpoint as ckpt
+from trainer.config import (Backbone, Norm, _Strict, apply_overrides, config_to_dict, dump_config,
+                            format_validation_error, read_yaml)
+from trainer.data import StreamBatchSampler
+from trainer.errors import ConfigError, DatasetError, NonFiniteLossError, TrainerError
+
+logger = logging.getLogger(__name__)
+
+
+class PretrainConfig(_Strict):
+    data_root: Path = Path("datasets/imagenet")  # holds train/<class>/... and optionally val/
+    backbone: Backbone = "R50"
+    norm: Norm = "GN"
+    image_size: int = Field(224, gt=0)  # random-resized-crop size; val: resize + center crop
+    iters: int = Field(1000, gt=0)
+    batch_size: int = Field(256, gt=0)
+    base_lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_iters: int = Field(0, ge=0)
+    num_workers: int = Field(2, ge=0)
+    seed: int = 0
+    threads: int | None = Field(None, gt=0)
+    device: str = "auto"
+    output_dir: Path = Path("runs/pretrain")
+    checkpoint_period: int = Field(0, ge=0)
+    keep_last: int = Field(2, ge=1)
+    log_period: int = Field(20, gt=0)
+
+
+class _Folder(Dataset):
+    """ImageFolder whose augmentation is seeded by the sample's stream position."""
+
+    def __init__(self, root: Path, size: int, train: bool, seed: int):
+        from torchvision import datasets
+        from torchvision.transforms import v2
+
+        if not root.is_dir():
+            raise DatasetError(f"image folder not found: {root} (expected ImageNet layout: {root}/<class>/<image>; "
+                               "for offline data run `python -m trainer.synthetic --classification ...`)")
+        try:
+            self.folder = datasets.ImageFolder(str(root))
+        except (FileNotFoundError, RuntimeError) as exc:
+            raise DatasetError(f"{root}: {exc}") from None
+        self.train, self.seed = train, seed
+        norm = v2.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])  # torchvision's ImageNet stats
+        head = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+        aug = ([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()] if train
+               else [v2.Resize(math.ceil(size * 8 / 7), antialias=True), v2.CenterCrop(size)])
+        self.transform = v2.Compose(head + aug + [norm])
+
+    @property
+    def classes(self) -> list[str]:
+        return self.folder.classes
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, key: int | tuple[int, int]):
+        position, index = key if isinstance(key, tuple) else (key, key)
+        image, label = self.folder[index]
+        with torch.random.fork_rng(devices=[]):  # never disturb the caller's RNG
+            torch.manual_seed(self.seed * 1_000_003 + position)
+            x = self.transform(image)
+        return x, label, image.width * image.height
+
+
+def build_classifier(cfg: PretrainConfig, num_classes: int) -> torch.nn.Module:
+    from trainer.backbone import build_resnet
+
+    net = build_resnet(cfg.backbone, cfg.norm)
+    net.fc = torch.nn.Linear(net.fc.in_features, num_classes)
+    return net
+
+
+def _optimizer(net: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.SGD:
+    from trainer.backbone import norm_parameters
+
+    norm_ids = norm_parameters(net)
+    groups = [{"params": [p for p in net.parameters() if id(p) not in norm_ids], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in net.parameters() if id(p) in norm_ids], "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=cfg.base_lr, momentum=cfg.momentum)
+
+
+def _lr_factor(cfg: PretrainConfig):
+    def factor(it: int) -> float:  # linear warmup, then cosine to zero: a standard short-run recipe
+        if it < cfg.warmup_iters:
+            return (it + 1) / cfg.warmup_iters
+        progress = (it - cfg.warmup_iters) / max(cfg.iters - cfg.warmup_iters, 1)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return factor
+
+
+@torch.inference_mode()
+def _top1(net: torch.nn.Module, folder: _Folder, device: torch.device) -> float:
+    was = net.training
+    net.eval()
+    correct = total = 0
+    for x, y, _ in DataLoader(folder, batch_size=256):
+        correct += int((net(x.to(device)).argmax(1).cpu() == y).sum())
+        total += len(y)
+    net.train(was)
+    return correct / max(total, 1)
+
+
+def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
+    """Train the classifier; return the path of the backbone file (OUTPUT/backbone.pt)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    device = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    out = Path(cfg.output_dir)
+    train_set = _Folder(Path(cfg.data_root) / "train", cfg.image_size, True, cfg.seed)
+    net = build_classifier(cfg, len(train_set.classes)).to(device)
+    opt = _optimizer(net, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg))
+    state = {"iteration": 0, "images": 0, "pixels": 0}
+    found = ckpt.load_latest(out / "checkpoints") if resume else None
+    if found:
+        path, saved = found
+        net.load_state_dict(saved["model"]), opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"]), ckpt.set_rng_state(saved["rng"])
+        state = {k: int(saved["counters"][k]) for k in state}
+        logger.info("resumed from %s at iteration %d", path, state["iteration"])
+    dump_config(cfg, out / "pretrain_config.yaml")
+    sampler = StreamBatchSampler(len(train_set), cfg.batch_size, cfg.seed, state["iteration"], cfg.iters)
+    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.num_workers,
+                        generator=torch.Generator().manual_seed(cfg.seed))
+    net.train()
+    t0, it0, window = time.perf_counter(), state["iteration"], []
+    for x, y, area in loader:
+        loss = torch.nn.functional.cross_entropy(net(x.to(device)), y.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        state["iteration"] += 1
+        state["images"] += len(y)
+        state["pixels"] += int(area.sum())
+        window.append(loss.detach())
+        it = state["iteration"]
+        if it % cfg.log_period == 0 or it == cfg.iters:
+            mean = float(torch.stack(window).mean())
+            if not math.isfinite(mean):
+                raise NonFiniteLossError(it, mean)
+            rate = (it - it0) / (time.perf_counter() - t0)
+            logger.info("pretrain iter %d/%d  loss %.4f  lr %.4f  %.1f it/s", it, cfg.iters, mean,
+                        opt.param_groups[0]["lr"], rate)
+            window.clear()
+        if (cfg.checkpoint_period and it % cfg.checkpoint_period == 0) or it == cfg.iters:
+            ckpt.save_atomic({"model": net.state_dict(), "optimizer": opt.state_dict(),
+                              "scheduler": sched.state_dict(), "rng": ckpt.rng_state(), "iteration": it,
+                              "counters": dict(state), "config": config_to_dict(cfg)},
+                             ckpt.checkpoint_path(out / "checkpoints", it))
+            ckpt.prune(out / "checkpoints", cfg.keep_last)
+    return _write_backbone(cfg, net, state, device)
+
+
+def _write_backbone(cfg: PretrainConfig, net: torch.nn.Module, state: dict[str, int], device) -> Path:
+    out = Path(cfg.output_dir)
+    val_root = Path(cfg.data_root) / "val"
+    top1 = _top1(net, _Folder(val_root, cfg.image_size, False, cfg.seed), device) if val_root.is_dir() else None
+    meta: dict[str, Any] = {"backbone": cfg.backbone, "norm": cfg.norm, "iterations": state["iteration"],
+                            "images_seen": state["images"], "pixels_seen": state["pixels"],
+                            "val_top1": top1 if top1 is not None else -1.0}
+    body = {k: v.cpu() for k, v in net.state_dict().items() if not k.startswith("fc.")}
+    path = ckpt.save_atomic({"backbone": body, "meta": meta}, out / "backbone.pt")
+    (out / "pretrain_summary.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    logger.info("backbone written to %s (%d images, %.3g pixels seen, val top-1 %s)", path, state["images"],
+                state["pixels"], "n/a" if top1 is None else f"{top1:.3f}")
+    return path
+
+
+def load_pretrain_config(path: str | Path | None, overrides: Sequence[str] = ()) -> PretrainConfig:
+    data = apply_overrides(read_yaml(path) if path else {}, overrides)
+    try:
+        return PretrainConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"{path or 'config'}: {format_validation_error(err, PretrainConfig)}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    from trainer.__main__ import setup_logging
+
+    parser = argparse.ArgumentParser(prog="python -m trainer.pretrain", description=__doc__.splitlines()[0])
+    parser.add_argument("--config")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        pretrain(load_pretrain_config(args.config, args.overrides), resume=args.resume)
+    except TrainerError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

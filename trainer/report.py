@@ -1,0 +1,127 @@
+"""Where a run's numbers go: the `Reporter` seam and the two reporters the trainer ships.
+
+The loop never knows who listens. A reporter gets `start` once (it may read and write
+`info.tracking`, a dict saved in every checkpoint — the orchestrator keeps its MLflow run id there),
+`log` for every batch of metrics (step = iteration), `checkpoint` after each checkpoint is safely on
+disk, and `finish` with the final status. Metric names are flat strings: `train/loss`, `train/lr`,
+`bbox/AP`, `segm/AP50`, `seen/images`, ...
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunInfo:
+    """What a reporter may know about the run it listens to."""
+
+    config: Any  # the resolved TrainConfig
+    output_dir: Path
+    start_iter: int  # first iteration this process will run (0, or checkpoint iteration on resume)
+    total_iters: int
+    tracking: dict[str, Any] = field(default_factory=dict)  # persisted in checkpoints
+    rank: int = 0
+
+
+class Reporter:
+    """Base class with no-op hooks; subclass what you need."""
+
+    def start(self, info: RunInfo) -> None:
+        pass
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        pass
+
+    def checkpoint(self, step: int, path: Path) -> None:
+        pass
+
+    def finish(self, status: str, error: BaseException | None = None) -> None:
+        """status: 'finished' | 'failed' | 'stopped'."""
+
+
+class ConsoleReporter(Reporter):
+    """A progress line per training log: iteration, loss, lr, it/s, ETA; AP lines after evaluation."""
+
+    def __init__(self) -> None:
+        self._t0 = 0.0
+        self._it0 = 0
+        self._total = 0
+
+    def start(self, info: RunInfo) -> None:
+        self._t0, self._it0, self._total = time.perf_counter(), info.start_iter, info.total_iters
+        logger.info("training iterations %d -> %d, outputs in %s", info.start_iter, info.total_iters,
+                    info.output_dir)
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        if "train/loss" in metrics:
+            done = step - self._it0
+            rate = done / max(time.perf_counter() - self._t0, 1e-9)
+            eta = (self._total - step) / rate if rate > 0 else math.inf
+            logger.info("iter %d/%d  loss %.4f  lr %.5f  %.2f it/s  eta %s", step, self._total,
+                        metrics["train/loss"], metrics.get("train/lr", float("nan")), rate, _hms(eta))
+        aps = {k: v for k, v in metrics.items() if k in ("bbox/AP", "segm/AP", "bbox/AP50", "segm/AP50")}
+        if aps:
+            logger.info("eval @ %d: %s", step, "  ".join(f"{k} {v:.4f}" for k, v in sorted(aps.items())))
+
+    def finish(self, status: str, error: BaseException | None = None) -> None:
+        logger.info("run %s after %s", status, _hms(time.perf_counter() - self._t0))
+
+
+class JsonlReporter(Reporter):
+    """Appends one JSON object per `log` call to OUTPUT/metrics.jsonl ({"step": i, ...metrics}).
+
+    On resume, rows beyond the resumed iteration (written after the checkpoint, before the crash)
+    are dropped first, so the file never holds a step twice.
+    """
+
+    def __init__(self, filename: str = "metrics.jsonl") -> None:
+        self.filename = filename
+        self.path: Path | None = None
+
+    def start(self, info: RunInfo) -> None:
+        if info.rank != 0:
+            return
+        self.path = Path(info.output_dir) / self.filename
+        if self.path.exists():
+            keep = [ln for ln in self.path.read_text().splitlines()
+                    if ln.strip() and _row_step(ln) <= info.start_iter]
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("".join(ln + "\n" for ln in keep))
+            tmp.replace(self.path)
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        if self.path is None:
+            return
+        with self.path.open("a") as fh:
+            fh.write(json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n")
+
+
+def _row_step(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return 1 << 62  # unreadable (torn) row: drop it
+
+
+def read_metrics(path: str | Path) -> list[dict[str, float]]:
+    """Rows of a metrics.jsonl file, in order."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def _hms(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(seconds)
+    return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"

@@ -1,0 +1,316 @@
+"""Offline stand-ins for COCO and ImageNet: seeded synthetic shape data sets, written to disk.
+
+Owns the on-disk layouts and the CLI; the drawing itself is in `trainer.synthetic_draw`.
+
+Detection set, real COCO layout (what `trainer` reads with data.train_split=train, val_split=val):
+    OUT/annotations/instances_{train,val}.json    images/annotations/categories, as COCO
+    OUT/{train,val}/<12-digit image id>.png        `file_name` is relative to the split folder
+Categories have non-contiguous ids (1, 3, 7, 12), so consumers must map ids to labels. Each
+annotation's mask is the object's *visible* part (objects are drawn in z-order); unoccluded objects
+get polygons, occluded ones compressed RLE, crowd clusters (iscrowd=1) uncompressed RLE as in COCO.
+
+Classification set, torchvision ImageFolder layout (backbone pretraining):
+    OUT/classification/{train,val}/<shape name>/<5-digit index>.png
+
+Same arguments, same bytes: every image draws from its own generator seeded by (seed, split, index),
+so an image does not depend on how many others were asked for, and the JSON is dumped with sorted keys.
+
+    python -m trainer.synthetic --out datasets/synth --train 600 --val 100 --classification
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import numbers
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pycocotools.mask as mask_util
+from PIL import Image
+
+from trainer.errors import ConfigError, TrainerError
+from trainer.synthetic_draw import SHAPES, Layer, draw_crop, draw_scene
+
+log = logging.getLogger("trainer.synthetic")  # not __main__ under `python -m`
+
+_CATEGORY_IDS = (1, 3, 7, 12)  # deliberately non-contiguous, like COCO's 1..90 with gaps
+CATEGORIES: list[dict[str, Any]] = [
+    {"id": cid, "name": name, "supercategory": "shape"} for cid, name in zip(_CATEGORY_IDS, SHAPES)
+]
+MIN_SIDE = 24  # below this the smallest objects are a few pixels and no longer have a shape
+MAX_SIDE = 4096
+# Stream tags keep the per-image generators of different splits/sets independent of each other.
+_STREAMS = {("det", "train"): 0, ("det", "val"): 1, ("cls", "train"): 2, ("cls", "val"): 3}
+_DET_NAME = re.compile(r"^\d{12}\.png$")
+_CLS_NAME = re.compile(r"^\d{5}\.png$")
+
+
+def _rng(seed: int, stream: tuple[str, str], *index: int) -> np.random.Generator:
+    return np.random.default_rng([int(seed), _STREAMS[stream], *index])
+
+
+def _save_png(path: Path, img: np.ndarray) -> None:
+    # Fixed parameters and no metadata chunks: the file is a pure function of the pixels.
+    Image.fromarray(img, "RGB").save(path, format="PNG", compress_level=6, optimize=False)
+
+
+def _prepare_dir(path: Path, keep: set[str], pattern: re.Pattern[str]) -> None:
+    """Create `path`; remove images of an earlier, larger run that this run will not rewrite."""
+    path.mkdir(parents=True, exist_ok=True)
+    for old in path.iterdir():
+        if old.is_file() and pattern.match(old.name) and old.name not in keep:
+            old.unlink()
+
+
+class _Progress:
+    """Logs every ~10% of a long loop, so big runs show life without flooding small ones."""
+
+    def __init__(self, what: str, total: int):
+        self.what, self.total = what, total
+        self.step = max(1, total // 10) if total >= 500 else 0
+
+    def tick(self, done: int) -> None:
+        if self.step and (done % self.step == 0 or done == self.total):
+            log.info("%s: %d/%d", self.what, done, self.total)
+
+
+# ---------------------------------------------------------------- detection (COCO layout)
+
+
+def _uncompressed_rle(mask: np.ndarray) -> dict[str, Any]:
+    """COCO's crowd format: column-major run lengths, starting with a (possibly empty) run of 0s."""
+    flat = mask.ravel(order="F").astype(np.int8)
+    bounds = np.concatenate([[0], np.flatnonzero(np.diff(flat)) + 1, [flat.size]])
+    runs = np.diff(bounds).tolist()
+    if flat.size and flat[0]:
+        runs = [0, *runs]
+    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": runs}
+
+
+def _annotation(layer: Layer, ann_id: int, image_id: int) -> dict[str, Any]:
+    assert layer.visible is not None
+    h, w = layer.visible.shape
+    rle = mask_util.encode(np.asfortranarray(layer.visible.astype(np.uint8)))
+    if layer.iscrowd:
+        segmentation: Any = _uncompressed_rle(layer.visible)
+    elif not layer.occluded:
+        segmentation = [layer.polygon]  # decodes to exactly `full` == `visible`
+    else:
+        segmentation = {"size": [h, w], "counts": rle["counts"].decode("ascii")}
+    return {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": _CATEGORY_IDS[layer.shape],
+        "segmentation": segmentation,
+        "area": float(mask_util.area(rle)),
+        "bbox": [float(v) for v in mask_util.toBbox(rle)],
+        "iscrowd": int(layer.iscrowd),
+    }
+
+
+def _write_split(
+    out: Path, split: str, count: int, seed: int, size: tuple[int, int], scene: dict[str, Any]
+) -> dict[str, Any]:
+    """Draw and write one split's images and annotation file; return its stats."""
+    width, height = size
+    image_dir = out / split
+    images, annotations = [], []
+    stats = {"images": count, "annotations": 0, "crowd": 0, "polygon": 0, "rle": 0, "empty_images": 0}
+    names = {f"{i + 1:012d}.png" for i in range(count)}
+    _prepare_dir(image_dir, names, _DET_NAME)
+    progress = _Progress(f"detection {split}", count)
+    for i in range(count):
+        image_id = i + 1
+        img, layers = draw_scene(_rng(seed, ("det", split), i), height, width, **scene)
+        file_name = f"{image_id:012d}.png"
+        _save_png(image_dir / file_name, img)
+        images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
+        for layer in layers:
+            ann = _annotation(layer, len(annotations) + 1, image_id)
+            annotations.append(ann)
+            polygon = isinstance(ann["segmentation"], list)
+            stats["crowd" if ann["iscrowd"] else "polygon" if polygon else "rle"] += 1
+        stats["empty_images"] += not layers
+        progress.tick(i + 1)
+    stats["annotations"] = len(annotations)
+    doc = {
+        "info": {"description": "trainer.synthetic shapes", "version": "1", "seed": seed, **scene},
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
+        "categories": CATEGORIES,
+    }
+    ann_file = out / "annotations" / f"instances_{split}.json"
+    ann_file.parent.mkdir(parents=True, exist_ok=True)
+    ann_file.write_text(json.dumps(doc, sort_keys=True, separators=(",", ":")) + "\n")
+    return {"annotation_file": ann_file, "image_dir": image_dir, **stats}
+
+
+def _check_out(out: Path) -> Path:
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output path {out} exists and is not a directory")
+    return out
+
+
+def _check_count(name: str, value: int) -> None:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0:
+        raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
+
+
+def _check_side(name: str, value: int) -> None:
+    if not isinstance(value, numbers.Integral) or not MIN_SIDE <= value <= MAX_SIDE:
+        raise ConfigError(f"{name} must be an integer in [{MIN_SIDE}, {MAX_SIDE}] pixels, got {value!r}")
+
+
+def _check_prob(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{name} must be a probability in [0, 1], got {value!r}")
+
+
+def generate_detection(
+    out: Path,
+    *,
+    seed: int = 0,
+    num_train: int = 600,
+    num_val: int = 100,
+    width: int = 64,
+    height: int = 64,
+    max_objects: int = 6,
+    empty_prob: float = 0.03,
+    crowd_prob: float = 0.05,
+) -> dict[str, Any]:
+    """Write the COCO-layout shape set under `out`; return {"root", "categories", "seconds", "splits":
+    {split: {"annotation_file", "image_dir", "images", "annotations", "crowd", "polygon", "rle",
+    "empty_images"}}}. Raises ConfigError on impossible arguments, before writing anything."""
+    out = _check_out(out)
+    _check_count("seed", seed)
+    _check_count("num_train (--train)", num_train)
+    _check_count("num_val (--val)", num_val)
+    _check_side("image width (--size/--width)", width)
+    _check_side("image height (--size/--height)", height)
+    if not isinstance(max_objects, int) or not 1 <= max_objects <= 50:
+        raise ConfigError(f"max_objects (--max-objects) must be an integer in [1, 50], got {max_objects!r}")
+    _check_prob("empty_prob (--empty-prob)", empty_prob)
+    _check_prob("crowd_prob (--crowd-prob)", crowd_prob)
+    start = time.perf_counter()
+    scene = {"max_objects": max_objects, "empty_prob": float(empty_prob), "crowd_prob": float(crowd_prob)}
+    splits = {
+        split: _write_split(out, split, count, int(seed), (int(width), int(height)), scene)
+        for split, count in (("train", num_train), ("val", num_val))
+    }
+    return {"root": out, "categories": CATEGORIES, "splits": splits, "seconds": time.perf_counter() - start}
+
+
+# ------------------------------------------------------------ classification (ImageFolder)
+
+
+def generate_classification(
+    out: Path, *, seed: int = 0, per_class_train: int = 300, per_class_val: int = 60, size: int = 32
+) -> dict[str, Any]:
+    """Write OUT/classification/{train,val}/<class>/NNNNN.png; return {"root", "classes", "seconds",
+    "splits": {split: {"dir", "per_class", "images"}}}. Raises ConfigError on impossible arguments."""
+    out = _check_out(out)
+    _check_count("seed", seed)
+    _check_count("per_class_train (--cls-train)", per_class_train)
+    _check_count("per_class_val (--cls-val)", per_class_val)
+    _check_side("crop size (--cls-size)", size)
+    start = time.perf_counter()
+    root = out / "classification"
+    splits: dict[str, Any] = {}
+    for split, per_class in (("train", per_class_train), ("val", per_class_val)):
+        progress = _Progress(f"classification {split}", per_class * len(SHAPES))
+        names = {f"{i:05d}.png" for i in range(per_class)}
+        for c, name in enumerate(SHAPES):
+            class_dir = root / split / name
+            _prepare_dir(class_dir, names, _CLS_NAME)
+            for i in range(per_class):
+                _save_png(class_dir / f"{i:05d}.png", draw_crop(_rng(seed, ("cls", split), c, i), c, size))
+                progress.tick(c * per_class + i + 1)
+        splits[split] = {"dir": root / split, "per_class": per_class, "images": per_class * len(SHAPES)}
+    return {"root": root, "classes": list(SHAPES), "splits": splits, "seconds": time.perf_counter() - start}
+
+
+# ------------------------------------------------------------------------------------ CLI
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        # One line instead of argparse's usage block: the message is what the user must fix.
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="python -m trainer.synthetic",
+        description="Write seeded synthetic shape data sets: a COCO-layout instance-segmentation set "
+        "(OUT/annotations/instances_{train,val}.json, OUT/{train,val}/*.png) and, with "
+        "--classification, an ImageFolder set (OUT/classification/{train,val}/<class>/*.png).",
+    )
+    p.add_argument("--out", type=Path, required=True, help="output directory (created if missing)")
+    p.add_argument("--seed", type=int, default=0, help="non-negative; same seed, same bytes")
+    p.add_argument("--train", type=int, default=600, help="detection train images (default 600)")
+    p.add_argument("--val", type=int, default=100, help="detection val images (default 100)")
+    p.add_argument("--size", type=int, default=64, help="square image side in pixels (default 64)")
+    p.add_argument("--width", type=int, help="image width; overrides --size")
+    p.add_argument("--height", type=int, help="image height; overrides --size")
+    p.add_argument("--max-objects", type=int, default=6, help="objects per image are 1..N (default 6)")
+    p.add_argument("--empty-prob", type=float, default=0.03, help="chance of an object-free image")
+    p.add_argument("--crowd-prob", type=float, default=0.05, help="chance of an iscrowd=1 cluster")
+    p.add_argument("--classification", action="store_true", help="also write the ImageFolder set")
+    p.add_argument("--no-detection", action="store_true", help="skip the COCO set (with --classification)")
+    p.add_argument("--cls-train", type=int, default=300, help="classification train images per class")
+    p.add_argument("--cls-val", type=int, default=60, help="classification val images per class")
+    p.add_argument("--cls-size", type=int, default=32, help="classification crop side (default 32)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def _run(args: argparse.Namespace) -> str:
+    """Generate what `args` asks for; return the one-line summary."""
+    if args.no_detection and not args.classification:
+        raise ConfigError("--no-detection without --classification writes nothing")
+    parts = []
+    if not args.no_detection:
+        det = generate_detection(
+            args.out, seed=args.seed, num_train=args.train, num_val=args.val,
+            width=args.size if args.width is None else args.width,
+            height=args.size if args.height is None else args.height,
+            max_objects=args.max_objects, empty_prob=args.empty_prob, crowd_prob=args.crowd_prob,
+        )  # fmt: skip
+        train, val = det["splits"]["train"], det["splits"]["val"]
+        anns = train["annotations"] + val["annotations"]
+        parts.append(f"{train['images']} train + {val['images']} val detection images ({anns} annotations, "
+                     f"{len(CATEGORIES)} categories) in {det['seconds']:.1f}s")  # fmt: skip
+    if args.classification:
+        cls = generate_classification(
+            args.out, seed=args.seed, per_class_train=args.cls_train, per_class_val=args.cls_val,
+            size=args.cls_size,
+        )  # fmt: skip
+        parts.append(f"{len(SHAPES)}x{args.cls_train} train + {len(SHAPES)}x{args.cls_val} val "
+                     f"classification crops in {cls['seconds']:.1f}s")  # fmt: skip
+    return f"wrote {'; '.join(parts)} to {args.out}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        log.info(_run(args))
+    except TrainerError as e:
+        sys.stderr.write(f"python -m trainer.synthetic: error: {e}\n")
+        return 2
+    except OSError as e:  # disk full, permissions: the user's environment, not a bug
+        sys.stderr.write(f"python -m trainer.synthetic: error: {e}\n")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
