@@ -244,6 +244,13 @@ class Trainer:
         st.window_count += 1
         self._count(targets)
 
+    def train_step(self, images, targets) -> None:
+        """One iteration plus its periodic hooks."""
+        self.run_step(images, targets)
+        self.state.iteration += 1
+        for hook in self.hooks:
+            hook.after_step(self)
+
     def _count(self, targets) -> None:
         ms, mx = self._pixel_size
         p = self.state.pending
@@ -259,10 +266,7 @@ class Trainer:
             r.start(info)
         self.model.train()
         for images, targets in self.loader():
-            self.run_step(images, targets)
-            st.iteration += 1
-            for hook in self.hooks:
-                hook.after_step(self)
+            self.train_step(images, targets)
         if st.iteration < end:
             raise TrainerError(f"data stream ended at iteration {st.iteration} before {end}")
         if st.iteration >= self.total_iters:

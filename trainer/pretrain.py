@@ -37,12 +37,14 @@ class PretrainConfig(_Strict):
     backbone: Backbone = "R50"
     norm: Norm = "GN"
     image_size: int = Field(224, gt=0)  # random-resized-crop size; val: resize + center crop
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range (ImageNet default)
     iters: int = Field(1000, gt=0)
     batch_size: int = Field(256, gt=0)
     base_lr: float = Field(0.1, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0)
     warmup_iters: int = Field(0, ge=0)
+    grad_clip: float | None = Field(None, gt=0)  # max total grad norm; None = off
     num_workers: int = Field(2, ge=0)
     seed: int = 0
     threads: int | None = Field(None, gt=0)
@@ -56,7 +58,7 @@ class PretrainConfig(_Strict):
 class _Folder(Dataset):
     """ImageFolder whose augmentation is seeded by the sample's stream position."""
 
-    def __init__(self, root: Path, size: int, train: bool, seed: int):
+    def __init__(self, root: Path, size: int, train: bool, seed: int, crop_scale=(0.08, 1.0)):
         from torchvision import datasets
         from torchvision.transforms import v2
 
@@ -70,7 +72,7 @@ class _Folder(Dataset):
         self.train, self.seed = train, seed
         norm = v2.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])  # torchvision's ImageNet stats
         head = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
-        aug = ([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()] if train
+        aug = ([v2.RandomResizedCrop(size, scale=crop_scale, antialias=True), v2.RandomHorizontalFlip()] if train
                else [v2.Resize(math.ceil(size * 8 / 7), antialias=True), v2.CenterCrop(size)])
         self.transform = v2.Compose(head + aug + [norm])
 
@@ -95,6 +97,12 @@ def build_classifier(cfg: PretrainConfig, num_classes: int) -> torch.nn.Module:
 
     net = build_resnet(cfg.backbone, cfg.norm)
     net.fc = torch.nn.Linear(net.fc.in_features, num_classes)
+    # Zero the last norm scale of every residual branch (Goyal et al.): each block starts as the
+    # identity, which keeps a short, high-LR classification run from blowing up in its first steps.
+    for block in (b for layer in (net.layer1, net.layer2, net.layer3, net.layer4) for b in layer):
+        last = getattr(block, "bn3", None) or block.bn2
+        if getattr(last, "weight", None) is not None:
+            torch.nn.init.zeros_(last.weight)
     return net
 
 
@@ -135,7 +143,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     out = Path(cfg.output_dir)
-    train_set = _Folder(Path(cfg.data_root) / "train", cfg.image_size, True, cfg.seed)
+    train_set = _Folder(Path(cfg.data_root) / "train", cfg.image_size, True, cfg.seed, cfg.crop_scale)
     net = build_classifier(cfg, len(train_set.classes)).to(device)
     opt = _optimizer(net, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg))
@@ -157,6 +165,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
         loss = torch.nn.functional.cross_entropy(net(x.to(device)), y.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
         opt.step()
         sched.step()
         state["iteration"] += 1
