@@ -166,6 +166,13 @@ class Trainer:
             return
         path, state = found
         self.load_state_dict(state, path)
+        # The LR comes from this run's schedule, not the saved one: a branch forked from a trunk
+        # checkpoint (same iterations so far, no drops yet) must take its own drops from here on.
+        it = self.state.iteration
+        self.scheduler.last_epoch = it
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * self.schedule.lr_factor(it)
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
         if self.state.iteration > self.total_iters:
             raise CheckpointError(f"{path} is at iteration {self.state.iteration}, past this schedule's "
                                   f"{self.total_iters} iterations")

@@ -55,7 +55,8 @@ class MetricsHook(Hook):
             return
         sums = trainer.reduce_mean(st.window_sums).tolist()
         metrics = {f"train/{k}": v / st.window_count for k, v in zip(trainer.loss_names, sums)}
-        metrics["train/lr"] = trainer.optimizer.param_groups[0]["lr"]
+        # The LR of the step just taken (the optimizer already holds the next step's).
+        metrics["train/lr"] = trainer.cfg.optim.base_lr * trainer.schedule.lr_factor(st.iteration - 1)
         trainer.sync_counters()
         metrics.update({f"seen/{k}": float(v) for k, v in st.counters.items()})
         st.window_sums.zero_()

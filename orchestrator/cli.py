@@ -1,0 +1,97 @@
+"""`python -m orchestrator {plan,run,resume,status}`: the command line of the sweep orchestrator.
+
+    plan SPEC            the trial table and the sweep's totals (no dataset, no Ray)
+    run SPEC             start the sweep, or resume it if it exists with the same spec
+    resume SPEC|FOLDER   resume an existing sweep (by its spec, or its folder on the storage path)
+    status SPEC|FOLDER   the trial table from the stored state (no Ray)
+
+Refusals (bad spec, missing dataset, unreachable cluster or tracking store, changed spec) are one
+line on stderr and exit code 2, before anything is launched. `run` exits 0 when every trial
+finished and 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from orchestrator.errors import OrchestratorError, SweepNotFoundError
+from trainer.errors import TrainerError
+
+logger = logging.getLogger("orchestrator")
+PROG = "python -m orchestrator"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Sweeps of the shared Mask R-CNN trainer on Ray Tune, tracked in MLflow.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sp = sub.add_parser("plan", help="print the trial table and the sweep's cost")
+    sp.add_argument("spec", type=Path)
+    for name, help_text in (("run", "start the sweep (or resume it if it exists)"),
+                            ("resume", "resume an existing sweep (SPEC or its folder)")):
+        sp = sub.add_parser(name, help=help_text)
+        sp.add_argument("spec", type=Path, metavar="SPEC" if name == "run" else "SPEC|FOLDER")
+        sp.add_argument("--storage", type=Path, help="override the spec's storage_path")
+        sp.add_argument("--no-view", action="store_true", help="no live table (log lines only)")
+    sp = sub.add_parser("status", help="the trial table from the stored state (no Ray)")
+    sp.add_argument("target", type=Path, metavar="SPEC|FOLDER")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return _dispatch(args)
+    except (OrchestratorError, TrainerError) as exc:
+        sys.stderr.write(f"{PROG} {args.command}: error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        logger.warning("interrupted; `%s resume` continues the sweep", PROG)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "plan":
+        from orchestrator.expand import expand
+        from orchestrator.plan import render_plan
+        from orchestrator.spec import load_spec
+
+        sys.stdout.write(render_plan(expand(load_spec(args.spec))) + "\n")
+        return 0
+    if args.command == "status":
+        from orchestrator.state import find_sweep_dir
+        from orchestrator.status import render_status
+
+        sys.stdout.write(render_status(find_sweep_dir(args.target)) + "\n")
+        return 0
+    from orchestrator.run import run
+
+    spec, storage = args.spec, args.storage
+    if args.command == "resume" and args.spec.is_dir():
+        spec, storage = _spec_of_folder(args.spec)
+    return run(spec, storage=storage, must_exist=args.command == "resume", view=not args.no_view)
+
+
+def _spec_of_folder(folder: Path) -> tuple[Path, Path]:
+    """A sweep folder's stored spec, read from the working directory the sweep was started in."""
+    from orchestrator.state import read_record
+
+    folder = folder.resolve()
+    record = read_record(folder)
+    if record is None:
+        raise SweepNotFoundError(f"{folder}: not a sweep folder (no sweep.json)")
+    if record.get("cwd") and Path(record["cwd"]).is_dir():
+        os.chdir(record["cwd"])  # the spec's relative paths (dataset root, mlflow.db) are relative to it
+    return folder / "spec.yaml", folder.parent

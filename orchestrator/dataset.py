@@ -1,0 +1,61 @@
+"""Is the spec's dataset on disk, and if the spec says how, make it (the trainer's synthetic sets).
+
+Checked before anything is launched: a missing COCO stops `run` with where to put it. A generated
+set is marked done by ROOT/.generated.json (written last, holding the generator's arguments), so an
+interrupted generation is redone and a finished one never is.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from orchestrator.errors import DatasetMissingError
+from orchestrator.spec import Dataset
+
+logger = logging.getLogger(__name__)
+MARKER = ".generated.json"
+
+
+def missing_files(ds: Dataset, need_classification: bool = False) -> list[Path]:
+    root = Path(ds.root)
+    wanted = [root / "annotations" / f"instances_{ds.train_split}.json", root / ds.train_split,
+              root / "annotations" / f"instances_{ds.val_split}.json", root / ds.val_split]
+    if need_classification:
+        wanted.append(root / "classification" / "train")
+    return [p for p in wanted if not p.exists()]
+
+
+def needs_generation(ds: Dataset, need_classification: bool = False) -> bool:
+    """True if the set must be generated; raises DatasetMissingError if it is missing for good."""
+    if ds.generate is not None:
+        marker = Path(ds.root) / MARKER
+        try:
+            return json.loads(marker.read_text()) != ds.generate.model_dump()
+        except (FileNotFoundError, json.JSONDecodeError):
+            return True
+    missing = missing_files(ds, need_classification)
+    if missing:
+        raise DatasetMissingError(
+            f"dataset not found: {missing[0]} is missing. Put COCO 2017 at {Path(ds.root).resolve()} "
+            f"(annotations/instances_{ds.train_split}.json, annotations/instances_{ds.val_split}.json, "
+            f"{ds.train_split}/, {ds.val_split}/) or point dataset.root there (paper_grid.yaml reads $COCO_ROOT)")
+    return False
+
+
+def generate(ds: Dataset) -> None:
+    """Write the synthetic detection set (and classification crops) under dataset.root."""
+    from trainer.synthetic import generate_classification, generate_detection
+
+    g = ds.generate
+    assert g is not None
+    root = Path(ds.root)
+    (root / MARKER).unlink(missing_ok=True)
+    logger.info("generating the synthetic dataset in %s (%d train, %d val images of %dpx)", root, g.train, g.val,
+                g.size)
+    generate_detection(root, seed=g.seed, num_train=g.train, num_val=g.val, width=g.size, height=g.size)
+    if g.classification:
+        generate_classification(root, seed=g.seed, per_class_train=g.cls_train, per_class_val=g.cls_val,
+                                size=g.cls_size)
+    (root / MARKER).write_text(json.dumps(g.model_dump()))

@@ -1,0 +1,33 @@
+"""Typed errors of the orchestrator; each message is one line that names the field or the cause.
+
+`python -m orchestrator` catches `OrchestratorError` (and the trainer's `TrainerError`) at the top,
+prints the message on one line to stderr and exits with status 2, before anything is launched.
+"""
+
+
+class OrchestratorError(Exception):
+    """Base of every error the orchestrator raises on purpose."""
+
+
+class SpecError(OrchestratorError, ValueError):
+    """A sweep spec that cannot be used: unknown key, wrong type, empty axis, duplicate trial."""
+
+
+class DatasetMissingError(OrchestratorError):
+    """The spec's dataset is not on disk (and the spec does not say how to generate it)."""
+
+
+class SpecChangedError(OrchestratorError):
+    """`run` on an existing sweep whose stored spec differs from the one given."""
+
+
+class ClusterError(OrchestratorError):
+    """The Ray cluster cannot be reached, or cannot hold even one trial."""
+
+
+class TrackingError(OrchestratorError):
+    """The MLflow tracking store cannot be reached or written."""
+
+
+class SweepNotFoundError(OrchestratorError):
+    """`status`/`resume` on a sweep that has never been started."""

@@ -1,0 +1,185 @@
+"""Ray adapter: reaching a cluster, what it can hold, pretrain tasks, and the Tune run of the trials.
+
+The Tune experiment lives in SWEEP/tune with a fixed name, so `run` on an existing sweep restores it
+(`Tuner.restore(resume_unfinished=True, resume_errored=True)`): finished trials stay finished,
+interrupted and errored ones continue from their own checkpoints. Tune pickles the run config
+(callbacks included) into the experiment and reuses it on restore, so the callback here is a
+stateless shim that forwards to whichever `SweepMonitor` this driver process registered.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+
+from orchestrator.errors import ClusterError, OrchestratorError
+from orchestrator.spec import Resources
+
+logger = logging.getLogger(__name__)
+
+_MONITOR: Any = None  # the SweepMonitor of this driver process (see module docstring)
+DRIVER_CPU = 0.01  # what a DDP trial's own process holds while its Train workers hold the rest
+
+
+def resolve_address(spec_address: str | None) -> str | None:
+    """The spec's address, else RAY_ADDRESS, else None (start a local cluster)."""
+    return spec_address or os.environ.get("RAY_ADDRESS") or None
+
+
+def check_address(address: str | None, timeout: float = 3.0) -> None:
+    """A TCP probe of host:port, so an unreachable cluster fails in seconds, before anything starts."""
+    if address in (None, "", "auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterError(f"ray_address {address!r}: expected HOST:PORT (or ray://HOST:PORT, auto)")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise ClusterError(f"ray_address {address}: cannot connect ({exc.strerror or exc})") from None
+
+
+# Driver-side quiet: the live table owns stdout; trial logs are in each trial's train.log.
+_QUIET_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
+
+
+def connect(address: str | None, env_vars: dict[str, str], log_to_driver: bool = False) -> None:
+    for key, value in _QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    if ray.is_initialized():  # a caller (a test, a notebook) already connected: use that cluster
+        return
+    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env_vars}, "log_to_driver": log_to_driver,
+                              "configure_logging": False}
+    if address is None:
+        # "local" always starts a fresh cluster (None would join any cluster this host started before,
+        # even a dead one), bound to the loopback interface only.
+        kwargs.update(include_dashboard=False, _node_ip_address="127.0.0.1")
+    try:
+        ray.init(address=address or "local", **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise ClusterError(f"ray_address {address}: {str(exc).splitlines()[0]}") from None
+
+
+def capacity() -> dict[str, float]:
+    return dict(ray.cluster_resources())
+
+
+def trial_resources(res: Resources) -> dict[str, float]:
+    if res.workers > 1:
+        return {"cpu": DRIVER_CPU}
+    return {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial}
+
+
+def max_concurrent(res: Resources, cap: dict[str, float]) -> int:
+    """How many trials the cluster holds at once; a ClusterError if not even one."""
+    cpus, gpus = cap.get("CPU", 0.0), cap.get("GPU", 0.0)
+    need_cpu = res.cpus_per_trial + (DRIVER_CPU if res.workers > 1 else 0.0)
+    fits = [math.floor(cpus / need_cpu + 1e-9)]
+    if res.gpus_per_trial:
+        fits.append(math.floor(gpus / res.gpus_per_trial + 1e-9))
+    n = min(fits)
+    if n < 1:
+        raise ClusterError(f"the cluster ({cpus:g} CPUs, {gpus:g} GPUs) cannot hold one trial "
+                           f"({need_cpu:g} CPUs, {res.gpus_per_trial:g} GPUs); lower resources or add nodes")
+    return n
+
+
+def run_pretrain(jobs: list[tuple[str, dict[str, Any], Resources]], max_retries: int) -> dict[str, str]:
+    """Run the pretrain jobs as Ray tasks (in parallel); returns job name -> backbone file."""
+    from orchestrator.trainable import run_pretrain_job
+
+    remote = ray.remote(run_pretrain_job)
+    refs = {}
+    for name, cfg, res in jobs:
+        refs[name] = remote.options(num_cpus=res.cpus_per_trial, num_gpus=min(res.gpus_per_trial, 1.0),
+                                    max_retries=max_retries, retry_exceptions=True, name=f"pretrain-{name}").remote(cfg)
+        logger.info("pretrain job %s started", name)
+    out = {}
+    for name, ref in refs.items():
+        try:
+            out[name] = ray.get(ref)
+        except ray.exceptions.RayError as exc:
+            cause = getattr(exc, "cause", None) or exc
+            raise OrchestratorError(f"pretrain job {name} failed: {type(cause).__name__}: "
+                                    f"{str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}") from None
+        logger.info("pretrain job %s done: %s", name, out[name])
+    return out
+
+
+def _trial_name(trial) -> str:
+    return trial.config["trial"]["name"]
+
+
+def run_tune(sweep_dir: Path, tasks: list[dict[str, Any]], res: Resources, max_failures: int,
+             concurrent: int, monitor: Any) -> None:
+    """Fan the trials out (or restore the sweep's experiment) and block until Tune is done."""
+    from orchestrator.trainable import run_trial
+
+    global _MONITOR
+    _MONITOR = monitor
+    trainable = tune.with_resources(run_trial, trial_resources(res))
+    exp_dir = Path(sweep_dir) / "tune"
+    if tune.Tuner.can_restore(str(exp_dir)):
+        logger.info("restoring the sweep's Tune experiment from %s", exp_dir)
+        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"trial": tune.grid_search(tasks)},
+            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, trial_name_creator=_trial_name,
+                                        trial_dirname_creator=_trial_name),
+            run_config=tune.RunConfig(
+                name="tune", storage_path=str(sweep_dir), verbose=0, callbacks=[ForwardToMonitor()],
+                failure_config=tune.FailureConfig(max_failures=max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+        )
+    tuner.fit()
+
+
+class ForwardToMonitor(tune.Callback):
+    """Stateless (picklable) shim: Tune events -> this process's SweepMonitor."""
+
+    @staticmethod
+    def _tid(trial) -> str:
+        return trial.config["trial"]["trial_id"]
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        if _MONITOR is not None:
+            _MONITOR.on_start(self._tid(trial))
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if _MONITOR is not None:
+            _MONITOR.on_result(self._tid(trial), result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if _MONITOR is not None:
+            _MONITOR.on_complete(self._tid(trial))
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        if _MONITOR is not None:
+            _MONITOR.on_error(self._tid(trial), final=False, error=_error_text(trial))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        if _MONITOR is not None:
+            _MONITOR.on_error(self._tid(trial), final=True, error=_error_text(trial))
+
+    def on_step_end(self, iteration, trials, **info):
+        if _MONITOR is not None:
+            _MONITOR.tick()
+
+
+def _error_text(trial) -> str:
+    path = getattr(trial, "error_file", None) or ""
+    try:
+        return Path(path).read_text() if path else ""
+    except OSError:
+        return ""

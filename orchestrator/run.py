@@ -1,0 +1,150 @@
+"""`run` / `resume`: validate everything, then start or resume the sweep on Ray with MLflow tracking.
+
+Order matters: every check that can refuse (spec, trial configs, changed spec, dataset, MLflow URI,
+Ray address) runs before anything is created or launched. Then: the sweep folder, the dataset (if
+the spec generates it), the Ray connection, the MLflow parent run and one child run per trial, the
+pretrain jobs, and the Tune run of the trials, longest first (it keeps the sweep's tail short).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestrator import state as st
+from orchestrator.dataset import generate, needs_generation
+from orchestrator.errors import OrchestratorError, SweepNotFoundError
+from orchestrator.expand import Expansion, backbone_file, bind_config, bind_pretrain, expand
+from orchestrator.monitor import LiveView, SweepMonitor
+from orchestrator.spec import SweepSpec, load_spec
+from trainer.config import config_to_dict, flatten
+
+logger = logging.getLogger(__name__)
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FORWARD_ENV = ("ORCHESTRATOR_FAIL_ONCE",)  # test hooks the trials must see
+
+
+@dataclass
+class Prepared:
+    spec: SweepSpec
+    exp: Expansion
+    sweep_dir: Path
+    record: dict[str, Any] | None
+    spec_text: str
+    tracking_uri: str
+    address: str | None
+
+
+def prepare(spec_path: Path, storage: Path | None = None) -> Prepared:
+    """All refusals, nothing created: spec, trials, identity, dataset, MLflow, Ray address."""
+    from orchestrator.ray_backend import check_address, resolve_address
+    from orchestrator.tracking import check_reachable, resolve_uri
+
+    spec = load_spec(spec_path)
+    if storage is not None:
+        spec = spec.model_copy(update={"storage_path": storage})
+    exp = expand(spec)
+    sweep_dir = st.sweep_dir_for(spec.storage_path, spec.name)
+    record = st.read_record(sweep_dir)
+    if record is not None:
+        st.ensure_same_spec(sweep_dir, record, exp)
+        driver = st.read_state(sweep_dir).get("driver", {})
+        if st.driver_alive(driver):
+            raise OrchestratorError(f"sweep {spec.name!r} is being run by pid {driver['pid']} on {driver['host']}; "
+                                    f"watch it with: python -m orchestrator status {sweep_dir}")
+    needs_generation(spec.dataset, need_classification=bool(exp.pretrain))
+    uri = resolve_uri(spec.tracking_uri)
+    check_reachable(uri)
+    address = resolve_address(spec.ray_address)
+    check_address(address)
+    return Prepared(spec, exp, sweep_dir, record, Path(spec_path).read_text(), uri, address)
+
+
+def run(spec_path: Path, *, storage: Path | None = None, must_exist: bool = False, view: bool = True) -> int:
+    """Start or resume a sweep; returns 0 when every trial finished, 1 otherwise."""
+    from orchestrator import ray_backend as rb
+    from orchestrator.tracking import SweepTracker, is_server
+
+    p = prepare(spec_path, storage)
+    if must_exist and p.record is None:
+        raise SweepNotFoundError(f"sweep {p.spec.name!r} has not been started; use: python -m orchestrator run "
+                                 f"{spec_path}")
+    spec, exp, sweep_dir = p.spec, p.exp, p.sweep_dir
+    t0 = time.time()
+    record = p.record or st.create_sweep(sweep_dir, exp, p.spec_text, st.code_version())
+    logger.info("%s sweep %s (%d trials, spec hash %s) in %s", "resuming" if p.record else "starting", spec.name,
+                len(exp.trials), exp.spec_hash, sweep_dir)
+    if needs_generation(spec.dataset, need_classification=bool(exp.pretrain)):
+        generate(spec.dataset)
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    env.update({k: os.environ[k] for k in FORWARD_ENV if k in os.environ})
+    rb.connect(p.address, env)
+    concurrent = rb.max_concurrent(spec.resources, rb.capacity())
+    tracker = SweepTracker(p.tracking_uri, spec.name, exp.spec_hash, record["code_version"])
+    tracker.open_parent(p.spec_text)
+    run_ids = _child_runs(tracker, exp, sweep_dir, record)
+    backbones = _pretrain(exp, sweep_dir, spec.retry.max_failures)
+    tasks = _tasks(exp, sweep_dir, backbones, run_ids, p.tracking_uri if is_server(p.tracking_uri) else None)
+    monitor = SweepMonitor(sweep_dir, record, run_ids, tracker, log_metrics=not is_server(p.tracking_uri),
+                           view=LiveView(enabled=view))
+    logger.info("running %d trials, at most %d at a time; MLflow: %s (experiment %r)", len(tasks), concurrent,
+                p.tracking_uri, spec.name)
+    finished = False
+    try:
+        rb.run_tune(sweep_dir, tasks, spec.resources, spec.retry.max_failures, concurrent, monitor)
+        finished = True
+    finally:
+        status = monitor.close(finished)
+        tracker.finish(status if finished else "KILLED")
+    logger.info("sweep %s %s in %s", spec.name, status.lower(), _hms(time.time() - t0))
+    return 0 if status == "FINISHED" else 1
+
+
+def _child_runs(tracker: Any, exp: Expansion, sweep_dir: Path, record: dict[str, Any]) -> dict[str, str]:
+    axes = {t["trial_id"]: t["axes"] for t in record["trials"]}
+    run_ids = {}
+    for trial in exp.trials:
+        cfg = bind_config(trial, sweep_dir, {j.name: backbone_file(sweep_dir, j.name) for j in exp.pretrain})
+        params = flatten(config_to_dict(cfg))
+        run_ids[trial.trial_id] = tracker.child_run(trial.trial_id, trial.name, axes[trial.trial_id], params)
+    return run_ids
+
+
+def _pretrain(exp: Expansion, sweep_dir: Path, retries: int) -> dict[str, Path]:
+    from orchestrator.ray_backend import run_pretrain
+
+    files = {j.name: backbone_file(sweep_dir, j.name) for j in exp.pretrain}
+    todo = [(j.name, bind_pretrain(j, sweep_dir), j.resources) for j in exp.pretrain
+            if not (files[j.name].parent / "done.json").exists()]
+    if todo:
+        run_pretrain(todo, retries)
+    return files
+
+
+def _tasks(exp: Expansion, sweep_dir: Path, backbones: dict[str, Path], run_ids: dict[str, str],
+           direct_uri: str | None) -> list[dict[str, Any]]:
+    res = exp.spec.resources
+    tasks = []
+    for trial in exp.trials:
+        cfg = bind_config(trial, sweep_dir, backbones)
+        tasks.append({"trial_id": trial.trial_id, "name": trial.name, "config": config_to_dict(cfg),
+                      "run_id": run_ids[trial.trial_id], "direct_uri": direct_uri, "workers": res.workers,
+                      "cpus_per_worker": res.cpus_per_worker, "gpus_per_worker": res.gpus_per_worker,
+                      "train_storage": str(sweep_dir / "train"), "total": _total(cfg)})
+    # Longest first: the last trials to start are the short ones, so the sweep ends sooner.
+    return sorted(tasks, key=lambda t: -t["total"])
+
+
+def _total(cfg) -> int:
+    from trainer.schedule import resolve_schedule
+
+    return resolve_schedule(cfg.schedule).total_iters
+
+
+def _hms(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"

@@ -1,0 +1,70 @@
+"""`status`: the trial table of a sweep from what is stored on disk, without Ray running.
+
+The driver's state.json says what it last knew; each trial's own folder (final_metrics.json,
+metrics.jsonl) says how far it really got, which matters after a driver was killed. A trial the
+state calls RUNNING whose driver is gone is shown as INTERRUPTED (`run` or `resume` continues it).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from orchestrator import state as st
+from orchestrator.view import render
+
+
+def status_rows(sweep_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    record = st.read_record(sweep_dir)
+    if record is None:
+        raise FileNotFoundError(sweep_dir / st.RECORD)
+    saved = st.read_state(sweep_dir)
+    alive = st.driver_alive(saved.get("driver", {}))
+    rows = []
+    for t in record["trials"]:
+        prev = saved.get("trials", {}).get(t["trial_id"], {})
+        disk = st.disk_progress(sweep_dir, t["name"])
+        row: dict[str, Any] = {"name": t["name"], "total": t["total_iters"], "attempts": prev.get("attempts", 0),
+                               "iteration": max(int(prev.get("iteration") or 0), int(disk.get("iteration") or 0))}
+        for key in ("bbox/AP", "segm/AP"):
+            value = disk.get(key, prev.get(key))
+            if value is not None:
+                row[key] = value
+        row["status"] = _status(prev.get("status"), disk, alive, row["iteration"])
+        if row["status"] == "RUNNING" and prev.get("eta_s") is not None:
+            row["eta_s"] = prev["eta_s"]
+            row["rate"] = prev.get("rate")
+        rows.append(row)
+    return saved, rows
+
+
+def _status(saved: str | None, disk: dict[str, Any], alive: bool, iteration: int) -> str:
+    if disk.get("finished"):
+        return st.FINISHED
+    if saved == st.ERROR:
+        return st.ERROR
+    if alive:
+        return saved or st.PENDING
+    return "INTERRUPTED" if iteration > 0 or saved == st.RUNNING else st.PENDING
+
+
+def render_status(sweep_dir: Path) -> str:
+    record = st.read_record(sweep_dir)
+    saved, rows = status_rows(sweep_dir)
+    driver = saved.get("driver", {})
+    alive = st.driver_alive(driver)
+    if driver.get("finished"):
+        state = f"driver finished ({driver.get('status', '?')})"
+    elif alive:
+        state = f"driver running (pid {driver.get('pid')} on {driver.get('host')})"
+    elif driver:
+        state = "driver not running (resume with: python -m orchestrator resume " + str(sweep_dir) + ")"
+    else:
+        state = "not started"
+    started = driver.get("started")
+    end = driver.get("finished") or (time.time() if alive else driver.get("updated"))
+    elapsed = (end - started) if started and end else None
+    title = (f"sweep {record['name']} (spec hash {record['spec_hash']}, code {record['code_version']}) "
+             f"in {sweep_dir}: {state}")
+    return render(title, rows, elapsed)

@@ -1,0 +1,61 @@
+"""The trial table: one row per trial (state, iteration/total, latest box/mask AP, ETA) and a total.
+
+Pure text rendering, shared by the live terminal view of `run` and by `status` (which builds the
+rows from the stored state without Ray). A row is a plain dict:
+    {"name", "status", "iteration", "total", "bbox/AP", "segm/AP", "eta_s", "attempts"}
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+STATUS_ORDER = ("RUNNING", "PENDING", "ERROR", "INTERRUPTED", "FINISHED")
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return "-"
+    s = int(round(seconds))
+    if s >= 86400:
+        return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+    return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def _ap(value: Any) -> str:
+    return f"{100 * value:5.1f}" if isinstance(value, (int, float)) and math.isfinite(value) else "    -"
+
+
+def render(title: str, rows: list[dict[str, Any]], elapsed_s: float | None = None) -> str:
+    """The table and its total line, as text (no trailing newline)."""
+    width = max([len(r["name"]) for r in rows] + [5])
+    head = f"{'#':>3}  {'trial':<{width}}  {'state':<11}  {'iter/total':>17}  {'box AP':>6}  {'mask AP':>7}  {'ETA':>8}"
+    lines = [title, head, "-" * len(head)]
+    for i, r in enumerate(rows):
+        it, total = int(r.get("iteration") or 0), int(r.get("total") or 0)
+        retry = f"*{r['attempts']}" if r.get("attempts", 1) > 1 else ""
+        state = (r.get("status") or "PENDING") + retry
+        lines.append(f"{i:>3}  {r['name']:<{width}}  {state:<11}  {f'{it}/{total}':>17}  {_ap(r.get('bbox/AP')):>6}  "
+                     f"{_ap(r.get('segm/AP')):>7}  {duration(r.get('eta_s')):>8}")
+    lines.append(total_line(rows, elapsed_s))
+    return "\n".join(lines)
+
+
+def total_line(rows: Iterable[dict[str, Any]], elapsed_s: float | None = None) -> str:
+    rows = list(rows)
+    counts = {s: sum(1 for r in rows if (r.get("status") or "PENDING") == s) for s in STATUS_ORDER}
+    done = sum(min(int(r.get("iteration") or 0), int(r.get("total") or 0)) for r in rows)
+    total = sum(int(r.get("total") or 0) for r in rows)
+    rate = sum(r.get("rate") or 0.0 for r in rows if r.get("status") == "RUNNING")
+    eta = (total - done) / rate if rate > 0 else None
+    state = ", ".join(f"{n} {s.lower()}" for s, n in counts.items() if n)
+    best = max((r.get("bbox/AP") for r in rows if isinstance(r.get("bbox/AP"), (int, float))), default=None)
+    pct = 100 * done / total if total else 0.0
+    parts = [f"total: {len(rows)} trials ({state})", f"iterations {done}/{total} ({pct:.0f}%)"]
+    if best is not None:
+        parts.append(f"best box AP {100 * best:.1f}")
+    if elapsed_s is not None:
+        parts.append(f"elapsed {duration(elapsed_s)}")
+    if eta is not None:
+        parts.append(f"ETA {duration(eta)}")
+    return " | ".join(parts)
