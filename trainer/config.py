@@ -164,6 +164,31 @@ class RuntimeConfig(_Strict):
     log_period: int = Field(20, gt=0)
 
 
+class PretrainConfig(_Strict):
+    """Backbone pretraining (`python -m trainer.pretrain`): classification on an ImageFolder set."""
+
+    data_root: Path = Path("datasets/imagenet")  # holds train/<class>/... and optionally val/
+    backbone: Backbone = "R50"
+    norm: Norm = "GN"
+    image_size: int = Field(224, gt=0)  # random-resized-crop size; val: resize + center crop
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range (ImageNet default)
+    iters: int = Field(1000, gt=0)
+    batch_size: int = Field(256, gt=0)
+    base_lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_iters: int = Field(0, ge=0)
+    grad_clip: float | None = Field(None, gt=0)  # max total grad norm; None = off
+    num_workers: int = Field(2, ge=0)
+    seed: int = 0
+    threads: int | None = Field(None, gt=0)
+    device: str = "auto"
+    output_dir: Path = Path("runs/pretrain")
+    checkpoint_period: int = Field(0, ge=0)
+    keep_last: int = Field(2, ge=1)
+    log_period: int = Field(20, gt=0)
+
+
 class TrainConfig(_Strict):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -298,3 +323,11 @@ def dump_config(cfg: TrainConfig, path: str | Path) -> Path:
     tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     tmp.replace(path)
     return path
+
+
+def load_pretrain_config(path: str | Path | None, overrides: Sequence[str] = ()) -> PretrainConfig:
+    data = apply_overrides(read_yaml(path) if path else {}, overrides)
+    try:
+        return PretrainConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"{path or 'config'}: {format_validation_error(err, PretrainConfig)}") from None

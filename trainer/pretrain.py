@@ -20,39 +20,16 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from pydantic import Field, ValidationError
 from torch.utils.data import DataLoader, Dataset
 
 from trainer import checkpoint as ckpt
-from trainer.config import (Backbone, Norm, _Strict, apply_overrides, config_to_dict, dump_config,
-                            format_validation_error, read_yaml)
+from trainer.config import PretrainConfig, config_to_dict, dump_config, load_pretrain_config
 from trainer.data import StreamBatchSampler
-from trainer.errors import ConfigError, DatasetError, NonFiniteLossError, TrainerError
+from trainer.errors import DatasetError, NonFiniteLossError, TrainerError
+
+__all__ = ["PretrainConfig", "load_pretrain_config", "pretrain", "build_classifier"]
 
 logger = logging.getLogger(__name__)
-
-
-class PretrainConfig(_Strict):
-    data_root: Path = Path("datasets/imagenet")  # holds train/<class>/... and optionally val/
-    backbone: Backbone = "R50"
-    norm: Norm = "GN"
-    image_size: int = Field(224, gt=0)  # random-resized-crop size; val: resize + center crop
-    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range (ImageNet default)
-    iters: int = Field(1000, gt=0)
-    batch_size: int = Field(256, gt=0)
-    base_lr: float = Field(0.1, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(1e-4, ge=0)
-    warmup_iters: int = Field(0, ge=0)
-    grad_clip: float | None = Field(None, gt=0)  # max total grad norm; None = off
-    num_workers: int = Field(2, ge=0)
-    seed: int = 0
-    threads: int | None = Field(None, gt=0)
-    device: str = "auto"
-    output_dir: Path = Path("runs/pretrain")
-    checkpoint_period: int = Field(0, ge=0)
-    keep_last: int = Field(2, ge=1)
-    log_period: int = Field(20, gt=0)
 
 
 class _Folder(Dataset):
@@ -204,14 +181,6 @@ def _write_backbone(cfg: PretrainConfig, net: torch.nn.Module, state: dict[str, 
     logger.info("backbone written to %s (%d images, %.3g pixels seen, val top-1 %s)", path, state["images"],
                 state["pixels"], "n/a" if top1 is None else f"{top1:.3f}")
     return path
-
-
-def load_pretrain_config(path: str | Path | None, overrides: Sequence[str] = ()) -> PretrainConfig:
-    data = apply_overrides(read_yaml(path) if path else {}, overrides)
-    try:
-        return PretrainConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(f"{path or 'config'}: {format_validation_error(err, PretrainConfig)}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
