@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--no-view", action="store_true", help="no live table (log lines only)")
     sp = sub.add_parser("status", help="the trial table from the stored state (no Ray)")
     sp.add_argument("target", type=Path, metavar="SPEC|FOLDER")
+    from dashboards.cli import add_commands  # report, ui
+
+    add_commands(sub)
     return p
 
 
@@ -76,6 +79,10 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         sys.stdout.write(render_status(find_sweep_dir(args.target)) + "\n")
         return 0
+    if args.command in ("report", "ui"):
+        from dashboards.cli import dispatch
+
+        return dispatch(args)
     from orchestrator.run import run
 
     spec, storage = args.spec, args.storage

@@ -31,3 +31,7 @@ class TrackingError(OrchestratorError):
 
 class SweepNotFoundError(OrchestratorError):
     """`status`/`resume` on a sweep that has never been started."""
+
+
+class ForkError(OrchestratorError):
+    """A schedule branch cannot start: its trunk ended before the branch's fork point."""

@@ -6,7 +6,8 @@ A trial's config is built as base -> axis values -> matching overrides, then val
 `trainer.config.build_config` on the driver; machine-specific paths (the pretrained backbone file,
 the output folder) are placeholders until `bind_config` fills them in at launch. The trial id is a
 hash of the validated config without defaults or paths, so it is stable across machines and across
-trainer versions that only add fields.
+trainer versions that only add fields. With `fork_schedules`, `orchestrator.fork` adds the trunks the
+schedules of a cell share; their ids join the spec hash, so toggling forking is a different sweep.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import SpecError
+from orchestrator.fork import ForkPlan, Trunk, plan_forks, trunk_identity
 from orchestrator.spec import AXES, Resources, SweepSpec, matches, normalize_axis_value
 from trainer.config import TrainConfig, build_config, config_to_dict
 from trainer.errors import ConfigError
@@ -56,7 +58,8 @@ class Expansion:
     pretrain: list[PretrainTask]
     trials: list[Trial]
     spec_hash: str
-    identities: dict[str, dict[str, Any]] = field(default_factory=dict)  # trial name -> identity
+    identities: dict[str, dict[str, Any]] = field(default_factory=dict)  # trial/trunk name -> identity
+    forks: ForkPlan = field(default_factory=ForkPlan)  # trunks and branches (none without forking)
 
 
 def expand(spec: SweepSpec) -> Expansion:
@@ -90,10 +93,16 @@ def expand(spec: SweepSpec) -> Expansion:
     trials = _unique_names(trials)
     used = {n for t in trials for n in t.needs}
     jobs = [j for j in jobs if j.name in used]  # a job no trial uses would only burn time
-    digest = _digest({"name": spec.name, "pretrain": {j.name: j.job_id for j in jobs},
-                      "trials": sorted(t.trial_id for t in trials)})
+    forks = ForkPlan()
+    if spec.forking:
+        forks = plan_forks(trials, identities, job_ids, {t.name for t in trials})
+    hashed: dict[str, Any] = {"name": spec.name, "pretrain": {j.name: j.job_id for j in jobs},
+                              "trials": sorted(t.trial_id for t in trials)}
+    if forks.trunks:  # absent otherwise: a sweep with nothing to fork keeps its hash
+        hashed["trunks"] = sorted(k.trunk_id for k in forks.trunks)
     named = {t.name: identities[t.trial_id] for t in trials}
-    return Expansion(spec, jobs, trials, digest[:12], named)
+    named.update({k.name: trunk_identity(k) for k in forks.trunks})
+    return Expansion(spec, jobs, trials, _digest(hashed)[:12], named, forks)
 
 
 def _make_trial(spec: SweepSpec, point: dict[str, Any], index: int,
@@ -211,12 +220,12 @@ def _pretrain_task(spec: SweepSpec, name: str) -> PretrainTask:
 
 
 def validate_pretrain(cfg: dict[str, Any], where: str) -> Any:
-    """A pretrain job's config as a trainer.pretrain.PretrainConfig, or a SpecError naming the key."""
+    """A pretrain job's config as a trainer.config.PretrainConfig, or a SpecError naming the key."""
     from pydantic import ValidationError
 
     # Imported here: trainer.pretrain pulls in torch, which only sweeps with pretrain jobs pay for.
     from trainer.config import format_validation_error
-    from trainer.pretrain import PretrainConfig
+    from trainer.config import PretrainConfig
 
     try:
         return PretrainConfig.model_validate(cfg)
@@ -245,7 +254,7 @@ def backbone_file(sweep_dir: Path, name: str) -> Path:
 # Binding to a machine
 
 
-def bind_config(trial: Trial, sweep_dir: Path, backbone_files: dict[str, Path]) -> TrainConfig:
+def bind_config(trial: Trial | Trunk, sweep_dir: Path, backbone_files: dict[str, Path]) -> TrainConfig:
     """The trial's launch config: absolute data root and output folder, pretrained init resolved.
 
     Re-validated through build_config, so what is launched is exactly a valid trainer config.

@@ -4,6 +4,15 @@ Ray-free and MLflow-free itself: the Tune callback in `ray_backend` forwards eve
 tracker (an `orchestrator.tracking.SweepTracker`, or None) is handed in. What a trial reports
 through Tune is a flat dict of the trainer's metrics (`train/loss`, `bbox/AP`, ...) plus the
 `trial/*` keys below; with a SQLite store this object is MLflow's single writer.
+
+When a task (re)starts at iteration N (its first report), everything it reported up to N is final
+in its metrics.jsonl: the runs get from there what they lack (results a killed driver had not logged
+yet) before the task's new results arrive, so each curve is complete and in step order; a finishing
+trial's run is checked against its whole file once more.
+
+Schedule forking: a trunk has no MLflow run of its own. Its results go, step by step, into the run
+of every schedule still at or before that step (so each schedule's chart grows from step 0 while
+its trunk trains); a branch's run holds its trunk's points up to the fork point, then its own.
 """
 
 from __future__ import annotations
@@ -60,10 +69,18 @@ class SweepMonitor:
         self.started = time.time()
         old = st.read_state(self.sweep_dir)
         self.trials: dict[str, dict[str, Any]] = {}
-        for t in record["trials"]:
+        self.forks: dict[str, tuple[str, int]] = {}  # branch -> (trunk, fork point)
+        self.branches: dict[str, list[tuple[str, int]]] = {}  # trunk -> [(branch, fork point)]
+        for t in st.task_rows(record):
             prev = old.get("trials", {}).get(t["trial_id"], {})
             row = {"name": t["name"], "status": prev.get("status", st.PENDING), "total": t["total_iters"],
                    "iteration": prev.get("iteration", 0), "attempts": prev.get("attempts", 0)}
+            if t.get("role") == "trunk":
+                row["role"] = "trunk"
+            if t.get("fork"):
+                self.forks[t["trial_id"]] = (t["fork"]["trunk_id"], int(t["fork"]["at"]))
+                self.branches.setdefault(t["fork"]["trunk_id"], []).append((t["trial_id"], int(t["fork"]["at"])))
+                row.update(role="branch", start=int(t["fork"]["at"]))
             row.update({k: prev[k] for k in ("bbox/AP", "segm/AP") if k in prev})
             if row["status"] == st.RUNNING:
                 row["status"] = st.PENDING  # its process died with the previous driver
@@ -75,6 +92,9 @@ class SweepMonitor:
     def on_start(self, trial_id: str) -> None:
         row = self.trials[trial_id]
         row.update(status=st.RUNNING, attempts=row.get("attempts", 0) + 1, rate=None, _t0=None)
+        for branch, _ in self.branches.get(trial_id, []):
+            if self.trials[branch]["status"] != st.FINISHED:
+                self._set_run_status(branch, "RUNNING")  # its curve grows from the trunk from now on
         self._set_run_status(trial_id, "RUNNING")
         self.save(force=True)
 
@@ -90,20 +110,68 @@ class SweepMonitor:
         row["iteration"] = step
         row["status"] = st.RUNNING
         row.update({k: result[k] for k in ("bbox/AP", "segm/AP") if k in result})
-        if self.log_metrics and result.get(K_EVENT) in ("train", "eval"):
+        if result.get(K_EVENT) == "start":
+            self._fill_to(trial_id, step)
+        elif result.get(K_EVENT) in ("train", "eval"):
             metrics = {k: v for k, v in result.items() if "/" in k and not k.startswith("trial/")}
-            try:
-                self.tracker.metric_logger(self.run_ids[trial_id]).log(step, metrics)
-            except Exception as exc:  # tracking trouble must not kill the sweep: the trial's files keep it
-                logger.warning("MLflow logging for %s failed: %s", row["name"], exc)
+            if self.log_metrics and trial_id in self.run_ids:
+                self._log(trial_id, step, metrics)
+            # No trial logs a trunk's results (it has no run): the driver does, even with a server.
+            for branch, at in self.branches.get(trial_id, []):
+                if step <= at and self.tracker is not None:
+                    self._log(branch, step, metrics)
+                if self.trials[branch]["status"] == st.PENDING:
+                    self.trials[branch]["iteration"] = min(step, at)
         self.save()
+
+    def _log(self, trial_id: str, step: int, metrics: dict[str, Any]) -> None:
+        try:
+            self.tracker.metric_logger(self.run_ids[trial_id]).log(step, metrics)
+        except Exception as exc:  # tracking trouble must not kill the sweep: the trial's files keep it
+            logger.warning("MLflow logging for %s failed: %s", self.trials[trial_id]["name"], exc)
+
+    def _fill_to(self, task_id: str, step: int) -> None:
+        """A task (re)starts at `step`: fill its run, and a trunk its branches' runs, up to there from disk."""
+        if task_id in self.run_ids:
+            self._fill(task_id, self._trunk_rows(task_id) + self._rows(task_id, step))
+        for branch, at in self.branches.get(task_id, []):
+            self._fill(branch, self._rows(task_id, min(step, at)))
+
+    def _rows(self, task_id: str, upto: int | None = None) -> list[tuple[int, dict[str, float]]]:
+        return st.metric_rows(self.sweep_dir, self.trials[task_id]["name"], upto=upto)
+
+    def _trunk_rows(self, trial_id: str) -> list[tuple[int, dict[str, float]]]:
+        """A branch's part of its trunk's rows (all on disk once it runs: its fork checkpoint exists)."""
+        if trial_id not in self.forks:
+            return []
+        trunk, at = self.forks[trial_id]
+        return self._rows(trunk, at)
+
+    def _fill(self, trial_id: str, rows: list[tuple[int, dict[str, float]]]) -> None:
+        """Log the points of `rows` the trial's run lacks (see tracking.MetricLogger.fill)."""
+        if self.tracker is None or trial_id not in self.run_ids or not rows:
+            return
+        try:
+            added = self.tracker.metric_logger(self.run_ids[trial_id]).fill(rows)
+        except Exception as exc:
+            logger.warning("MLflow backfill for %s failed: %s", self.trials[trial_id]["name"], exc)
+            return
+        if added:
+            logger.info("%s: %d metric points filled in from disk", self.trials[trial_id]["name"], added)
 
     def on_complete(self, trial_id: str) -> None:
         row = self.trials[trial_id]
+        if row.get("role") == "trunk":
+            row.update(status=st.FINISHED, eta_s=0, rate=None, iteration=row["total"])
+            logger.info("trunk %s finished: %d branches forked from it", row["name"],
+                        len(self.branches.get(trial_id, [])))
+            self.save(force=True)
+            return
         progress = st.disk_progress(self.sweep_dir, row["name"])
         row.update({k: v for k, v in progress.items() if k != "finished" and v is not None})
         row.update(status=st.FINISHED, eta_s=0, rate=None)
         folder = st.trial_dir(self.sweep_dir, row["name"])
+        self._fill(trial_id, self._trunk_rows(trial_id) + self._rows(trial_id))
         if self.tracker is not None:
             try:
                 self.tracker.log_artifacts(self.run_ids[trial_id], [folder / "config.yaml",
@@ -126,7 +194,7 @@ class SweepMonitor:
         self.save(force=True)
 
     def _set_run_status(self, trial_id: str, status: str) -> None:
-        if self.tracker is None:
+        if self.tracker is None or trial_id not in self.run_ids:  # a trunk has no run
             return
         try:
             self.tracker.set_status(self.run_ids[trial_id], status)

@@ -3,7 +3,9 @@
 Per trial: iterations, LR drops, images seen (iterations x batch), epochs (where the train-set size
 is known), pixels seen (images x the resized area of the spec's typical image size; with scale
 augmentation the largest scale, as the trainer counts), and GPU-hours from the spec's stated
-images/s per GPU. Pure: imports neither torch, Ray nor MLflow.
+images/s per GPU. With schedule forking, each trial also shows its fork point and the iterations it
+trains itself, the trunks get rows of their own, and the totals compare the unforked and the forked
+iterations. Pure: imports neither torch, Ray nor MLflow.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.expand import Expansion, Trial
+from orchestrator.fork import Trunk, trained_iters
 from orchestrator.spec import SweepSpec
 from trainer.schedule import resolve_schedule
 
@@ -20,13 +23,16 @@ COCO_TRAIN2017 = 118_287  # images in train2017: the size of data 'all' for epoc
 
 @dataclass(frozen=True)
 class PlanRow:
-    trial: Trial
+    trial: Trial | Trunk
     iters: int
     drops: tuple[int, ...]
     images: int
     epochs: float | None
     pixels: float
     gpu_hours: float
+    fork: int | None = None  # where a branch leaves its trunk
+    trains: int = 0  # iterations it trains itself (a branch: those after its fork point)
+    trains_hours: float = 0.0
 
 
 def resized_area(height: int, width: int, min_size: int, max_size: int) -> int:
@@ -45,20 +51,29 @@ def images_per_s(spec: SweepSpec, backbone: str) -> float:
 
 
 def plan_rows(exp: Expansion) -> list[PlanRow]:
-    spec = exp.spec
-    h, w = spec.estimate.image_size
     rows = []
     for t in exp.trials:
-        cfg = t.config
-        sched = resolve_schedule(cfg.schedule)
-        images = sched.total_iters * cfg.optim.batch_size
-        short = cfg.data.scale_jitter[1] if cfg.data.scale_jitter else cfg.model.min_size
-        pixels = float(images) * resized_area(h, w, short, cfg.model.max_size)
-        size = cfg.data.train_images if isinstance(cfg.data.train_images, int) else _all_images(spec)
-        epochs = images / size if size else None
-        gpu_hours = images / images_per_s(spec, cfg.model.backbone) / 3600
-        rows.append(PlanRow(t, sched.total_iters, sched.drops, images, epochs, pixels, gpu_hours))
+        sched = resolve_schedule(t.config.schedule)
+        fork = exp.forks.branches.get(t.trial_id, (None, None))[1]
+        rows.append(_row(exp.spec, t, sched.total_iters, sched.drops, fork))
     return rows
+
+
+def trunk_rows(exp: Expansion) -> list[PlanRow]:
+    return [_row(exp.spec, k, k.stop, (), None) for k in exp.forks.trunks]
+
+
+def _row(spec: SweepSpec, t: Trial | Trunk, iters: int, drops: tuple[int, ...], fork: int | None) -> PlanRow:
+    cfg = t.config
+    h, w = spec.estimate.image_size
+    images = iters * cfg.optim.batch_size
+    short = cfg.data.scale_jitter[1] if cfg.data.scale_jitter else cfg.model.min_size
+    pixels = float(images) * resized_area(h, w, short, cfg.model.max_size)
+    size = cfg.data.train_images if isinstance(cfg.data.train_images, int) else _all_images(spec)
+    epochs = images / size if size else None
+    per_iter_h = cfg.optim.batch_size / images_per_s(spec, cfg.model.backbone) / 3600
+    trains = trained_iters(iters, fork)
+    return PlanRow(t, iters, drops, images, epochs, pixels, iters * per_iter_h, fork, trains, trains * per_iter_h)
 
 
 def _all_images(spec: SweepSpec) -> int | None:
@@ -81,24 +96,42 @@ def _si(x: float) -> str:
 
 def render_plan(exp: Expansion) -> str:
     spec = exp.spec
-    rows = plan_rows(exp)
-    width = max(len(r.trial.name) for r in rows)
-    head = (f"{'#':>4}  {'trial':<{width}}  {'id':<10}  {'iters':>8}  {'LR drops':<15}  {'images':>7}  "
+    rows, trunks = plan_rows(exp), trunk_rows(exp)
+    forked = bool(trunks)
+    width = max(len(r.trial.name) for r in rows + trunks)
+    fork_head = f"  {'fork':<6}  {'trains':>8}" if forked else ""
+    head = (f"{'#':>4}  {'trial':<{width}}  {'id':<10}  {'iters':>8}  {'LR drops':<15}{fork_head}  {'images':>7}  "
             f"{'epochs':>6}  {'pixels':>7}  {'GPU-h':>8}")
-    out = [f"sweep {spec.name}  (spec hash {exp.spec_hash}; {len(rows)} trials; "
+    out = [f"sweep {spec.name}  (spec hash {exp.spec_hash}; {len(rows)} trials"
+           + (f", {len(trunks)} trunks" if forked else "") + "; "
            f"{spec.resources.gpus_per_trial:g} GPU(s) x {spec.resources.workers} worker(s) per trial)", head,
            "-" * len(head)]
     for i, r in enumerate(rows):
-        drops = ",".join(_si(d) for d in r.drops) or "-"
-        epochs = f"{r.epochs:.1f}" if r.epochs is not None else "-"
-        out.append(f"{i:>4}  {r.trial.name:<{width}}  {r.trial.trial_id:<10}  {r.iters:>8}  {drops:<15}  "
-                   f"{_si(r.images):>7}  {epochs:>6}  {_si(r.pixels):>7}  {_hours(r.gpu_hours):>8}")
+        out.append(_line(str(i), r, width, forked))
+    for i, r in enumerate(trunks):
+        out.append(_line(f"T{i}", r, width, forked))
     out.append("-" * len(head))
-    out.extend(_totals(spec, exp, rows))
+    out.extend(_totals(spec, exp, rows, trunks))
     return "\n".join(out)
 
 
-def _totals(spec: SweepSpec, exp: Expansion, rows: list[PlanRow]) -> list[str]:
+def _line(number: str, r: PlanRow, width: int, forked: bool) -> str:
+    drops = ",".join(_si(d) for d in r.drops) or "-"
+    epochs = f"{r.epochs:.1f}" if r.epochs is not None else "-"
+    fork = ""
+    if forked:
+        where = f"@{_si(r.fork)}" if r.fork is not None else ("trunk" if isinstance(r.trial, Trunk) else "-")
+        fork = f"  {where:<6}  {r.trains:>8}"
+    return (f"{number:>4}  {r.trial.name:<{width}}  {r.trial.trial_id:<10}  {r.iters:>8}  {drops:<15}{fork}  "
+            f"{_si(r.images):>7}  {epochs:>6}  {_si(r.pixels):>7}  {_hours(r.gpu_hours):>8}")
+
+
+def forked_totals(rows: list[PlanRow], trunks: list[PlanRow]) -> tuple[int, int]:
+    """(iterations without forking, iterations with it): what `run` trains in all."""
+    return sum(r.iters for r in rows), sum(r.trains for r in rows + trunks)
+
+
+def _totals(spec: SweepSpec, exp: Expansion, rows: list[PlanRow], trunks: list[PlanRow]) -> list[str]:
     iters = sum(r.iters for r in rows)
     images = sum(r.images for r in rows)
     pixels = sum(r.pixels for r in rows)
@@ -107,19 +140,34 @@ def _totals(spec: SweepSpec, exp: Expansion, rows: list[PlanRow]) -> list[str]:
     ips_text = (", ".join(f"{k} {v:g}" for k, v in ips.items()) if isinstance(ips, dict) else f"{ips:g}")
     g = spec.resources.gpus_per_trial
     longest = max(rows, key=lambda r: r.gpu_hours)
-    lines = [
-        f"total: {len(rows)} trials, {iters:,} iterations, {images:,} images ({_si(images)}), "
-        f"{_si(pixels)} pixels seen",
-        f"estimate: {_hours(gpu_h)} GPU-hours at {ips_text} images/s per GPU "
-        f"({h_w(spec)} images); longest trial {longest.trial.name}: "
-        + (f"{_hours(longest.gpu_hours / g)} h on its {g:g} GPUs" if g else f"{_hours(longest.gpu_hours)} device-hours"),
-    ]
+    lines = [f"total: {len(rows)} trials, {iters:,} iterations, {images:,} images ({_si(images)}), "
+             f"{_si(pixels)} pixels seen"]
+    hours = f"{_hours(gpu_h)} GPU-hours"
+    if trunks:
+        lines.append(_forking_line(rows, trunks))
+        hours = f"{_hours(sum(r.trains_hours for r in rows + trunks))} GPU-hours with forking ({hours} without)"
+    lines.append(f"estimate: {hours} at {ips_text} images/s per GPU ({h_w(spec)} images); longest trial "
+                 f"{longest.trial.name}: "
+                 + (f"{_hours(longest.gpu_hours / g)} h on its {g:g} GPUs" if g
+                    else f"{_hours(longest.gpu_hours)} device-hours"))
     for job in exp.pretrain:
         cfg = job.config
         lines.append(f"pretrain job {job.name}: {job.backbone}, {cfg.get('iters', '?')} iterations x batch "
                      f"{cfg.get('batch_size', '?')}, runs before the {sum(job.name in r.trial.needs for r in rows)} "
                      "trials that use it")
     return lines
+
+
+def _forking_line(rows: list[PlanRow], trunks: list[PlanRow]) -> str:
+    naive, forked = forked_totals(rows, trunks)
+    branches = [r for r in rows if r.fork is not None]
+    plain = [r for r in rows if r.fork is None]
+    parts = [f"{len(trunks)} trunks ({sum(r.trains for r in trunks):,} iterations)",
+             f"{len(branches)} branches ({sum(r.trains for r in branches):,})"]
+    if plain:
+        parts.append(f"{len(plain)} unforked trials ({sum(r.trains for r in plain):,})")
+    return (f"forking: {' + '.join(parts)} = {forked:,} iterations: {forked / naive:.2f}x of the {naive:,} "
+            f"unforked ({naive - forked:,} saved)")
 
 
 def h_w(spec: SweepSpec) -> str:

@@ -5,6 +5,14 @@ The Tune experiment lives in SWEEP/tune with a fixed name, so `run` on an existi
 interrupted and errored ones continue from their own checkpoints. Tune pickles the run config
 (callbacks included) into the experiment and reuses it on restore, so the callback here is a
 stateless shim that forwards to whichever `SweepMonitor` this driver process registered.
+
+With schedule branches the trials are not a fixed grid: a `ForkSearcher` (equally a stateless shim,
+forwarding to this driver's `orchestrator.fork.ForkQueue`) hands Tune each task when it is ready, a
+branch as soon as its trunk's fork checkpoint is on disk, while the trunk trains on. Tune asks it at
+every step; the callback tells the queue, at every step, which tasks Tune already holds as trials
+(restored ones included), so a restarted driver releases nothing twice and loses nothing the killed
+one released. With a custom searcher Tune keeps at most one trial waiting for resources, so a ready
+branch is at most one task behind in the queue.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from typing import Any
 
 import ray
 from ray import tune
+from ray.tune.search import Searcher
 
 from orchestrator.errors import ClusterError, OrchestratorError
 from orchestrator.spec import Resources
@@ -25,6 +34,7 @@ from orchestrator.spec import Resources
 logger = logging.getLogger(__name__)
 
 _MONITOR: Any = None  # the SweepMonitor of this driver process (see module docstring)
+_QUEUE: Any = None  # the ForkQueue of this driver process, with schedule branches
 DRIVER_CPU = 0.01  # what a DDP trial's own process holds while its Train workers hold the rest
 
 
@@ -124,25 +134,61 @@ def run_tune(sweep_dir: Path, tasks: list[dict[str, Any]], res: Resources, max_f
     """Fan the trials out (or restore the sweep's experiment) and block until Tune is done."""
     from orchestrator.trainable import run_trial
 
-    global _MONITOR
+    from orchestrator.fork import ForkQueue
+
+    global _MONITOR, _QUEUE
     _MONITOR = monitor
+    forked = any(t.get("fork") for t in tasks)
+    _QUEUE = ForkQueue(tasks) if forked else None
     trainable = tune.with_resources(run_trial, trial_resources(res))
     exp_dir = Path(sweep_dir) / "tune"
     if tune.Tuner.can_restore(str(exp_dir)):
         logger.info("restoring the sweep's Tune experiment from %s", exp_dir)
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
+        names = {"trial_name_creator": _trial_name, "trial_dirname_creator": _trial_name}
+        if forked:
+            # num_samples=-1: as many as the searcher hands out, until it says FINISHED. No
+            # max_concurrent_trials: its ConcurrencyLimiter would persist live-trial ids a killed driver
+            # can leave stale; the trial resources bound the concurrency anyway.
+            kwargs: dict[str, Any] = {"tune_config": tune.TuneConfig(search_alg=ForkSearcher(), num_samples=-1,
+                                                                     **names)}
+        else:
+            kwargs = {"param_space": {"trial": tune.grid_search(tasks)},
+                      "tune_config": tune.TuneConfig(max_concurrent_trials=concurrent, **names)}
         tuner = tune.Tuner(
             trainable,
-            param_space={"trial": tune.grid_search(tasks)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, trial_name_creator=_trial_name,
-                                        trial_dirname_creator=_trial_name),
             run_config=tune.RunConfig(
                 name="tune", storage_path=str(sweep_dir), verbose=0, callbacks=[ForwardToMonitor()],
                 failure_config=tune.FailureConfig(max_failures=max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+            **kwargs,
         )
     tuner.fit()
+
+
+class ForkSearcher(Searcher):
+    """Stateless (picklable) shim: Tune's "next trial?" -> this process's ForkQueue."""
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        from orchestrator.fork import FINISHED
+
+        if _QUEUE is None:
+            return None
+        task = _QUEUE.next()
+        if task == FINISHED:
+            return Searcher.FINISHED
+        return None if task is None else {"trial": task}
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        pass  # the queue reads trial states from Tune's trial list (ForwardToMonitor.on_step_begin)
+
+    # Nothing to persist: the queue is rebuilt from the spec and Tune's restored trial list.
+    def save(self, checkpoint_path: str) -> None:
+        Path(checkpoint_path).write_text("{}")
+
+    def restore(self, checkpoint_path: str) -> None:
+        pass
 
 
 class ForwardToMonitor(tune.Callback):
@@ -171,6 +217,10 @@ class ForwardToMonitor(tune.Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         if _MONITOR is not None:
             _MONITOR.on_error(self._tid(trial), final=True, error=_error_text(trial))
+
+    def on_step_begin(self, iteration, trials, **info):
+        if _QUEUE is not None:  # before Tune asks the searcher for more trials, in the same step
+            _QUEUE.sync((t.config["trial"]["trial_id"], t.status) for t in trials if "trial" in t.config)
 
     def on_step_end(self, iteration, trials, **info):
         if _MONITOR is not None:

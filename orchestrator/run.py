@@ -4,6 +4,8 @@ Order matters: every check that can refuse (spec, trial configs, changed spec, d
 Ray address) runs before anything is created or launched. Then: the sweep folder, the dataset (if
 the spec generates it), the Ray connection, the MLflow parent run and one child run per trial, the
 pretrain jobs, and the Tune run of the trials, longest first (it keeps the sweep's tail short).
+With schedule forking the trunks run as tasks too (no MLflow run of their own), and each branch is
+released to Tune once its trunk's checkpoint at its fork point is on disk (`orchestrator.fork`).
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ from orchestrator import state as st
 from orchestrator.dataset import generate, needs_generation
 from orchestrator.errors import OrchestratorError, SweepNotFoundError
 from orchestrator.expand import Expansion, backbone_file, bind_config, bind_pretrain, expand
+from orchestrator.fork import Trunk, checkpoint_file, priorities
 from orchestrator.monitor import LiveView, SweepMonitor
 from orchestrator.spec import SweepSpec, load_spec
 from trainer.config import config_to_dict, flatten
 
 logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
-FORWARD_ENV = ("ORCHESTRATOR_FAIL_ONCE",)  # test hooks the trials must see
+FORWARD_ENV = ("ORCHESTRATOR_FAIL_ONCE", "ORCHESTRATOR_DELAY")  # test hooks the trials must see
 
 
 @dataclass
@@ -100,7 +103,9 @@ def run(spec_path: Path, *, storage: Path | None = None, must_exist: bool = Fals
     finally:
         status = monitor.close(finished)
         tracker.finish(status if finished else "KILLED")
-    logger.info("sweep %s %s in %s", spec.name, status.lower(), _hms(time.time() - t0))
+    logger.info("sweep %s %s in %s; %d iterations trained (plan: %d)", spec.name, status.lower(),
+                _hms(time.time() - t0), st.trained_iterations(sweep_dir, [t["name"] for t in tasks]),
+                sum(t["total"] - (t.get("fork") or {}).get("at", 0) for t in tasks))
     return 0 if status == "FINISHED" else 1
 
 
@@ -110,7 +115,11 @@ def _child_runs(tracker: Any, exp: Expansion, sweep_dir: Path, record: dict[str,
     for trial in exp.trials:
         cfg = bind_config(trial, sweep_dir, {j.name: backbone_file(sweep_dir, j.name) for j in exp.pretrain})
         params = flatten(config_to_dict(cfg))
-        run_ids[trial.trial_id] = tracker.child_run(trial.trial_id, trial.name, axes[trial.trial_id], params)
+        tags = None
+        if trial.trial_id in exp.forks.branches:  # the trunk its curve comes from up to the fork point
+            trunk_id, at = exp.forks.branches[trial.trial_id]
+            tags = {"fork.trunk": exp.forks.trunk(trunk_id).name, "fork.trunk_id": trunk_id, "fork.iteration": str(at)}
+        run_ids[trial.trial_id] = tracker.child_run(trial.trial_id, trial.name, axes[trial.trial_id], params, tags)
     return run_ids
 
 
@@ -129,14 +138,23 @@ def _tasks(exp: Expansion, sweep_dir: Path, backbones: dict[str, Path], run_ids:
            direct_uri: str | None) -> list[dict[str, Any]]:
     res = exp.spec.resources
     tasks = []
-    for trial in exp.trials:
+    for trial in [*exp.trials, *exp.forks.trunks]:
         cfg = bind_config(trial, sweep_dir, backbones)
-        tasks.append({"trial_id": trial.trial_id, "name": trial.name, "config": config_to_dict(cfg),
-                      "run_id": run_ids[trial.trial_id], "direct_uri": direct_uri, "workers": res.workers,
-                      "cpus_per_worker": res.cpus_per_worker, "gpus_per_worker": res.gpus_per_worker,
-                      "train_storage": str(sweep_dir / "train"), "total": _total(cfg)})
-    # Longest first: the last trials to start are the short ones, so the sweep ends sooner.
-    return sorted(tasks, key=lambda t: -t["total"])
+        task = {"trial_id": trial.trial_id, "name": trial.name, "config": config_to_dict(cfg),
+                "run_id": run_ids.get(trial.trial_id, ""), "direct_uri": direct_uri, "workers": res.workers,
+                "cpus_per_worker": res.cpus_per_worker, "gpus_per_worker": res.gpus_per_worker,
+                "train_storage": str(sweep_dir / "train"), "total": _total(cfg), "role": "trial"}
+        if trial.trial_id in exp.forks.branches:
+            trunk_id, at = exp.forks.branches[trial.trial_id]
+            trunk = exp.forks.trunk(trunk_id)
+            source = checkpoint_file(st.trial_dir(sweep_dir, trunk.name), at)
+            task.update(role="branch", fork={"trunk_id": trunk_id, "trunk": trunk.name, "at": at, "checkpoint": str(source)})
+        elif isinstance(trial, Trunk):
+            task.update(role="trunk", stop_after=trial.stop, total=trial.stop)
+        tasks.append(task)
+    # Longest (critical path) first: the last tasks to start are the short ones, so the sweep ends sooner.
+    prio = priorities(tasks)
+    return sorted(tasks, key=lambda t: -prio[t["trial_id"]])
 
 
 def _total(cfg) -> int:

@@ -17,6 +17,7 @@ Ray, no MLflow, no torch. A spec looks like
     tracking_uri: null       # default: sqlite:///mlflow.db in the working directory
     storage_path: runs
     retry: {max_failures: 2}
+    fork_schedules: null     # default: on when the grid has a schedule axis (see orchestrator/fork.py)
 """
 
 from __future__ import annotations
@@ -147,6 +148,13 @@ class SweepSpec(_Strict):
     storage_path: Path = Path("runs")
     retry: Retry = Retry()
     estimate: Estimate = Estimate()
+    # One base-LR trunk per cell shared by its schedules, each branching off at its first LR drop.
+    fork_schedules: bool | None = None
+
+    @property
+    def forking(self) -> bool:
+        """Whether schedules share trunks: as set, else on for grids with a schedule axis."""
+        return self.fork_schedules if self.fork_schedules is not None else "schedule" in self.grid
 
     @property
     def axis_names(self) -> list[str]:

@@ -6,7 +6,8 @@ Pure (no Ray, no MLflow): `status` reads everything here without a cluster. Layo
     STORAGE/NAME/spec.yaml        the spec file as given when the sweep was created
     STORAGE/NAME/identity.json    each trial's defining config, to say what changed on a refusal
     STORAGE/NAME/state.json       live view of the driver: per-trial status, iteration, AP, attempts
-    STORAGE/NAME/trials/TRIAL/    the trainer's output folder (config.yaml, metrics.jsonl, checkpoints/)
+    STORAGE/NAME/trials/TRIAL/    the trainer's output folder (config.yaml, metrics.jsonl, checkpoints/);
+                                  a trunk's too (schedule forking), and a branch's fork.json
     STORAGE/NAME/pretrain/JOB/    a pretrain job's output (backbone.pt) and its done.json
     STORAGE/NAME/tune/            Ray Tune's experiment folder (what `run` restores from)
 
@@ -27,6 +28,7 @@ from typing import Any
 
 from orchestrator.errors import SpecChangedError, SweepNotFoundError
 from orchestrator.expand import Expansion, flat_items
+from orchestrator.fork import checkpoint_file
 from trainer.schedule import resolve_schedule
 
 RECORD = "sweep.json"
@@ -62,10 +64,17 @@ def make_record(exp: Expansion, spec_text: str, code_version: str) -> dict[str, 
     trials = []
     for t in exp.trials:
         sched = resolve_schedule(t.config.schedule)
-        trials.append({"trial_id": t.trial_id, "name": t.name, "index": t.index, "axes": _axes_labels(t),
-                       "total_iters": sched.total_iters, "needs": list(t.needs)})
+        row = {"trial_id": t.trial_id, "name": t.name, "index": t.index, "axes": _axes_labels(t),
+               "total_iters": sched.total_iters, "needs": list(t.needs)}
+        if t.trial_id in exp.forks.branches:
+            trunk_id, at = exp.forks.branches[t.trial_id]
+            row["fork"] = {"trunk_id": trunk_id, "trunk": exp.forks.trunk(trunk_id).name, "at": at}
+        trials.append(row)
+    trunks = [{"trial_id": k.trunk_id, "name": k.name, "index": k.index, "role": "trunk",
+               "axes": {**_axes_labels(k), "schedule": "trunk"}, "total_iters": k.stop, "needs": list(k.needs),
+               "forks": dict(k.forks)} for k in exp.forks.trunks]
     return {"name": exp.spec.name, "spec_hash": exp.spec_hash, "code_version": code_version,
-            "created": time.time(), "cwd": os.getcwd(), "trials": trials,
+            "created": time.time(), "cwd": os.getcwd(), "trials": trials, "trunks": trunks,
             "pretrain": [{"name": j.name, "job_id": j.job_id} for j in exp.pretrain],
             "spec_text": spec_text}
 
@@ -156,14 +165,67 @@ def trial_dir(sweep_dir: Path, name: str) -> Path:
     return Path(sweep_dir) / "trials" / name
 
 
+def task_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """What runs: the record's trials, then its trunks (schedule forking; none in older records)."""
+    return list(record["trials"]) + list(record.get("trunks", []))
+
+
+def trunk_done(sweep_dir: Path, name: str, stop: int) -> bool:
+    """A trunk is done once its checkpoint at its last fork point is on disk."""
+    return checkpoint_file(trial_dir(sweep_dir, name), stop).exists()
+
+
+def metric_rows(sweep_dir: Path, name: str, upto: int | None = None) -> list[tuple[int, dict[str, float]]]:
+    """(step, metrics) of a trial's metrics.jsonl, up to a step; a torn last line is skipped."""
+    out = []
+    try:
+        text = (trial_dir(sweep_dir, name) / "metrics.jsonl").read_text()
+    except FileNotFoundError:
+        return out
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+            step = int(row.pop("step"))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue
+        if upto is None or step <= upto:
+            out.append((step, row))
+    return out
+
+
+def trained_iterations(sweep_dir: Path, names: list[str]) -> int:
+    """Iterations the tasks' processes trained, from each attempt's segments.jsonl row (start, end)."""
+    total = 0
+    for name in names:
+        for line in _lines(trial_dir(sweep_dir, name) / "segments.jsonl"):
+            total += max(int(line.get("end", 0)) - int(line.get("start", 0)), 0)
+    return total
+
+
+def _lines(path: Path) -> list[dict[str, Any]]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in text.splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
 def read_state(sweep_dir: Path) -> dict[str, Any]:
     return read_json(Path(sweep_dir) / STATE, {"trials": {}, "driver": {}})
 
 
-def disk_progress(sweep_dir: Path, name: str) -> dict[str, Any]:
+def disk_progress(sweep_dir: Path, name: str, trunk_stop: int | None = None) -> dict[str, Any]:
     """What a trial's own folder says, for when the driver's state is stale (killed driver)."""
     folder = trial_dir(sweep_dir, name)
     out: dict[str, Any] = {}
+    if trunk_stop is not None and trunk_done(sweep_dir, name, trunk_stop):
+        return {"finished": True, "iteration": trunk_stop}
     final = read_json(folder / "final_metrics.json")
     if final is not None:
         out["finished"] = True

@@ -22,11 +22,16 @@ def status_rows(sweep_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     saved = st.read_state(sweep_dir)
     alive = st.driver_alive(saved.get("driver", {}))
     rows = []
-    for t in record["trials"]:
+    for t in st.task_rows(record):
         prev = saved.get("trials", {}).get(t["trial_id"], {})
-        disk = st.disk_progress(sweep_dir, t["name"])
+        trunk = t.get("role") == "trunk"
+        disk = st.disk_progress(sweep_dir, t["name"], trunk_stop=t["total_iters"] if trunk else None)
         row: dict[str, Any] = {"name": t["name"], "total": t["total_iters"], "attempts": prev.get("attempts", 0),
                                "iteration": max(int(prev.get("iteration") or 0), int(disk.get("iteration") or 0))}
+        if trunk:
+            row["role"] = "trunk"
+        if t.get("fork"):
+            row.update(role="branch", start=int(t["fork"]["at"]))
         for key in ("bbox/AP", "segm/AP"):
             value = disk.get(key, prev.get(key))
             if value is not None:
@@ -67,4 +72,6 @@ def render_status(sweep_dir: Path) -> str:
     elapsed = (end - started) if started and end else None
     title = (f"sweep {record['name']} (spec hash {record['spec_hash']}, code {record['code_version']}) "
              f"in {sweep_dir}: {state}")
-    return render(title, rows, elapsed)
+    trained = st.trained_iterations(sweep_dir, [r["name"] for r in rows])
+    return render(title, rows, elapsed) + f"\niterations trained by all attempts (segments.jsonl): {trained}"
+

@@ -7,9 +7,11 @@ the flat resolved trial config as params and `axis.*`, `trial_id`, `sweep`, `spe
 
 Metrics are append-only in MLflow, so `MetricLogger` never writes a (run, key, step) twice: it asks
 MLflow once per key for the last step already logged and drops anything at or before it (a retried
-trial replays the steps after its last checkpoint). A SQLite store must have a single writer: the
-driver logs what trials report through Tune; with a tracking server (http://...) a trial may log
-directly with the same MetricLogger.
+trial replays the steps after its last checkpoint); `fill` adds the points a run lacks at any step,
+from the trials' own metrics.jsonl (a schedule branch's run gets its trunk's points up to its fork
+point that way, and a finished trial whatever a killed driver never logged). A SQLite store must have
+a single writer: the driver logs what trials report through Tune; with a tracking server (http://...)
+a trial may log directly with the same MetricLogger.
 """
 
 from __future__ import annotations
@@ -122,15 +124,19 @@ class SweepTracker:
         self.parent_id = run.info.run_id
         return self.parent_id
 
-    def child_run(self, trial_id: str, name: str, axes: Mapping[str, str], params: Mapping[str, Any]) -> str:
-        """Find (by trial_id under this parent) or create the trial's run; fill in missing params."""
+    def child_run(self, trial_id: str, name: str, axes: Mapping[str, str], params: Mapping[str, Any],
+                  tags: Mapping[str, str] | None = None) -> str:
+        """Find (by trial_id under this parent) or create the trial's run; fill in missing params/tags."""
         run = self._find([f"tags.trial_id = '{trial_id}'", f"tags.`mlflow.parentRunId` = '{self.parent_id}'"])
         if run is None:
-            tags = {"mlflow.parentRunId": self.parent_id, "trial_id": trial_id, "trial_name": name,
+            base = {"mlflow.parentRunId": self.parent_id, "trial_id": trial_id, "trial_name": name,
                     "sweep": self.sweep, "spec_hash": self.spec_hash, "code_version": self.code_version,
-                    "role": "trial", **{f"axis.{k}": str(v) for k, v in axes.items()}}
-            run = self.client.create_run(self.experiment_id, tags=tags, run_name=name)
+                    "role": "trial", **{f"axis.{k}": str(v) for k, v in axes.items()}, **(tags or {})}
+            run = self.client.create_run(self.experiment_id, tags=base, run_name=name)
             self.client.update_run(run.info.run_id, status="SCHEDULED")
+        for key, value in (tags or {}).items():
+            if run.data.tags.get(key) != value:
+                self.client.set_tag(run.info.run_id, key, value)
         have = run.data.params
         todo = {k: v for k, v in _param_values(params).items() if k not in have}
         self._log_params(run.info.run_id, todo)
@@ -193,6 +199,28 @@ class MetricLogger:
             self.client.log_batch(self.run_id, metrics=fresh[i:i + _BATCH])
         for m in fresh:
             self._last[m.key] = max(self._last.get(m.key, -1), m.step)
+        return len(fresh)
+
+    def fill(self, rows: Iterable[tuple[int, Mapping[str, float]]]) -> int:
+        """Log every (key, step) of `rows` the run lacks, whatever its last step; returns how many."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        have: dict[str, set[int]] = {}
+        fresh = []
+        for step, metrics in rows:
+            for key, value in sorted(metrics.items()):
+                if not key.startswith(METRIC_PREFIXES) or not _finite(value):
+                    continue
+                if key not in have:
+                    have[key] = {m.step for m in self.client.get_metric_history(self.run_id, key)}
+                if int(step) not in have[key]:
+                    have[key].add(int(step))
+                    fresh.append(Metric(key, float(value), now, int(step)))
+        for i in range(0, len(fresh), _BATCH):
+            self.client.log_batch(self.run_id, metrics=fresh[i:i + _BATCH])
+        for key, steps in have.items():
+            self._last[key] = max([self._last.get(key, -1), *steps])
         return len(fresh)
 
 

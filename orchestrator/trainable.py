@@ -10,8 +10,16 @@ With one worker the trainer runs in the trial's own process; with several (DDP o
 the trial is the driver of a Ray Train `TorchTrainer`, whose rank-0 worker sends its reports back
 through a Ray queue (Ray Train's own `report` is a barrier over all ranks, and only rank 0 reports).
 
-Fault injection for tests: ORCHESTRATOR_FAIL_ONCE="TRIAL_NAME@ITER[,...]" makes that trial raise
-once, at its first report at or after ITER (a marker file in its folder keeps it to once).
+Schedule forking (task role): a trunk trains its cell's base-LR schedule up to its last fork point
+(`stop_after`) and counts as done once that checkpoint exists. A branch with no checkpoint of its own
+starts from its trunk's checkpoint at its fork point (`start_from`, recorded in fork.json and in that
+attempt's attempts.jsonl row); once it has checkpoints of its own it resumes from those, so a
+retried or resumed branch never forks twice. Each attempt appends (start, end) to segments.jsonl:
+the iterations it actually trained.
+
+Test hooks: ORCHESTRATOR_FAIL_ONCE="TRIAL_NAME@ITER[,...]" makes that trial raise once, at its first
+report at or after ITER (a marker file in its folder keeps it to once); ORCHESTRATOR_DELAY=
+"TRIAL_NAME@SECONDS[,...]" makes it sleep that long at every report (to hold a kill window open).
 """
 
 from __future__ import annotations
@@ -28,20 +36,24 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from orchestrator.errors import ForkError
 from orchestrator.monitor import K_ATTEMPT, K_EVENT, K_ITER, K_RUN, K_TOTAL
 from trainer.report import Reporter, RunInfo
 
 logger = logging.getLogger(__name__)
 
 FAIL_ENV = "ORCHESTRATOR_FAIL_ONCE"
+DELAY_ENV = "ORCHESTRATOR_DELAY"
 Emit = Callable[[dict[str, Any], "dict[str, Any] | None"], None]
 
 
 class TuneReporter(Reporter):
     """Trainer reporter that emits Tune results; an evaluation goes out with its step's checkpoint."""
 
-    def __init__(self, emit: Emit, task: dict[str, Any], attempt: int):
-        self.emit, self.task, self.attempt = emit, task, attempt
+    def __init__(self, emit: Emit, task: dict[str, Any], attempt: int, forked_from: Path | None = None):
+        self.emit, self.task, self.attempt, self.forked_from = emit, task, attempt, forked_from
+        self.start_iter = self.last_step = 0
+        self.out: Path | None = None  # set by start(): no segment for an attempt that never started
         self.pending: dict[str, float] = {}
         self.pending_step = -1
         self.pending_event = "train"
@@ -54,19 +66,27 @@ class TuneReporter(Reporter):
         return step == self.total or (self._period > 0 and step % self._period == 0) or step in self._at
 
     def start(self, info: RunInfo) -> None:
-        self.total = info.total_iters
+        # A trunk stops at its last fork point: that is its total as far as anyone watching goes.
+        self.total = int(self.task.get("stop_after") or info.total_iters)
+        self.start_iter = self.last_step = info.start_iter
+        if info.tracking.get("trial_id") not in (None, self.task["trial_id"]):
+            info.tracking.clear()  # restored from the trunk's checkpoint: its tracking dict is the trunk's
         # The first attempt stores the run id; later attempts read it back from the checkpoint.
         self.run_id = info.tracking.setdefault("mlflow_run_id", self.run_id)
         info.tracking.setdefault("trial_id", self.task["trial_id"])
-        _append(Path(info.output_dir) / "attempts.jsonl", {"attempt": self.attempt, "start_iter": info.start_iter,
-                                                         "time": time.time(), "host": socket.gethostname(),
-                                                         "pid": os.getpid(), "run_id": self.run_id})
+        row = {"attempt": self.attempt, "start_iter": info.start_iter, "time": time.time(),
+               "host": socket.gethostname(), "pid": os.getpid(), "run_id": self.run_id}
+        if self.forked_from is not None:
+            row["forked_from"] = str(self.forked_from)
+        _append(Path(info.output_dir) / "attempts.jsonl", row)
+        self.out = Path(info.output_dir)
         self.emit(self._meta(info.start_iter, "start"), None)
 
     def _meta(self, step: int, event: str) -> dict[str, Any]:
         return {K_ITER: step, K_TOTAL: self.total, K_ATTEMPT: self.attempt, K_EVENT: event, K_RUN: self.run_id}
 
     def log(self, step: int, metrics) -> None:
+        self.last_step = max(self.last_step, step)
         event = "eval" if any(k.startswith(("bbox/", "segm/")) for k in metrics) else "train"
         if self._is_ckpt_step(step):  # hold it: the checkpoint of this step follows (hooks' order)
             if self.pending_step not in (-1, step):
@@ -79,6 +99,7 @@ class TuneReporter(Reporter):
         self.emit({**metrics, **self._meta(step, event)}, None)
 
     def checkpoint(self, step: int, path: Path) -> None:
+        self.last_step = max(self.last_step, step)
         pointer = {"trainer_checkpoint": str(path), "iteration": step, "run_id": self.run_id,
                    "trial_id": self.task["trial_id"]}
         metrics = self.pending if self.pending_step == step else {}
@@ -93,6 +114,20 @@ class TuneReporter(Reporter):
 
     def finish(self, status: str, error: BaseException | None = None) -> None:
         self._flush()
+        if self.out is not None:  # the iterations this attempt trained (its last one is always reported)
+            _append(self.out / "segments.jsonl", {"attempt": self.attempt, "start": self.start_iter,
+                                                  "end": self.last_step, "status": status})
+
+
+class Delay(Reporter):
+    """Test hook: sleep at every report, so a test can kill the driver while this trial runs."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def log(self, step: int, metrics) -> None:
+        if "train/loss" in metrics:
+            time.sleep(self.seconds)
 
 
 class FailOnce(Reporter):
@@ -127,24 +162,27 @@ class MlflowReporter(Reporter):
                 logger.warning("MLflow logging failed at step %d: %s", step, exc)
 
 
-def reporters_for(task: dict[str, Any], emit: Emit, attempt: int) -> list[Reporter]:
+def reporters_for(task: dict[str, Any], emit: Emit, attempt: int, forked_from: Path | None = None) -> list[Reporter]:
     from trainer.report import ConsoleReporter, JsonlReporter
 
     out = Path(task["config"]["runtime"]["output_dir"])
-    found: list[Reporter] = [TuneReporter(emit, task, attempt), JsonlReporter(), ConsoleReporter()]
-    if task.get("direct_uri"):
+    found: list[Reporter] = [TuneReporter(emit, task, attempt, forked_from), JsonlReporter(), ConsoleReporter()]
+    if task.get("direct_uri") and task.get("run_id"):  # a trunk has no run: the driver logs its results
         found.append(MlflowReporter(task["direct_uri"]))
-    at = _injected_failure(task["name"])
+    at = _test_hook(FAIL_ENV, task["name"])
     if at is not None:
-        found.append(FailOnce(at, out))
+        found.append(FailOnce(int(at), out))
+    delay = _test_hook(DELAY_ENV, task["name"])
+    if delay is not None:
+        found.append(Delay(float(delay)))
     return found
 
 
-def _injected_failure(name: str) -> int | None:
-    for item in filter(None, os.environ.get(FAIL_ENV, "").split(",")):
-        trial, _, at = item.rpartition("@")
+def _test_hook(env: str, name: str) -> str | None:
+    for item in filter(None, os.environ.get(env, "").split(",")):
+        trial, _, value = item.rpartition("@")
         if trial == name:
-            return int(at)
+            return value
     return None
 
 
@@ -161,24 +199,59 @@ def run_trial(config: dict[str, Any]) -> None:
     try:
         with trial_lock(out):
             attempt = _count_lines(out / "attempts.jsonl") + 1
-            if (out / "final_metrics.json").exists():
+            if _done(task, out):
                 _append(out / "attempts.jsonl", {"attempt": attempt, "skipped": "finished", "time": time.time()})
                 return
+            start_from = fork_source(task, out)
             if int(task["workers"]) > 1:
-                _run_ddp(task, attempt)
+                _run_ddp(task, attempt, start_from)
             else:
-                _run_local(task, attempt)
+                _run_local(task, attempt, start_from)
     finally:
         logging.getLogger().removeHandler(log_handler)
         log_handler.close()
 
 
-def _run_local(task: dict[str, Any], attempt: int) -> None:
+def _done(task: dict[str, Any], out: Path) -> bool:
+    if task.get("role") == "trunk":
+        from orchestrator.fork import checkpoint_file
+
+        return checkpoint_file(out, int(task["stop_after"])).exists()
+    return (out / "final_metrics.json").exists()
+
+
+def fork_source(task: dict[str, Any], out: Path) -> Path | None:
+    """The trunk checkpoint a branch starts from, or None: not a branch, or it has checkpoints of its own."""
+    fork = task.get("fork")
+    if not fork:
+        return None
+    from trainer.checkpoint import list_checkpoints
+
+    if list_checkpoints(out / "checkpoints"):
+        return None  # forked before: continue from its own checkpoints, never from the fork again
+    source = Path(fork["checkpoint"])
+    if not source.exists():
+        raise ForkError(f"trunk {fork['trunk']} has no checkpoint at iteration {fork['at']} ({source}): it ended "
+                        "before this schedule's fork point; see its train.log")
+    record = {"trunk": fork["trunk"], "trunk_id": fork["trunk_id"], "at": fork["at"], "checkpoint": str(source),
+              "time": time.time()}
+    if not (out / "fork.json").exists():  # the first fork; a retry before its first checkpoint re-forks
+        (out / "fork.json").write_text(json.dumps(record, indent=1))
+    return source
+
+
+def _train_args(task: dict[str, Any], start_from: Path | None) -> dict[str, Any]:
+    """train()'s keywords: a fork starts from the trunk checkpoint, anything else resumes its own."""
+    stop = task.get("stop_after")
+    return {"resume": start_from is None, "start_from": start_from, "stop_after": int(stop) if stop else None}
+
+
+def _run_local(task: dict[str, Any], attempt: int, start_from: Path | None) -> None:
     from trainer.config import build_config
     from trainer.engine import train
 
     cfg = build_config(task["config"], source=f"trial {task['name']}")
-    train(cfg, reporters=reporters_for(task, _tune_report, attempt), resume=True)
+    train(cfg, reporters=reporters_for(task, _tune_report, attempt, start_from), **_train_args(task, start_from))
 
 
 def _tune_report(metrics: dict[str, Any], pointer: dict[str, Any] | None) -> None:
@@ -192,7 +265,7 @@ def _tune_report(metrics: dict[str, Any], pointer: dict[str, Any] | None) -> Non
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
-def _run_ddp(task: dict[str, Any], attempt: int) -> None:
+def _run_ddp(task: dict[str, Any], attempt: int, start_from: Path | None) -> None:
     """The trial drives a TorchTrainer over its workers; rank 0's reports come back via a queue."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -204,7 +277,8 @@ def _run_ddp(task: dict[str, Any], attempt: int) -> None:
         per_worker["GPU"] = float(task["gpus_per_worker"])
     trainer = TorchTrainer(
         _ddp_worker,
-        train_loop_config={"task": task, "attempt": attempt, "queue": queue},
+        train_loop_config={"task": task, "attempt": attempt, "queue": queue,
+                           "start_from": str(start_from) if start_from else None},
         scaling_config=ScalingConfig(num_workers=int(task["workers"]), use_gpu=bool(task["gpus_per_worker"]),
                                      resources_per_worker=per_worker),
         # Tune owns retries (from the trainer's own checkpoints); a fresh Train run per attempt.
@@ -238,14 +312,17 @@ def _ddp_worker(loop_config: dict[str, Any]) -> None:
     from trainer.engine import train
 
     task, queue = loop_config["task"], loop_config["queue"]
+    # Decided once by the trial process, so every rank starts from the same state.
+    start_from = Path(loop_config["start_from"]) if loop_config.get("start_from") else None
     cfg = build_config(task["config"], source=f"trial {task['name']}")
     rank = ray.train.get_context().get_world_rank()
     if rank != 0:
-        train(cfg, resume=True)
+        train(cfg, **_train_args(task, start_from))
         return
     handler = _file_log(Path(cfg.runtime.output_dir) / "train.log")
     try:
-        train(cfg, reporters=reporters_for(task, lambda m, p: queue.put((m, p)), loop_config["attempt"]), resume=True)
+        train(cfg, reporters=reporters_for(task, lambda m, p: queue.put((m, p)), loop_config["attempt"], start_from),
+              **_train_args(task, start_from))
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
@@ -257,7 +334,8 @@ def _ddp_worker(loop_config: dict[str, Any]) -> None:
 
 def run_pretrain_job(cfg: dict[str, Any]) -> str:
     """Ray task: one pretrain job, resumable, done once (done.json marks it); returns the backbone path."""
-    from trainer.pretrain import PretrainConfig, pretrain
+    from trainer.config import PretrainConfig
+    from trainer.pretrain import pretrain
 
     out = Path(cfg["output_dir"])
     out.mkdir(parents=True, exist_ok=True)

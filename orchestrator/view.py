@@ -3,6 +3,8 @@
 Pure text rendering, shared by the live terminal view of `run` and by `status` (which builds the
 rows from the stored state without Ray). A row is a plain dict:
     {"name", "status", "iteration", "total", "bbox/AP", "segm/AP", "eta_s", "attempts"}
+and, with schedule forking, "role" ("trunk" | "branch") and a branch's "start" (its fork point): the
+total line counts the iterations each task trains itself, so it adds up to the forked plan.
 """
 
 from __future__ import annotations
@@ -44,14 +46,17 @@ def render(title: str, rows: list[dict[str, Any]], elapsed_s: float | None = Non
 def total_line(rows: Iterable[dict[str, Any]], elapsed_s: float | None = None) -> str:
     rows = list(rows)
     counts = {s: sum(1 for r in rows if (r.get("status") or "PENDING") == s) for s in STATUS_ORDER}
-    done = sum(min(int(r.get("iteration") or 0), int(r.get("total") or 0)) for r in rows)
-    total = sum(int(r.get("total") or 0) for r in rows)
+    start = [int(r.get("start") or 0) for r in rows]
+    done = sum(max(min(int(r.get("iteration") or 0), int(r.get("total") or 0)) - s, 0) for r, s in zip(rows, start))
+    total = sum(int(r.get("total") or 0) - s for r, s in zip(rows, start))
+    trunks = sum(1 for r in rows if r.get("role") == "trunk")
     rate = sum(r.get("rate") or 0.0 for r in rows if r.get("status") == "RUNNING")
     eta = (total - done) / rate if rate > 0 else None
     state = ", ".join(f"{n} {s.lower()}" for s, n in counts.items() if n)
     best = max((r.get("bbox/AP") for r in rows if isinstance(r.get("bbox/AP"), (int, float))), default=None)
     pct = 100 * done / total if total else 0.0
-    parts = [f"total: {len(rows)} trials ({state})", f"iterations {done}/{total} ({pct:.0f}%)"]
+    tasks = f"{len(rows) - trunks} trials + {trunks} trunks" if trunks else f"{len(rows)} trials"
+    parts = [f"total: {tasks} ({state})", f"iterations {done}/{total} ({pct:.0f}%)"]
     if best is not None:
         parts.append(f"best box AP {100 * best:.1f}")
     if elapsed_s is not None:

@@ -109,7 +109,8 @@ def _progress(sweep: Path, name: str) -> tuple[bool, int]:
 def test_driver_killed_mid_sweep_then_resumed(tmp_path, ray_cluster):
     spec = tiny_spec(tmp_path, grid={"init": ["random"], "data": ["all", 8], "schedule": ["1x", "2x"],
                                      "backbone": ["R18"]},
-                     exclude=[{"data": 8, "schedule": "1x"}], base__runtime__log_period=1)
+                     exclude=[{"data": 8, "schedule": "1x"}], base__runtime__log_period=1,
+                     fork_schedules=False)  # independent trials (test_fork_ray.py kills a forked sweep)
     path = write_spec(tmp_path, spec)
     sweep = tmp_path / "runs" / "tiny"
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ray_cluster}

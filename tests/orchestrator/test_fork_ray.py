@@ -1,0 +1,143 @@
+"""Schedule forking end to end: a real local Ray cluster, a real SQLite MLflow store, SIGKILL of the driver.
+
+A forked sweep's schedules must equal an unforked sweep's bit for bit (losses, APs, final metrics),
+train exactly the iterations `plan` promises, and survive a killed driver while a trunk and a branch
+run: the trunk resumes from its own checkpoint, the branch from its own (never forked twice), and
+every schedule ends with a complete, duplicate-free MLflow trajectory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator.expand import expand
+from orchestrator.plan import forked_totals, plan_rows, trunk_rows
+from orchestrator.spec import load_spec
+from orchestrator.state import metric_rows, trained_iterations
+from tests.orchestrator.conftest import PYTHON, REPO, cli, tiny_spec, write_spec
+from tests.orchestrator.test_sweep_ray import _attempts, _check_children, _duplicate_points, _mlflow
+
+pytestmark = pytest.mark.slow
+
+# iters_per_x 6: 1x = 6 iterations (drops 2, 5), 2x = 12 (8, 11), 3x = 18 (14, 17); forks at 2, 8, 14.
+GRID = {"init": ["random"], "data": ["all"], "schedule": ["1x", "2x", "3x"], "backbone": ["R18"]}
+EVALS = {"random-all-1x-R18": [3, 6], "random-all-2x-R18": [3, 6, 9, 12],
+         "random-all-3x-R18": [3, 6, 9, 12, 15, 18]}
+FORKS = {"random-all-1x-R18": 2, "random-all-2x-R18": 8, "random-all-3x-R18": 14}
+TRUNK = "random-all-trunk-R18"
+
+
+def _curves(tmp: Path, sweep: str) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(sweep)
+    return {r.info.run_name: {k: [(m.step, m.value) for m in sorted(client.get_metric_history(r.info.run_id, k),
+                                                                     key=lambda m: m.step)]
+                              for k in r.data.metrics}
+            for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("role") == "trial"}
+
+
+def _disk_curve(sweep: Path, name: str) -> list[tuple[int, dict]]:
+    """A schedule's whole trajectory on disk: its trunk's rows up to the fork point, then its own."""
+    return metric_rows(sweep, TRUNK, upto=FORKS[name]) + metric_rows(sweep, name)
+
+
+def _as_curves(rows: list[tuple[int, dict]]) -> dict[str, list[tuple[int, float]]]:
+    out: dict[str, list[tuple[int, float]]] = {}
+    for step, metrics in rows:
+        for key, value in metrics.items():
+            out.setdefault(key, []).append((step, value))
+    return out
+
+
+def test_forked_sweep_equals_unforked_bit_for_bit(tmp_path, ray_cluster):
+    walls, specs = {}, {}
+    for name, fork in (("forked", True), ("unforked", False)):
+        specs[name] = write_spec(tmp_path, tiny_spec(tmp_path, name=name, grid=GRID, fork_schedules=fork,
+                                                     base__runtime__log_period=1), f"{name}.yaml")
+        t0 = time.time()
+        out = cli("run", str(specs[name]), "--no-view", env={"RAY_ADDRESS": ray_cluster})
+        walls[name] = time.time() - t0
+        assert out.returncode == 0, out.stderr[-3000:]
+    print(f"tiny sweep {GRID['schedule']} wall time: forked {walls['forked']:.0f}s, "
+          f"unforked {walls['unforked']:.0f}s")
+    forked, unforked = _mlflow(tmp_path, "forked"), _mlflow(tmp_path, "unforked")
+    _check_children(forked, EVALS)
+    _check_children(unforked, EVALS)
+    assert _duplicate_points(tmp_path) == []
+    # Every point of every schedule's MLflow curve, bit for bit; the final metrics too.
+    a, b = _curves(tmp_path, "forked"), _curves(tmp_path, "unforked")
+    assert a == b
+    runs = tmp_path / "runs"
+    for name, at in FORKS.items():
+        tags = forked["children"][name].data.tags
+        assert (tags["fork.trunk"], tags["fork.iteration"]) == (TRUNK, str(at))
+        assert (json.loads((runs / "forked" / "trials" / name / "final_metrics.json").read_text())
+                == json.loads((runs / "unforked" / "trials" / name / "final_metrics.json").read_text()))
+        assert _disk_curve(runs / "forked", name) == metric_rows(runs / "unforked", name)
+        assert _as_curves(_disk_curve(runs / "forked", name)) == a[name]
+    # The iterations trained (each attempt's start..end) are what `plan` says, with and without forking.
+    for name, trained in (("forked", 26), ("unforked", 36)):
+        exp = expand(load_spec(specs[name]))
+        naive, planned = forked_totals(plan_rows(exp), trunk_rows(exp))
+        assert (naive, planned) == (36, trained)
+        names = [t.name for t in exp.trials] + [k.name for k in exp.forks.trunks]
+        assert trained_iterations(runs / name, names) == planned
+
+
+def _has(folder: Path, pattern: str) -> bool:
+    return any(folder.glob(pattern))
+
+
+def test_driver_killed_while_trunk_and_branch_run(tmp_path, ray_cluster):
+    path = write_spec(tmp_path, tiny_spec(tmp_path, grid=GRID, base__runtime__log_period=1))
+    sweep = tmp_path / "runs" / "tiny"
+    trunk, one = sweep / "trials" / TRUNK, sweep / "trials" / "random-all-1x-R18"
+    # Slow the trunk and the 1x branch down (test hook) so both are mid-way at the kill.
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ray_cluster,
+           "ORCHESTRATOR_DELAY": f"{TRUNK}@2.5,random-all-1x-R18@1"}
+    log = open(tmp_path / "driver1.log", "w")
+    driver = subprocess.Popen([PYTHON, "-m", "orchestrator", "run", str(path), "--no-view"], cwd=REPO, env=env,
+                              stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 900
+    while time.time() < deadline:
+        branch_mid = _has(one, "checkpoints/ckpt_*.pt") and not (one / "final_metrics.json").exists()
+        if branch_mid and not (trunk / "checkpoints" / "ckpt_0000014.pt").exists():
+            break
+        assert driver.poll() is None, (tmp_path / "driver1.log").read_text()[-3000:]
+        assert not (trunk / "checkpoints" / "ckpt_0000014.pt").exists(), "the trunk finished before the kill"
+        time.sleep(0.2)
+    else:
+        pytest.fail("sweep never reached the kill point")
+    killed_at = time.time()
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    log.close()
+    out = cli("resume", str(sweep), "--no-view", env={"RAY_ADDRESS": ray_cluster})
+    assert out.returncode == 0, out.stderr[-3000:]
+    ml = _mlflow(tmp_path, "tiny")
+    _check_children(ml, EVALS)
+    assert _duplicate_points(tmp_path) == []
+    curves = _curves(tmp_path, "tiny")
+    for name in FORKS:
+        assert curves[name] == _as_curves(_disk_curve(sweep, name)), name
+        tries = _attempts(sweep, name)
+        assert not any("skipped" in a for a in tries), name  # Tune never held a task twice
+        assert sum("forked_from" in a for a in tries) == 1, (name, tries)  # forked exactly once
+        # Its own MLflow run throughout, though it started from the trunk's checkpoint (and tracking dict).
+        assert {a["run_id"] for a in tries} == {ml["children"][name].info.run_id}, name
+    # The killed branch continued from its own checkpoint, the killed trunk from its own.
+    resumed = [a for a in _attempts(sweep, "random-all-1x-R18") if a["time"] > killed_at]
+    assert resumed and resumed[0]["start_iter"] >= 3 and "forked_from" not in resumed[0]
+    resumed = [a for a in _attempts(sweep, TRUNK) if a["time"] > killed_at]
+    assert resumed and resumed[0]["start_iter"] >= 3
+    status = cli("status", str(sweep))
+    assert status.returncode == 0 and "total: 3 trials + 1 trunks (4 finished)" in status.stdout
