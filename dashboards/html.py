@@ -1,0 +1,155 @@
+"""The report's `index.html`: one self-contained page (inline CSS, figures embedded as data URIs).
+
+It opens from disk and inside MLflow's artifact viewer alike (no external file or network fetch);
+the PNGs next to it are the same images, for slides. Pure string building from the report's tables.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+
+from dashboards.cost import KINDS, Seen, format_count
+from dashboards.tables import AP_METRICS, TASKS
+
+CSS = """
+body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1500px;padding:0 16px;color:#222}
+h1{margin-bottom:4px} h2{border-bottom:1px solid #ccc;padding-bottom:3px;margin-top:32px}
+table{border-collapse:collapse;margin:8px 0;font-size:13px} th,td{border:1px solid #ddd;padding:3px 7px}
+th{background:#f3f3f3;position:sticky;top:0} td.num{text-align:right;font-variant-numeric:tabular-nums}
+.paper{color:#555;font-size:11px;display:block} .neg{color:#b00} .pos{color:#070} .na{color:#999}
+.warn{background:#fff4e0;border:1px solid #e0b060;padding:8px 14px;margin:12px 0}
+figure{margin:14px 0} figure img{max-width:100%;border:1px solid #eee} figcaption{color:#555}
+.meta td{border:none;padding:1px 10px 1px 0} td:first-child{white-space:nowrap}
+"""
+
+
+def esc(value: Any) -> str:
+    return html.escape("" if value is None else str(value))
+
+
+def table(headers: Iterable[str], rows: Iterable[Iterable[str]], cls: str = "") -> str:
+    """Cells are HTML already (callers escape text)."""
+    head = "".join(f"<th>{h}</th>" for h in headers)
+    head = f"<thead><tr>{head}</tr></thead>" if head else ""
+    body = "\n".join("<tr>" + "".join(rows_cell(c) for c in row) + "</tr>" for row in rows)
+    return f'<table class="{cls}">{head}<tbody>\n{body}\n</tbody></table>'
+
+
+def rows_cell(cell: str) -> str:
+    return cell if cell.startswith("<td") else f"<td>{cell}</td>"
+
+
+def num(value: float | None, digits: int = 1) -> str:
+    return '<td class="num na">n/a</td>' if value is None else f'<td class="num">{value:.{digits}f}</td>'
+
+
+def diff(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f'<span class="{"neg" if value < 0 else "pos"}">{value:+.1f}</span>'
+
+
+def figure(path: Path, caption: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return (f'<figure><img src="data:image/png;base64,{data}" alt="{esc(path.name)}" data-file="{esc(path.name)}">'
+            f'<figcaption>{esc(caption)} (<a href="{esc(path.name)}">{esc(path.name)}</a>)</figcaption></figure>')
+
+
+def header(sweep: Any, n_finished: int, notes: list[str], missing: list[str]) -> str:
+    t, tags = sweep.target, sweep.parent_tags
+    meta = [("tracking store", t.uri), ("experiment id", sweep.experiment_id), ("parent run", sweep.parent_id),
+            ("spec hash", tags.get("spec_hash", "?")), ("code version", tags.get("code_version", "?")),
+            ("sweep folder", t.sweep_dir or "not given"), ("trials", f"{n_finished} of {len(sweep.trials)} finished"),
+            ("written", time.strftime("%Y-%m-%d %H:%M:%S"))]
+    out = [f"<h1>Sweep {esc(t.name)}</h1>",
+           table([], [[f"<b>{esc(k)}</b>", esc(v)] for k, v in meta], "meta")]
+    for note in notes:
+        out.append(f'<div class="warn">{esc(note)}</div>')
+    if missing:
+        items = "".join(f"<li>{esc(m)}</li>" for m in missing)
+        out.append(f'<div class="warn" id="missing"><b>Incomplete: this report shows what the store has.</b>'
+                   f"<ul>{items}</ul></div>")
+    return "\n".join(out)
+
+
+def _ap_cell(cell: dict[str, Any]) -> str:
+    if cell["na"]:
+        return '<td class="num na" title="no objects of that size">n/a</td>'
+    ours = cell["ours"]
+    text = "&ndash;" if ours is None else f"{ours:.1f}"
+    for value in sorted({p.value for p in cell["paper"]}):
+        sources = ", ".join(sorted({p.source for p in cell["paper"] if p.value == value}))
+        d = None if ours is None else ours - value
+        text += (f'<span class="paper" title="{esc(sources)}">paper {value:.1f} ({esc(sources)}) '
+                 f"&Delta; {diff(d)}</span>")
+    return f'<td class="num">{text}</td>'
+
+
+def trial_table(rows: list[dict[str, Any]]) -> str:
+    metrics = [(t, m) for t in TASKS for m in AP_METRICS]
+    headers = ["trial", "init", "data", "schedule", "backbone", "status", "evaluated at"] + \
+              [f"{'box' if t == 'bbox' else 'mask'} {m}" for t, m in metrics]
+    body = []
+    for row in rows:
+        t = row["trial"]
+        at = "&ndash;" if pd.isna(t.get("eval_step")) or t.get("eval_step") is None else \
+            f"{int(t['eval_step'])}" + (f" / {int(t['total_iters'])}" if not pd.isna(t["total_iters"]) else "")
+        body.append([esc(t["name"]), esc(t["init"]), esc(t["data"]), esc(t["schedule"]), esc(t["backbone"]),
+                     esc(t["status"]), at] + [_ap_cell(row["cells"][f"{a}/{m}"]) for a, m in metrics])
+    return table(headers, body)
+
+
+def paper_table(comparison: list[dict[str, Any]]) -> str:
+    headers = ["source", "setting", "backbone", "init", "schedule", "data", "task", "metric", "paper",
+               "trial (ours)", "ours", "&Delta;", "note"]
+    body = []
+    for entry in comparison:
+        n = entry["number"]
+        hits = entry["trials"] or [{"trial": None, "ours": None, "diff": None}]
+        for h in hits:
+            body.append([esc(n.source), esc(n.setting), esc(n.backbone), esc(n.init), esc(n.schedule),
+                         esc(n.data), esc(n.task), esc(n.metric), num(n.value),
+                         esc(h["trial"]) if h["trial"] else '<span class="na">no trial of this sweep</span>',
+                         num(h["ours"]), diff(h["diff"]) if h["trial"] else "", esc(n.note)])
+    return table(headers, body)
+
+
+def cost_table(cost: pd.DataFrame) -> str:
+    headers = ["trial", "init", "pre-training counts from"] + \
+              [f"{part} {k}" for k in KINDS for part in ("pre-train", "detection", "total")] + ["box AP", "mask AP"]
+    body = []
+    for _, c in cost.iterrows():
+        cells = [esc(c["name"]), esc(c["init"]), esc(c["pretrain_source"])]
+        for kind in KINDS:
+            cells += [f'<td class="num">{format_count(_val(c[f"{p}_{kind}"]))}</td>'
+                      for p in ("pretrain", "detection", "total")]
+        cells += [num(_val(c["bbox/AP"])), num(_val(c["segm/AP"]))]
+        body.append(cells)
+    return table(headers, body)
+
+
+def figure2_table(fig2: dict[str, Seen]) -> str:
+    names = list(fig2)
+    scratch, both = fig2[names[3]], fig2[names[2]]
+    headers = ["", *map(esc, names), "scratch / (pre-train + fine-tune)"]
+    body = []
+    for kind in KINDS:
+        ratio = scratch.get(kind) / both.get(kind)
+        body.append([f"<b>{kind}</b>"] + [f'<td class="num">{format_count(fig2[n].get(kind))}</td>' for n in names]
+                    + [f'<td class="num">{ratio:.1%}</td>'])
+    return table(headers, body)
+
+
+def _val(value: Any) -> float | None:
+    return None if value is None or pd.isna(value) else float(value)
+
+
+def page(title: str, sections: list[str]) -> str:
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
+            f"<style>{CSS}</style></head><body>\n" + "\n".join(sections) + "\n</body></html>\n")

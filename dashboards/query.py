@@ -1,0 +1,170 @@
+"""Reading a sweep back from MLflow: the dashboards' only MLflow client.
+
+`find_sweep(target)` says where a sweep is tracked (from its spec, its folder on the storage path, or
+its name plus a tracking URI) without touching MLflow; `load_sweep` reads its newest parent run and
+that run's child runs into two tidy tables:
+
+- `trials`: one row per child run (name, run id, status, the four axes, init kind, iterations);
+- `metrics`: one row per (trial, metric, step) for the AP (`bbox/*`, `segm/*`) and cost (`seen/*`)
+  metrics.
+
+Nothing here writes to the store except `log_report`, which attaches a report folder to the parent run.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from dashboards.errors import SweepDataError
+from dashboards.paper import init_kind
+
+logger = logging.getLogger(__name__)
+REPORT_PREFIXES = ("bbox/", "segm/", "seen/")
+AXES = ("init", "data", "schedule", "backbone")
+TRIAL_COLUMNS = ["name", "run_id", "trial_id", "status", *AXES, "init_kind", "model_init", "total_iters"]
+METRIC_COLUMNS = ["name", "metric", "step", "value"]
+
+
+@dataclass
+class SweepTarget:
+    """Where a sweep is tracked: its name, its MLflow URI and (when known) its folder on disk."""
+
+    name: str
+    uri: str
+    sweep_dir: Path | None = None
+
+
+@dataclass
+class SweepData:
+    target: SweepTarget
+    experiment_id: str
+    parent_id: str
+    parent_tags: dict[str, str]
+    trials: pd.DataFrame
+    metrics: pd.DataFrame
+    notes: list[str] = field(default_factory=list)  # what the reader should know (older parents, ...)
+
+
+def find_sweep(target: str | Path | None, tracking_uri: str | None = None) -> SweepTarget | None:
+    """A spec file, a sweep folder or a sweep name -> its name, URI and folder; None: no sweep named.
+
+    A spec's relative `sqlite:///` URI is relative to the directory `run` was started in (the sweep
+    record's `cwd`), else to the current one, like `run` itself.
+    """
+    from orchestrator import state as st
+    from orchestrator.tracking import resolve_uri
+
+    if target is None:
+        return None
+    path = Path(target)
+    if path.is_dir() or path.is_file():
+        sweep_dir = st.find_sweep_dir(path)  # a folder without sweep.json / an unstarted spec: typed error
+        record = st.read_record(sweep_dir) or {}
+        spec = yaml.safe_load((sweep_dir / "spec.yaml").read_text()) or {}
+        cwd = Path(record["cwd"]) if record.get("cwd") and Path(record["cwd"]).is_dir() else None
+        uri = tracking_uri or resolve_uri(spec.get("tracking_uri"), cwd)
+        return SweepTarget(record.get("name", sweep_dir.name), uri, sweep_dir)
+    if "/" in str(target) or str(target).endswith((".yaml", ".yml")):
+        raise SweepDataError(f"{target}: no such spec file or sweep folder")
+    return SweepTarget(str(target), tracking_uri or resolve_uri(None))
+
+
+def check_store(uri: str) -> None:
+    """A SQLite store must exist: opening a missing one would create an empty database."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        if not db.is_file():
+            raise SweepDataError(f"no MLflow store at {db} (tracking_uri {uri})")
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(target: SweepTarget) -> str:
+    check_store(target.uri)
+    exp = _client(target.uri).get_experiment_by_name(target.name)
+    if exp is None or exp.lifecycle_stage == "deleted":
+        raise SweepDataError(f"unknown sweep {target.name!r}: no MLflow experiment of that name in {target.uri}")
+    return exp.experiment_id
+
+
+def load_sweep(target: SweepTarget) -> SweepData:
+    """The newest parent run of the sweep's experiment, its child runs and their metric histories."""
+    exp_id = experiment_id(target)
+    client = _client(target.uri)
+    parents = client.search_runs([exp_id], filter_string="tags.role = 'sweep'",
+                                 order_by=["attributes.start_time DESC"], max_results=50)
+    if not parents:
+        raise SweepDataError(f"sweep {target.name!r} has no runs in {target.uri} (it was never started)")
+    parent = parents[0]
+    notes = []
+    if len(parents) > 1:
+        notes.append(f"{len(parents) - 1} older parent run(s) of this experiment (another spec hash) are not "
+                     f"shown; this report is of spec hash {parent.data.tags.get('spec_hash', '?')}")
+    children = _search_all(client, exp_id, f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    # Trials only: a helper run under the parent (another role) is not a grid point.
+    children = [r for r in children if r.data.tags.get("role", "trial") == "trial"]
+    if not children:
+        raise SweepDataError(f"sweep {target.name!r} has no trial runs in {target.uri}")
+    trials = pd.DataFrame([_trial_row(run) for run in children], columns=TRIAL_COLUMNS)
+    trials = trials.sort_values(["backbone", "data", "init", "schedule", "name"]).reset_index(drop=True)
+    rows = []
+    for run in children:
+        for key in sorted(k for k in run.data.metrics if k.startswith(REPORT_PREFIXES)):
+            rows.extend((run.info.run_name, key, m.step, m.value)
+                        for m in client.get_metric_history(run.info.run_id, key))
+    if not rows:
+        raise SweepDataError(f"sweep {target.name!r} is empty: none of its {len(trials)} trial runs has logged "
+                             f"a metric yet in {target.uri}")
+    metrics = pd.DataFrame(rows, columns=METRIC_COLUMNS).sort_values(["name", "metric", "step"])
+    logger.info("sweep %s: %d trial runs, %d metric points from %s", target.name, len(trials), len(metrics),
+                target.uri)
+    return SweepData(target, exp_id, parent.info.run_id, dict(parent.data.tags), trials,
+                     metrics.reset_index(drop=True), notes)
+
+
+def _search_all(client: Any, exp_id: str, filter_string: str) -> list[Any]:
+    runs, token = [], None
+    while True:
+        page = client.search_runs([exp_id], filter_string=filter_string, max_results=500, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _trial_row(run: Any) -> dict[str, Any]:
+    tags, params = run.data.tags, run.data.params
+    axes = {a: tags.get(f"axis.{a}", "") for a in AXES}
+    return {"name": run.info.run_name, "run_id": run.info.run_id, "trial_id": tags.get("trial_id", ""),
+            "status": run.info.status, **axes, "init_kind": init_kind(axes["init"]),
+            "model_init": params.get("model.init", ""), "total_iters": _total_iters(params)}
+
+
+def _total_iters(params: dict[str, str]) -> int | None:
+    """The schedule's length from the flat config: `schedule.iters`, else length x iters_per_x."""
+    try:
+        iters = yaml.safe_load(params.get("schedule.iters", "null"))
+        if iters:
+            return int(iters)
+        length = str(yaml.safe_load(params.get("schedule.length", "null")) or "1x")
+        return round(float(length.rstrip("x")) * int(yaml.safe_load(params["schedule.iters_per_x"])))
+    except (KeyError, ValueError, TypeError, yaml.YAMLError):
+        return None
+
+
+def log_report(target: SweepTarget, parent_id: str, folder: Path, artifact_path: str = "report") -> None:
+    """Attach the report folder to the sweep's parent run (it then shows under its Artifacts)."""
+    client = _client(target.uri)
+    client.log_artifacts(parent_id, str(folder), artifact_path=artifact_path)
+    client.set_tag(parent_id, "report", f"{artifact_path}/index.html")
+    logger.info("report logged to run %s (artifacts %s/)", parent_id, artifact_path)

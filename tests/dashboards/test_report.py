@@ -1,0 +1,119 @@
+"""`report` on a hand-made MLflow store (the orchestrator's own tracker, analytic AP curves): figures,
+tables, the paper comparison, incomplete sweeps, and the one-line refusals."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from dashboards import figures as F
+from dashboards import tables as T
+from dashboards.query import SweepTarget, load_sweep
+from dashboards.report import build_report
+from orchestrator.cli import main
+from tests.dashboards.conftest import FAKE_GRID, fake_ap, fake_sweep
+
+
+@pytest.fixture(scope="module")
+def fake(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fake")
+    uri = fake_sweep(tmp, unfinished="random-all-6x-R101")
+    return SweepTarget("fake", uri), tmp
+
+
+def _legend(fig) -> list[str]:
+    return [t.get_text() for legend in fig.legends for t in legend.get_texts()]
+
+
+def _check_axes(fig) -> None:
+    for ax in fig.axes:
+        if ax.get_visible():
+            assert ax.get_xlabel() and ax.get_ylabel(), ax.get_title()
+
+
+def test_tidy_tables(fake):
+    sweep = load_sweep(fake[0])
+    assert sorted(sweep.trials["name"]) == sorted(t.name for t in FAKE_GRID)
+    assert set(sweep.metrics.columns) == {"name", "metric", "step", "value"}
+    r50 = sweep.metrics[(sweep.metrics["name"] == "random-all-2x-R50") & (sweep.metrics["metric"] == "bbox/AP")]
+    assert r50["step"].tolist() == [10, 20]
+    assert sweep.trials.set_index("name").loc["random-all-6x-R50", "total_iters"] == 60
+    fin = T.finals(sweep.trials, sweep.metrics).set_index("name")
+    assert fin.loc["random-all-6x-R50", "bbox/AP"] == pytest.approx(fake_ap(FAKE_GRID[1], 60))
+    assert fin.loc["random-all-6x-R101", "eval_step"] == 30  # unfinished: its last evaluation
+
+
+def test_figures_have_both_inits_labelled_axes_and_one_curve_per_trial(fake):
+    sweep = load_sweep(fake[0])
+    tr, me = sweep.trials, sweep.metrics
+    fin = T.finals(tr, me)
+    for task in ("bbox", "segm"):
+        fig = F.ap_curves(tr, me, task)
+        # Full data: 2 backbones x 2 inits x 2 schedules, one panel per backbone.
+        assert [ax.get_title() for ax in fig.axes] == ["R50", "R101"]
+        assert [len(ax.get_lines()) for ax in fig.axes] == [4, 4]
+        assert {"random init", "ImageNet pre-trained", "schedule 2x", "schedule 6x"} <= set(_legend(fig))
+        _check_axes(fig)
+        small = F.small_data_curves(tr, me, task)
+        assert [ax.get_title() for ax in small.axes] == ["data: all", "data: 10k images"]
+        assert [len(ax.get_lines()) for ax in small.axes] == [4, 2]
+        assert {"random init", "ImageNet pre-trained"} <= set(_legend(small))
+        _check_axes(small)
+    bars = F.final_bars(tr, fin)
+    assert len(bars.axes) == 4 and sum(len(ax.patches) for ax in bars.axes) == 16
+    assert {"random init", "ImageNet pre-trained"} <= set(_legend(bars))
+    _check_axes(bars)
+    cost = T.cost_table(tr, fin, None)
+    assert F.curve_count(F.cost_ap(tr, me, cost)) == 3 * len(FAKE_GRID)
+    assert {"random init", "ImageNet pre-trained"} <= set(_legend(F.cost_ap(tr, me, cost)))
+    assert [ax.get_xlabel() for ax in F.cost_bars(cost).axes] == ["images seen", "instances seen", "pixels seen"]
+
+
+def test_report_folder_paper_table_and_missing(fake, tmp_path):
+    from mlflow import MlflowClient
+
+    from dashboards.paper import paper_numbers
+
+    target, _ = fake
+    report = build_report(target, tmp_path / "rep")
+    assert report.index.is_file() and sorted(p.name for p in report.folder.glob("*.png")) == sorted(
+        f"{n}.png" for n in ("ap_bbox", "ap_segm", "final_ap", "small_data_bbox", "small_data_segm", "cost_seen",
+                             "cost_ap"))
+    page = report.index.read_text()
+    # Self-contained: every image inline, no stylesheet or script fetched.
+    srcs = re.findall(r'src="([^"]*)"', page)
+    assert len(srcs) == 7 and all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert "<link" not in page and "<script" not in page
+    # Every paper number with its source; a matched cell with ours and the difference.
+    paper = page.split("id='paper-table'")[1].split("id='cost'")[0]
+    assert paper.count("<tr>") - 1 == len(paper_numbers())
+    assert "Table 1" in paper and "Section 5 (text, PASCAL VOC)" in paper
+    # random-all-6x-R50 ends at 0.40 * (1 - e^-2.4) + 0.02 = 38.4 % box AP; Table 1 says 41.3 -> -2.9.
+    assert "paper 41.3 (Table 1, Table 2)" in page and "-2.9" in page
+    assert report.missing == ["random-all-6x-R101: running at iteration 30 of 60; its numbers are not final"]
+    assert "random-all-6x-R101: running at iteration 30 of 60" in page
+    client = MlflowClient(target.uri)
+    parent = client.search_runs(["1"], "tags.role = 'sweep'")[0]
+    assert "report/index.html" in [a.path for a in client.list_artifacts(parent.info.run_id, "report")]
+    assert parent.data.tags["report"] == "report/index.html"
+
+
+def test_unknown_and_empty_sweeps_exit_2_with_one_line(fake, tmp_path, capsys):
+    from orchestrator.tracking import SweepTracker
+
+    uri = fake[0].uri
+    assert main(["report", "nosuch", "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"python -m orchestrator report: error: unknown sweep 'nosuch': no MLflow experiment of that " \
+                  f"name in {uri}"
+    empty = SweepTracker(uri, "empty", "h", "v")
+    empty.open_parent()
+    assert main(["report", "empty", "--tracking-uri", uri]) == 2
+    assert "has no trial runs" in capsys.readouterr().err and len(capsys.readouterr().err.splitlines()) <= 1
+    assert main(["report", "x", "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}"]) == 2
+    err = capsys.readouterr().err
+    assert "no MLflow store at" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "none.db").exists()  # a read never creates a store
+    assert main(["report", str(tmp_path)]) == 2
+    assert "not a sweep folder" in capsys.readouterr().err
