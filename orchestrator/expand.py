@@ -12,6 +12,7 @@ schedules of a cell share; their ids join the spec hash, so toggling forking is 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import itertools
 import json
@@ -107,7 +108,7 @@ def expand(spec: SweepSpec) -> Expansion:
 
 def _make_trial(spec: SweepSpec, point: dict[str, Any], index: int,
                 job_ids: dict[str, str]) -> tuple[Trial, dict[str, Any]]:
-    tree = _deep_copy(spec.base)
+    tree = copy.deepcopy(spec.base)
     data = tree.setdefault("data", {})
     data.update({"root": str(spec.dataset.root), "train_split": spec.dataset.train_split,
                  "val_split": spec.dataset.val_split})
@@ -210,7 +211,7 @@ def _unique_names(trials: list[Trial]) -> list[Trial]:
 def _pretrain_task(spec: SweepSpec, name: str) -> PretrainTask:
     job = spec.pretrain[name]
     where = f"pretrain.{name}.config"
-    cfg = _deep_copy(job.config)
+    cfg = copy.deepcopy(job.config)
     if "output_dir" in cfg:
         raise SpecError(f"{where}.output_dir: set by the orchestrator (SWEEP/pretrain/{name})")
     cfg.setdefault("data_root", str(Path(spec.dataset.root) / "classification"))
@@ -235,7 +236,7 @@ def validate_pretrain(cfg: dict[str, Any], where: str) -> Any:
 
 def bind_pretrain(task: PretrainTask, sweep_dir: Path) -> dict[str, Any]:
     """The job's launch config (absolute data root and output folder) as a plain dict."""
-    cfg = _deep_copy(task.config)
+    cfg = copy.deepcopy(task.config)
     cfg["data_root"] = str(Path(cfg["data_root"]).resolve())
     cfg["output_dir"] = str(pretrain_dir(sweep_dir, task.name).resolve())
     return cfg
@@ -281,7 +282,7 @@ def set_key(tree: dict[str, Any], dotted: str, value: Any) -> None:
         sched = {"length": sched} if isinstance(sched, str) else dict(sched or {})
         for k in ("length", "iters", "drops"):
             sched.pop(k, None)
-        sched.update({"length": value} if isinstance(value, str) else _deep_copy(value))
+        sched.update({"length": value} if isinstance(value, str) else copy.deepcopy(value))
         tree["schedule"] = sched
         return
     parts = dotted.split(".")
@@ -299,7 +300,7 @@ def set_key(tree: dict[str, Any], dotted: str, value: Any) -> None:
             node.pop("iters", None), node.pop("drops", None)
         elif parts[1] in ("iters", "drops"):
             node.pop("length", None)
-    node[parts[-1]] = _deep_copy(value)
+    node[parts[-1]] = copy.deepcopy(value)
 
 
 def flat_items(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
@@ -312,14 +313,6 @@ def flat_items(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
         else:
             out.append((name, value))
     return out
-
-
-def _deep_copy(data: Any) -> Any:
-    if isinstance(data, dict):
-        return {k: _deep_copy(v) for k, v in data.items()}
-    if isinstance(data, list):
-        return [_deep_copy(v) for v in data]
-    return data
 
 
 def _digest(data: Any) -> str:

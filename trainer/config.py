@@ -8,6 +8,7 @@ before validation; `dump_config` writes the resolved config next to a run's outp
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
@@ -248,7 +249,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """Set dotted keys in a nested dict (a copy); validation happens later, so typos are caught."""
-    out = _deep_copy(data)
+    out = copy.deepcopy(data)
     for item in overrides:
         path, value = parse_override(item)
         node = out
@@ -260,14 +261,6 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
             node = child
         node[path[-1]] = value
     return out
-
-
-def _deep_copy(data: Any) -> Any:
-    if isinstance(data, dict):
-        return {k: _deep_copy(v) for k, v in data.items()}
-    if isinstance(data, list):
-        return [_deep_copy(v) for v in data]
-    return data
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
