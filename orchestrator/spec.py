@@ -27,7 +27,6 @@ import re
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from orchestrator.errors import SpecError
@@ -169,17 +168,16 @@ class SweepSpec(_Strict):
 
 def load_spec(path: str | Path) -> SweepSpec:
     """Read, interpolate and validate a spec file; raise a one-line SpecError naming the field."""
+    from trainer.config import read_yaml
+    from trainer.errors import ConfigError
+
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"spec file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise SpecError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', exc)}") from None
-    if not isinstance(data, dict):
-        raise SpecError(f"{path}: expected a mapping at the top level")
+        data = read_yaml(path)  # the trainer's safe YAML reading, with the line of a syntax error
+    except ConfigError as exc:
+        raise SpecError(str(exc)) from None
     return parse_spec(data, source=str(path))
 
 
