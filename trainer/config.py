@@ -50,6 +50,16 @@ class ModelConfig(_Strict):
     representation_size: int = Field(1024, gt=0)
     sampling_ratio: int = Field(2, ge=0)  # RoIAlign samples per bin; 0 = adaptive
     fpn_channels: int = Field(256, gt=0)
+    # One anchor size per FPN level P2..P6 (3 aspect ratios each). The default suits COCO at 800 px;
+    # small images need smaller anchors, or objects below the smallest size are barely matched.
+    anchor_sizes: tuple[int, int, int, int, int] = (32, 64, 128, 256, 512)
+
+    @field_validator("anchor_sizes")
+    @classmethod
+    def _check_anchors(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(a <= 0 for a in v) or list(v) != sorted(set(v)):
+            raise ValueError("must be 5 positive, strictly increasing sizes (P2..P6)")
+        return v
 
     @field_validator("init")
     @classmethod

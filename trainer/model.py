@@ -117,7 +117,7 @@ def _build_backbone(cfg: ModelConfig, body_norm: str, state: dict | None, source
 def _heads(cfg: ModelConfig, num_classes: int) -> dict:
     """RPN and RoI head modules: 1-conv RPN head (no norm), 4conv1fc box head, 4conv mask head."""
     channels, norm = cfg.fpn_channels, _head_norm(cfg.norm)
-    anchors = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
+    anchors = AnchorGenerator(tuple((a,) for a in cfg.anchor_sizes), ((0.5, 1.0, 2.0),) * 5)
     return dict(
         rpn_anchor_generator=anchors,
         rpn_head=RPNHead(channels, anchors.num_anchors_per_location()[0], conv_depth=1),

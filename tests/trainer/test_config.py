@@ -41,6 +41,8 @@ def test_unknown_top_level_key():
     ("data.train_images=-3", "data.train_images"),
     ("model.init=pretrained", "model.init"),
     ("bad", "not of the form"),
+    ("model.anchor_sizes=[8,16,16,32,64]", "model.anchor_sizes"),
+    ("model.anchor_sizes=[8,16,32,64]", "model.anchor_sizes"),
 ])
 def test_wrong_values(override, match):
     with pytest.raises(ConfigError, match=match):

@@ -358,3 +358,10 @@ def test_freeze_at_2_freezes_stem_and_res2_only(norm):
 def test_freeze_at_0_freezes_nothing():
     model, _ = build_model(small_cfg(backbone="R18"), NUM_CLASSES)
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_anchor_sizes_reach_the_rpn():
+    cfg = ModelConfig(backbone="R18", fpn_channels=64, representation_size=64,
+                      anchor_sizes=(8, 16, 32, 64, 128))
+    model, _ = build_model(cfg, num_classes=3)
+    assert model.rpn.anchor_generator.sizes == ((8,), (16,), (32,), (64,), (128,))
