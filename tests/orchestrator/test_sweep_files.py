@@ -1,0 +1,36 @@
+"""The shipped sweep files: the demo keeps the paper's four axes at two values each, and its size."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from orchestrator.expand import expand
+from orchestrator.spec import load_spec
+from trainer.schedule import resolve_schedule
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_demo_has_every_axis_twice_and_the_pretrain_job():
+    exp = expand(load_spec(REPO / "sweeps" / "demo.yaml"))
+    for axis in ("init", "data", "schedule", "backbone"):
+        assert len({t.axes[axis] for t in exp.trials}) >= 2, axis
+    assert [j.name for j in exp.pretrain] == ["synthetic-r18"]
+    assert any(t.init == "pretrained:synthetic-r18" for t in exp.trials)
+    # Every trial is CPU-sized: one thread, the images' own 64 px.
+    for t in exp.trials:
+        assert t.config.runtime.device == "cpu" and t.config.runtime.threads == 1
+        assert t.config.model.min_size == t.config.model.max_size == 64
+
+
+def test_demo_iteration_budget():
+    """What the 15-minute budget was sized for: 2,000 iterations planned, 1,866 with forking."""
+    exp = expand(load_spec(REPO / "sweeps" / "demo.yaml"))
+    totals = sorted(resolve_schedule(t.config.schedule).total_iters for t in exp.trials)
+    assert totals == [200, 200, 200, 200, 600, 600]
+    trunks = sum(tr.stop for tr in exp.forks.trunks)
+    branches = sum(resolve_schedule(t.config.schedule).total_iters - exp.forks.branches[t.trial_id][1]
+                   for t in exp.trials if t.trial_id in exp.forks.branches)
+    alone = sum(resolve_schedule(t.config.schedule).total_iters for t in exp.trials
+                if t.trial_id not in exp.forks.branches)
+    assert (trunks, branches, alone) == (934, 532, 400)
