@@ -81,7 +81,14 @@ class DataConfig(_Strict):
     hflip: bool = True
     scale_jitter: tuple[int, int] | None = None  # e.g. (640, 800): the paper's "train aug"
     num_workers: int = Field(2, ge=0)
-    prefetch_factor: int = Field(2, ge=1)
+    prefetch_factor: int = Field(2, ge=1)  # batches each loader worker keeps ready
+    # Keep loader workers alive between passes over the loader. The train stream is one pass per
+    # `fit()`, so this only saves worker start-up when a loader is iterated again; off by default.
+    persistent_workers: bool = False
+    pin_memory: bool = True  # CUDA only: page-locked batches, copied to the GPU with non_blocking
+    # Batches of landscape-only or portrait-only images (less padding per batch). Still a pure
+    # function of (seed, iteration); off by default because it changes which images share a batch.
+    aspect_grouping: bool = False
 
     @field_validator("train_images", "val_images")
     @classmethod
@@ -107,7 +114,7 @@ class OptimConfig(_Strict):
     weight_decay_norm: float = Field(0.0, ge=0)
     batch_size: int = Field(16, gt=0)  # images per iteration, over all workers of a trial
     grad_clip: float | None = Field(None, gt=0)  # max total grad norm; None = off
-    amp: Literal["none", "bf16", "fp16"] = "none"
+    amp: Literal["none", "bf16", "fp16"] = "none"  # autocast dtype; fp16 adds a GradScaler on CUDA
 
 
 _NX = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*x\s*$")
@@ -173,6 +180,13 @@ class RuntimeConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, gt=0)  # torch intra-op threads; None = torch's default
     log_period: int = Field(20, gt=0)
+    # Speed switches (trainer/speed.py). CUDA-only ones are no-ops on CPU (logged at debug level).
+    # cuDNN autotuning pays off only when input shapes repeat; detection batches vary in shape
+    # (aspect ratio, scale jitter), so it is off by default, as in Detectron2.
+    cudnn_benchmark: bool = False
+    tf32: bool = True  # CUDA only: TF32 tensor cores for fp32 matmuls and convolutions
+    channels_last: bool = False  # NHWC weights and backbone input (CPU and CUDA)
+    compile_backbone: bool = False  # torch.compile the ResNet-FPN backbone in place
 
 
 class PretrainConfig(_Strict):

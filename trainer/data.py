@@ -5,7 +5,9 @@ the seeded nested train subsets (`data.train_images`), the training targets (pol
 masks, crowd regions left out, annotation-free images skipped), horizontal flip, and the batch
 stream. The stream is a pure function of (seed, iteration): position p of the global stream is image
 `perm(seed, p // n)[p % n]`, and iteration i takes positions [i*B, (i+1)*B). A resumed run therefore
-sees exactly the batches an uninterrupted one would, whatever the number of loader workers.
+sees exactly the batches an uninterrupted one would, whatever the number of loader workers. With
+aspect-ratio grouping (`data.aspect_grouping`) each epoch's permutation is cut into batches of one
+orientation instead, in a seeded batch order: still a pure function of (seed, iteration).
 """
 
 from __future__ import annotations
@@ -110,6 +112,11 @@ class CocoInstances(Dataset):
     def num_classes(self) -> int:
         return len(self.cat_ids)
 
+    def aspect_groups(self) -> list[int]:
+        """Per item: 0 for landscape (width >= height), 1 for portrait; read from the annotations."""
+        return [0 if info["width"] >= info["height"] else 1
+                for info in (self.coco.imgs[i] for i in self.image_ids)]
+
     def __len__(self) -> int:
         return len(self.image_ids)
 
@@ -162,28 +169,66 @@ def hflip(image: torch.Tensor, target: dict[str, Any]) -> tuple[torch.Tensor, di
 
 
 class StreamBatchSampler(Sampler[list[tuple[int, int]]]):
-    """Yields, for iterations start..total-1, this rank's share of the global batch as (pos, index)."""
+    """Yields, for iterations start..total-1, this rank's share of the global batch as (pos, index).
+
+    With `groups` (one group id per image, e.g. `CocoInstances.aspect_groups()`), every batch holds
+    images of one group, except at most one mixed batch per epoch made of the groups' remainders;
+    epoch e (n // B batches; the last n % B images of its order sit out) splits the permutation of
+    epoch e by group, keeping order, cuts each group into batches and shuffles the batch order with
+    seed (seed, e, 1). Iteration i is batch i % (n // B) of epoch i // (n // B); slot j of it has
+    stream position i*B + j, which fixes its flip.
+    """
 
     def __init__(self, num_images: int, batch_size: int, seed: int, start_iter: int, total_iters: int,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, groups: Sequence[int] | None = None):
         if batch_size % world_size:
             raise DatasetError(f"optim.batch_size {batch_size} is not divisible by {world_size} workers")
+        if groups is not None and len(groups) != num_images:
+            raise DatasetError(f"{len(groups)} aspect groups for {num_images} images")
+        if groups is not None and num_images < batch_size:
+            raise DatasetError(f"data.aspect_grouping needs at least optim.batch_size={batch_size} images, "
+                               f"got {num_images}")
         self.n, self.batch, self.seed = num_images, batch_size, seed
         self.start, self.total, self.rank, self.world = start_iter, total_iters, rank, world_size
+        self.groups = None if groups is None else np.asarray(groups)
         self._perms: dict[int, np.ndarray] = {}
+        self._grouped: dict[int, list[np.ndarray]] = {}
 
-    def _index(self, position: int) -> int:
-        epoch = position // self.n
+    def _perm(self, epoch: int) -> np.ndarray:
         if epoch not in self._perms:
             if len(self._perms) > 2:
                 self._perms.pop(min(self._perms))
             self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-        return int(self._perms[epoch][position % self.n])
+        return self._perms[epoch]
+
+    def _index(self, position: int) -> int:
+        return int(self._perm(position // self.n)[position % self.n])
+
+    def _grouped_batches(self, epoch: int) -> list[np.ndarray]:
+        if epoch not in self._grouped:
+            perm, b = self._perm(epoch), self.batch
+            batches, rest = [], []
+            for g in np.unique(self.groups):
+                members = perm[self.groups[perm] == g]  # this group's images, in permutation order
+                full = len(members) - len(members) % b
+                batches += [members[k:k + b] for k in range(0, full, b)]
+                rest.append(members[full:])
+            leftovers = np.concatenate(rest)
+            batches += [leftovers[k:k + b] for k in range(0, len(leftovers) - len(leftovers) % b, b)]
+            order = np.random.default_rng([self.seed, epoch, 1]).permutation(len(batches))
+            self._grouped.pop(epoch - 2, None)
+            self._grouped[epoch] = [batches[k] for k in order]
+        return self._grouped[epoch]
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        per_epoch = self.n // self.batch
         for it in range(self.start, self.total):
-            positions = range(it * self.batch + self.rank, (it + 1) * self.batch, self.world)
-            yield [(p, self._index(p)) for p in positions]
+            if self.groups is None:
+                positions = range(it * self.batch + self.rank, (it + 1) * self.batch, self.world)
+                yield [(p, self._index(p)) for p in positions]
+            else:
+                batch = self._grouped_batches(it // per_epoch)[it % per_epoch]
+                yield [(it * self.batch + j, int(batch[j])) for j in range(self.rank, self.batch, self.world)]
 
     def __len__(self) -> int:
         return max(self.total - self.start, 0)

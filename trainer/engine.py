@@ -3,15 +3,14 @@
 `train(cfg, reporters=..., resume=...)` is the one entry point (the CLI and the orchestrator call
 it). The loop itself only steps — data, forward, backward, optimizer, LR — and leaves metrics,
 evaluation and checkpoints to the hooks in `trainer.hooks`. A run in an initialised
-torch.distributed process group trains with DDP; rank 0 evaluates, writes and reports.
+torch.distributed process group trains with DDP; rank 0 evaluates, writes and reports. Speed
+switches (autocast, TF32, channels_last, backbone compile, pinned memory) come from `trainer.speed`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,6 +20,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from trainer import checkpoint as ckpt
+from trainer import speed
 from trainer.config import TrainConfig, config_to_dict, dump_config
 from trainer.data import StreamBatchSampler, build_datasets, collate, resized_area
 from trainer.errors import CheckpointError, TrainerError
@@ -77,7 +77,10 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.SGD:
 class Trainer:
     """Holds a run's objects and state; `fit()` runs the loop with its hooks."""
 
-    def __init__(self, cfg: TrainConfig, reporters: Sequence[Reporter] = (), stop_after: int | None = None):
+    def __init__(self, cfg: TrainConfig, reporters: Sequence[Reporter] = (), stop_after: int | None = None,
+                 datasets: tuple[Any, Any, list[int]] | None = None):
+        """`datasets` (train set, val set, train ids) replaces `build_datasets(cfg.data)`: benches
+        feed in-memory data through the same loop."""
         from trainer.model import build_model
 
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -87,26 +90,28 @@ class Trainer:
             torch.set_num_threads(rt.threads)
         torch.manual_seed(rt.seed)
         self.device = _device(rt.device)
+        speed.apply_backend_flags(rt, self.device)
         self.output_dir = Path(rt.output_dir)
         self.ckpt_dir = self.output_dir / "checkpoints"
-        self.train_set, self.val_set, self.train_ids = build_datasets(cfg.data, stream_seed=rt.seed)
+        self.train_set, self.val_set, self.train_ids = datasets or build_datasets(cfg.data, stream_seed=rt.seed)
         model, model_cfg = build_model(cfg.model, num_classes=self.train_set.num_classes + 1)
         self.cfg = cfg.model_copy(update={"model": model_cfg})
         if cfg.data.scale_jitter:
             lo, hi = cfg.data.scale_jitter
             model.transform.min_size = tuple(range(lo, hi + 1))  # torchvision draws one per batch
-        self.bare_model = model.to(self.device)
+        self.bare_model = speed.prepare_model(model.to(self.device), rt)
         self.model = self.bare_model
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+            self.model = torch.nn.parallel.DistributedDataParallel(self.bare_model, device_ids=ids)
         self.schedule = resolve_schedule(cfg.schedule)
         self.total_iters = self.schedule.total_iters
         self.stop_after = stop_after
         self.optimizer = build_optimizer(self.bare_model, cfg.optim)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule.lr_factor)
-        use_scaler = cfg.optim.amp == "fp16" and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+        self.scaler = speed.make_scaler(cfg.optim.amp, self.device)
+        self._non_blocking = speed.pin_memory(cfg.data, self.device)  # async copies need pinned memory
+        self._groups = self.train_set.aspect_groups() if cfg.data.aspect_grouping else None
         self.state = TrainState()
         self.reporters = list(reporters)
         self.loss_names = LOSS_NAMES
@@ -213,25 +218,25 @@ class Trainer:
         dc = self.cfg.data
         end = min(self.total_iters, self.stop_after or self.total_iters)
         sampler = StreamBatchSampler(len(self.train_set), self.cfg.optim.batch_size, self.cfg.runtime.seed,
-                                     self.state.iteration, end, self.rank, self.world)
+                                     self.state.iteration, end, self.rank, self.world, groups=self._groups)
         workers = dc.num_workers
         # An explicit generator keeps the loader from drawing its worker seed from the global RNG,
         # which would shift the model's sampling RNG by one draw on every resume.
         gen = torch.Generator().manual_seed(self.cfg.runtime.seed)
         return DataLoader(self.train_set, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
-                          pin_memory=self.device.type == "cuda", persistent_workers=False,
+                          pin_memory=self._non_blocking, persistent_workers=speed.persistent_workers(dc),
                           prefetch_factor=dc.prefetch_factor if workers else None, generator=gen)
 
     def run_step(self, images, targets) -> None:
         it = self.state.iteration
         dev = self.device
-        images = [im.to(dev, non_blocking=True) for im in images]
-        targets = [{k: (v.to(dev, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
+        nb = self._non_blocking
+        images = [im.to(dev, non_blocking=nb) for im in images]
+        targets = [{k: (v.to(dev, non_blocking=nb) if torch.is_tensor(v) else v) for k, v in t.items()}
                    for t in targets]
-        amp = self.cfg.optim.amp
-        ctx = (torch.autocast(dev.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-               if amp != "none" else nullcontext())
-        with ctx:
+        # Nothing here reads a device value back: losses stay on the device until a log point
+        # (MetricsHook), so CUDA runs ahead. (An fp16 GradScaler's step is the one inherent sync.)
+        with speed.autocast(self.cfg.optim.amp, dev):
             loss_dict = self.model(images, targets)
         total = sum(loss_dict.values())
         self.optimizer.zero_grad(set_to_none=True)
