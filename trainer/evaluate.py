@@ -1,14 +1,15 @@
 """COCO bbox and segm evaluation of a torchvision Mask R-CNN.
 
-This module owns three steps and nothing else:
+This module owns scoring and the inference loop; `trainer.evaluate_convert` owns the conversion
+of model outputs to COCO results (`predictions_to_coco`, re-exported here):
 
-* `predictions_to_coco`: torchvision eval outputs -> COCO result dicts (bbox in xywh, masks as RLE),
-  vectorised per image (one threshold, one `pycocotools.mask.encode` call, one `.tolist()`).
 * `score_coco`: COCO results -> a flat dict of floats ("bbox/AP", ..., "segm/APl") on pycocotools'
   [0, 1] scale, with pycocotools or, when it is installed and agrees with pycocotools on a built-in
   self-check, faster-coco-eval.
 * `evaluate`: inference over a dataset without side effects on the model's train/eval modes or on
   the global RNG state (resumed training must draw the same numbers whether or not it evaluated).
+  A torchvision Mask R-CNN is run under `roi_mask_outputs`, so its masks go from the mask head
+  straight to RLE (`paste_masks_rle`) instead of through full-image float masks.
 
 Conventions: APs/APm/APl are -1.0 when the split has no ground truth of that size, exactly as
 pycocotools reports them (callers that plot should treat negative values as "undefined"). For segm,
@@ -24,7 +25,7 @@ import io
 import logging
 import random
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -32,7 +33,10 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from trainer.errors import TrainerError
+from trainer.evaluate_convert import EvaluationError, predictions_to_coco, roi_mask_outputs
+
+__all__ = ["EvaluationError", "predictions_to_coco", "score_coco", "resolve_backend", "evaluate",
+           "faster_coco_eval_verified", "collate_batch", "IOU_TYPES", "BACKENDS", "METRIC_NAMES"]
 
 log = logging.getLogger(__name__)
 
@@ -42,93 +46,6 @@ BACKENDS = ("auto", "pycocotools", "faster_coco_eval")
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 # faster-coco-eval is only trusted when it reproduces pycocotools to this tolerance.
 BACKEND_TOLERANCE = 1e-4
-
-
-class EvaluationError(TrainerError, ValueError):
-    """Predictions, ground truth or options that cannot be scored (unknown label, wrong image id)."""
-
-
-# ----------------------------------------------------------------------------- conversion
-
-
-def predictions_to_coco(
-    outputs: Sequence[Mapping[str, torch.Tensor]],
-    image_ids: Sequence[int],
-    label_to_cat: Mapping[int, int],
-    mask_threshold: float = 0.5,
-) -> list[dict]:
-    """Convert torchvision Mask R-CNN eval outputs to COCO result dicts.
-
-    Each output holds `boxes` [N,4] xyxy in original image coordinates, `labels` [N] (contiguous
-    1..K), `scores` [N] and optionally `masks` [N,1,H,W] probabilities; without `masks` the results
-    carry no "segmentation" (bbox-only scoring).
-    """
-    if len(outputs) != len(image_ids):
-        raise EvaluationError(f"{len(outputs)} model outputs for {len(image_ids)} image ids")
-    results: list[dict] = []
-    for output, image_id in zip(outputs, image_ids):
-        results.extend(_image_to_coco(output, int(image_id), label_to_cat, mask_threshold))
-    return results
-
-
-def _image_to_coco(
-    output: Mapping[str, torch.Tensor], image_id: int, label_to_cat: Mapping[int, int], threshold: float
-) -> list[dict]:
-    boxes = output["boxes"].detach()
-    if boxes.numel() == 0:
-        return []
-    xywh = torch.cat((boxes[:, :2], boxes[:, 2:] - boxes[:, :2]), dim=1).float().cpu().tolist()
-    scores = output["scores"].detach().float().cpu().tolist()
-    try:
-        categories = [label_to_cat[label] for label in output["labels"].detach().cpu().tolist()]
-    except KeyError as err:
-        raise EvaluationError(
-            f"image {image_id}: model predicted label {err.args[0]}, not in label_to_cat "
-            f"(known labels {sorted(label_to_cat)})"
-        ) from None
-    if not len(xywh) == len(scores) == len(categories):
-        raise EvaluationError(f"image {image_id}: {len(xywh)} boxes, {len(scores)} scores and "
-                              f"{len(categories)} labels")
-    results = [
-        {"image_id": image_id, "category_id": cat, "bbox": box, "score": score}
-        for cat, box, score in zip(categories, xywh, scores)
-    ]
-    if "masks" in output:
-        masks = output["masks"]
-        if masks.dim() != 4 or masks.shape[:2] != (len(results), 1):
-            raise EvaluationError(f"image {image_id}: masks of shape {tuple(masks.shape)} for "
-                                  f"{len(results)} boxes; expected [N,1,H,W]")
-        for result, rle in zip(results, _encode_masks(masks, threshold)):
-            result["segmentation"] = rle
-    return results
-
-
-def _encode_masks(masks: torch.Tensor, threshold: float) -> list[dict]:
-    """RLE-encode [N,1,H,W] probabilities in one pycocotools call; counts become str (JSON-able)."""
-    probs = masks.detach()[:, 0]
-    if probs.device.type == "cpu" and probs.dtype != torch.bfloat16:  # numpy has no bfloat16
-        binary = _threshold_numpy(probs, threshold)
-    else:
-        binary = _threshold_torch(probs, threshold)
-    rles = mask_util.encode(binary)
-    for rle in rles:
-        rle["counts"] = rle["counts"].decode("ascii")
-    return rles
-
-
-# encode wants a Fortran-ordered uint8 [H,W,N]: every mask gets transposed, whoever does it.
-
-
-def _threshold_numpy(probs: torch.Tensor, threshold: float) -> np.ndarray:
-    # Thresholds straight into that layout in one pass; torch's CPU compare plus a transposing
-    # copy measured ~3x slower on 100 x 256x256 masks.
-    return np.greater(probs.numpy().transpose(1, 2, 0), threshold, order="F").view(np.uint8)
-
-
-def _threshold_torch(probs: torch.Tensor, threshold: float) -> np.ndarray:
-    # On an accelerator threshold and transpose are nearly free, and uint8 moves 4x less than
-    # float; a C-ordered [N,W,H] is a Fortran-ordered [H,W,N], so `.T` costs nothing.
-    return probs.gt(threshold).transpose(1, 2).contiguous().to(torch.uint8).cpu().numpy().T
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -380,11 +297,11 @@ def _predict(net: torch.nn.Module, dataset: Any, device: torch.device, batch_siz
     )
     results: list[dict] = []
     seen: list[int] = []
-    with torch.inference_mode():
+    with torch.inference_mode(), roi_mask_outputs(net):
         for images, targets in loader:
             outputs = net([image.to(device, non_blocking=True) for image in images])
             image_ids = [int(target["image_id"]) for target in targets]
-            # Converted per batch so full-size float masks never pile up on the device.
+            # Converted per batch so masks never pile up on the device.
             results.extend(predictions_to_coco(outputs, image_ids, dataset.label_to_cat))
             seen.extend(image_ids)
     return results, seen

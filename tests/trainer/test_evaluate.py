@@ -1,4 +1,4 @@
-"""Tests of trainer.evaluate against real pycocotools on a small hand-built COCO split."""
+"""Tests of trainer.evaluate(_convert) against real pycocotools and torchvision's mask pasting."""
 
 from __future__ import annotations
 
@@ -18,7 +18,10 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from trainer import evaluate as ev
+from trainer import evaluate_convert as conv
+from trainer.config import ModelConfig
 from trainer.errors import TrainerError
+from trainer.model import build_model
 
 CATEGORIES = [{"id": 2, "name": "cat"}, {"id": 5, "name": "dog"}, {"id": 11, "name": "car"}]
 LABEL_TO_CAT = {1: 2, 2: 5, 3: 11}
@@ -247,7 +250,7 @@ def test_predictions_to_coco_round_trip():
         decoded = mask_util.decode({**r["segmentation"], "counts": r["segmentation"]["counts"].encode()})
         np.testing.assert_array_equal(decoded, (masks[k, 0] > 0.6).numpy().astype(np.uint8))
     # The accelerator path (torch threshold + transpose) must give the same Fortran array as numpy's.
-    via_numpy, via_torch = ev._threshold_numpy(masks[:, 0], 0.6), ev._threshold_torch(masks[:, 0], 0.6)
+    via_numpy, via_torch = conv._threshold_numpy(masks[:, 0], 0.6), conv._threshold_torch(masks[:, 0], 0.6)
     assert via_numpy.flags.f_contiguous and via_torch.flags.f_contiguous and via_torch.shape == (h, w, n)
     np.testing.assert_array_equal(via_numpy, via_torch)
     bf16 = ev.predictions_to_coco([{**out, "masks": masks.bfloat16()}], [42], LABEL_TO_CAT)
@@ -265,6 +268,60 @@ def test_predictions_to_coco_errors_and_bbox_only():
         ev.predictions_to_coco([{**out, "masks": torch.zeros(2, 1, 8, 8)}], [1], LABEL_TO_CAT)
     (result,) = ev.predictions_to_coco([out], [1], LABEL_TO_CAT)
     assert result == {"image_id": 1, "category_id": 11, "bbox": [0.0, 0.0, 4.0, 4.0], "score": 1.0}
+    roi = {**out, "roi_masks": torch.rand(1, 1, 28, 28), "image_size": (8, 8)}
+    with pytest.raises(ev.EvaluationError, match="image_size"):
+        ev.predictions_to_coco([{k: v for k, v in roi.items() if k != "image_size"}], [1], LABEL_TO_CAT)
+    with pytest.raises(ev.EvaluationError, match="both"):
+        ev.predictions_to_coco([{**roi, "masks": torch.zeros(1, 1, 8, 8)}], [1], LABEL_TO_CAT)
+    with pytest.raises(ev.EvaluationError, match=r"\[N,1,M,M\]"):
+        ev.predictions_to_coco([{**roi, "roi_masks": torch.rand(1, 1, 28, 14)}], [1], LABEL_TO_CAT)
+    with pytest.raises(ev.EvaluationError, match="mask_threshold"):
+        ev.predictions_to_coco([roi], [1], LABEL_TO_CAT, mask_threshold=-0.1)
+
+
+# ----------------------------------------------------------------------------- ROI masks
+# (paste_masks_rle against torchvision's paste, pixel by pixel: tests/trainer/test_evaluate_convert.py)
+
+
+def _real_mask_rcnn() -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone="R18", norm="GN", min_size=64, max_size=96, fpn_channels=64,
+                      representation_size=128, rpn_pre_nms_top_n_test=50, rpn_post_nms_top_n_test=30,
+                      box_detections_per_img=15)
+    model, _ = build_model(cfg, num_classes=len(LABEL_TO_CAT) + 1)
+    model.roi_heads.score_thresh = 0.0  # a random model scores low: keep its detections
+    return model.eval()
+
+
+def test_real_mask_rcnn_roi_masks_give_the_pasted_results(coco_gt):
+    """Under roi_mask_outputs the model's COCO results, and evaluate()'s APs, are unchanged."""
+    model = _real_mask_rcnn()
+    dataset = TinyDataset(coco_gt)
+    images = [dataset[i][0] + torch.rand(dataset[i][0].shape) * 0.5 for i in range(len(dataset))]
+    ids = list(dataset.ids)
+    batches = [images[:3], images[3:]]  # as evaluate(batch_size=3) runs them: padding differs
+    with torch.inference_mode():
+        pasted = [o for batch in batches for o in model(batch)]
+        with conv.roi_mask_outputs(model) as active:
+            roi = [o for batch in batches for o in model(batch)]
+        again = model(images[:2])
+    assert active and "postprocess" not in vars(model.transform)  # the method is back
+    assert all(o["masks"].shape[-2:] == img.shape[-2:] for o, img in zip(again, images))
+    for p, r, img in zip(pasted, roi, images):
+        assert len(p["boxes"]) > 0 and r["image_size"] == tuple(img.shape[-2:]) and "masks" not in r
+        assert r["roi_masks"].shape[-2:] == (28, 28) and torch.equal(p["boxes"], r["boxes"])
+    expected = ev.predictions_to_coco(pasted, ids, LABEL_TO_CAT)
+    assert ev.predictions_to_coco(roi, ids, LABEL_TO_CAT) == expected
+
+    class NoisyDataset(TinyDataset):
+        def __getitem__(self, index):
+            return images[index], {"image_id": self.ids[index]}
+
+    metrics = ev.evaluate(model, NoisyDataset(coco_gt), batch_size=3, backend="pycocotools")
+    assert metrics == ev.score_coco(coco_gt, expected, backend="pycocotools", image_ids=ids)
+    assert "postprocess" not in vars(model.transform)
+    with conv.roi_mask_outputs(OracleModel({})) as active:  # no torchvision transform: untouched
+        assert not active
 
 
 # ----------------------------------------------------------------------------- evaluate
