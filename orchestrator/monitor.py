@@ -10,6 +10,12 @@ in its metrics.jsonl: the runs get from there what they lack (results a killed d
 yet) before the task's new results arrive, so each curve is complete and in step order; a finishing
 trial's run is checked against its whole file once more.
 
+MLflow may be away for a while (a tracking server restarting): a status, fill or artifact that fails
+is owed, not lost; `tick` retries what is owed (with backoff) in order, fill before the final status,
+and `close` tries once more for a bounded time. A trial whose loss became non-finite records
+diverged.json in its folder (`record_divergence`); it is failed at once, with the iteration and loss
+as the reason in the table, state.json and its run's `failure_reason` tag, and never trained again.
+
 Schedule forking: a trunk has no MLflow run of its own. Its results go, step by step, into the run
 of every schedule still at or before that step (so each schedule's chart grows from step 0 while
 its trunk trains); a branch's run holds its trunk's points up to the fork point, then its own.
@@ -32,6 +38,22 @@ logger = logging.getLogger(__name__)
 
 # Keys a trial adds to every report (the rest are trainer metrics).
 K_ITER, K_TOTAL, K_ATTEMPT, K_EVENT, K_RUN = "trial/iteration", "trial/total", "trial/attempt", "trial/event", "trial/run_id"
+DIVERGED = "diverged.json"  # in a trial's folder: the iteration and loss it diverged at
+SETTLE_S = 120.0  # how long `close` keeps retrying what MLflow is owed (a server restart takes a while)
+
+
+def record_divergence(folder: Path, error: Any) -> None:
+    """Called in the trial (a NonFiniteLossError): the reason the driver shows, and a bar to retries."""
+    data = {"iteration": int(error.iteration), "loss": str(error.loss), "message": str(error), "time": time.time()}
+    st.write_json(Path(folder) / DIVERGED, data)
+
+
+def recorded_divergence(folder: Path) -> Any | None:
+    """The NonFiniteLossError recorded in a trial folder, or None."""
+    from trainer.errors import NonFiniteLossError
+
+    data = st.read_json(Path(folder) / DIVERGED)
+    return NonFiniteLossError(int(data["iteration"]), float(data["loss"])) if data else None
 
 
 class LiveView:
@@ -81,16 +103,20 @@ class SweepMonitor:
                 self.forks[t["trial_id"]] = (t["fork"]["trunk_id"], int(t["fork"]["at"]))
                 self.branches.setdefault(t["fork"]["trunk_id"], []).append((t["trial_id"], int(t["fork"]["at"])))
                 row.update(role="branch", start=int(t["fork"]["at"]))
-            row.update({k: prev[k] for k in ("bbox/AP", "segm/AP") if k in prev})
+            row.update({k: prev[k] for k in ("bbox/AP", "segm/AP", "reason", "diverged") if k in prev})
             if row["status"] == st.RUNNING:
                 row["status"] = st.PENDING  # its process died with the previous driver
             self.trials[t["trial_id"]] = row
         self._dirty_at = 0.0
+        self._owed: dict[str, dict[str, Any]] = {}  # trial id -> what MLflow still lacks (see _settle)
+        self._retry_at, self._wait = 0.0, 1.0
         self.save(force=True)
 
     # -- events (called from the Tune callback) ------------------------------------------------
     def on_start(self, trial_id: str) -> None:
         row = self.trials[trial_id]
+        if row.get("diverged"):
+            return  # its attempt only re-raises the recorded divergence (trainable.run_trial)
         row.update(status=st.RUNNING, attempts=row.get("attempts", 0) + 1, rate=None, _t0=None)
         for branch, _ in self.branches.get(trial_id, []):
             if self.trials[branch]["status"] != st.FINISHED:
@@ -125,17 +151,37 @@ class SweepMonitor:
         self.save()
 
     def _log(self, trial_id: str, step: int, metrics: dict[str, Any]) -> None:
+        if trial_id in self._owed:  # MLflow is behind on this run: the fill (from disk) comes first
+            self._owe(trial_id, fill=step if self.log_metrics else 0)
+            return
         try:
             self.tracker.metric_logger(self.run_ids[trial_id]).log(step, metrics)
         except Exception as exc:  # tracking trouble must not kill the sweep: the trial's files keep it
-            logger.warning("MLflow logging for %s failed: %s", self.trials[trial_id]["name"], exc)
+            logger.warning("MLflow logging for %s failed (%s); retried from its metrics.jsonl",
+                           self.trials[trial_id]["name"], _short(exc))
+            self.tracker.metric_logger(self.run_ids[trial_id]).forget()
+            self._owe(trial_id, fill=step if self.log_metrics else 0)
 
     def _fill_to(self, task_id: str, step: int) -> None:
         """A task (re)starts at `step`: fill its run, and a trunk its branches' runs, up to there from disk."""
         if task_id in self.run_ids:
-            self._fill(task_id, self._trunk_rows(task_id) + self._rows(task_id, step))
-        for branch, at in self.branches.get(task_id, []):
-            self._fill(branch, self._rows(task_id, min(step, at)))
+            self._fill_task(task_id, step)
+        for branch, _ in self.branches.get(task_id, []):
+            self._fill_task(branch, 0)  # its trunk's part (up to its fork point; on disk up to `step`)
+
+    def _fill_task(self, trial_id: str, upto: int | None) -> None:
+        """Fill a run with its trunk's part and its own rows up to `upto` (None: all); owed if MLflow fails.
+
+        With a tracking server a running trial logs its own steps past its start itself, so only
+        the part before that is the driver's to fill until the trial ends (`upto`).
+        """
+        if self.tracker is None or trial_id not in self.run_ids:
+            return
+        if trial_id in self._owed:
+            self._owe(trial_id, fill=upto)
+            return
+        if not self._fill(trial_id, self._trunk_rows(trial_id) + self._rows(trial_id, upto)):
+            self._owe(trial_id, fill=upto)
 
     def _rows(self, task_id: str, upto: int | None = None) -> list[tuple[int, dict[str, float]]]:
         return st.metric_rows(self.sweep_dir, self.trials[task_id]["name"], upto=upto)
@@ -147,17 +193,22 @@ class SweepMonitor:
         trunk, at = self.forks[trial_id]
         return self._rows(trunk, at)
 
-    def _fill(self, trial_id: str, rows: list[tuple[int, dict[str, float]]]) -> None:
-        """Log the points of `rows` the trial's run lacks (see tracking.MetricLogger.fill)."""
+    def _fill(self, trial_id: str, rows: list[tuple[int, dict[str, float]]], quiet: bool = False) -> bool:
+        """Log the points of `rows` the trial's run lacks (see tracking.MetricLogger.fill); False if MLflow failed."""
         if self.tracker is None or trial_id not in self.run_ids or not rows:
-            return
+            return True
+        mlog = self.tracker.metric_logger(self.run_ids[trial_id])
         try:
-            added = self.tracker.metric_logger(self.run_ids[trial_id]).fill(rows)
+            added = mlog.fill(rows)
         except Exception as exc:
-            logger.warning("MLflow backfill for %s failed: %s", self.trials[trial_id]["name"], exc)
-            return
+            if not quiet:
+                logger.warning("MLflow backfill for %s failed (%s); retried", self.trials[trial_id]["name"],
+                               _short(exc))
+            mlog.forget()
+            return False
         if added:
             logger.info("%s: %d metric points filled in from disk", self.trials[trial_id]["name"], added)
+        return True
 
     def on_complete(self, trial_id: str) -> None:
         row = self.trials[trial_id]
@@ -170,22 +221,40 @@ class SweepMonitor:
         progress = st.disk_progress(self.sweep_dir, row["name"])
         row.update({k: v for k, v in progress.items() if k != "finished" and v is not None})
         row.update(status=st.FINISHED, eta_s=0, rate=None)
-        folder = st.trial_dir(self.sweep_dir, row["name"])
-        self._fill(trial_id, self._trunk_rows(trial_id) + self._rows(trial_id))
-        if self.tracker is not None:
-            try:
-                self.tracker.log_artifacts(self.run_ids[trial_id], [folder / "config.yaml",
-                                                                    folder / "final_metrics.json"])
-            except Exception as exc:
-                logger.warning("MLflow artifacts for %s failed: %s", row["name"], exc)
+        self._fill_task(trial_id, None)
+        self._artifacts(trial_id)
         self._set_run_status(trial_id, "FINISHED")
         logger.info("trial %s finished: box AP %s", row["name"], _fmt(row.get("bbox/AP")))
         self.save(force=True)
 
+    def _artifacts(self, trial_id: str) -> bool:
+        if self.tracker is None or trial_id not in self.run_ids:
+            return True
+        if trial_id in self._owed:
+            self._owe(trial_id, artifacts=True)
+            return False
+        folder = st.trial_dir(self.sweep_dir, self.trials[trial_id]["name"])
+        try:
+            self.tracker.log_artifacts(self.run_ids[trial_id], [folder / "config.yaml", folder / "final_metrics.json"])
+        except Exception as exc:
+            logger.warning("MLflow artifacts for %s failed: %s", self.trials[trial_id]["name"], _short(exc))
+            self._owe(trial_id, artifacts=True)
+            return False
+        return True
+
     def on_error(self, trial_id: str, final: bool, error: str = "") -> None:
         row = self.trials[trial_id]
-        row.update(status=st.ERROR if final else st.PENDING, rate=None, eta_s=None, error=error[-500:])
+        if row.get("diverged"):
+            return  # failed for good when it diverged; Tune's retries only re-raise it
+        diverged = recorded_divergence(st.trial_dir(self.sweep_dir, row["name"]))
+        if diverged is not None:
+            self._diverged(trial_id, diverged)
+            return
+        lines = [line for line in error.strip().splitlines() if line.strip()]
+        row.update(status=st.ERROR if final else st.PENDING, rate=None, eta_s=None, error=error[-500:],
+                   reason=lines[-1].strip()[:300] if lines else "")
         if final:
+            self._fill_task(trial_id, None)  # what its attempts logged to disk but MLflow missed
             self._set_run_status(trial_id, "FAILED")
             logger.error("trial %s failed for good after %d attempts: %s", row["name"], row.get("attempts", 0),
                          error.strip().splitlines()[-1] if error.strip() else "?")
@@ -193,19 +262,85 @@ class SweepMonitor:
             logger.warning("trial %s failed; retrying from its last checkpoint", row["name"])
         self.save(force=True)
 
-    def _set_run_status(self, trial_id: str, status: str) -> None:
+    def _diverged(self, trial_id: str, error: Any) -> None:
+        row = self.trials[trial_id]
+        reason = f"diverged: loss {error.loss} at iteration {error.iteration}"
+        row.update(status=st.ERROR, rate=None, eta_s=None, diverged=True, reason=reason, error=str(error))
+        logger.error("trial %s %s; failed, not retried (the same config diverges again)", row["name"], reason)
+        self._fill_task(trial_id, None)
+        self._set_run_status(trial_id, "FAILED", tags={"failure_reason": reason})
+        self.save(force=True)
+
+    def _set_run_status(self, trial_id: str, status: str, tags: dict[str, str] | None = None) -> None:
         if self.tracker is None or trial_id not in self.run_ids:  # a trunk has no run
             return
+        if trial_id in self._owed:  # after what the run is still owed, never before it
+            self._owe(trial_id, status=status, tags=tags)
+            return
         try:
-            self.tracker.set_status(self.run_ids[trial_id], status)
+            self._send_status(trial_id, status, tags)
         except Exception as exc:
-            logger.warning("MLflow status of %s failed: %s", self.trials[trial_id]["name"], exc)
+            logger.warning("MLflow status of %s failed (%s); retried", self.trials[trial_id]["name"], _short(exc))
+            self._owe(trial_id, status=status, tags=tags)
+
+    def _send_status(self, trial_id: str, status: str | None, tags: dict[str, str] | None) -> None:
+        for key, value in (tags or {}).items():
+            self.tracker.client.set_tag(self.run_ids[trial_id], key, value)
+        if status:
+            self.tracker.set_status(self.run_ids[trial_id], status)
+
+    # -- what MLflow is owed -------------------------------------------------------------------
+    def _owe(self, trial_id: str, fill: int | None | bool = False, artifacts: bool = False,
+             status: str | None = None, tags: dict[str, str] | None = None) -> None:
+        """Remember what a run lacks; `fill`: False (nothing), an iteration, or None (all rows on disk)."""
+        owed = self._owed.setdefault(trial_id, {"fill": False, "artifacts": False, "status": None, "tags": {}})
+        if fill is not False:
+            old = owed["fill"]
+            owed["fill"] = None if fill is None or old is None else max(fill, old if old is not False else -1)
+        owed["artifacts"] |= artifacts
+        owed["status"] = status or owed["status"]
+        owed["tags"].update(tags or {})
+
+    def _settle(self, runs: int | None = None) -> bool:
+        """Retry what MLflow is owed, per run in order (fill, artifacts, status), for at most `runs` runs
+        (the Tune loop waits meanwhile); True when nothing is left."""
+        for trial_id in list(self._owed)[:runs]:
+            owed = self._owed[trial_id]
+            try:
+                if owed["fill"] is not False:
+                    upto = owed["fill"]
+                    if not self._fill(trial_id, self._trunk_rows(trial_id) + self._rows(trial_id, upto), quiet=True):
+                        return False
+                    owed["fill"] = False
+                if owed["artifacts"]:
+                    folder = st.trial_dir(self.sweep_dir, self.trials[trial_id]["name"])
+                    self.tracker.log_artifacts(self.run_ids[trial_id], [folder / "config.yaml",
+                                                                        folder / "final_metrics.json"])
+                    owed["artifacts"] = False
+                if owed["status"] or owed["tags"]:
+                    self._send_status(trial_id, owed["status"], owed["tags"])
+            except Exception as exc:
+                logger.debug("MLflow still failing for %s: %s", self.trials[trial_id]["name"], _short(exc))
+                return False
+            del self._owed[trial_id]
+            logger.info("MLflow caught up with %s", self.trials[trial_id]["name"])
+        return not self._owed
+
+    def _retry_owed(self) -> None:
+        if not self._owed or time.monotonic() < self._retry_at:
+            return
+        before = len(self._owed)
+        self._settle(runs=1)  # one run per Tune step: a slow server must not stall the sweep
+        # Caught up with one: the next at the next step; else back off (1 s doubling to 15 s).
+        self._wait = 0.0 if len(self._owed) < before else min(max(2 * self._wait, 1.0), 15.0)
+        self._retry_at = time.monotonic() + self._wait
 
     # -- output --------------------------------------------------------------------------------
     def rows(self) -> list[dict[str, Any]]:
         return list(self.trials.values())
 
     def tick(self, force: bool = False) -> None:
+        self._retry_owed()
         self.view.show(render(f"sweep {self.record['name']} ({self.sweep_dir})", self.rows(),
                               time.time() - self.started), force=force)
         if self._dirty_at and time.monotonic() - self._dirty_at > 2.0:
@@ -221,8 +356,17 @@ class SweepMonitor:
         st.write_json(self.sweep_dir / st.STATE, {"driver": driver, "trials": trials})
         self._dirty_at = 0.0
 
-    def close(self, finished: bool) -> str:
-        """Final save; returns the sweep's status (FINISHED / FAILED / KILLED) for the parent run."""
+    def close(self, finished: bool, settle_s: float = SETTLE_S) -> str:
+        """Final save; returns the sweep's status (FINISHED / FAILED / KILLED) for the parent run.
+
+        What MLflow is still owed is retried for up to `settle_s` seconds first; what is left is named.
+        """
+        deadline = time.monotonic() + settle_s
+        while self._owed and not self._settle() and time.monotonic() < deadline:
+            time.sleep(min(2.0, max(deadline - time.monotonic(), 0.0)))
+        if self._owed:
+            logger.error("MLflow is still unreachable; runs left incomplete: %s (their metrics.jsonl have "
+                         "everything)", ", ".join(self.trials[t]["name"] for t in self._owed))
         statuses = {row["status"] for row in self.trials.values()}
         status = "FINISHED" if statuses == {st.FINISHED} else ("FAILED" if st.ERROR in statuses else "KILLED")
         trials = {tid: {k: v for k, v in row.items() if not k.startswith("_")} for tid, row in self.trials.items()}
@@ -231,6 +375,11 @@ class SweepMonitor:
         st.write_json(self.sweep_dir / st.STATE, {"driver": driver, "trials": trials})
         self.tick(force=True)
         return status
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
 
 
 def _fmt(value: Any) -> str:

@@ -30,6 +30,7 @@ from ray.tune.search import Searcher
 
 from orchestrator.errors import ClusterError, OrchestratorError
 from orchestrator.spec import Resources
+from orchestrator.trial_report import K_WARNINGS
 
 logger = logging.getLogger(__name__)
 
@@ -73,10 +74,25 @@ def connect(address: str | None, env_vars: dict[str, str], log_to_driver: bool =
         # "local" always starts a fresh cluster (None would join any cluster this host started before,
         # even a dead one), bound to the loopback interface only.
         kwargs.update(include_dashboard=False, _node_ip_address="127.0.0.1")
+        _loopback_only()
     try:
         ray.init(address=address or "local", **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise ClusterError(f"ray_address {address}: {str(exc).splitlines()[0]}") from None
+
+
+def _loopback_only() -> None:
+    """Make the local cluster's GCS, raylet, workers and agents listen on 127.0.0.1 only.
+
+    Ray (2.60) turns `_node_ip_address="127.0.0.1"` into the host's outward IP and then binds its gRPC
+    servers to all interfaces (`::`). Only with clusters off (its Windows/macOS single-host mode)
+    does the node IP stay loopback, which binds every server there: the flag is read at import, so
+    it is set for the processes Ray starts (env) and for this one (the already imported constant).
+    """
+    import ray._private.ray_constants as ray_constants
+
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def capacity() -> dict[str, float]:
@@ -161,7 +177,10 @@ def run_tune(sweep_dir: Path, tasks: list[dict[str, Any]], res: Resources, max_f
             run_config=tune.RunConfig(
                 name="tune", storage_path=str(sweep_dir), verbose=0, callbacks=[ForwardToMonitor()],
                 failure_config=tune.FailureConfig(max_failures=max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+                # Keep every (tiny, pointer-only) Tune checkpoint: with num_to_keep the driver deletes
+                # older ones between its experiment-state snapshots, and a driver killed in between
+                # leaves a state that names a deleted checkpoint, which Tune then cannot restore.
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=None)),
             **kwargs,
         )
     tuner.fit()
@@ -203,6 +222,8 @@ class ForwardToMonitor(tune.Callback):
             _MONITOR.on_start(self._tid(trial))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        if result.get(K_WARNINGS):  # e.g. a damaged checkpoint the attempt skipped: say so where it is watched
+            logger.warning("trial %s: %s", _trial_name(trial), result[K_WARNINGS])
         if _MONITOR is not None:
             _MONITOR.on_result(self._tid(trial), result)
 

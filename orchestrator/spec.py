@@ -264,8 +264,17 @@ def check_axis(spec: SweepSpec, axis: str, values: list[Any]) -> None:
             raise SpecError(f"{where}: set by the dataset section")
     if not values:
         raise SpecError(f"{where}: axis has no values")
+    seen: dict[str, int] = {}
     for i, value in enumerate(values):
-        normalize_axis_value(spec, axis, value, f"{where}[{i}]")
+        canonical = normalize_axis_value(spec, axis, value, f"{where}[{i}]")
+        key = repr(canonical)
+        if key in seen:
+            raise SpecError(f"{where}[{i}]: {value!r} repeats {where}[{seen[key]}] (every axis value once)")
+        seen[key] = i
+        gen = spec.dataset.generate
+        if axis == "data" and gen is not None and isinstance(canonical, int) and canonical > gen.train:
+            raise SpecError(f"{where}[{i}]: {canonical} training images, but the generated train split has "
+                            f"{gen.train} (dataset.generate.train)")
 
 
 def normalize_axis_value(spec: SweepSpec, axis: str, value: Any, where: str) -> Any:

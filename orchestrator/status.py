@@ -37,6 +37,8 @@ def status_rows(sweep_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
             if value is not None:
                 row[key] = value
         row["status"] = _status(prev.get("status"), disk, alive, row["iteration"])
+        if row["status"] == st.ERROR and prev.get("reason"):
+            row["reason"] = prev["reason"]
         if row["status"] == "RUNNING" and prev.get("eta_s") is not None:
             row["eta_s"] = prev["eta_s"]
             row["rate"] = prev.get("rate")

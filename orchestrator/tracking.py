@@ -11,14 +11,22 @@ trial replays the steps after its last checkpoint); `fill` adds the points a run
 from the trials' own metrics.jsonl (a schedule branch's run gets its trunk's points up to its fork
 point that way, and a finished trial whatever a killed driver never logged). A SQLite store must have
 a single writer: the driver logs what trials report through Tune; with a tracking server (http://...)
-a trial may log directly with the same MetricLogger.
+a trial logs directly through a `BufferedMetricLogger`.
+
+A tracking server can go away for a while. Training must not notice: `BufferedMetricLogger` only
+queues (bounded) and a background thread sends, in order, retrying with backoff until the server is
+back; after any failed request it asks the server again which steps it already has, so a request that
+was written but never answered is not sent twice. MLflow's own HTTP retries (7, ~4 min by default) are
+lowered for our clients (`HTTP_ENV`): one stuck request must not hold the Tune loop or a trial.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -33,6 +41,9 @@ METRIC_PREFIXES = ("train/", "bbox/", "segm/", "seen/")
 _BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch request
 _PARAM_BATCH = 100
 _PARAM_MAX = 6000
+# Our own retry loops wait out an outage; MLflow's request-level retries only need to ride out a blip.
+HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+            "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 
 
 def resolve_uri(uri: str | None, cwd: Path | None = None) -> str:
@@ -80,6 +91,9 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 def _client(uri: str):
     from mlflow import MlflowClient
 
+    if is_server(uri):
+        for key, value in HTTP_ENV.items():  # read by MLflow at every request; a user's setting wins
+            os.environ.setdefault(key, value)
     return MlflowClient(tracking_uri=uri)
 
 
@@ -166,9 +180,18 @@ class SweepTracker:
             self.loggers[run_id] = MetricLogger(self.client, run_id)
         return self.loggers[run_id]
 
-    def finish(self, status: str) -> None:
-        if self.parent_id:
-            self.set_status(self.parent_id, status)
+    def finish(self, status: str, wait_s: float = 60.0) -> None:
+        """End the parent run; a server that stays away for `wait_s` is logged, not raised (the sweep is done)."""
+        deadline = time.monotonic() + wait_s
+        while self.parent_id:
+            try:
+                self.set_status(self.parent_id, status)
+                return
+            except Exception as exc:
+                if time.monotonic() > deadline:
+                    logger.error("could not mark the sweep's MLflow run %s: %s", status, exc)
+                    return
+                time.sleep(2.0)
 
 
 class MetricLogger:
@@ -188,17 +211,32 @@ class MetricLogger:
             self._last[key] = max((m.step for m in history), default=-1)
         return self._last[key]
 
+    def forget(self) -> None:
+        """After a failed request: ask the server again what it has (it may have written it anyway)."""
+        self._last.clear()
+
     def log(self, step: int, metrics: Mapping[str, float]) -> int:
         """Log what is new; returns how many points were written."""
+        return self.log_rows([(step, metrics)])
+
+    def log_rows(self, rows: Iterable[tuple[int, Mapping[str, float]]]) -> int:
+        """Log, in as few requests as possible, every point of `rows` (in step order) past its key's last step."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        fresh = [Metric(k, float(v), now, int(step)) for k, v in sorted(metrics.items())
-                 if k.startswith(METRIC_PREFIXES) and _finite(v) and step > self.last_step(k)]
+        fresh, last = [], {}
+        for step, metrics in rows:
+            for key, value in sorted(metrics.items()):
+                if not key.startswith(METRIC_PREFIXES) or not _finite(value):
+                    continue
+                if int(step) > (last[key] if key in last else self.last_step(key)):
+                    fresh.append(Metric(key, float(value), now, int(step)))
+                    last[key] = int(step)
         for i in range(0, len(fresh), _BATCH):
-            self.client.log_batch(self.run_id, metrics=fresh[i:i + _BATCH])
-        for m in fresh:
-            self._last[m.key] = max(self._last.get(m.key, -1), m.step)
+            chunk = fresh[i:i + _BATCH]
+            self.client.log_batch(self.run_id, metrics=chunk)
+            for m in chunk:  # per chunk: a later chunk failing leaves the earlier ones counted
+                self._last[m.key] = max(self._last.get(m.key, -1), m.step)
         return len(fresh)
 
     def fill(self, rows: Iterable[tuple[int, Mapping[str, float]]]) -> int:
@@ -222,6 +260,124 @@ class MetricLogger:
         for key, steps in have.items():
             self._last[key] = max([self._last.get(key, -1), *steps])
         return len(fresh)
+
+
+class BufferedMetricLogger:
+    """A trial's direct logger to a tracking server: `log` queues and returns at once, a thread sends.
+
+    Ordered: one sender takes the oldest queued steps first and retries them (backoff `min_wait` up
+    to `max_wait` s) before anything newer. Bounded: past `max_points` queued points new points are
+    not queued (one warning); the driver fills a finished trial's run from its metrics.jsonl, so
+    they are late, not lost. Never twice: see `MetricLogger.forget`.
+    """
+
+    def __init__(self, metric_logger: MetricLogger, max_points: int = 200_000, min_wait: float = 0.5,
+                 max_wait: float = 5.0):
+        self.logger, self.max_points = metric_logger, max_points
+        self.min_wait, self.max_wait = min_wait, max_wait
+        self._queue: collections.deque[tuple[int, dict[str, float]]] = collections.deque()
+        self._points = 0
+        self.sent = self.refused = self.failures = 0
+        self._cond = threading.Condition()
+        self._closing = self._stop = False
+        self._thread = threading.Thread(target=self._run, name="mlflow-sender", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def for_uri(cls, uri: str, run_id: str, **kwargs: Any) -> "BufferedMetricLogger":
+        return cls(MetricLogger(_client(uri), run_id), **kwargs)
+
+    @property
+    def queued(self) -> int:
+        return self._points
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        row = {k: float(v) for k, v in metrics.items() if k.startswith(METRIC_PREFIXES) and _finite(v)}
+        if not row:
+            return
+        with self._cond:
+            if self._closing:
+                return
+            if self._points + len(row) > self.max_points:
+                if not self.refused:
+                    logger.warning("MLflow backlog full (%d points): later points wait in metrics.jsonl for "
+                                   "the driver's fill at the trial's end", self._points)
+                self.refused += len(row)
+                return
+            self._queue.append((int(step), row))
+            self._points += len(row)
+            self._cond.notify_all()
+
+    def _take(self) -> list[tuple[int, dict[str, float]]] | None:
+        """The oldest queued rows, up to one request's worth; None once stopped or closed and drained."""
+        with self._cond:
+            while not self._queue and not self._closing:
+                self._cond.wait()
+            if self._stop or not self._queue:
+                return None
+            rows, size = [], 0
+            for step, row in self._queue:
+                if rows and size + len(row) > _BATCH:
+                    break
+                rows.append((step, row))
+                size += len(row)
+            return rows
+
+    def _run(self) -> None:
+        wait = self.min_wait
+        while (rows := self._take()) is not None:
+            try:
+                self.logger.log_rows(rows)
+            except Exception as exc:  # the server is away: keep the rows, wait, ask again what it has
+                if _rejected(exc):  # it answered, and will refuse these rows however often they come
+                    logger.error("MLflow refused %d points (%s); they stay in metrics.jsonl", len(rows), exc)
+                    self._done(rows)
+                    continue
+                self.failures += 1
+                self.logger.forget()
+                if self.failures == 1 or self.failures % 20 == 0:
+                    logger.warning("MLflow unreachable (%s: %s); %d points queued, retrying", type(exc).__name__,
+                                   str(exc).splitlines()[0][:200] if str(exc) else "", self._points)
+                resume = time.monotonic() + wait
+                with self._cond:
+                    while not self._stop and time.monotonic() < resume:
+                        self._cond.wait(resume - time.monotonic())
+                wait = min(2 * wait, self.max_wait)
+                continue
+            wait = self.min_wait
+            self._done(rows)
+
+    def _done(self, rows: list[tuple[int, dict[str, float]]]) -> None:
+        with self._cond:
+            for _ in rows:
+                _, row = self._queue.popleft()
+                self._points -= len(row)
+                self.sent += len(row)
+            self._cond.notify_all()
+
+    def close(self, timeout: float = 10.0) -> int:
+        """Wait up to `timeout` s for the queue to drain, then stop sending; returns the points left unsent."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+            while self._queue and time.monotonic() < deadline:
+                self._cond.wait(min(0.2, max(deadline - time.monotonic(), 0.0)))
+            self._stop = True
+            left = self._points
+            self._cond.notify_all()
+        # A request in flight ends within MLflow's timeout; after that nothing more is sent from here.
+        self._thread.join(timeout=float(HTTP_ENV["MLFLOW_HTTP_REQUEST_TIMEOUT"]) + 5)
+        if left:
+            logger.warning("%d metric points not sent to MLflow (server unreachable); the driver fills them in "
+                           "from metrics.jsonl once the trial ends", left)
+        return left
+
+
+def _rejected(exc: Exception) -> bool:
+    """An answer of the server that a retry cannot change (a 4xx other than 429), not an outage."""
+    status = getattr(exc, "get_http_status_code", lambda: 500)()
+    return 400 <= int(status) < 500 and int(status) != 429
 
 
 def _finite(value: Any) -> bool:

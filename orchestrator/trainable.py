@@ -17,9 +17,8 @@ attempt's attempts.jsonl row); once it has checkpoints of its own it resumes fro
 retried or resumed branch never forks twice. Each attempt appends (start, end) to segments.jsonl:
 the iterations it actually trained.
 
-Test hooks: ORCHESTRATOR_FAIL_ONCE="TRIAL_NAME@ITER[,...]" makes that trial raise once, at its first
-report at or after ITER (a marker file in its folder keeps it to once); ORCHESTRATOR_DELAY=
-"TRIAL_NAME@SECONDS[,...]" makes it sleep that long at every report (to hold a kill window open).
+What an attempt reports, and the test hooks, live in `orchestrator.trial_report` (Ray-free); this
+module adds where it runs (Ray node, assigned GPU ids) to its attempts.jsonl row.
 """
 
 from __future__ import annotations
@@ -27,163 +26,18 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
-import os
-import socket
 import tempfile
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from orchestrator.errors import ForkError
-from orchestrator.monitor import K_ATTEMPT, K_EVENT, K_ITER, K_RUN, K_TOTAL
-from trainer.report import Reporter, RunInfo
+from orchestrator.monitor import recorded_divergence
+from orchestrator.trial_report import append_row, checkpoint_warnings, reporters_for
 
 logger = logging.getLogger(__name__)
-
-FAIL_ENV = "ORCHESTRATOR_FAIL_ONCE"
-DELAY_ENV = "ORCHESTRATOR_DELAY"
-Emit = Callable[[dict[str, Any], "dict[str, Any] | None"], None]
-
-
-class TuneReporter(Reporter):
-    """Trainer reporter that emits Tune results; an evaluation goes out with its step's checkpoint."""
-
-    def __init__(self, emit: Emit, task: dict[str, Any], attempt: int, forked_from: Path | None = None):
-        self.emit, self.task, self.attempt, self.forked_from = emit, task, attempt, forked_from
-        self.start_iter = self.last_step = 0
-        self.out: Path | None = None  # set by start(): no segment for an attempt that never started
-        self.pending: dict[str, float] = {}
-        self.pending_step = -1
-        self.pending_event = "train"
-        self.run_id = task.get("run_id", "")
-        self.total = 0
-        ck = task["config"]["checkpoint"]
-        self._period, self._at = int(ck["period"]), set(ck["at"])
-
-    def _is_ckpt_step(self, step: int) -> bool:
-        return step == self.total or (self._period > 0 and step % self._period == 0) or step in self._at
-
-    def start(self, info: RunInfo) -> None:
-        # A trunk stops at its last fork point: that is its total as far as anyone watching goes.
-        self.total = int(self.task.get("stop_after") or info.total_iters)
-        self.start_iter = self.last_step = info.start_iter
-        if info.tracking.get("trial_id") not in (None, self.task["trial_id"]):
-            info.tracking.clear()  # restored from the trunk's checkpoint: its tracking dict is the trunk's
-        # The first attempt stores the run id; later attempts read it back from the checkpoint.
-        self.run_id = info.tracking.setdefault("mlflow_run_id", self.run_id)
-        info.tracking.setdefault("trial_id", self.task["trial_id"])
-        row = {"attempt": self.attempt, "start_iter": info.start_iter, "time": time.time(),
-               "host": socket.gethostname(), "pid": os.getpid(), "run_id": self.run_id}
-        if self.forked_from is not None:
-            row["forked_from"] = str(self.forked_from)
-        _append(Path(info.output_dir) / "attempts.jsonl", row)
-        self.out = Path(info.output_dir)
-        self.emit(self._meta(info.start_iter, "start"), None)
-
-    def _meta(self, step: int, event: str) -> dict[str, Any]:
-        return {K_ITER: step, K_TOTAL: self.total, K_ATTEMPT: self.attempt, K_EVENT: event, K_RUN: self.run_id}
-
-    def log(self, step: int, metrics) -> None:
-        self.last_step = max(self.last_step, step)
-        event = "eval" if any(k.startswith(("bbox/", "segm/")) for k in metrics) else "train"
-        if self._is_ckpt_step(step):  # hold it: the checkpoint of this step follows (hooks' order)
-            if self.pending_step not in (-1, step):
-                self._flush()
-            self.pending.update(metrics)
-            self.pending_step = step
-            if event == "eval":
-                self.pending_event = "eval"
-            return
-        self.emit({**metrics, **self._meta(step, event)}, None)
-
-    def checkpoint(self, step: int, path: Path) -> None:
-        self.last_step = max(self.last_step, step)
-        pointer = {"trainer_checkpoint": str(path), "iteration": step, "run_id": self.run_id,
-                   "trial_id": self.task["trial_id"]}
-        metrics = self.pending if self.pending_step == step else {}
-        event = self.pending_event if metrics else "checkpoint"
-        self.emit({**metrics, **self._meta(step, event)}, pointer)
-        self.pending, self.pending_step, self.pending_event = {}, -1, "train"
-
-    def _flush(self) -> None:
-        if self.pending:
-            self.emit({**self.pending, **self._meta(self.pending_step, self.pending_event)}, None)
-        self.pending, self.pending_step, self.pending_event = {}, -1, "train"
-
-    def finish(self, status: str, error: BaseException | None = None) -> None:
-        self._flush()
-        if self.out is not None:  # the iterations this attempt trained (its last one is always reported)
-            _append(self.out / "segments.jsonl", {"attempt": self.attempt, "start": self.start_iter,
-                                                  "end": self.last_step, "status": status})
-
-
-class Delay(Reporter):
-    """Test hook: sleep at every report, so a test can kill the driver while this trial runs."""
-
-    def __init__(self, seconds: float):
-        self.seconds = seconds
-
-    def log(self, step: int, metrics) -> None:
-        if "train/loss" in metrics:
-            time.sleep(self.seconds)
-
-
-class FailOnce(Reporter):
-    """Test hook: raise at the first report at or after `at`, once per trial folder."""
-
-    def __init__(self, at: int, folder: Path):
-        self.at, self.marker = at, Path(folder) / "injected_failure"
-
-    def log(self, step: int, metrics) -> None:
-        if step >= self.at and not self.marker.exists():
-            self.marker.write_text(f"{step}\n")
-            raise RuntimeError(f"injected failure at iteration {step} ({FAIL_ENV})")
-
-
-class MlflowReporter(Reporter):
-    """Direct logging from the trial, only with a tracking server (several writers are fine there)."""
-
-    def __init__(self, uri: str):
-        self.uri = uri
-        self.logger = None
-
-    def start(self, info: RunInfo) -> None:
-        from orchestrator.tracking import MetricLogger
-
-        self.logger = MetricLogger.for_uri(self.uri, info.tracking["mlflow_run_id"])
-
-    def log(self, step: int, metrics) -> None:
-        if self.logger is not None:
-            try:
-                self.logger.log(step, metrics)
-            except Exception as exc:  # an outage of the server must not kill training
-                logger.warning("MLflow logging failed at step %d: %s", step, exc)
-
-
-def reporters_for(task: dict[str, Any], emit: Emit, attempt: int, forked_from: Path | None = None) -> list[Reporter]:
-    from trainer.report import ConsoleReporter, JsonlReporter
-
-    out = Path(task["config"]["runtime"]["output_dir"])
-    found: list[Reporter] = [TuneReporter(emit, task, attempt, forked_from), JsonlReporter(), ConsoleReporter()]
-    if task.get("direct_uri") and task.get("run_id"):  # a trunk has no run: the driver logs its results
-        found.append(MlflowReporter(task["direct_uri"]))
-    at = _test_hook(FAIL_ENV, task["name"])
-    if at is not None:
-        found.append(FailOnce(int(at), out))
-    delay = _test_hook(DELAY_ENV, task["name"])
-    if delay is not None:
-        found.append(Delay(float(delay)))
-    return found
-
-
-def _test_hook(env: str, name: str) -> str | None:
-    for item in filter(None, os.environ.get(env, "").split(",")):
-        trial, _, value = item.rpartition("@")
-        if trial == name:
-            return value
-    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,8 +54,12 @@ def run_trial(config: dict[str, Any]) -> None:
         with trial_lock(out):
             attempt = _count_lines(out / "attempts.jsonl") + 1
             if _done(task, out):
-                _append(out / "attempts.jsonl", {"attempt": attempt, "skipped": "finished", "time": time.time()})
+                append_row(out / "attempts.jsonl", {"attempt": attempt, "skipped": "finished", "time": time.time()})
                 return
+            diverged = recorded_divergence(out)
+            if diverged is not None:  # deterministic: resuming would diverge at the same iteration again
+                append_row(out / "attempts.jsonl", {"attempt": attempt, "skipped": "diverged", "time": time.time()})
+                raise diverged
             start_from = fork_source(task, out)
             if int(task["workers"]) > 1:
                 _run_ddp(task, attempt, start_from)
@@ -251,7 +109,17 @@ def _run_local(task: dict[str, Any], attempt: int, start_from: Path | None) -> N
     from trainer.engine import train
 
     cfg = build_config(task["config"], source=f"trial {task['name']}")
-    train(cfg, reporters=reporters_for(task, _tune_report, attempt, start_from), **_train_args(task, start_from))
+    with checkpoint_warnings() as warnings:
+        reporters = reporters_for(task, _tune_report, attempt, start_from, warnings=warnings, placement=_placement())
+        train(cfg, reporters=reporters, **_train_args(task, start_from))
+
+
+def _placement() -> dict[str, Any]:
+    """Where this process runs in the cluster: its Ray node and the (logical) GPU ids Ray gave it."""
+    import ray
+
+    ctx = ray.get_runtime_context()
+    return {"node_id": ctx.get_node_id(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
 
 
 def _tune_report(metrics: dict[str, Any], pointer: dict[str, Any] | None) -> None:
@@ -321,8 +189,10 @@ def _ddp_worker(loop_config: dict[str, Any]) -> None:
         return
     handler = _file_log(Path(cfg.runtime.output_dir) / "train.log")
     try:
-        train(cfg, reporters=reporters_for(task, lambda m, p: queue.put((m, p)), loop_config["attempt"], start_from),
-              **_train_args(task, start_from))
+        with checkpoint_warnings() as warnings:
+            reporters = reporters_for(task, lambda m, p: queue.put((m, p)), loop_config["attempt"], start_from,
+                                      warnings=warnings, placement=_placement())
+            train(cfg, reporters=reporters, **_train_args(task, start_from))
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
@@ -386,11 +256,6 @@ def _file_log(path: Path) -> logging.Handler:
     if root.level > logging.INFO or root.level == logging.NOTSET:
         root.setLevel(logging.INFO)
     return handler
-
-
-def _append(path: Path, row: dict[str, Any]) -> None:
-    with open(path, "a") as fh:
-        fh.write(json.dumps(row) + "\n")
 
 
 def _count_lines(path: Path) -> int:

@@ -3,7 +3,8 @@
 Pure text rendering, shared by the live terminal view of `run` and by `status` (which builds the
 rows from the stored state without Ray). A row is a plain dict:
     {"name", "status", "iteration", "total", "bbox/AP", "segm/AP", "eta_s", "attempts"}
-and, with schedule forking, "role" ("trunk" | "branch") and a branch's "start" (its fork point): the
+a failed trial's one-line "reason" (printed under the table), and, with schedule forking, "role"
+("trunk" | "branch") and a branch's "start" (its fork point): the
 total line counts the iterations each task trains itself, so it adds up to the forked plan.
 """
 
@@ -40,6 +41,8 @@ def render(title: str, rows: list[dict[str, Any]], elapsed_s: float | None = Non
         lines.append(f"{i:>3}  {r['name']:<{width}}  {state:<11}  {f'{it}/{total}':>17}  {_ap(r.get('bbox/AP')):>6}  "
                      f"{_ap(r.get('segm/AP')):>7}  {duration(r.get('eta_s')):>8}")
     lines.append(total_line(rows, elapsed_s))
+    # Why a trial failed (e.g. "diverged: loss nan at iteration 7"), one line each under the table.
+    lines.extend(f"  ! {r['name']}: {r['reason']}" for r in rows if r.get("status") == "ERROR" and r.get("reason"))
     return "\n".join(lines)
 
 

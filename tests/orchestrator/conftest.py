@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 import yaml
@@ -67,44 +69,73 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory):
-    """A real Ray head (`ray start --head --block`) on 127.0.0.1 with 2 CPUs; yields its address.
+def start_node(log_path: Path, head: str | None = None, num_cpus: float = 2, num_gpus: float = 0,
+               timeout: float = 300, tries: int = 3) -> tuple[subprocess.Popen, str]:
+    """`ray start [--head | --address HEAD] --block` on 127.0.0.1, in its own session; (process, head address).
 
-    Stopped by terminating the process we started (never `ray stop`, which would hit other clusters).
+    RAY_AUTH_MODE must be set already (`auth_disabled`). Ray gives a starting node 30 s to register,
+    which a loaded machine can miss: such a start is killed (its whole process group) and tried again.
     """
-    port = _free_port()
-    tmp = tmp_path_factory.mktemp("ray")
-    # Ray >= 2.59 turns token auth on for local clusters; a test head and its drivers on one host do
-    # without (drivers inherit os.environ).
-    saved_mode = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AIR_NEW_OUTPUT": "0"}
-    env.pop("RAY_ADDRESS", None)
-    log = open(tmp / "head.log", "w")
-    proc = subprocess.Popen([str(Path(PYTHON).parent / "ray"), "start", "--head", "--block", "--num-cpus=2",
-                             "--num-gpus=0", "--include-dashboard=false", "--node-ip-address=127.0.0.1",
-                             f"--port={port}", "--disable-usage-stats"],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    address = f"127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError((tmp / "head.log").read_text())
+    for _ in range(tries):
+        port = _free_port()
+        where = [f"--address={head}"] if head else ["--head", f"--port={port}", "--include-dashboard=false"]
+        env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AIR_NEW_OUTPUT": "0"}
+        env.pop("RAY_ADDRESS", None)
+        with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
+            # A free agent port each: the default (52365) would clash between nodes on one host.
+            proc = subprocess.Popen([str(Path(PYTHON).parent / "ray"), "start", *where, "--block",
+                                     f"--num-cpus={num_cpus:g}", f"--num-gpus={num_gpus:g}",
+                                     f"--dashboard-agent-listen-port={_free_port()}", "--node-ip-address=127.0.0.1",
+                                     "--disable-usage-stats"],
+                                    stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline and proc.poll() is None and "Ray runtime started" not in log_path.read_text():
             time.sleep(1)
-    time.sleep(3)  # the raylet registers a moment after the GCS port opens
-    yield address
+        if proc.poll() is None and "Ray runtime started" in log_path.read_text():
+            return proc, head or f"127.0.0.1:{port}"
+        kill_node(proc)
+    raise RuntimeError(f"ray node did not start in {tries} tries: {log_path.read_text()[-2000:]}")
+
+
+def kill_node(proc: subprocess.Popen) -> None:
+    """SIGKILL every process of a node from `start_node` (its process group): a node lost at once."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def stop_node(proc: subprocess.Popen) -> None:
+    """Stop a node from `start_node` (never `ray stop`, which would hit other clusters on this host)."""
     proc.terminate()  # `ray start --block` stops the processes it started
     try:
         proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-    log.close()
-    if saved_mode is None:
-        os.environ.pop("RAY_AUTH_MODE", None)
-    else:
-        os.environ["RAY_AUTH_MODE"] = saved_mode
+        kill_node(proc)
+
+
+@contextmanager
+def auth_disabled() -> Iterator[None]:
+    """Ray >= 2.59 turns token auth on for local clusters; a test head and its drivers on one host do
+    without (drivers and `ray start` inherit os.environ)."""
+    saved_mode = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    try:
+        yield
+    finally:
+        if saved_mode is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = saved_mode
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    """A real Ray head (`ray start --head --block`) on 127.0.0.1 with 2 CPUs; yields its address."""
+    with auth_disabled():
+        proc, address = start_node(tmp_path_factory.mktemp("ray") / "head.log")
+        try:
+            yield address
+        finally:
+            stop_node(proc)

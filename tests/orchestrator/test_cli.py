@@ -31,7 +31,7 @@ def _refused(tmp_path, capsys, spec: dict, command: str = "run") -> str:
     ({"retry__max_failures": "twice"}, "retry.max_failures"),
     ({"grid__schedule": []}, "grid.schedule: axis has no values"),
     ({"grid__backbone": ["R152"]}, "unknown backbone 'R152'"),
-    ({"grid__data": ["all", "all"]}, "duplicate trial"),
+    ({"grid__data": ["all", "all"]}, "grid.data[1]: 'all' repeats grid.data[0]"),
 ])
 def test_bad_spec_refused(tmp_path, capsys, change, needle):
     for command in ("plan", "run"):

@@ -21,15 +21,16 @@ def _grid(tmp_path, **changes):
 def test_order_names_and_stable_ids(tmp_path):
     grid = {"init": ["random", "imagenet"], "data": ["all", "3.5k"], "schedule": ["1x", "2x"],
             "backbone": ["R18"], "optim.base_lr": [0.02, 0.04]}
-    exp = _grid(tmp_path, grid=grid)
+    big = {"dataset__generate__train": 4000}  # a 3.5k subset needs that many images
+    exp = _grid(tmp_path, grid=grid, **big)
     names = [t.name for t in exp.trials]
     assert len(names) == 16 and names[0] == "random-all-1x-R18-base_lr0.02"
     assert names[1] == "random-all-1x-R18-base_lr0.04" and names[-1] == "imagenet-3.5k-2x-R18-base_lr0.04"
-    again = _grid(tmp_path, grid=grid)
+    again = _grid(tmp_path, grid=grid, **big)
     assert [t.trial_id for t in again.trials] == [t.trial_id for t in exp.trials]
     assert again.spec_hash == exp.spec_hash
     # Ids do not depend on the machine's paths, and an explicit default is no change.
-    moved = _grid(tmp_path, grid=grid, storage_path="/elsewhere", base__optim__momentum=0.9)
+    moved = _grid(tmp_path, grid=grid, storage_path="/elsewhere", base__optim__momentum=0.9, **big)
     assert [t.trial_id for t in moved.trials] == [t.trial_id for t in exp.trials]
     assert exp.trials[3].config.optim.base_lr == 0.04 and exp.trials[3].config.data.train_images == "all"
 
@@ -58,7 +59,7 @@ def test_schedule_axis_forms(tmp_path):
 
 
 def test_duplicate_trial_is_refused(tmp_path):
-    with pytest.raises(SpecError, match="duplicate trial"):
+    with pytest.raises(SpecError, match=r"grid.data\[1\]: 'all' repeats grid.data\[0\]"):
         _grid(tmp_path, grid={"data": ["all", "all"]})
     with pytest.raises(SpecError, match="duplicate trial"):
         _grid(tmp_path, grid={"optim.base_lr": [0.02, 0.04]},

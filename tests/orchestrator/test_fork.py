@@ -117,7 +117,8 @@ def test_queue_releases_branches_once_their_fork_checkpoint_exists():
 
 def test_a_branch_forks_once_then_resumes_its_own(tmp_path):
     from orchestrator.errors import ForkError
-    from orchestrator.trainable import TuneReporter, fork_source
+    from orchestrator.trainable import fork_source
+    from orchestrator.trial_report import TuneReporter
     from trainer.report import RunInfo
 
     trunk_ckpt = checkpoint_file(tmp_path / "trunk", 2)

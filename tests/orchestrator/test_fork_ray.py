@@ -9,9 +9,6 @@ every schedule ends with a complete, duplicate-free MLflow trajectory.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -21,8 +18,9 @@ from orchestrator.expand import expand
 from orchestrator.plan import forked_totals, plan_rows, trunk_rows
 from orchestrator.spec import load_spec
 from orchestrator.state import metric_rows, trained_iterations
-from tests.orchestrator.conftest import PYTHON, REPO, cli, tiny_spec, write_spec
-from tests.orchestrator.test_sweep_ray import _attempts, _check_children, _duplicate_points, _mlflow
+from tests.orchestrator.conftest import cli, tiny_spec, write_spec
+from tests.orchestrator.sweep_utils import (attempts, check_children, duplicate_points, kill_driver_when,
+                                            mlflow_contents)
 
 pytestmark = pytest.mark.slow
 
@@ -69,10 +67,10 @@ def test_forked_sweep_equals_unforked_bit_for_bit(tmp_path, ray_cluster):
         assert out.returncode == 0, out.stderr[-3000:]
     print(f"tiny sweep {GRID['schedule']} wall time: forked {walls['forked']:.0f}s, "
           f"unforked {walls['unforked']:.0f}s")
-    forked, unforked = _mlflow(tmp_path, "forked"), _mlflow(tmp_path, "unforked")
-    _check_children(forked, EVALS)
-    _check_children(unforked, EVALS)
-    assert _duplicate_points(tmp_path) == []
+    forked, unforked = mlflow_contents(tmp_path, "forked"), mlflow_contents(tmp_path, "unforked")
+    check_children(forked, EVALS)
+    check_children(unforked, EVALS)
+    assert duplicate_points(tmp_path) == []
     # Every point of every schedule's MLflow curve, bit for bit; the final metrics too.
     a, b = _curves(tmp_path, "forked"), _curves(tmp_path, "unforked")
     assert a == b
@@ -102,42 +100,30 @@ def test_driver_killed_while_trunk_and_branch_run(tmp_path, ray_cluster):
     sweep = tmp_path / "runs" / "tiny"
     trunk, one = sweep / "trials" / TRUNK, sweep / "trials" / "random-all-1x-R18"
     # Slow the trunk and the 1x branch down (test hook) so both are mid-way at the kill.
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ray_cluster,
-           "ORCHESTRATOR_DELAY": f"{TRUNK}@2.5,random-all-1x-R18@1"}
-    log = open(tmp_path / "driver1.log", "w")
-    driver = subprocess.Popen([PYTHON, "-m", "orchestrator", "run", str(path), "--no-view"], cwd=REPO, env=env,
-                              stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.time() + 900
-    while time.time() < deadline:
-        branch_mid = _has(one, "checkpoints/ckpt_*.pt") and not (one / "final_metrics.json").exists()
-        if branch_mid and not (trunk / "checkpoints" / "ckpt_0000014.pt").exists():
-            break
-        assert driver.poll() is None, (tmp_path / "driver1.log").read_text()[-3000:]
+    env = {"RAY_ADDRESS": ray_cluster, "ORCHESTRATOR_DELAY": f"{TRUNK}@2.5,random-all-1x-R18@1"}
+
+    def ready() -> bool:
         assert not (trunk / "checkpoints" / "ckpt_0000014.pt").exists(), "the trunk finished before the kill"
-        time.sleep(0.2)
-    else:
-        pytest.fail("sweep never reached the kill point")
-    killed_at = time.time()
-    driver.send_signal(signal.SIGKILL)
-    driver.wait()
-    log.close()
+        return _has(one, "checkpoints/ckpt_*.pt") and not (one / "final_metrics.json").exists()
+
+    killed_at = kill_driver_when(["run", str(path), "--no-view"], ready, tmp_path / "driver1.log", env)
     out = cli("resume", str(sweep), "--no-view", env={"RAY_ADDRESS": ray_cluster})
     assert out.returncode == 0, out.stderr[-3000:]
-    ml = _mlflow(tmp_path, "tiny")
-    _check_children(ml, EVALS)
-    assert _duplicate_points(tmp_path) == []
+    ml = mlflow_contents(tmp_path, "tiny")
+    check_children(ml, EVALS)
+    assert duplicate_points(tmp_path) == []
     curves = _curves(tmp_path, "tiny")
     for name in FORKS:
         assert curves[name] == _as_curves(_disk_curve(sweep, name)), name
-        tries = _attempts(sweep, name)
+        tries = attempts(sweep, name)
         assert not any("skipped" in a for a in tries), name  # Tune never held a task twice
         assert sum("forked_from" in a for a in tries) == 1, (name, tries)  # forked exactly once
         # Its own MLflow run throughout, though it started from the trunk's checkpoint (and tracking dict).
         assert {a["run_id"] for a in tries} == {ml["children"][name].info.run_id}, name
     # The killed branch continued from its own checkpoint, the killed trunk from its own.
-    resumed = [a for a in _attempts(sweep, "random-all-1x-R18") if a["time"] > killed_at]
+    resumed = [a for a in attempts(sweep, "random-all-1x-R18") if a["time"] > killed_at]
     assert resumed and resumed[0]["start_iter"] >= 3 and "forked_from" not in resumed[0]
-    resumed = [a for a in _attempts(sweep, TRUNK) if a["time"] > killed_at]
+    resumed = [a for a in attempts(sweep, TRUNK) if a["time"] > killed_at]
     assert resumed and resumed[0]["start_iter"] >= 3
     status = cli("status", str(sweep))
     assert status.returncode == 0 and "total: 3 trials + 1 trunks (4 finished)" in status.stdout

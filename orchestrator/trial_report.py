@@ -1,0 +1,223 @@
+"""What a trial attempt reports: Tune results, attempts.jsonl rows, segments, and the test hooks.
+
+Ray-free (the Tune `report` call is handed in as `emit`), so it runs and is tested without a cluster;
+`orchestrator.trainable` wires it into the Tune function. `TuneReporter` holds back a checkpoint
+step's metrics until that step's checkpoint is written, so an evaluation goes out together with the
+Tune checkpoint that points at it. Each attempt's row in attempts.jsonl says where it ran (host,
+pid, Ray node, the GPU ids Ray assigned) and from where it started; a damaged checkpoint the trainer
+skipped on the way (`trainer.checkpoint.load_latest`) is named there and in the attempt's first
+report (`trial/warnings`), which the driver logs, so the skip is seen where the sweep is watched.
+
+Test hooks: ORCHESTRATOR_FAIL_ONCE="TRIAL_NAME@ITER[,...]" makes that trial raise once, at its first
+report at or after ITER (a marker file in its folder keeps it to once); ORCHESTRATOR_DELAY=
+"TRIAL_NAME@SECONDS[,...]" makes it sleep that long at every report (to hold a kill window open).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from orchestrator.monitor import K_ATTEMPT, K_EVENT, K_ITER, K_RUN, K_TOTAL, record_divergence
+from trainer.errors import NonFiniteLossError
+from trainer.report import Reporter, RunInfo
+
+logger = logging.getLogger(__name__)
+
+FAIL_ENV = "ORCHESTRATOR_FAIL_ONCE"
+DELAY_ENV = "ORCHESTRATOR_DELAY"
+K_WARNINGS = "trial/warnings"  # in an attempt's "start" report: what the driver should warn about
+Emit = Callable[[dict[str, Any], "dict[str, Any] | None"], None]
+
+
+class TuneReporter(Reporter):
+    """Trainer reporter that emits Tune results; an evaluation goes out with its step's checkpoint."""
+
+    def __init__(self, emit: Emit, task: dict[str, Any], attempt: int, forked_from: Path | None = None, *,
+                 warnings: list[str] | None = None, placement: dict[str, Any] | None = None):
+        self.emit, self.task, self.attempt, self.forked_from = emit, task, attempt, forked_from
+        # Filled while the trainer restores (before start()): damaged checkpoints it skipped.
+        self.warnings = warnings if warnings is not None else []
+        self.placement = placement or {}
+        self.start_iter = self.last_step = 0
+        self.out: Path | None = None  # set by start(): no segment for an attempt that never started
+        self.pending: dict[str, float] = {}
+        self.pending_step = -1
+        self.pending_event = "train"
+        self.run_id = task.get("run_id", "")
+        self.total = 0
+        ck = task["config"]["checkpoint"]
+        self._period, self._at = int(ck["period"]), set(ck["at"])
+
+    def _is_ckpt_step(self, step: int) -> bool:
+        return step == self.total or (self._period > 0 and step % self._period == 0) or step in self._at
+
+    def start(self, info: RunInfo) -> None:
+        # A trunk stops at its last fork point: that is its total as far as anyone watching goes.
+        self.total = int(self.task.get("stop_after") or info.total_iters)
+        self.start_iter = self.last_step = info.start_iter
+        if info.tracking.get("trial_id") not in (None, self.task["trial_id"]):
+            info.tracking.clear()  # restored from the trunk's checkpoint: its tracking dict is the trunk's
+        # The first attempt stores the run id; later attempts read it back from the checkpoint.
+        self.run_id = info.tracking.setdefault("mlflow_run_id", self.run_id)
+        info.tracking.setdefault("trial_id", self.task["trial_id"])
+        row = {"attempt": self.attempt, "start_iter": info.start_iter, "time": time.time(),
+               "host": socket.gethostname(), "pid": os.getpid(), "run_id": self.run_id, **self.placement}
+        if self.forked_from is not None:
+            row["forked_from"] = str(self.forked_from)
+        meta = self._meta(info.start_iter, "start")
+        if self.warnings:
+            row["warnings"] = list(self.warnings)
+            meta[K_WARNINGS] = "; ".join(self.warnings)
+        append_row(Path(info.output_dir) / "attempts.jsonl", row)
+        self.out = Path(info.output_dir)
+        self.emit(meta, None)
+
+    def _meta(self, step: int, event: str) -> dict[str, Any]:
+        return {K_ITER: step, K_TOTAL: self.total, K_ATTEMPT: self.attempt, K_EVENT: event, K_RUN: self.run_id}
+
+    def log(self, step: int, metrics) -> None:
+        self.last_step = max(self.last_step, step)
+        event = "eval" if any(k.startswith(("bbox/", "segm/")) for k in metrics) else "train"
+        if self._is_ckpt_step(step):  # hold it: the checkpoint of this step follows (hooks' order)
+            if self.pending_step not in (-1, step):
+                self._flush()
+            self.pending.update(metrics)
+            self.pending_step = step
+            if event == "eval":
+                self.pending_event = "eval"
+            return
+        self.emit({**metrics, **self._meta(step, event)}, None)
+
+    def checkpoint(self, step: int, path: Path) -> None:
+        self.last_step = max(self.last_step, step)
+        pointer = {"trainer_checkpoint": str(path), "iteration": step, "run_id": self.run_id,
+                   "trial_id": self.task["trial_id"]}
+        metrics = self.pending if self.pending_step == step else {}
+        event = self.pending_event if metrics else "checkpoint"
+        self.emit({**metrics, **self._meta(step, event)}, pointer)
+        self.pending, self.pending_step, self.pending_event = {}, -1, "train"
+
+    def _flush(self) -> None:
+        if self.pending:
+            self.emit({**self.pending, **self._meta(self.pending_step, self.pending_event)}, None)
+        self.pending, self.pending_step, self.pending_event = {}, -1, "train"
+
+    def finish(self, status: str, error: BaseException | None = None) -> None:
+        self._flush()
+        if self.out is not None and isinstance(error, NonFiniteLossError):
+            record_divergence(self.out, error)  # a retry would diverge again: run_trial refuses it
+        if self.out is not None:  # the iterations this attempt trained (its last one is always reported)
+            append_row(self.out / "segments.jsonl", {"attempt": self.attempt, "start": self.start_iter,
+                                                     "end": self.last_step, "status": status,
+                                                     "cuda": _cuda_initialized()})
+
+
+class Delay(Reporter):
+    """Test hook: sleep at every report, so a test can kill the driver while this trial runs."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def log(self, step: int, metrics) -> None:
+        if "train/loss" in metrics:
+            time.sleep(self.seconds)
+
+
+class FailOnce(Reporter):
+    """Test hook: raise at the first report at or after `at`, once per trial folder."""
+
+    def __init__(self, at: int, folder: Path):
+        self.at, self.marker = at, Path(folder) / "injected_failure"
+
+    def log(self, step: int, metrics) -> None:
+        if step >= self.at and not self.marker.exists():
+            self.marker.write_text(f"{step}\n")
+            raise RuntimeError(f"injected failure at iteration {step} ({FAIL_ENV})")
+
+
+class MlflowReporter(Reporter):
+    """Direct logging from the trial, only with a tracking server (several writers are fine there)."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.logger = None
+
+    def start(self, info: RunInfo) -> None:
+        from orchestrator.tracking import BufferedMetricLogger
+
+        # Queues and sends from a thread: an outage of the server neither blocks nor kills training.
+        self.logger = BufferedMetricLogger.for_uri(self.uri, info.tracking["mlflow_run_id"])
+
+    def log(self, step: int, metrics) -> None:
+        if self.logger is not None:
+            self.logger.log(step, metrics)
+
+    def finish(self, status: str, error: BaseException | None = None) -> None:
+        if self.logger is not None:  # what is still queued then, the driver fills in from metrics.jsonl
+            self.logger.close(timeout=10.0)
+
+
+def reporters_for(task: dict[str, Any], emit: Emit, attempt: int, forked_from: Path | None = None, *,
+                  warnings: list[str] | None = None, placement: dict[str, Any] | None = None) -> list[Reporter]:
+    from trainer.report import ConsoleReporter, JsonlReporter
+
+    out = Path(task["config"]["runtime"]["output_dir"])
+    found: list[Reporter] = [TuneReporter(emit, task, attempt, forked_from, warnings=warnings, placement=placement),
+                             JsonlReporter(), ConsoleReporter()]
+    if task.get("direct_uri") and task.get("run_id"):  # a trunk has no run: the driver logs its results
+        found.append(MlflowReporter(task["direct_uri"]))
+    at = _test_hook(FAIL_ENV, task["name"])
+    if at is not None:
+        found.append(FailOnce(int(at), out))
+    delay = _test_hook(DELAY_ENV, task["name"])
+    if delay is not None:
+        found.append(Delay(float(delay)))
+    return found
+
+
+def _test_hook(env: str, name: str) -> str | None:
+    for item in filter(None, os.environ.get(env, "").split(",")):
+        trial, _, value = item.rpartition("@")
+        if trial == name:
+            return value
+    return None
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _cuda_initialized() -> bool:
+    """Whether this process touched CUDA (a Ray-assigned logical GPU must not pull a CPU trial onto it)."""
+    import torch
+
+    return bool(torch.cuda.is_initialized())
+
+
+@contextmanager
+def checkpoint_warnings() -> Iterator[list[str]]:
+    """The warnings `trainer.checkpoint` logs meanwhile (a damaged checkpoint skipped on resume)."""
+    handler = _Collect()
+    source = logging.getLogger("trainer.checkpoint")
+    source.addHandler(handler)
+    try:
+        yield handler.messages
+    finally:
+        source.removeHandler(handler)
+
+
+def append_row(path: Path, row: dict[str, Any]) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps(row) + "\n")

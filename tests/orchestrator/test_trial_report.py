@@ -1,0 +1,37 @@
+"""A trial attempt's report without Ray: a damaged checkpoint skipped on resume is named where it is seen."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from orchestrator.trial_report import K_WARNINGS, TuneReporter, checkpoint_warnings
+from trainer import checkpoint as ckpt
+from trainer.report import RunInfo
+
+
+def test_a_skipped_damaged_checkpoint_is_named_in_the_attempt_row_and_first_report(tmp_path):
+    folder = tmp_path / "checkpoints"
+    for it in (3, 6):
+        ckpt.save_atomic({"model": {"w": torch.ones(4)}, "iteration": it}, ckpt.checkpoint_path(folder, it))
+    newest = ckpt.checkpoint_path(folder, 6)
+    newest.write_bytes(newest.read_bytes()[:20])
+    task = {"trial_id": "t1", "name": "t1", "run_id": "run-1", "config": {"checkpoint": {"period": 3, "at": []}}}
+    sent = []
+    with checkpoint_warnings() as warnings:
+        reporter = TuneReporter(lambda m, p: sent.append(m), task, 2, warnings=warnings,
+                                placement={"node_id": "n1", "gpu_ids": ["0"]})
+        path, state = ckpt.load_latest(folder)
+        reporter.start(RunInfo(None, tmp_path, state["iteration"], 12, {"mlflow_run_id": "run-1"}))
+    assert path == ckpt.checkpoint_path(folder, 3)
+    row = json.loads((tmp_path / "attempts.jsonl").read_text())
+    assert row["start_iter"] == 3 and (row["node_id"], row["gpu_ids"]) == ("n1", ["0"])
+    assert len(row["warnings"]) == 1 and str(newest) in row["warnings"][0]
+    assert str(newest) in sent[0][K_WARNINGS] and sent[0]["trial/event"] == "start"
+    # Nothing skipped, nothing to warn about; and the capture is gone after its block.
+    with checkpoint_warnings() as quiet:
+        TuneReporter(lambda m, p: sent.append(m), task, 3, warnings=quiet).start(
+            RunInfo(None, tmp_path, 3, 12, {"mlflow_run_id": "run-1"}))
+    ckpt.load_latest(folder)
+    assert quiet == [] and K_WARNINGS not in sent[-1]
