@@ -42,12 +42,15 @@ def tiny_spec(tmp: Path, name: str = "tiny", **changes: Any) -> dict[str, Any]:
         "retry": {"max_failures": 1},
     }
     for key, value in changes.items():
-        node = spec
-        parts = key.split("__")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
+        set_path(spec, key.split("__"), value)
     return spec
+
+
+def set_path(tree: dict[str, Any], parts: list[str], value: Any) -> None:
+    """tree[parts[0]][parts[1]]... = value, creating the levels that are missing."""
+    for part in parts[:-1]:
+        tree = tree.setdefault(part, {})
+    tree[parts[-1]] = value
 
 
 def write_spec(tmp: Path, spec: dict[str, Any], filename: str = "spec.yaml") -> Path:

@@ -18,18 +18,14 @@ import pytest
 import yaml
 
 from orchestrator.cli import main as orchestrator_main
-from tests.orchestrator.conftest import TINY_MODEL, cli, tiny_spec, write_spec
+from tests.orchestrator.conftest import TINY_MODEL, cli, set_path, tiny_spec, write_spec
 
 Edit = Callable[[dict[str, Any], Path], Any]
 
 
 def _set(dotted: str, value: Any) -> Edit:
     def edit(spec: dict[str, Any], tmp: Path) -> None:
-        node = spec
-        parts = dotted.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
+        set_path(spec, dotted.split("."), value)
     return edit
 
 
