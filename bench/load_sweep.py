@@ -12,6 +12,9 @@ then counts what arrived and prints one table:
                             build, Tune and MLflow bookkeeping), per trial
   metric rows, rows/s       rows in the store at the end (checked: every point of every
                             metrics.jsonl, once) over the sweep wall
+  disk MB                   what the sweep folder holds at the end: the trials run with
+                            `keep_checkpoints: none` (a finished trial drops its checkpoints; at
+                            ~180 MB each, 200 kept final checkpoints would take 36 GB)
 Side by side on the same server it then times MLflow logging itself: 2,000 steps x 12 keys sent
 (a) one request per step (`MetricLogger.log`, what a trial did before buffering) and (b) through a
 `BufferedMetricLogger` (queue + batched sender, until drained); the final ratio is (b)/(a) rows/s.
@@ -27,6 +30,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,6 +44,19 @@ from tests.orchestrator.mlflow_server import MlflowServer  # noqa: E402
 from tests.orchestrator.test_load import count_arrivals, load_spec  # noqa: E402
 
 log = logging.getLogger("bench.load_sweep")
+NEEDED_GB = 8  # a few trials' checkpoints while they run, Ray's session logs, the MLflow store
+
+
+def check_disk(folder: Path) -> float:
+    """Free GB where the sweep writes; refuse to start a run that would fill the disk halfway."""
+    free = shutil.disk_usage(folder).free / 1e9
+    if free < NEEDED_GB:
+        raise SystemExit(f"only {free:.1f} GB free in {folder}; this bench needs about {NEEDED_GB} GB")
+    return free
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
 def run_sweep(tmp: Path, server: MlflowServer, trials: int) -> dict:
@@ -59,6 +76,7 @@ def run_sweep(tmp: Path, server: MlflowServer, trials: int) -> dict:
         start = json.loads((folder / "attempts.jsonl").read_text().splitlines()[0])["time"]
         in_trial += (folder / "final_metrics.json").stat().st_mtime - start
     got = count_arrivals(server, sweep, "load")
+    got["disk"] = folder_bytes(sweep)
     # The driver says how many trials the cluster ran at once ("running N trials, at most K at a time").
     slots = int(re.search(r"at most (\d+) at a time", out.stderr).group(1))
     return {"wall": wall, "in_trial": in_trial, "slots": slots, **got}
@@ -95,6 +113,7 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with tempfile.TemporaryDirectory(prefix="load-sweep-") as tmp:
+        log.info("%.0f GB free in %s", check_disk(Path(tmp)), tmp)
         server = MlflowServer(Path(tmp) / "mlflow")
         log.info("mlflow server up in %.1fs", server.start())
         try:
@@ -105,9 +124,9 @@ def main() -> int:
     overhead = (r["slots"] * r["wall"] - r["in_trial"]) / args.trials
     ok = not r["missing"] and not r["extra"] and not r["duplicates"] and r["rows"] == r["expected_points"]
     print(f"{'trials':>8} {'slots':>5} {'wall s':>8} {'in-trial s':>10} {'overhead s/trial':>16} "
-          f"{'runs':>5} {'metric rows':>11} {'rows/s':>7} {'dups':>4} {'complete':>8}")
+          f"{'runs':>5} {'metric rows':>11} {'rows/s':>7} {'dups':>4} {'complete':>8} {'disk MB':>8}")
     print(f"{args.trials:>8} {r['slots']:>5} {r['wall']:>8.1f} {r['in_trial']:>10.1f} {overhead:>16.2f} "
-          f"{r['runs']:>5} {r['rows']:>11} {r['rows'] / r['wall']:>7.1f} {len(r['duplicates']):>4} {str(ok):>8}")
+          f"{r['runs']:>5} {r['rows']:>11} {r['rows'] / r['wall']:>7.1f} {len(r['duplicates']):>4} {str(ok):>8} {r['disk'] / 1e6:>8.1f}")
     print(f"MLflow logging, {args.logging_steps} steps x 12 keys: per-step requests {per_step:.0f} rows/s, "
           f"buffered sender {batched:.0f} rows/s")
     print(f"ratio buffered/per-step: {batched / per_step:.1f}x")

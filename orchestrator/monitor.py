@@ -13,7 +13,7 @@ trial's run is checked against its whole file once more.
 MLflow may be away for a while (a tracking server restarting): a status, fill or artifact that fails
 is owed, not lost; `tick` retries what is owed (with backoff) in order, fill before the final status,
 and `close` tries once more for a bounded time. A trial whose loss became non-finite records
-diverged.json in its folder (`record_divergence`); it is failed at once, with the iteration and loss
+diverged.json in its folder (`state.record_divergence`); it is failed at once, with the iteration and loss
 as the reason in the table, state.json and its run's `failure_reason` tag, and never trained again.
 
 Schedule forking: a trunk has no MLflow run of its own. Its results go, step by step, into the run
@@ -38,22 +38,7 @@ logger = logging.getLogger(__name__)
 
 # Keys a trial adds to every report (the rest are trainer metrics).
 K_ITER, K_TOTAL, K_ATTEMPT, K_EVENT, K_RUN = "trial/iteration", "trial/total", "trial/attempt", "trial/event", "trial/run_id"
-DIVERGED = "diverged.json"  # in a trial's folder: the iteration and loss it diverged at
 SETTLE_S = 120.0  # how long `close` keeps retrying what MLflow is owed (a server restart takes a while)
-
-
-def record_divergence(folder: Path, error: Any) -> None:
-    """Called in the trial (a NonFiniteLossError): the reason the driver shows, and a bar to retries."""
-    data = {"iteration": int(error.iteration), "loss": str(error.loss), "message": str(error), "time": time.time()}
-    st.write_json(Path(folder) / DIVERGED, data)
-
-
-def recorded_divergence(folder: Path) -> Any | None:
-    """The NonFiniteLossError recorded in a trial folder, or None."""
-    from trainer.errors import NonFiniteLossError
-
-    data = st.read_json(Path(folder) / DIVERGED)
-    return NonFiniteLossError(int(data["iteration"]), float(data["loss"])) if data else None
 
 
 class LiveView:
@@ -246,7 +231,7 @@ class SweepMonitor:
         row = self.trials[trial_id]
         if row.get("diverged"):
             return  # failed for good when it diverged; Tune's retries only re-raise it
-        diverged = recorded_divergence(st.trial_dir(self.sweep_dir, row["name"]))
+        diverged = st.recorded_divergence(st.trial_dir(self.sweep_dir, row["name"]))
         if diverged is not None:
             self._diverged(trial_id, diverged)
             return

@@ -168,10 +168,10 @@ def run_tune(sweep_dir: Path, tasks: list[dict[str, Any]], res: Resources, max_f
             # max_concurrent_trials: its ConcurrencyLimiter would persist live-trial ids a killed driver
             # can leave stale; the trial resources bound the concurrency anyway.
             kwargs: dict[str, Any] = {"tune_config": tune.TuneConfig(search_alg=ForkSearcher(), num_samples=-1,
-                                                                     **names)}
+                                                                     reuse_actors=True, **names)}
         else:
             kwargs = {"param_space": {"trial": tune.grid_search(tasks)},
-                      "tune_config": tune.TuneConfig(max_concurrent_trials=concurrent, **names)}
+                      "tune_config": tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=True, **names)}
         tuner = tune.Tuner(
             trainable,
             run_config=tune.RunConfig(

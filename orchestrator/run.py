@@ -2,8 +2,8 @@
 
 Order matters: every check that can refuse (spec, trial configs, changed spec, dataset, MLflow URI,
 Ray address) runs before anything is created or launched. Then: the sweep folder, the dataset (if
-the spec generates it), the Ray connection, the MLflow parent run and one child run per trial, the
-pretrain jobs, and the Tune run of the trials, longest first (it keeps the sweep's tail short).
+the spec generates it), the Ray connection, the pretrain jobs (while a thread makes the MLflow parent
+run and one child run per trial), and the Tune run of the trials, longest first (it keeps the tail short).
 With schedule forking the trunks run as tasks too (no MLflow run of their own), and each branch is
 released to Tune once its trunk's checkpoint at its fork point is on disk (`orchestrator.fork`).
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,7 @@ def prepare(spec_path: Path, storage: Path | None = None) -> Prepared:
 def run(spec_path: Path, *, storage: Path | None = None, must_exist: bool = False, view: bool = True) -> int:
     """Start or resume a sweep; returns 0 when every trial finished, 1 otherwise."""
     from orchestrator import ray_backend as rb
-    from orchestrator.tracking import SweepTracker, is_server
+    from orchestrator.tracking import is_server
 
     p = prepare(spec_path, storage)
     if must_exist and p.record is None:
@@ -86,11 +87,13 @@ def run(spec_path: Path, *, storage: Path | None = None, must_exist: bool = Fals
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     env.update({k: os.environ[k] for k in FORWARD_ENV if k in os.environ})
     rb.connect(p.address, env)
-    concurrent = rb.max_concurrent(spec.resources, rb.capacity())
-    tracker = SweepTracker(p.tracking_uri, spec.name, exp.spec_hash, record["code_version"])
-    tracker.open_parent(p.spec_text)
-    run_ids = _child_runs(tracker, exp, sweep_dir, record)
-    backbones = _pretrain(exp, sweep_dir, spec.retry.max_failures)
+    concurrent = rb.max_concurrent(spec.resources, rb.capacity())  # refuses before MLflow is written to
+    # MLflow's runs are made while the pretrain jobs train: a fresh store's migrations and one child
+    # run (with all its params) per trial take seconds to a minute on a big grid.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-setup") as pool:
+        opened = pool.submit(_open_tracking, p, record)
+        backbones = _pretrain(exp, sweep_dir, spec.retry.max_failures)
+        tracker, run_ids = opened.result()
     tasks = _tasks(exp, sweep_dir, backbones, run_ids, p.tracking_uri if is_server(p.tracking_uri) else None)
     monitor = SweepMonitor(sweep_dir, record, run_ids, tracker, log_metrics=not is_server(p.tracking_uri),
                            view=LiveView(enabled=view))
@@ -107,6 +110,15 @@ def run(spec_path: Path, *, storage: Path | None = None, must_exist: bool = Fals
                 _hms(time.time() - t0), st.trained_iterations(sweep_dir, [t["name"] for t in tasks]),
                 sum(t["total"] - (t.get("fork") or {}).get("at", 0) for t in tasks))
     return 0 if status == "FINISHED" else 1
+
+
+def _open_tracking(p: Prepared, record: dict[str, Any]) -> tuple[Any, dict[str, str]]:
+    """The sweep's parent run and one child run per trial (existing ones are found, not duplicated)."""
+    from orchestrator.tracking import SweepTracker
+
+    tracker = SweepTracker(p.tracking_uri, p.spec.name, p.exp.spec_hash, record["code_version"])
+    tracker.open_parent(p.spec_text)
+    return tracker, _child_runs(tracker, p.exp, p.sweep_dir, record)
 
 
 def _child_runs(tracker: Any, exp: Expansion, sweep_dir: Path, record: dict[str, Any]) -> dict[str, str]:
@@ -143,7 +155,8 @@ def _tasks(exp: Expansion, sweep_dir: Path, backbones: dict[str, Path], run_ids:
         task = {"trial_id": trial.trial_id, "name": trial.name, "config": config_to_dict(cfg),
                 "run_id": run_ids.get(trial.trial_id, ""), "direct_uri": direct_uri, "workers": res.workers,
                 "cpus_per_worker": res.cpus_per_worker, "gpus_per_worker": res.gpus_per_worker,
-                "train_storage": str(sweep_dir / "train"), "total": _total(cfg), "role": "trial"}
+                "train_storage": str(sweep_dir / "train"), "total": _total(cfg), "role": "trial",
+                "keep_checkpoints": exp.spec.keep_checkpoints}
         if trial.trial_id in exp.forks.branches:
             trunk_id, at = exp.forks.branches[trial.trial_id]
             trunk = exp.forks.trunk(trunk_id)

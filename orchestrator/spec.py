@@ -18,6 +18,7 @@ Ray, no MLflow, no torch. A spec looks like
     storage_path: runs
     retry: {max_failures: 2}
     fork_schedules: null     # default: on when the grid has a schedule axis (see orchestrator/fork.py)
+    keep_checkpoints: final  # what a finished trial keeps: all | final | weights | none (orchestrator/retention.py)
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from orchestrator.errors import SpecError
+from orchestrator.retention import KeepCheckpoints
 from trainer.config import ModelConfig, TrainConfig, format_validation_error
 
 # Named axes and the trainer key each one sets. Other axes are dotted trainer keys themselves.
@@ -149,6 +151,8 @@ class SweepSpec(_Strict):
     estimate: Estimate = Estimate()
     # One base-LR trunk per cell shared by its schedules, each branching off at its first LR drop.
     fork_schedules: bool | None = None
+    # A storage policy, not part of any trial's identity: changing it never blocks a resume.
+    keep_checkpoints: KeepCheckpoints = "final"
 
     @property
     def forking(self) -> bool:

@@ -7,7 +7,8 @@ Pure (no Ray, no MLflow): `status` reads everything here without a cluster. Layo
     STORAGE/NAME/identity.json    each trial's defining config, to say what changed on a refusal
     STORAGE/NAME/state.json       live view of the driver: per-trial status, iteration, AP, attempts
     STORAGE/NAME/trials/TRIAL/    the trainer's output folder (config.yaml, metrics.jsonl, checkpoints/);
-                                  a trunk's too (schedule forking), and a branch's fork.json
+                                  a trunk's too (schedule forking), a branch's fork.json, and
+                                  diverged.json once a trial's loss went non-finite
     STORAGE/NAME/pretrain/JOB/    a pretrain job's output (backbone.pt) and its done.json
     STORAGE/NAME/tune/            Ray Tune's experiment folder (what `run` restores from)
 
@@ -33,6 +34,7 @@ from trainer.schedule import resolve_schedule
 
 RECORD = "sweep.json"
 STATE = "state.json"
+DIVERGED = "diverged.json"  # in a trial's folder: the iteration and loss it diverged at
 FINISHED, RUNNING, PENDING, ERROR = "FINISHED", "RUNNING", "PENDING", "ERROR"
 
 
@@ -54,6 +56,20 @@ def write_json(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str))
     os.replace(tmp, path)
+
+
+def record_divergence(folder: Path, error: Any) -> None:
+    """Called in the trial (a NonFiniteLossError): the reason the driver shows, and a bar to retries."""
+    data = {"iteration": int(error.iteration), "loss": str(error.loss), "message": str(error), "time": time.time()}
+    write_json(Path(folder) / DIVERGED, data)
+
+
+def recorded_divergence(folder: Path) -> Any | None:
+    """The NonFiniteLossError recorded in a trial folder, or None."""
+    from trainer.errors import NonFiniteLossError
+
+    data = read_json(Path(folder) / DIVERGED)
+    return NonFiniteLossError(int(data["iteration"]), float(data["loss"])) if data else None
 
 
 # ----------------------------------------------------------------------------------------------

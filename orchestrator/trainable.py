@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from orchestrator.errors import ForkError
-from orchestrator.monitor import recorded_divergence
+from orchestrator.state import recorded_divergence
 from orchestrator.trial_report import append_row, checkpoint_warnings, reporters_for
 
 logger = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ def run_trial(config: dict[str, Any]) -> None:
             attempt = _count_lines(out / "attempts.jsonl") + 1
             if _done(task, out):
                 append_row(out / "attempts.jsonl", {"attempt": attempt, "skipped": "finished", "time": time.time()})
+                _retain(task, out)  # again: the attempt that finished it may have died while pruning
                 return
             diverged = recorded_divergence(out)
             if diverged is not None:  # deterministic: resuming would diverge at the same iteration again
@@ -65,6 +66,7 @@ def run_trial(config: dict[str, Any]) -> None:
                 _run_ddp(task, attempt, start_from)
             else:
                 _run_local(task, attempt, start_from)
+            _retain(task, out)
     finally:
         logging.getLogger().removeHandler(log_handler)
         log_handler.close()
@@ -76,6 +78,14 @@ def _done(task: dict[str, Any], out: Path) -> bool:
 
         return checkpoint_file(out, int(task["stop_after"])).exists()
     return (out / "final_metrics.json").exists()
+
+
+def _retain(task: dict[str, Any], out: Path) -> None:
+    """A finished trial's checkpoint policy; a trunk keeps its checkpoints (its branches' fork points)."""
+    from orchestrator.retention import apply_retention
+
+    if task.get("role") != "trunk":
+        apply_retention(out, task.get("keep_checkpoints", "final"))
 
 
 def fork_source(task: dict[str, Any], out: Path) -> Path | None:

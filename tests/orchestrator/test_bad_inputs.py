@@ -50,6 +50,7 @@ SPEC_CASES: list[tuple[str, Edit, str]] = [
     ("unknown-top-key", _set("bogus", 1), "unknown key 'bogus'"),
     ("unknown-nested-key", _set("resources.gpu", 1), "unknown key 'resources.gpu'"),
     ("wrong-type", _set("retry.max_failures", "twice"), "retry.max_failures"),
+    ("unknown-retention", _set("keep_checkpoints", "latest"), "keep_checkpoints"),
     ("bad-name", _set("name", "../escape"), "name:"),
     ("empty-axis", _set("grid.schedule", []), "grid.schedule: axis has no values"),
     ("duplicate-axis-value", _set("grid.data", ["all", 8, 8]), "grid.data[2]: 8 repeats grid.data[1]"),

@@ -89,6 +89,11 @@ def test_forked_sweep_equals_unforked_bit_for_bit(tmp_path, ray_cluster):
         assert (naive, planned) == (36, trained)
         names = [t.name for t in exp.trials] + [k.name for k in exp.forks.trunks]
         assert trained_iterations(runs / name, names) == planned
+    # keep_checkpoints (default final): a finished branch keeps its last checkpoint; the trunk its fork points.
+    trials = runs / "forked" / "trials"
+    for name, evals in EVALS.items():
+        assert sorted(p.name for p in (trials / name / "checkpoints").glob("ckpt_*.pt")) == [f"ckpt_{evals[-1]:07d}.pt"]
+    assert {f"ckpt_{at:07d}.pt" for at in FORKS.values()} <= {p.name for p in (trials / TRUNK / "checkpoints").iterdir()}
 
 
 def _has(folder: Path, pattern: str) -> bool:

@@ -27,7 +27,8 @@ def load_spec(tmp: Path, uri: str, n: int, name: str = "load") -> dict:
     lrs = [round(0.001 * (i + 1), 6) for i in range(n)]
     return tiny_spec(tmp, name=name, tracking_uri=uri, grid={"data": ["all"], "optim.base_lr": lrs},
                      base__schedule__iters_per_x=2, base__eval__period=2, base__checkpoint__period=2,
-                     base__runtime__log_period=1, base__data__num_workers=0, fork_schedules=False)
+                     base__runtime__log_period=1, base__data__num_workers=0, fork_schedules=False,
+                     keep_checkpoints="none")  # 200 finished trials x 180 MB would fill a disk
 
 
 def trial_points(folder: Path) -> set[tuple[str, int]]:
@@ -80,3 +81,4 @@ def test_every_run_and_point_arrives(tmp_path, ray_cluster):
     assert got["missing"] == {} and got["extra"] == {}
     assert got["rows"] == got["expected_points"] and got["duplicates"] == []
     assert got["expected_points"] >= N_TRIALS * 30  # 2 logged iterations and an evaluation each
+    assert not list((tmp_path / "runs" / "load" / "trials").glob("*/checkpoints/*.pt"))  # keep_checkpoints: none

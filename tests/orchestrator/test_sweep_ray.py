@@ -34,6 +34,9 @@ def test_sweep_finishes_and_a_failed_trial_resumes_into_its_run(tmp_path, ray_cl
     assert [a["start_iter"] for a in tries] == [0, 3]
     assert {a["run_id"] for a in tries} == {ml["children"]["random-8-1x-R18"].info.run_id}
     assert [a["start_iter"] for a in attempts(sweep, "random-all-1x-R18")] == [0]
+    for name in ("random-all-1x-R18", "random-8-1x-R18"):  # keep_checkpoints: final (the default)
+        assert [p.name for p in (sweep / "trials" / name / "checkpoints").iterdir()] == ["ckpt_0000006.pt"]
+        assert "removed 1 checkpoint(s)" in (sweep / "trials" / name / "train.log").read_text()
     status = cli("status", str(sweep))
     assert status.returncode == 0 and "total: 2 trials (2 finished)" in status.stdout
     # A second `run` of the finished sweep reruns nothing and adds nothing to MLflow.
