@@ -1,0 +1,52 @@
+"""The load sweep's shape and its arrival count, shared by `test_load.py` and `bench/load_sweep.py` (no pytest)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.orchestrator.mlflow_server import MlflowServer
+from tests.orchestrator.specs import tiny_spec
+
+PREFIXES = ("train/", "bbox/", "segm/", "seen/")
+
+
+def load_spec(tmp: Path, uri: str, n: int, name: str = "load") -> dict:
+    """`n` two-iteration trials (one evaluation each) that differ only in their base LR."""
+    lrs = [round(0.001 * (i + 1), 6) for i in range(n)]
+    return tiny_spec(tmp, name=name, tracking_uri=uri, grid={"data": ["all"], "optim.base_lr": lrs},
+                     base__schedule__iters_per_x=2, base__eval__period=2, base__checkpoint__period=2,
+                     base__runtime__log_period=1, base__data__num_workers=0, fork_schedules=False,
+                     keep_checkpoints="none")  # 200 finished trials x 180 MB would fill a disk
+
+
+def trial_points(folder: Path) -> set[tuple[str, int]]:
+    """The finite trainer metrics of a trial's metrics.jsonl as (key, step): what its run must hold."""
+    out = set()
+    for line in (folder / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        for key, value in row.items():
+            if key.startswith(PREFIXES) and isinstance(value, (int, float)) and value == value \
+                    and abs(value) != float("inf"):
+                out.add((key, int(row["step"])))
+    return out
+
+
+def count_arrivals(server: MlflowServer, sweep: Path, experiment: str) -> dict:
+    """Runs and points in the server's store against the trials' own files."""
+    exp = server.query("SELECT experiment_id FROM experiments WHERE name = ?", experiment)[0][0]
+    runs = server.query("SELECT r.run_uuid, r.name, r.status, t.value FROM runs r LEFT JOIN tags t ON "
+                        "t.run_uuid = r.run_uuid AND t.key = 'role' WHERE r.experiment_id = ?", exp)
+    children = {name: (rid, status) for rid, name, status, role in runs if role == "trial"}
+    missing, extra, expected_total = {}, {}, 0
+    for name, (rid, _) in children.items():
+        want = trial_points(sweep / "trials" / name)
+        have = server.points(rid)
+        expected_total += len(want)
+        if want - have:
+            missing[name] = sorted(want - have)[:5]
+        if have - want:
+            extra[name] = sorted(have - want)[:5]
+    return {"runs": len(runs), "children": children, "expected_points": expected_total, "missing": missing,
+            "extra": extra, "rows": server.query("SELECT COUNT(*) FROM metrics")[0][0],
+            "duplicates": server.duplicates()}
