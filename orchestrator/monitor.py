@@ -218,9 +218,8 @@ class SweepMonitor:
         if trial_id in self._owed:
             self._owe(trial_id, artifacts=True)
             return False
-        folder = st.trial_dir(self.sweep_dir, self.trials[trial_id]["name"])
         try:
-            self.tracker.log_artifacts(self.run_ids[trial_id], [folder / "config.yaml", folder / "final_metrics.json"])
+            self._send_artifacts(trial_id)
         except Exception as exc:
             logger.warning("MLflow artifacts for %s failed: %s", self.trials[trial_id]["name"], _short(exc))
             self._owe(trial_id, artifacts=True)
@@ -242,7 +241,7 @@ class SweepMonitor:
             self._fill_task(trial_id, None)  # what its attempts logged to disk but MLflow missed
             self._set_run_status(trial_id, "FAILED")
             logger.error("trial %s failed for good after %d attempts: %s", row["name"], row.get("attempts", 0),
-                         error.strip().splitlines()[-1] if error.strip() else "?")
+                         row["reason"] or "?")
         else:
             logger.warning("trial %s failed; retrying from its last checkpoint", row["name"])
         self.save(force=True)
@@ -267,6 +266,10 @@ class SweepMonitor:
         except Exception as exc:
             logger.warning("MLflow status of %s failed (%s); retried", self.trials[trial_id]["name"], _short(exc))
             self._owe(trial_id, status=status, tags=tags)
+
+    def _send_artifacts(self, trial_id: str) -> None:
+        folder = st.trial_dir(self.sweep_dir, self.trials[trial_id]["name"])
+        self.tracker.log_artifacts(self.run_ids[trial_id], [folder / "config.yaml", folder / "final_metrics.json"])
 
     def _send_status(self, trial_id: str, status: str | None, tags: dict[str, str] | None) -> None:
         for key, value in (tags or {}).items():
@@ -298,9 +301,7 @@ class SweepMonitor:
                         return False
                     owed["fill"] = False
                 if owed["artifacts"]:
-                    folder = st.trial_dir(self.sweep_dir, self.trials[trial_id]["name"])
-                    self.tracker.log_artifacts(self.run_ids[trial_id], [folder / "config.yaml",
-                                                                        folder / "final_metrics.json"])
+                    self._send_artifacts(trial_id)
                     owed["artifacts"] = False
                 if owed["status"] or owed["tags"]:
                     self._send_status(trial_id, owed["status"], owed["tags"])
