@@ -1,4 +1,5 @@
-"""The `report` and `ui` subcommands, plugged into `python -m orchestrator` (orchestrator/cli.py).
+"""The `report` and `ui` subcommands, plugged into `python -m orchestrator` through the entry point
+group `rethink_sweeps.commands` (pyproject.toml; orchestrator/cli.py loads it).
 
     report SPEC|FOLDER|NAME [--out DIR] [--tracking-uri URI] [--no-log]
     ui [SPEC|FOLDER|NAME] [--port P] [--tracking-uri URI]
@@ -47,8 +48,8 @@ def dispatch(args: argparse.Namespace) -> int:
     from dashboards.ui import serve
     from orchestrator.tracking import resolve_uri
 
-    def announce(url: str) -> None:
-        sys.stdout.write(f"MLflow UI: {url}  (Ctrl-C stops it)\n")
+    def announce(url: str, served_here: bool = True) -> None:
+        sys.stdout.write(f"MLflow UI: {url}" + ("  (Ctrl-C stops it)\n" if served_here else "  (the tracking server's own UI)\n"))
         sys.stdout.flush()
 
     return serve(target, args.tracking_uri or resolve_uri(None), announce, args.port)

@@ -5,6 +5,10 @@ from the store's folder, so the server's default `./mlartifacts` lands next to t
 the orchestrator keeps artifacts too. Waits for `/health`, then the caller prints the experiment's
 URL, `http://127.0.0.1:PORT/#/experiments/ID/runs?workflowType=machine_learning` (MLflow 3.17 opens
 an experiment in its GenAI view otherwise). Stopping (Ctrl-C, SIGTERM) stops the whole group.
+
+A sweep tracked by an `mlflow server` (an http(s) tracking URI) already has its UI: that server. Then
+nothing is started; the server must answer `/health`, and the sweep's experiment URL on it is printed.
+(`mlflow ui --backend-store-uri http://...` fails: a server URI is no backend store.)
 """
 
 from __future__ import annotations
@@ -36,8 +40,7 @@ class UiServer:
     log: Path
 
     def experiment_url(self, exp_id: str) -> str:
-        # MLflow >= 3.x opens an experiment in its GenAI view unless told this is model training.
-        return f"{self.base_url}/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+        return experiment_url(self.base_url, exp_id)
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM to the server's process group (uvicorn and its workers), SIGKILL if it lingers."""
@@ -51,6 +54,15 @@ class UiServer:
             self.process.wait()
         except ProcessLookupError:
             pass
+
+
+def experiment_url(base_url: str, exp_id: str) -> str:
+    # MLflow >= 3.x opens an experiment in its GenAI view unless told this is model training.
+    return f"{base_url.rstrip('/')}/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+
+
+def is_server_uri(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
 
 
 def free_port() -> int:
@@ -90,8 +102,17 @@ def _healthy(base_url: str) -> bool:
         return False
 
 
-def serve(target: SweepTarget | None, uri: str, announce: Callable[[str], None], port: int = 0) -> int:
-    """Run the UI until interrupted; `announce` gets the URL to open (the sweep's experiment if given)."""
+def serve(target: SweepTarget | None, uri: str, announce: Callable[..., None], port: int = 0) -> int:
+    """Run the UI until interrupted; `announce` gets the URL to open (the sweep's experiment if given).
+
+    On a tracking server, announce its URL and return 0 at once: the server is the UI."""
+    store = target.uri if target is not None else uri
+    if is_server_uri(store):
+        if not _healthy(store.rstrip("/")):  # before MLflow's client retries for minutes
+            raise UiError(f"tracking server {store} does not answer {store.rstrip('/')}/health")
+        url = experiment_url(store, experiment_id(target)) if target is not None else store.rstrip("/") + "/"
+        announce(url, served_here=False)
+        return 0
     exp_id = experiment_id(target) if target is not None else None  # unknown sweep: refuse before starting
     server = start_ui(target.uri if target is not None else uri, port)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # so `finally` stops the server on SIGTERM

@@ -5,6 +5,11 @@
     resume SPEC|FOLDER   resume an existing sweep (by its spec, or its folder on the storage path)
     status SPEC|FOLDER   the trial table from the stored state (no Ray)
 
+Other packages add subcommands as plugins: an entry point in the group `rethink_sweeps.commands`
+names a module with `COMMANDS`, `add_commands(subparsers)` and `dispatch(args)`. The dashboards add
+`report` and `ui` that way, so the orchestrator never imports the dashboards (layers point one way:
+trainer <- orchestrator <- dashboards).
+
 Refusals (bad spec, missing dataset, unreachable cluster or tracking store, changed spec) are one
 line on stderr and exit code 2, before anything is launched. `run` exits 0 when every trial
 finished and 1 otherwise.
@@ -16,7 +21,9 @@ import argparse
 import logging
 import os
 import sys
+from functools import cache
 from pathlib import Path
+from types import ModuleType
 from typing import Sequence
 
 from orchestrator.errors import OrchestratorError, SweepNotFoundError
@@ -24,6 +31,7 @@ from trainer.errors import TrainerError
 
 logger = logging.getLogger("orchestrator")
 PROG = "python -m orchestrator"
+PLUGIN_GROUP = "rethink_sweeps.commands"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,10 +53,23 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--no-view", action="store_true", help="no live table (log lines only)")
     sp = sub.add_parser("status", help="the trial table from the stored state (no Ray)")
     sp.add_argument("target", type=Path, metavar="SPEC|FOLDER")
-    from dashboards.cli import add_commands  # report, ui
-
-    add_commands(sub)
+    for plugin in _plugins():
+        plugin.add_commands(sub)
     return p
+
+
+@cache
+def _plugins() -> tuple[ModuleType, ...]:
+    """The subcommand modules installed under PLUGIN_GROUP (a broken one is named and skipped)."""
+    from importlib.metadata import entry_points
+
+    found = []
+    for ep in entry_points(group=PLUGIN_GROUP):
+        try:
+            found.append(ep.load())
+        except Exception as exc:  # a broken plugin must not take plan/run/status down with it
+            logger.warning("command plugin %s (%s) not loaded: %s: %s", ep.name, ep.value, type(exc).__name__, exc)
+    return tuple(found)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -79,10 +100,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         sys.stdout.write(render_status(find_sweep_dir(args.target)) + "\n")
         return 0
-    if args.command in ("report", "ui"):
-        from dashboards.cli import dispatch
-
-        return dispatch(args)
+    for plugin in _plugins():
+        if args.command in plugin.COMMANDS:
+            return plugin.dispatch(args)
     from orchestrator.run import run
 
     spec, storage = args.spec, args.storage
