@@ -27,16 +27,34 @@ Backbone = Literal["R18", "R34", "R50", "R101"]
 Norm = Literal["GN", "SyncBN", "BN", "FrozenBN"]
 
 
+# Where the paper's GN ImageNet weights come from (detectron2 MODEL_ZOO.md, Detectron's format).
+DETECTRON_GN = {
+    "R50": ("R-50-GN.pkl", "https://dl.fbaipublicfiles.com/detectron/ImageNetPretrained/47261647/R-50-GN.pkl"),
+    "R101": ("R-101-GN.pkl", "https://dl.fbaipublicfiles.com/detectron/ImageNetPretrained/47592356/R-101-GN.pkl"),
+}
+
+
+def gn_download_hint(backbone: str) -> str:
+    """Where GN ImageNet weights for `backbone` come from, as text for a one-line message."""
+    if backbone in DETECTRON_GN:
+        name, url = DETECTRON_GN[backbone]
+        return f"{name}, download {url}"
+    return "a GN-pretrained backbone.pt from `python -m trainer.pretrain --preset imagenet-gn`"
+
+
 class ModelConfig(_Strict):
     """Mask R-CNN with a ResNet-FPN backbone; sampling knobs default to torchvision's."""
 
     backbone: Backbone = "R50"
-    norm: Norm = "GN"
-    # None means "same as norm". Set by the model builder when ImageNet BN weights are loaded into a
-    # GN model (the body then runs FrozenBN), so the resolved config says what actually ran.
+    norm: Norm = "GN"  # body (unless body_norm says otherwise), FPN and heads
+    # The ResNet body's norm. Unset means `norm`; validation fills it in, so a resolved config always
+    # says what the body runs. `FrozenBN` under a GN model = torchvision's BN ImageNet weights with a
+    # frozen-BN body (detectron2's usual fine-tuning), which is never chosen silently.
     body_norm: Norm | None = None
     init: str = "random"  # random | imagenet | checkpoint:PATH
-    imagenet_weights: Path | None = None  # explicit weights file; else the torch hub cache
+    # ImageNet weights file: Detectron pickle (R-50-GN.pkl) or torchvision/timm/trainer.pretrain state
+    # dict, told apart by content; unset: torchvision's BN file in the torch hub cache (BN bodies only).
+    imagenet_weights: Path | None = None
     freeze_at: int = Field(0, ge=0, le=5)  # stages frozen from the stem: 0 = nothing (scratch)
     min_size: int = Field(800, gt=0)
     max_size: int = Field(1333, gt=0)
@@ -67,6 +85,19 @@ class ModelConfig(_Strict):
         if v in ("random", "imagenet") or (v.startswith("checkpoint:") and len(v) > len("checkpoint:")):
             return v
         raise ValueError("must be 'random', 'imagenet' or 'checkpoint:PATH'")
+
+    @model_validator(mode="after")
+    def _resolve_body_norm(self) -> "ModelConfig":
+        body = self.body_norm or self.norm
+        if self.init == "imagenet" and body == "GN" and self.imagenet_weights is None:
+            where = f"weights/{DETECTRON_GN[self.backbone][0]}" if self.backbone in DETECTRON_GN else "PATH/backbone.pt"
+            raise ValueError(
+                f"init imagenet with a GN body needs GroupNorm ImageNet weights (torchvision only has BN "
+                f"ones): set model.imagenet_weights: {where} ({gn_download_hint(self.backbone)}), or "
+                "set model.body_norm: FrozenBN to fine-tune torchvision's BN weights in a frozen-BN body "
+                "(detectron2's usual setup, not the paper's GN arm)")
+        self.__dict__["body_norm"] = body
+        return self
 
 
 class DataConfig(_Strict):
