@@ -364,6 +364,22 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def config_identity(cfg: TrainConfig) -> dict[str, Any]:
+    """What defines a run, for ids: the config without defaults and without its output folder.
+
+    `model.body_norm` equal to `model.norm` counts as a default (validation fills it in), so ids of
+    runs made before it was a resolved field stay the same.
+    """
+    identity = cfg.model_dump(mode="json", exclude_defaults=True)
+    identity.get("runtime", {}).pop("output_dir", None)
+    model = identity.get("model", {})
+    if cfg.model.body_norm == cfg.model.norm:
+        model.pop("body_norm", None)
+    if "model" in identity and not model:
+        identity.pop("model")
+    return identity
+
+
 def dump_config(cfg: TrainConfig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
