@@ -133,14 +133,7 @@ def _pretrain(cfg: PretrainConfig, group: Group, resume: bool, stop_after: int |
         net, device_ids=[device.index] if device.type == "cuda" else None)
     opt = _optimizer(net, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, sched_plan))
-    state = {"iteration": 0, "images": 0, "pixels": 0}
-    found = ckpt.load_latest(out / "checkpoints") if resume else None
-    if found:
-        path, saved = found
-        net.load_state_dict(saved["model"]), opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"]), ckpt.set_rng_state(saved["rng"])
-        state = {k: int(saved["counters"][k]) for k in state}
-        logger.info("resumed from %s at iteration %d", path, state["iteration"])
+    state = _restore(out, net, opt, sched) if resume else {"iteration": 0, "images": 0, "pixels": 0}
     total = sched_plan.iters
     end = min(total, stop_after) if stop_after else total
     if group.main:
@@ -179,11 +172,7 @@ def _pretrain(cfg: PretrainConfig, group: Group, resume: bool, stop_after: int |
             state["pixels"] += int(group.sum([pixels])[0])
             pixels = 0
             if group.main:
-                ckpt.save_atomic({"model": net.state_dict(), "optimizer": opt.state_dict(),
-                                  "scheduler": sched.state_dict(), "rng": ckpt.rng_state(), "iteration": it,
-                                  "counters": dict(state), "config": config_to_dict(cfg)},
-                                 ckpt.checkpoint_path(out / "checkpoints", it))
-                ckpt.prune(out / "checkpoints", cfg.keep_last)
+                _save(cfg, net, opt, sched, state)
             group.barrier()  # no rank runs ahead of (or resumes before) the checkpoint it belongs to
     if state["iteration"] < total:
         logger.info("pretrain stopped at iteration %d of %d (--stop-after); --resume continues", end, total)
@@ -191,6 +180,27 @@ def _pretrain(cfg: PretrainConfig, group: Group, resume: bool, stop_after: int |
     path = _write_backbone(cfg, net, state, device) if group.main else out / "backbone.pt"
     group.barrier()
     return path
+
+
+def _restore(out: Path, net, opt, sched) -> dict[str, int]:
+    """Every rank loads the newest checkpoint rank 0 wrote; the counters are the global ones."""
+    state = {"iteration": 0, "images": 0, "pixels": 0}
+    found = ckpt.load_latest(out / "checkpoints")
+    if found:
+        path, saved = found
+        net.load_state_dict(saved["model"]), opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"]), ckpt.set_rng_state(saved["rng"])
+        state = {k: int(saved["counters"][k]) for k in state}
+        logger.info("resumed from %s at iteration %d", path, state["iteration"])
+    return state
+
+
+def _save(cfg: PretrainConfig, net, opt, sched, state: dict[str, int]) -> None:
+    it, folder = state["iteration"], Path(cfg.output_dir) / "checkpoints"
+    ckpt.save_atomic({"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                      "rng": ckpt.rng_state(), "iteration": it, "counters": dict(state),
+                      "config": config_to_dict(cfg)}, ckpt.checkpoint_path(folder, it))
+    ckpt.prune(folder, cfg.keep_last)
 
 
 def _write_backbone(cfg: PretrainConfig, net: torch.nn.Module, state: dict[str, int], device) -> Path:
