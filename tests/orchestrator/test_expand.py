@@ -123,3 +123,13 @@ def test_body_norm_names_ids_and_refusal(tmp_path):
     assert [t.trial_id for t in plain.trials] == [t.trial_id for t in explicit.trials]
     assert [t.name for t in explicit.trials] == ["random-all-2x-R18"]
     assert plain.trials[0].config.model.body_norm == "GN"
+
+
+def test_imagenet_weights_per_backbone_through_overrides(tmp_path):
+    """`init: imagenet` in the base with its GN weights given per backbone by overrides is a valid spec; a
+    backbone the overrides miss is refused at that trial."""
+    files = [{"when": {"backbone": b}, "set": {"model.imagenet_weights": f"weights/{b}-gn.pt"}} for b in ("R18",)]
+    exp = _grid(tmp_path, grid={"backbone": ["R18"]}, base__model__init="imagenet", overrides=files)
+    assert exp.trials[0].config.model.imagenet_weights == Path("weights/R18-gn.pt")
+    with pytest.raises(SpecError, match="trial imagenet-all-1x-R34: model: .*body_norm"):
+        _grid(tmp_path, grid={"backbone": ["R18", "R34"]}, base__model__init="imagenet", overrides=files)
