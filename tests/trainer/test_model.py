@@ -316,6 +316,14 @@ def test_unrelated_state_dict_is_rejected():
         load_backbone_weights(body, state, "src.pth")
 
 
+def test_bn_checkpoint_into_gn_needs_an_explicit_frozen_bn_body(weight_files):
+    path = weight_files("R18", "BN")
+    with pytest.raises(InitError, match="set model.body_norm: FrozenBN"):
+        build_model(small_cfg(backbone="R18", norm="GN", init=f"checkpoint:{path}"), 3)
+    _, resolved = build_model(small_cfg(backbone="R18", norm="GN", init=f"checkpoint:{path}", body_norm="FrozenBN"), 3)
+    assert resolved.body_norm == "FrozenBN"
+
+
 def test_gn_checkpoint_into_bn_is_rejected(weight_files):
     path = weight_files("R18", "GN")
     with pytest.raises(InitError, match="running statistics"):
