@@ -17,7 +17,6 @@ classifier (`fc.*`, `pred_*`) and optimizer state (`*_momentum`) are dropped.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import pickle
@@ -135,8 +134,8 @@ def _torch_load(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         # torch's message recommends weights_only=False; we never load arbitrary objects.
-        raise InitError(f"cannot use weights file {path}: it holds Python objects besides tensors; save a plain "
-                        "state dict (torch.save(model.state_dict(), ...))") from None
+        raise InitError(f"cannot read weights file {path}: it holds Python objects besides tensors, which are "
+                        "never loaded; save a plain state dict (torch.save(model.state_dict(), ...))") from None
     except Exception as exc:  # noqa: BLE001
         raise InitError(f"cannot read weights file {path}: {_first_line(exc)}") from None
 
