@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trainer.errors import ConfigError
+from trainer.recipes import DETECTRON_GN, PRETRAIN_PRESETS, gn_download_hint  # noqa: F401 - re-exported
 
 
 class _Strict(BaseModel):
@@ -25,21 +26,6 @@ class _Strict(BaseModel):
 
 Backbone = Literal["R18", "R34", "R50", "R101"]
 Norm = Literal["GN", "SyncBN", "BN", "FrozenBN"]
-
-
-# Where the paper's GN ImageNet weights come from (detectron2 MODEL_ZOO.md, Detectron's format).
-DETECTRON_GN = {
-    "R50": ("R-50-GN.pkl", "https://dl.fbaipublicfiles.com/detectron/ImageNetPretrained/47261647/R-50-GN.pkl"),
-    "R101": ("R-101-GN.pkl", "https://dl.fbaipublicfiles.com/detectron/ImageNetPretrained/47592356/R-101-GN.pkl"),
-}
-
-
-def gn_download_hint(backbone: str) -> str:
-    """Where GN ImageNet weights for `backbone` come from, as text for a one-line message."""
-    if backbone in DETECTRON_GN:
-        name, url = DETECTRON_GN[backbone]
-        return f"{name}, download {url}"
-    return "a GN-pretrained backbone.pt from `python -m trainer.pretrain --preset imagenet-gn`"
 
 
 class ModelConfig(_Strict):
@@ -218,18 +204,6 @@ class RuntimeConfig(_Strict):
     tf32: bool = True  # CUDA only: TF32 tensor cores for fp32 matmuls and convolutions
     channels_last: bool = False  # NHWC weights and backbone input (CPU and CUDA)
     compile_backbone: bool = False  # torch.compile the ResNet-FPN backbone in place
-
-
-# Named pretraining recipes (`--preset NAME`, or `preset: NAME` in a config / a sweep's pretrain job); the
-# keys a config sets itself win. imagenet-gn: the paper's ImageNet recipe for its GN ResNets (Goyal et al.'s
-# ImageNet-in-1-hour schedule, as Detectron's GN models were trained): batch 256, LR 0.1 with a 5-epoch
-# linear warm-up, x0.1 at epochs 30, 60 and 90 of 100, weight decay 1e-4 (none on norm parameters).
-PRETRAIN_PRESETS: dict[str, dict[str, Any]] = {
-    "imagenet-gn": {"backbone": "R50", "norm": "GN", "image_size": 224, "crop_scale": (0.08, 1.0),
-                    "batch_size": 256, "base_lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4,
-                    "epochs": 100, "warmup_epochs": 5, "lr_schedule": "step", "lr_steps": [30, 60, 90],
-                    "gamma": 0.1},
-}
 
 
 class PretrainConfig(_Strict):
