@@ -125,6 +125,8 @@ def read_weights(path: str | Path) -> WeightsFile:
             return _from_state(path, "torch", _torch_load(path))
         if isinstance(obj, Mapping) and isinstance(obj.get("blobs"), Mapping):
             return _from_detectron(path, obj["blobs"])
+        if isinstance(obj, Mapping) and any(isinstance(k, str) and _BODY_BLOB.match(k) for k in obj):
+            return _from_detectron(path, obj)  # the blobs dict pickled on its own, as some converters write it
         raise InitError(f"cannot use weights file {path}: a pickle without a 'blobs' dict (Detectron's format)")
     raise InitError(f"cannot read weights file {path}: not a Detectron pickle, a torch file or a safetensors file")
 

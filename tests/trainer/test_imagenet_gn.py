@@ -146,6 +146,14 @@ def test_detectron_pickle_gives_the_source_features(source, tmp_path, caplog):
     assert "sha256" in summary[0]
 
 
+def test_bare_blobs_pickle_loads_too(source, tmp_path):
+    """Some converters pickle the blobs dict without Detectron's {"blobs": ...} wrapper."""
+    with open(tmp_path / "bare.pkl", "wb") as fh:
+        pickle.dump(detectron_blobs(source), fh, protocol=2)
+    model, _ = build_model(gn_cfg(tmp_path / "bare.pkl"), 3)
+    assert torch.equal(model.backbone.body.layer4[2].bn3.weight, source.layer4[2].bn3.weight)
+
+
 def test_torchvision_layout_gn_state_dict_gives_the_source_features(source, tmp_path):
     path = tmp_path / "resnet50_gn.pth"
     torch.save(source.state_dict(), path)  # timm / torchvision layout, fc included
