@@ -121,7 +121,7 @@ def read_weights(path: str | Path) -> WeightsFile:
         except Exception as exc:  # noqa: BLE001 - any unreadable pickle becomes one line
             raise InitError(f"cannot read weights file {path}: not a Detectron pickle of numpy arrays "
                             f"({_first_line(exc)})") from None
-        if obj == _TORCH_LEGACY_MAGIC:  # torch.save without the zip container
+        if isinstance(obj, int) and obj == _TORCH_LEGACY_MAGIC:  # torch.save without the zip container
             return _from_state(path, "torch", _torch_load(path))
         if isinstance(obj, Mapping) and isinstance(obj.get("blobs"), Mapping):
             return _from_detectron(path, obj["blobs"])

@@ -182,6 +182,14 @@ def test_safetensors_gn_state_dict_loads(source, tmp_path):
     assert torch.equal(model.backbone.body.layer3[4].bn2.bias, source.layer3[4].bn2.bias)
 
 
+def test_legacy_torch_file_loads(tmp_path):
+    """torch.save without the zip container (older torchvision / timm files) is a pickle too."""
+    src = seeded_gn_resnet("R18")
+    torch.save(src.state_dict(), tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    model, _ = build_model(gn_cfg(tmp_path / "legacy.pth", backbone="R18"), 3)
+    assert torch.equal(model.backbone.body.layer2[1].bn1.bias, src.layer2[1].bn1.bias)
+
+
 def test_mapped_tensor_counts_r50_r101():
     """Every body tensor has its own Detectron blob: 53 convs + 53 GN x 2 (R50), 104 + 104 x 2 (R101)."""
     counts = {}
