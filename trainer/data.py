@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -25,6 +24,7 @@ from torch.utils.data import Dataset, Sampler
 from torchvision.io import ImageReadMode, decode_image
 
 from trainer.config import DataConfig
+from trainer.dataset_check import AnnotationFile, box_ok, check_split, default_cache_dir
 from trainer.errors import DatasetError
 
 logger = logging.getLogger(__name__)
@@ -37,24 +37,40 @@ def split_paths(root: Path, split: str) -> tuple[Path, Path]:
     if not ann.is_file():
         raise DatasetError(
             f"annotation file not found: {ann} (expected a COCO layout: ROOT/annotations/instances_{split}.json "
-            f"and images in ROOT/{split}/; set data.root, or generate offline data with "
-            f"`python -m trainer.synthetic --out {root}`)"
+            f"and images in ROOT/{split}/, or set data.{{train,val}}_json and data.{{train,val}}_image_dir; "
+            f"set data.root, or generate offline data with `python -m trainer.synthetic --out {root}`)"
         )
     if not images.is_dir():
         raise DatasetError(f"image folder not found: {images} (the images of split '{split}' belong there)")
     return ann, images
 
 
-def load_coco(ann_file: Path):
-    """pycocotools COCO with its prints captured (logged at debug level)."""
+def split_files(cfg: DataConfig, which: str) -> tuple[Path, Path]:
+    """(annotation file, image folder) of the "train" or "val" split of a data config."""
+    ann, images = getattr(cfg, f"{which}_json"), getattr(cfg, f"{which}_image_dir")
+    if ann is None:
+        return split_paths(cfg.root, getattr(cfg, f"{which}_split"))
+    if not Path(ann).is_file():
+        raise DatasetError(f"annotation file not found: {ann} (data.{which}_json)")
+    if not Path(images).is_dir():
+        raise DatasetError(f"image folder not found: {images} (data.{which}_image_dir)")
+    return Path(ann), Path(images)
+
+
+def load_coco(source: Path | AnnotationFile):
+    """pycocotools COCO with its prints captured (logged at debug level); an AnnotationFile's
+    already parsed JSON is indexed without reading the file again."""
     from pycocotools.coco import COCO
 
+    ann = source if isinstance(source, AnnotationFile) else AnnotationFile(source)
     buf = io.StringIO()
     try:
         with contextlib.redirect_stdout(buf):
-            coco = COCO(str(ann_file))
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise DatasetError(f"{ann_file}: not a COCO instances file ({type(exc).__name__}: {exc})") from None
+            coco = COCO()
+            coco.dataset = ann.data
+            coco.createIndex()
+    except (KeyError, TypeError) as exc:
+        raise DatasetError(f"{ann.path}: not a COCO instances file ({type(exc).__name__}: {exc})") from None
     logger.debug("pycocotools: %s", buf.getvalue().strip())
     return coco
 
@@ -88,10 +104,11 @@ class CocoInstances(Dataset):
     keyed by (stream_position, index) so the flip of a sample is fixed by its stream position.
     """
 
-    def __init__(self, root: Path, split: str, image_ids: Sequence[int] | None = None, *,
+    def __init__(self, ann_file: Path, image_dir: Path, image_ids: Sequence[int] | None = None, *,
                  train: bool = False, hflip: bool = False, seed: int = 0, coco: Any = None):
-        ann_file, self.image_dir = split_paths(root, split)
-        self.coco = coco if coco is not None else load_coco(ann_file)
+        self.image_dir = Path(image_dir)
+        self.coco = coco if coco is not None else load_coco(Path(ann_file))
+        split = Path(ann_file).name
         self.cat_ids = sorted(self.coco.getCatIds())
         if not self.cat_ids:
             raise DatasetError(f"{ann_file}: no categories")
@@ -122,7 +139,9 @@ class CocoInstances(Dataset):
 
     def _usable_anns(self, image_id: int) -> list[dict]:
         anns = self.coco.imgToAnns.get(image_id, [])
-        return [a for a in anns if not a.get("iscrowd", 0) and a["bbox"][2] >= 1 and a["bbox"][3] >= 1]
+        # Degenerate boxes were counted by the dataset check; they (and boxes under a pixel) sit out.
+        return [a for a in anns if not a.get("iscrowd", 0) and box_ok(a.get("bbox")) and a["bbox"][2] >= 1
+                and a["bbox"][3] >= 1]
 
     def _read(self, image_id: int) -> torch.Tensor:
         info = self.coco.imgs[image_id]
@@ -238,19 +257,31 @@ def collate(batch: list[tuple[torch.Tensor, dict]]) -> tuple[tuple, tuple]:
     return tuple(zip(*batch))  # type: ignore[return-value]
 
 
+def check_data(cfg: DataConfig) -> dict[str, tuple[AnnotationFile, Path]]:
+    """Locate and check both splits (trainer.dataset_check) before anything is built from them."""
+    found = {}
+    for which in ("train", "val"):
+        path, images = split_files(cfg, which)
+        ann = AnnotationFile(path)
+        check_split(ann, images, allow_size_mismatch=cfg.allow_size_mismatch,
+                    cache_dir=cfg.cache_dir or default_cache_dir(path))
+        found[which] = (ann, images)
+    return found
+
+
 def build_datasets(cfg: DataConfig, stream_seed: int = 0) -> tuple[CocoInstances, CocoInstances, list[int]]:
     """(train set, val set, chosen train image ids) for a data config.
 
+    Both splits are checked first, so a defective set fails before any training step.
     `data.subset_seed` picks the images (shared by every init of a sweep); `stream_seed` fixes their
     order and flips.
     """
-    train_ann, _ = split_paths(cfg.root, cfg.train_split)
-    split_paths(cfg.root, cfg.val_split)  # fail before the (slow) train index is built
+    (train_ann, train_dir), (val_ann, val_dir) = check_data(cfg).values()
     coco = load_coco(train_ann)
     chosen = select_subset(coco.getImgIds(), cfg.train_images, cfg.subset_seed)
-    train = CocoInstances(cfg.root, cfg.train_split, chosen, train=True, hflip=cfg.hflip, seed=stream_seed,
+    train = CocoInstances(train_ann.path, train_dir, chosen, train=True, hflip=cfg.hflip, seed=stream_seed,
                           coco=coco)
-    val = CocoInstances(cfg.root, cfg.val_split)
+    val = CocoInstances(val_ann.path, val_dir, coco=load_coco(val_ann))
     if cfg.val_images != "all":
         val.image_ids = val.image_ids[: cfg.val_images]
     if val.cat_ids != train.cat_ids:

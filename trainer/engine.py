@@ -277,6 +277,8 @@ class Trainer:
         for r in self.reporters:
             r.start(info)
         self.model.train()
+        for hook in self.hooks:
+            hook.before_train(self)
         for images, targets in self.loader():
             self.train_step(images, targets)
         if st.iteration < end:

@@ -247,6 +247,8 @@ def evaluate(
     device: torch.device | str = "cpu",
     backend: str = "auto",
     num_workers: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> dict[str, float]:
     """Run `model` over `dataset` and score it against `dataset.coco` (see `score_coco`).
 
@@ -257,6 +259,8 @@ def evaluate(
         if not hasattr(dataset, attr):
             raise EvaluationError(f"evaluation dataset has no '{attr}' attribute")
     resolve_backend(backend)  # fail on a bad backend before spending minutes on inference
+    if rank != 0:
+        return {}
     net = model.module if isinstance(model, (torch.nn.parallel.DistributedDataParallel,
                                              torch.nn.DataParallel)) else model
     device = torch.device(device)

@@ -31,12 +31,13 @@ def test_missing_annotation_file_says_where(tmp_path):
 
 
 def test_training_targets(synth_root):
-    ds = CocoInstances(synth_root, "train", train=True)
+    ann, images = split_paths(synth_root, "train")
+    ds = CocoInstances(ann, images, train=True)
     coco = ds.coco
     # images without a usable non-crowd instance are skipped in training, kept for evaluation
     empty = [i for i in coco.getImgIds() if not [a for a in coco.imgToAnns[i] if not a["iscrowd"]]]
     assert empty and not set(empty) & set(ds.image_ids)
-    assert len(CocoInstances(synth_root, "train")) == len(coco.getImgIds())
+    assert len(CocoInstances(ann, images)) == len(coco.getImgIds())
     crowd_img = next(i for i in ds.image_ids if any(a["iscrowd"] for a in coco.imgToAnns[i]))
     image, target = ds[(0, ds.image_ids.index(crowd_img))]
     n_plain = sum(1 for a in coco.imgToAnns[crowd_img] if not a["iscrowd"])
