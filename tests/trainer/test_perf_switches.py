@@ -64,7 +64,8 @@ def test_aspect_groups_read_from_annotations(tmp_path):
     (tmp_path / "val").mkdir()
     coco = {"images": images, "annotations": [], "categories": [{"id": 1, "name": "x"}]}
     (tmp_path / "annotations" / "instances_val.json").write_text(json.dumps(coco))
-    assert CocoInstances(tmp_path, "val").aspect_groups() == [0, 1, 0]
+    ann = tmp_path / "annotations" / "instances_val.json"
+    assert CocoInstances(ann, tmp_path / "val").aspect_groups() == [0, 1, 0]
 
 
 def test_switch_defaults_and_validation():
