@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from trainer.config import DataConfig
-from trainer.data import CocoInstances, StreamBatchSampler, build_datasets, hflip, select_subset, split_paths
+from trainer.data import StreamBatchSampler, build_datasets, hflip, select_subset, split_paths
 from trainer.errors import DatasetError
 
 
@@ -31,18 +31,18 @@ def test_missing_annotation_file_says_where(tmp_path):
 
 
 def test_training_targets(synth_root):
-    ann, images = split_paths(synth_root, "train")
-    ds = CocoInstances(ann, images, train=True)
-    coco = ds.coco
+    cfg = DataConfig(root=synth_root, train_split="train", val_split="val", hflip=False)
+    ds, val, _ = build_datasets(cfg)
+    coco = val.coco.__class__(str(synth_root / "annotations" / "instances_train.json"))
     # images without a usable non-crowd instance are skipped in training, kept for evaluation
     empty = [i for i in coco.getImgIds() if not [a for a in coco.imgToAnns[i] if not a["iscrowd"]]]
     assert empty and not set(empty) & set(ds.image_ids)
-    assert len(CocoInstances(ann, images)) == len(coco.getImgIds())
+    assert len(val) == len(val.coco.getImgIds())
     crowd_img = next(i for i in ds.image_ids if any(a["iscrowd"] for a in coco.imgToAnns[i]))
     image, target = ds[(0, ds.image_ids.index(crowd_img))]
     n_plain = sum(1 for a in coco.imgToAnns[crowd_img] if not a["iscrowd"])
     assert target["boxes"].shape == (n_plain, 4) and target["masks"].shape == (n_plain, 64, 64)
-    assert image.shape == (3, 64, 64) and 0 <= image.min() and image.max() <= 1
+    assert image.shape == (3, 64, 64) and image.dtype == torch.uint8  # floats only on the device
     # labels are contiguous 1..K; category ids are not
     assert sorted(ds.label_to_cat) == list(range(1, ds.num_classes + 1))
     assert sorted(ds.label_to_cat.values()) == ds.cat_ids != list(range(1, ds.num_classes + 1))
