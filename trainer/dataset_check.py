@@ -6,7 +6,7 @@ which looks at the annotation file and its image folder together:
 * every annotation's `image_id` is a listed image and its `category_id` a listed category;
 * every listed image file exists and its header size equals the JSON's width x height (a mismatch
   is an error; `data.allow_size_mismatch` turns it into a warning with the count);
-* crowd RLE sizes equal their image's size;
+* RLE sizes (crowd regions and RLE objects) equal their image's size;
 * boxes are finite with positive width and height; the others are degenerate and dropped from
   training, which is logged with their count (not an error).
 
@@ -140,7 +140,7 @@ def _annotation_findings(data: dict[str, Any]) -> dict[str, tuple[int, list[str]
         if not box_ok(ann.get("bbox")):
             hit("degenerate", f"ann {aid} bbox {ann.get('bbox')}")
         seg = ann.get("segmentation")
-        if ann.get("iscrowd") and img is not None and isinstance(seg, dict):
+        if img is not None and isinstance(seg, dict):  # crowd regions, and COCO's RLE objects
             size = list(seg.get("size") or [])
             if size != [img.get("height"), img.get("width")]:
                 hit("crowd", f"ann {aid} size {size} vs image {image_id} {[img.get('height'), img.get('width')]}")
@@ -171,7 +171,7 @@ _WHAT = {
     "unlisted": "annotations point at an image_id not in 'images'",
     "missing": "listed image files are missing or unreadable",
     "mismatch": "images differ in size between the JSON and the file",
-    "crowd": "crowd RLE masks differ in size from their image",
+    "crowd": "RLE masks (crowd regions or objects) differ in size from their image",
 }
 
 

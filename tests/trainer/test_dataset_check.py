@@ -57,15 +57,17 @@ def _crowd_size(doc):
 
 
 def _json_size(doc):
-    doc["images"][1]["width"] = 50
+    """Widen the JSON size of the first image whose masks are all polygons (an RLE mask would
+    then also differ from its image: a defect of its own)."""
+    rle_images = {a["image_id"] for a in doc["annotations"] if isinstance(a["segmentation"], dict)}
+    next(im for im in doc["images"] if im["id"] not in rle_images)["width"] = 50
 
 
 DEFECTS = {
     "category": (_unknown_category, "2 annotations have a category_id not in 'categories' (first: ann 3 -> category 99"),
     "unlisted": (_unlisted_image, "1 annotations point at an image_id not in 'images' (first: ann 1 -> image 12345)"),
-    "crowd": (_crowd_size, "1 crowd RLE masks differ in size from their image"),
-    "size": (_json_size, "1 images differ in size between the JSON and the file (first: 000000000002.png JSON 50x40 "
-                         "file 48x40)"),
+    "crowd": (_crowd_size, "1 RLE masks (crowd regions or objects) differ in size from their image"),
+    "size": (_json_size, "1 images differ in size between the JSON and the file (first: 0000000000"),
 }
 
 
@@ -99,7 +101,17 @@ def test_missing_file_and_several_defects_in_one_line(root):
     with pytest.raises(DatasetError) as err:
         _check(root, "val")
     text = str(err.value)
-    assert "\n" not in text and text.count(";") == 2 and "category_id" in text and "missing" in text and "size" in text
+    assert "\n" not in text and text.count(";") == 2 and "category_id" in text and "missing" in text
+    assert "JSON 50x40 file 48x40" in text
+
+
+def test_rle_object_size_mismatch(root):
+    def shrink(doc):
+        ann = next(a for a in doc["annotations"] if isinstance(a["segmentation"], dict))
+        ann["segmentation"]["size"] = [20, 20]
+    _edit(root, "train", shrink)
+    with pytest.raises(DatasetError, match=r"1 RLE masks \(crowd regions or objects\) differ in size"):
+        _check(root)
 
 
 def test_size_mismatch_opt_out_warns_with_the_count(root, caplog):
