@@ -260,12 +260,12 @@ class TrainImages(Dataset):
     """
 
     def __init__(self, index: TrainIndex, image_dir: Path, *, hflip: bool = False, seed: int = 0):
-        counts = np.diff(index.ann_offsets)
-        usable = index.image_ids[counts > 0]
-        logger.info("train: %d of %d images have instances (others skipped in training)", len(usable), len(index))
-        if not len(usable):
+        # Rows of the images with instances: the (possibly mapped) index itself is not copied.
+        self.rows = np.flatnonzero(np.diff(index.ann_offsets) > 0)
+        logger.info("train: %d of %d images have instances (others skipped in training)", len(self.rows), len(index))
+        if not len(self.rows):
             raise DatasetError(f"none of the {len(index)} selected train images has an instance")
-        self.index = index.subset(usable) if len(usable) < len(index) else index
+        self.index = index
         self.image_dir = Path(image_dir)
         self.hflip, self.seed = hflip, seed
         self.cat_ids = [int(c) for c in self.index.cat_ids]
@@ -273,7 +273,7 @@ class TrainImages(Dataset):
 
     @property
     def image_ids(self) -> list[int]:
-        return self.index.image_ids.tolist()
+        return self.index.image_ids[self.rows].tolist()
 
     @property
     def num_classes(self) -> int:
@@ -281,16 +281,16 @@ class TrainImages(Dataset):
 
     def aspect_groups(self) -> list[int]:
         """Per item: 0 for landscape (width >= height), 1 for portrait; read from the annotations."""
-        return (self.index.widths < self.index.heights).astype(int).tolist()
+        return (self.index.widths[self.rows] < self.index.heights[self.rows]).astype(int).tolist()
 
     def __len__(self) -> int:
-        return len(self.index)
+        return len(self.rows)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, dict[str, Any]]:
         from trainer.data import hflip, read_image
 
-        position, row = key
-        ix = self.index
+        position, item = key
+        ix, row = self.index, int(self.rows[item])
         image = read_image(self.image_dir / ix.file_name(row))
         lo, hi = int(ix.ann_offsets[row]), int(ix.ann_offsets[row + 1])
         h, w = image.shape[-2:]
