@@ -34,7 +34,7 @@ from pycocotools import mask as mask_util
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image
 
-from trainer.dataset_check import AnnotationFile, box_ok, cache_file
+from trainer.dataset_check import AnnotationFile, box_ok, cache_file, cache_lock
 from trainer.errors import DatasetError
 
 logger = logging.getLogger(__name__)
@@ -134,6 +134,11 @@ class TrainIndex:
     def load_or_build(cls, ann: AnnotationFile, cache_dir: Path | None) -> "TrainIndex":
         """The cached index of `ann` (memory-mapped), or a freshly built one that is then cached."""
         folder = cache_file(cache_dir, ann, "index", INDEX_VERSION) if cache_dir is not None else None
+        with cache_lock(folder):
+            return cls._load_or_build(ann, folder)
+
+    @classmethod
+    def _load_or_build(cls, ann: AnnotationFile, folder: Path | None) -> "TrainIndex":
         if folder is not None and (folder / "done").is_file():
             try:
                 return cls.load_folder(folder)

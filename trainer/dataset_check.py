@@ -18,6 +18,8 @@ failing one is not cached, so fixing the image files is noticed without touching
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -82,6 +84,27 @@ def cache_file(cache_dir: Path, ann: AnnotationFile, kind: str, *extra: str) -> 
     """`{cache_dir}/{annotation hash}-{kind}-{hash of extra}`: one name per annotation content."""
     tag = hashlib.sha256("\0".join([str(CHECK_VERSION), *extra]).encode()).hexdigest()[:12]
     return Path(cache_dir) / f"{ann.digest[:32]}-{kind}-{tag}"
+
+
+@contextlib.contextmanager
+def cache_lock(path: Path | None):
+    """Hold an exclusive lock beside a cache entry, so the ranks of a trial (and concurrent trials)
+    build it once while the others wait and then read it; no lock if the folder is not writable."""
+    if path is None:
+        yield
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(path.with_name(path.name + ".lock"), "a")
+    except OSError:
+        yield
+        return
+    with fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def write_cache(path: Path, write) -> None:
@@ -184,15 +207,18 @@ def check_split(ann: AnnotationFile, image_dir: Path, *, allow_size_mismatch: bo
     image_dir = Path(image_dir)
     if not image_dir.is_dir():
         raise DatasetError(f"image folder not found: {image_dir} (the images of {ann.path.name} belong there)")
-    cache = None
-    if cache_dir is not None:
-        cache = cache_file(cache_dir, ann, "check", str(image_dir.resolve()))
-        if cache.is_file():
-            try:
-                cached = json.loads(cache.read_text())
-                return _report(ann, cached, allow_size_mismatch)
-            except (ValueError, KeyError, TypeError):
-                logger.warning("ignoring damaged dataset check cache %s", cache)
+    cache = cache_file(cache_dir, ann, "check", str(image_dir.resolve())) if cache_dir is not None else None
+    with cache_lock(cache):
+        return _check(ann, image_dir, allow_size_mismatch, cache)
+
+
+def _check(ann: AnnotationFile, image_dir: Path, allow_size_mismatch: bool, cache: Path | None) -> int:
+    if cache is not None and cache.is_file():
+        try:
+            cached = json.loads(cache.read_text())
+            return _report(ann, cached, allow_size_mismatch)
+        except (ValueError, KeyError, TypeError):
+            logger.warning("ignoring damaged dataset check cache %s", cache)
     findings = {**_annotation_findings(ann.data), **_file_findings(ann.data, image_dir)}
     findings = {k: [n, first] for k, (n, first) in findings.items()}
     dropped = _report(ann, findings, allow_size_mismatch)

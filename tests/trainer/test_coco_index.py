@@ -15,6 +15,10 @@ from trainer.dataset_check import AnnotationFile
 from trainer.errors import DatasetError
 
 
+def _entries(folder):
+    return [p for p in folder.iterdir() if p.suffix != ".lock"]
+
+
 def _coco(path):
     with contextlib.redirect_stdout(io.StringIO()):
         return COCO(str(path))
@@ -112,7 +116,7 @@ def test_subset_keeps_only_its_records(mixed):
 
 def test_cache_is_keyed_by_content_and_memory_mapped(mixed, tmp_path):
     built = TrainIndex.load_or_build(AnnotationFile(mixed), tmp_path / "cache")
-    assert len(list((tmp_path / "cache").iterdir())) == 1
+    assert len(_entries(tmp_path / "cache")) == 1
     ann = AnnotationFile(mixed)
     cached = TrainIndex.load_or_build(ann, tmp_path / "cache")
     assert ann._data is None  # the JSON was never parsed
@@ -122,7 +126,7 @@ def test_cache_is_keyed_by_content_and_memory_mapped(mixed, tmp_path):
     doc["annotations"] = doc["annotations"][1:]
     mixed.write_text(json.dumps(doc))
     changed = TrainIndex.load_or_build(AnnotationFile(mixed), tmp_path / "cache")
-    assert len(changed.labels) == len(built.labels) - 1 and len(list((tmp_path / "cache").iterdir())) == 2
+    assert len(changed.labels) == len(built.labels) - 1 and len(_entries(tmp_path / "cache")) == 2
 
 
 def test_workers_read_only_numpy(mixed):
@@ -139,3 +143,26 @@ def test_workers_read_only_numpy(mixed):
     again = pickle.loads(pickle.dumps(mapped))
     built = TrainIndex.build(AnnotationFile(mixed).data)
     assert all(np.array_equal(again.arrays[f], built.arrays[f]) for f in FIELDS)
+
+
+def test_concurrent_loaders_build_once(mixed, tmp_path, monkeypatch):
+    """The ranks of a trial start together: one builds the index, the others wait and map it."""
+    import threading
+
+    builds = []
+    real = TrainIndex.build.__func__
+
+    def counting(cls, data):
+        builds.append(1)
+        return real(cls, data)
+
+    monkeypatch.setattr(TrainIndex, "build", classmethod(counting))
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(TrainIndex.load_or_build(AnnotationFile(mixed),
+                                                                                   tmp_path / "cache")))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(got) == 3 and len(builds) == 1 and all(i.folder is not None for i in got)
