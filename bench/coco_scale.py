@@ -137,13 +137,17 @@ class LegacyTrain:
 # ---------------------------------------------------------------- measurements (each in its own process)
 
 
-def _memory(pid: int) -> tuple[float, float]:
-    """(PSS, private dirty) in MiB from /proc/PID/smaps_rollup."""
+def _memory(pid: int) -> tuple[float, float, float, float]:
+    """(PSS, private dirty, anonymous PSS, file-backed PSS) in MiB from /proc/PID/smaps_rollup.
+
+    Copy-on-write copies of the parent's Python objects are anonymous private dirty pages; pages of
+    a memory-mapped index are file-backed, clean and shared (page cache), so they are split out."""
     fields = {}
     for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
         key, value = line.split(":", 1)
         fields[key] = int(value.split()[0])
-    return fields["Pss"] / 1024, fields["Private_Dirty"] / 1024
+    return (fields["Pss"] / 1024, fields["Private_Dirty"] / 1024, fields.get("Pss_Anon", 0) / 1024,
+            fields.get("Pss_File", 0) / 1024)
 
 
 def _load_coco(ann_file: Path):
@@ -263,6 +267,17 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.repeats):
         for kind in builds:
             builds[kind].append(_child(args, "build", kind))
+    if args.repeats:
+        _print_builds(builds)
+    cached = _child(args, "build", "cache")  # the index cache the "after" loaders map
+    print(f"cache: built and/or loaded in {cached['seconds']:.1f}s (a cached load in a trial: "
+          f"{_child(args, 'build', 'cache')['seconds']:.2f}s)")
+    _print_loaders(args)
+    print(f"\nload average at end: {os.getloadavg()[0]:.2f}; total {time.perf_counter() - started:.0f}s")
+    return 0
+
+
+def _print_builds(builds: dict) -> None:
     print("\n| build | seconds (runs) | mean | peak RSS MiB | of which imports (torch, ...) |\n|---|---|---|---|---|")
     for kind, runs in builds.items():
         secs = [r["seconds"] for r in runs]
@@ -271,25 +286,31 @@ def main(argv: list[str] | None = None) -> int:
               f"{max(r['peak_rss_mib'] for r in runs):.0f} | {max(r['base_pss_mib'] for r in runs):.0f} |")
     ratio = statistics.mean(r["seconds"] for r in builds["index"]) / statistics.mean(r["seconds"] for r in builds["coco"])
     print(f"index build / COCO(): {ratio:.2f}x (target <= 2x)")
-    cached = _child(args, "build", "cache")  # the index cache the "after" loaders map
-    print(f"cache: built and written in {cached['seconds']:.1f}s (a cached load in a trial: "
-          f"{_child(args, 'build', 'cache')['seconds']:.2f}s)")
-    print("\n| variant | batch | main PSS MiB | worker PSS MiB (each) | worker private dirty MiB (each) | s |")
-    print("|---|---|---|---|---|---|")
+
+
+def _print_loaders(args: argparse.Namespace) -> None:
+    print("\n| variant | batch | main PSS MiB | worker PSS MiB (each) | worker private dirty MiB (each) | "
+          "worker anon / file PSS MiB (mean) | rank total PSS MiB | s |")
+    print("|---|---|---|---|---|---|---|---|")
     for variant in args.variants.split(","):
         res = _child(args, "loader", variant)
         for row in res["rows"]:
             pss = ", ".join(f"{w[0]:.0f}" for w in row["workers"])
             dirty = ", ".join(f"{w[1]:.0f}" for w in row["workers"])
-            print(f"| {variant} | {row['batch']} | {row['main'][0]:.0f} | {pss} | {dirty} | {row['seconds']:.0f} |")
+            anon = statistics.mean(w[2] for w in row["workers"])
+            file_ = statistics.mean(w[3] for w in row["workers"])
+            total = row["main"][0] + sum(w[0] for w in row["workers"])
+            print(f"| {variant} | {row['batch']} | {row['main'][0]:.0f} | {pss} | {dirty} | {anon:.0f} / {file_:.0f} "
+                  f"| {total:.0f} | {row['seconds']:.0f} |")
         first, last = [r for r in res["rows"] if r["batch"] >= 1000][:1], res["rows"][-1:]
         if first and last and last[0]["batch"] > first[0]["batch"]:
             a = sum(w[0] for w in first[0]["workers"])
             b = sum(w[0] for w in last[0]["workers"])
-            print(f"  {variant}: set-up {res['setup_seconds']:.1f}s; worker PSS batch {first[0]['batch']} -> "
-                  f"{last[0]['batch']}: {100 * (b - a) / a:+.1f}% (target <= +5%)")
-    print(f"\nload average at end: {os.getloadavg()[0]:.2f}; total {time.perf_counter() - started:.0f}s")
-    return 0
+            da = sum(w[1] for w in first[0]["workers"])
+            db = sum(w[1] for w in last[0]["workers"])
+            print(f"  {variant}: set-up {res['setup_seconds']:.1f}s; batch {first[0]['batch']} -> "
+                  f"{last[0]['batch']}: worker PSS {100 * (b - a) / a:+.1f}% (target <= +5%), worker private "
+                  f"dirty {100 * (db - da) / da:+.1f}%")
 
 
 if __name__ == "__main__":
