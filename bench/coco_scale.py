@@ -192,7 +192,7 @@ def phase_loader(variant: str, ann_file: Path, checkpoints: list[int], workers: 
     from torch.utils.data import DataLoader
 
     from trainer.coco_index import TrainImages, TrainIndex
-    from trainer.data import StreamBatchSampler, collate, select_subset
+    from trainer.data import StreamBatchSampler, collate, select_subset, start_workers
     from trainer.dataset_check import AnnotationFile
 
     torch.set_num_threads(1)
@@ -209,7 +209,8 @@ def phase_loader(variant: str, ann_file: Path, checkpoints: list[int], workers: 
     setup = time.perf_counter() - started
     sampler = StreamBatchSampler(len(dataset), batch, 0, 0, max(checkpoints) + 1)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers, prefetch_factor=2)
-    rows, it = [], iter(loader)
+    # "before" forks as the old trainer did; "after" as the trainer now does (gc frozen at the fork).
+    rows, it = [], (iter(loader) if variant == "before" else start_workers(loader))
     t0 = time.perf_counter()
     for step, _ in enumerate(it):
         if step in checkpoints:

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from trainer import checkpoint as ckpt
 from trainer import speed
 from trainer.config import TrainConfig, config_to_dict, dump_config
-from trainer.data import StreamBatchSampler, build_datasets, collate, resized_area, to_device_float
+from trainer.data import StreamBatchSampler, build_datasets, collate, resized_area, start_workers, to_device_float
 from trainer.errors import CheckpointError, TrainerError
 from trainer.hooks import CheckpointHook, EvalHook, FinalMetricsHook, Hook, MetricsHook, first_nonfinite
 from trainer.report import Reporter, RunInfo
@@ -280,7 +280,7 @@ class Trainer:
         self.model.train()
         for hook in self.hooks:
             hook.before_train(self)
-        for images, targets in self.loader():
+        for images, targets in start_workers(self.loader()):
             self.train_step(images, targets)
         if st.iteration < end:
             raise TrainerError(f"data stream ended at iteration {st.iteration} before {end}")
