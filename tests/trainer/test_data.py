@@ -90,3 +90,25 @@ def test_build_datasets_writes_nothing_and_checks(synth_root):
     assert len(val) == 10
     with pytest.raises(DatasetError, match="asked for 500"):
         build_datasets(cfg.model_copy(update={"train_images": 500}))
+
+
+class _FreezeCount(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        import gc
+
+        return gc.get_freeze_count()
+
+
+def test_workers_start_with_the_parents_objects_frozen():
+    """A worker's garbage collector must not walk (and so copy) what it inherited from the parent."""
+    import gc
+
+    from trainer.data import start_workers
+
+    loader = torch.utils.data.DataLoader(_FreezeCount(), batch_size=1, num_workers=1)
+    counts = [int(c) for c in start_workers(loader)]
+    assert counts and all(c > 1000 for c in counts)
+    assert gc.get_freeze_count() == 0  # the parent collects as before
