@@ -15,6 +15,7 @@ Generating the outputs is not timed. Usage:
 
     python bench/eval_speed.py --quick          # 300 images
     python bench/eval_speed.py                  # 5,000 images x ~7 objects x 100 detections
+    python bench/eval_speed.py --memory --hw 480 640   # rank 0's peak RSS for those at 480x640
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--objects", type=int, default=7, help="mean GT objects per image")
     parser.add_argument("--dets", type=int, default=100, help="detections per image")
     parser.add_argument("--size", type=int, default=256, help="image height and width")
+    parser.add_argument("--hw", type=int, nargs=2, metavar=("H", "W"), help="image height and width (over --size)")
+    parser.add_argument("--memory", action="store_true",
+                        help="only (b), in this process: peak RSS of rank 0's evaluation (results + scoring)")
     parser.add_argument("--backend", default="auto", choices=ev.BACKENDS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="300 images")
@@ -56,6 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.images = 300
+    args.height, args.width = args.hw or (args.size, args.size)
     return args
 
 
@@ -67,14 +72,14 @@ def _ellipse_polygon(x: float, y: float, w: float, h: float, points: int = 16) -
 
 def build_gt(args: argparse.Namespace, rng: np.random.Generator) -> COCO:
     """Elliptic polygons with log-uniform sides (8..220 px) so small, medium and large all occur."""
-    size, images, anns = args.size, [], []
+    height, width, images, anns = args.height, args.width, [], []
     for image_id in range(1, args.images + 1):
-        images.append({"id": image_id, "height": size, "width": size})
+        images.append({"id": image_id, "height": height, "width": width})
         for _ in range(max(1, rng.poisson(args.objects))):
-            w, h = np.exp(rng.uniform(np.log(8), np.log(min(220, size - 2)), 2))
-            x, y = rng.uniform(0, size - w - 1), rng.uniform(0, size - h - 1)
+            w, h = np.exp(rng.uniform(np.log(8), np.log(min(220, min(height, width) - 2)), 2))
+            x, y = rng.uniform(0, width - w - 1), rng.uniform(0, height - h - 1)
             poly = _ellipse_polygon(x, y, w, h)
-            rle = mask_util.merge(mask_util.frPyObjects([poly], size, size))
+            rle = mask_util.merge(mask_util.frPyObjects([poly], height, width))
             anns.append({"id": len(anns) + 1, "image_id": image_id, "iscrowd": 0,
                          "category_id": int(rng.choice(CAT_IDS)), "segmentation": [poly],
                          "area": float(mask_util.area(rle)), "bbox": mask_util.toBbox(rle).tolist()})
@@ -88,7 +93,7 @@ def build_gt(args: argparse.Namespace, rng: np.random.Generator) -> COCO:
 
 def fake_outputs(gt: COCO, image_id: int, args: argparse.Namespace, rng: np.random.Generator) -> dict:
     """~3 jittered hits per GT object (occasionally mislabelled), the rest random low-score boxes."""
-    size, n = args.size, args.dets
+    height, width, n = args.height, args.width, args.dets
     anns = gt.imgToAnns[image_id]
     cat_to_label = {c: l for l, c in LABEL_TO_CAT.items()}
     hits = [a for a in anns for _ in range(3)][:n]
@@ -102,16 +107,16 @@ def fake_outputs(gt: COCO, image_id: int, args: argparse.Namespace, rng: np.rand
         labels[k] = cat_to_label[ann["category_id"]] if rng.random() > 0.1 else labels[k]
         scores[k] = rng.uniform(0.5, 1.0)
     rest = len(hits)
-    wh = np.exp(rng.uniform(np.log(6), np.log(size / 2), (n - rest, 2)))
-    xy = rng.uniform(0, size - wh)
+    wh = np.exp(rng.uniform(np.log(6), np.log(min(height, width) / 2), (n - rest, 2)))
+    xy = rng.uniform(0, [width, height] - wh)
     boxes[rest:] = np.concatenate([xy, xy + wh], axis=1)
-    boxes = np.clip(boxes, 0, size - 1)
+    boxes = np.clip(boxes, 0, [width - 1, height - 1, width - 1, height - 1])
     boxes[:, 2:] = np.maximum(boxes[:, 2:], boxes[:, :2] + 1)
     # Hits are confident; about one false positive in five has no pixel above 0.5.
     gain = np.where(np.arange(n) < rest, 1.0, rng.uniform(0.3, 1.5, n))
     return {"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels),
             "scores": torch.from_numpy(scores).float(), "roi_masks": _roi_masks(gain, rng),
-            "image_size": (size, size)}
+            "image_size": (height, width)}
 
 
 def _roi_masks(gain: np.ndarray, rng: np.random.Generator, side: int = 28) -> torch.Tensor:
@@ -211,6 +216,42 @@ def run(args: argparse.Namespace) -> None:
     report(naive, ours, naive_metrics, our_metrics, backend, len(our_results))
 
 
+def _rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_memory(args: argparse.Namespace) -> None:
+    """Rank 0's evaluation memory: the results of every image (as sharded evaluation gathers them,
+    pickled and unpickled), then bbox and segm scoring. Peak RSS of this process, by stage."""
+    import pickle
+    import resource
+
+    torch.set_num_threads(args.threads)
+    rng = np.random.default_rng(args.seed)
+    marks = [("start (imports)", _rss_mib())]
+    gt = build_gt(args, rng)
+    marks.append(("ground truth built", _rss_mib()))
+    results: list[dict] = []
+    t0 = time.perf_counter()
+    for image_id in range(1, args.images + 1):
+        results += ev.predictions_to_coco([fake_outputs(gt, image_id, args, rng)], [image_id], LABEL_TO_CAT)
+    results = pickle.loads(pickle.dumps(results))  # what dist.gather_object hands rank 0
+    marks.append((f"{len(results)} results held (converted in {time.perf_counter() - t0:.0f}s)", _rss_mib()))
+    t0 = time.perf_counter()
+    metrics = ev.score_coco(gt, results, backend=args.backend, image_ids=list(range(1, args.images + 1)))
+    marks.append((f"scored with {ev.resolve_backend(args.backend)} in {time.perf_counter() - t0:.0f}s",
+                  _rss_mib()))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"\nrank-0 evaluation memory: {args.images} images x {args.dets} detections at "
+          f"{args.height}x{args.width}")
+    for stage, rss in marks:
+        print(f"  {stage:<60} RSS {rss:8.0f} MiB")
+    print(f"  peak RSS {peak:.0f} MiB; bbox/AP {metrics['bbox/AP']:.4f} segm/AP {metrics['segm/AP']:.4f}")
+
+
 def report(naive: Stopwatch, ours: Stopwatch, naive_metrics: dict, our_metrics: dict, backend: str,
            n: int) -> None:
     for watch in (naive, ours):
@@ -231,4 +272,5 @@ def report(naive: Stopwatch, ours: Stopwatch, naive_metrics: dict, our_metrics: 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    run(parse_args())
+    arguments = parse_args()
+    run_memory(arguments) if arguments.memory else run(arguments)

@@ -70,7 +70,7 @@ def trial_cells(trials: pd.DataFrame, fin: pd.DataFrame, numbers: list[PaperNumb
                 paper = paper_for(numbers, backbone=t["backbone"], init=t["init"], data=t["data"],
                                   schedule=t["schedule"], task=task, metric=metric, body_norm=body_norm(t))
                 cells[f"{task}/{metric}"] = {"ours": ours, "paper": paper,
-                                             "na": _is_na(t.get(f"{task}/{metric}"))}
+                                             "na": _is_na(t.get(f"{task}/{metric}")) or _not_logged_size_ap(t, task, metric)}
         rows.append({"trial": t, "cells": cells})
     return rows
 
@@ -83,6 +83,13 @@ def body_norm(trial: Any) -> str:
 
 def _is_na(value: Any) -> bool:
     return value is not None and not pd.isna(value) and float(value) < 0
+
+
+def _not_logged_size_ap(t: Any, task: str, metric: str) -> bool:
+    """COCO's -1 ("no objects of that size") is not logged to MLflow: a size AP missing beside its
+    task's AP is that case (n/a), not an evaluation that has not happened yet."""
+    missing = lambda v: v is None or pd.isna(v)  # noqa: E731
+    return metric in ("APs", "APm", "APl") and missing(t.get(f"{task}/{metric}")) and not missing(t.get(f"{task}/AP"))
 
 
 def cost_table(trials: pd.DataFrame, fin: pd.DataFrame, sweep_dir: Path | None) -> pd.DataFrame:

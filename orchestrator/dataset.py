@@ -20,8 +20,7 @@ MARKER = ".generated.json"
 
 def missing_files(ds: Dataset, need_classification: bool = False) -> list[Path]:
     root = Path(ds.root)
-    wanted = [root / "annotations" / f"instances_{ds.train_split}.json", root / ds.train_split,
-              root / "annotations" / f"instances_{ds.val_split}.json", root / ds.val_split]
+    wanted = [*ds.split_files("train"), *ds.split_files("val")]
     if need_classification:
         wanted.append(root / "classification" / "train")
     return [p for p in wanted if not p.exists()]

@@ -112,6 +112,9 @@ def _make_trial(spec: SweepSpec, point: dict[str, Any], index: int,
     data = tree.setdefault("data", {})
     data.update({"root": str(spec.dataset.root), "train_split": spec.dataset.train_split,
                  "val_split": spec.dataset.val_split})
+    for key in ("train_json", "train_image_dir", "val_json", "val_image_dir"):
+        if getattr(spec.dataset, key) is not None:  # absent otherwise: COCO-layout trials keep their hash
+            data[key] = str(getattr(spec.dataset, key))
     for axis, value in point.items():
         key = AXES.get(axis, axis)
         if axis == "init" and value.startswith(PRETRAINED_PREFIX):

@@ -43,7 +43,8 @@ AXES: dict[str, str] = {
 }
 BACKBONES: tuple[str, ...] = get_args(ModelConfig.model_fields["backbone"].annotation)
 # The dataset section owns these; a base config that sets them would be silently overridden.
-DATASET_KEYS = ("data.root", "data.train_split", "data.val_split")
+DATASET_KEYS = ("data.root", "data.train_split", "data.val_split", "data.train_json", "data.train_image_dir",
+                "data.val_json", "data.val_image_dir")
 # Dotted keys a grid may not use as axes of their own, with the named axis that owns them.
 _NAMED_KEYS = {"model.init": "init", "data.train_images": "data", "model.backbone": "backbone",
                "schedule.length": "schedule", "schedule.iters": "schedule", "schedule.drops": "schedule"}
@@ -71,12 +72,31 @@ class Generate(_Strict):
 
 
 class Dataset(_Strict):
-    """A COCO-layout dataset: ROOT/annotations/instances_{split}.json and ROOT/{split}/."""
+    """A COCO-layout dataset: ROOT/annotations/instances_{split}.json and ROOT/{split}/, or per split
+    any annotation file and image folder (`train_json` + `train_image_dir`, `val_json` + `val_image_dir`)."""
 
     root: Path
     train_split: str = "train2017"
     val_split: str = "val2017"
+    train_json: Path | None = None
+    train_image_dir: Path | None = None
+    val_json: Path | None = None
+    val_image_dir: Path | None = None
     generate: Generate | None = None
+
+    @model_validator(mode="after")
+    def _layout_pairs(self) -> "Dataset":
+        for split in ("train", "val"):
+            if (getattr(self, f"{split}_json") is None) != (getattr(self, f"{split}_image_dir") is None):
+                raise ValueError(f"{split}_json and {split}_image_dir go together: give both or neither")
+        return self
+
+    def split_files(self, split: str) -> tuple[Path, Path]:
+        """(annotation file, image folder) of "train" or "val"."""
+        if getattr(self, f"{split}_json") is not None:
+            return Path(getattr(self, f"{split}_json")), Path(getattr(self, f"{split}_image_dir"))
+        name = getattr(self, f"{split}_split")
+        return Path(self.root) / "annotations" / f"instances_{name}.json", Path(self.root) / name
 
 
 class Resources(_Strict):
@@ -228,6 +248,8 @@ def check_spec(spec: SweepSpec) -> None:
     if spec.dataset.generate is not None and (spec.dataset.train_split, spec.dataset.val_split) != ("train", "val"):
         raise SpecError("dataset.generate: the synthetic sets have splits 'train' and 'val'; set train_split: "
                         "train and val_split: val")
+    if spec.dataset.generate is not None and (spec.dataset.train_json or spec.dataset.val_json):
+        raise SpecError("dataset.generate writes the COCO layout under dataset.root; drop train_json/val_json")
     if not spec.grid:
         raise SpecError("grid: needs at least one axis (init, data, schedule, backbone or a trainer key)")
     try:

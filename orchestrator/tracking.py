@@ -229,7 +229,7 @@ class MetricLogger:
         fresh, last = [], {}
         for step, metrics in rows:
             for key, value in sorted(metrics.items()):
-                if not key.startswith(METRIC_PREFIXES) or not _finite(value):
+                if not key.startswith(METRIC_PREFIXES) or not _finite(value) or _undefined_ap(key, value):
                     continue
                 if int(step) > (last[key] if key in last else self.last_step(key)):
                     fresh.append(Metric(key, float(value), now, int(step)))
@@ -250,7 +250,7 @@ class MetricLogger:
         fresh = []
         for step, metrics in rows:
             for key, value in sorted(metrics.items()):
-                if not key.startswith(METRIC_PREFIXES) or not _finite(value):
+                if not key.startswith(METRIC_PREFIXES) or not _finite(value) or _undefined_ap(key, value):
                     continue
                 if key not in have:
                     have[key] = {m.step for m in self.client.get_metric_history(self.run_id, key)}
@@ -380,6 +380,13 @@ def _rejected(exc: Exception) -> bool:
     """An answer of the server that a retry cannot change (a 4xx other than 429), not an outage."""
     status = getattr(exc, "get_http_status_code", lambda: 500)()
     return 400 <= int(status) < 500 and int(status) != 429
+
+
+def _undefined_ap(key: str, value: Any) -> bool:
+    """COCO's -1 sentinel ("no objects of that size", e.g. bbox/APs on a set without small objects)
+    is not an AP: it is left out of MLflow, so plots and best-of queries never see it; reports,
+    which read final_metrics.json, keep showing it as n/a."""
+    return key.startswith(("bbox/", "segm/")) and float(value) < 0
 
 
 def _finite(value: Any) -> bool:

@@ -43,7 +43,7 @@ def tiny_config(root: Path, out: Path, **levels) -> dict:
         "data": {"root": str(root), "train_split": "train", "val_split": "val", "num_workers": 0},
         "optim": {"base_lr": 0.01, "batch_size": 2, "grad_clip": 1.0},
         "schedule": {"iters": 6, "drops": [4], "warmup_iters": 2},
-        "eval": {"period": 3, "batch_size": 4},
+        "eval": {"period": 3, "batch_size": 4, "num_workers": 0},
         "checkpoint": {"period": 3},
         "runtime": {"output_dir": str(out), "threads": 1, "log_period": 1},
     }

@@ -87,7 +87,8 @@ class ModelConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    """A COCO-layout dataset: ROOT/annotations/instances_{split}.json and ROOT/{split}/ images."""
+    """A COCO instances dataset: ROOT/annotations/instances_{split}.json and ROOT/{split}/ images by
+    default, or any annotation file + image folder per split (`train_json`/`train_image_dir`, ...)."""
 
     root: Path = Path("datasets/coco")
     train_split: str = "train2017"
@@ -106,6 +107,26 @@ class DataConfig(_Strict):
     # Batches of landscape-only or portrait-only images (less padding per batch). Still a pure
     # function of (seed, iteration); off by default because it changes which images share a batch.
     aspect_grouping: bool = False
+    # Any layout, like detectron2's register_coco_instances(name, {}, json, image_root): a split's
+    # annotation file and image folder, given together, replace ROOT/annotations/instances_{split}.json
+    # and ROOT/{split}/ for that split. Unset: the COCO 2017 layout under `root`.
+    train_json: Path | None = None
+    train_image_dir: Path | None = None
+    val_json: Path | None = None
+    val_image_dir: Path | None = None
+    # A JSON width/height that differs from the image file is an error; true makes it a warning
+    # with the count (masks of those images may then be off their boxes).
+    allow_size_mismatch: bool = False
+    # Dataset check results and the train index, keyed by the annotation file's hash. None: a
+    # `.trainer_cache` folder beside the annotation file (skipped with a warning if unwritable).
+    cache_dir: Path | None = None
+
+    @model_validator(mode="after")
+    def _layout_pairs(self) -> "DataConfig":
+        for split in ("train", "val"):
+            if (getattr(self, f"{split}_json") is None) != (getattr(self, f"{split}_image_dir") is None):
+                raise ValueError(f"{split}_json and {split}_image_dir go together: give both or neither")
+        return self
 
     @field_validator("train_images", "val_images")
     @classmethod
@@ -182,6 +203,7 @@ class EvalConfig(_Strict):
     period: int = Field(0, ge=0)  # iterations between evaluations; 0 = only at the end
     batch_size: int = Field(2, gt=0)
     backend: Literal["auto", "pycocotools", "faster_coco_eval"] = "auto"
+    num_workers: int = Field(2, ge=0)  # evaluation loader workers (image decoding), per rank
 
 
 class CheckpointConfig(_Strict):

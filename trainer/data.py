@@ -1,9 +1,11 @@
-"""COCO instance data for training and evaluation, read through pycocotools.
+"""COCO instance data for training and evaluation.
 
-Owns: locating a COCO-layout split (ROOT/annotations/instances_{split}.json, ROOT/{split}/ images),
-the seeded nested train subsets (`data.train_images`), the training targets (polygons and RLE to
-masks, crowd regions left out, annotation-free images skipped), horizontal flip, and the batch
-stream. The stream is a pure function of (seed, iteration): position p of the global stream is image
+Owns: locating a split (ROOT/annotations/instances_{split}.json and ROOT/{split}/ images, or any
+`data.{train,val}_json` + `_image_dir`), running the up-front dataset check (`trainer.dataset_check`),
+the seeded nested train subsets (`data.train_images`), the evaluation dataset, image decoding (uint8
+until the device), horizontal flip, and the batch stream. Training targets come from the serialised
+train index (`trainer.coco_index`: polygons and RLE to masks, crowd regions left out,
+annotation-free images skipped). The stream is a pure function of (seed, iteration): position p of the global stream is image
 `perm(seed, p // n)[p % n]`, and iteration i takes positions [i*B, (i+1)*B). A resumed run therefore
 sees exactly the batches an uninterrupted one would, whatever the number of loader workers. With
 aspect-ratio grouping (`data.aspect_grouping`) each epoch's permutation is cut into batches of one
@@ -13,8 +15,8 @@ orientation instead, in a seeded batch order: still a pure function of (seed, it
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
-import json
 import logging
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -24,7 +26,9 @@ import torch
 from torch.utils.data import Dataset, Sampler
 from torchvision.io import ImageReadMode, decode_image
 
+from trainer.coco_index import TrainImages, TrainIndex
 from trainer.config import DataConfig
+from trainer.dataset_check import AnnotationFile, check_split, default_cache_dir
 from trainer.errors import DatasetError
 
 logger = logging.getLogger(__name__)
@@ -37,24 +41,40 @@ def split_paths(root: Path, split: str) -> tuple[Path, Path]:
     if not ann.is_file():
         raise DatasetError(
             f"annotation file not found: {ann} (expected a COCO layout: ROOT/annotations/instances_{split}.json "
-            f"and images in ROOT/{split}/; set data.root, or generate offline data with "
-            f"`python -m trainer.synthetic --out {root}`)"
+            f"and images in ROOT/{split}/, or set data.{{train,val}}_json and data.{{train,val}}_image_dir; "
+            f"set data.root, or generate offline data with `python -m trainer.synthetic --out {root}`)"
         )
     if not images.is_dir():
         raise DatasetError(f"image folder not found: {images} (the images of split '{split}' belong there)")
     return ann, images
 
 
-def load_coco(ann_file: Path):
-    """pycocotools COCO with its prints captured (logged at debug level)."""
+def split_files(cfg: DataConfig, which: str) -> tuple[Path, Path]:
+    """(annotation file, image folder) of the "train" or "val" split of a data config."""
+    ann, images = getattr(cfg, f"{which}_json"), getattr(cfg, f"{which}_image_dir")
+    if ann is None:
+        return split_paths(cfg.root, getattr(cfg, f"{which}_split"))
+    if not Path(ann).is_file():
+        raise DatasetError(f"annotation file not found: {ann} (data.{which}_json)")
+    if not Path(images).is_dir():
+        raise DatasetError(f"image folder not found: {images} (data.{which}_image_dir)")
+    return Path(ann), Path(images)
+
+
+def load_coco(source: Path | AnnotationFile):
+    """pycocotools COCO with its prints captured (logged at debug level); an AnnotationFile's
+    already parsed JSON is indexed without reading the file again."""
     from pycocotools.coco import COCO
 
+    ann = source if isinstance(source, AnnotationFile) else AnnotationFile(source)
     buf = io.StringIO()
     try:
         with contextlib.redirect_stdout(buf):
-            coco = COCO(str(ann_file))
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise DatasetError(f"{ann_file}: not a COCO instances file ({type(exc).__name__}: {exc})") from None
+            coco = COCO()
+            coco.dataset = ann.data
+            coco.createIndex()
+    except (KeyError, TypeError) as exc:
+        raise DatasetError(f"{ann.path}: not a COCO instances file ({type(exc).__name__}: {exc})") from None
     logger.debug("pycocotools: %s", buf.getvalue().strip())
     return coco
 
@@ -80,85 +100,50 @@ def resized_area(height: int, width: int, min_size: int, max_size: int) -> int:
     return int(round(height * scale)) * int(round(width * scale))
 
 
-class CocoInstances(Dataset):
-    """One split of a COCO instances dataset.
+def read_image(path: Path) -> torch.Tensor:
+    """uint8 [3, H, W] RGB pixels of an image file, or a DatasetError naming it."""
+    try:
+        data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
+        return decode_image(data, mode=ImageReadMode.RGB)
+    except (OSError, RuntimeError) as exc:
+        raise DatasetError(f"cannot read image {path}: {exc}") from None
 
-    Evaluation (`train=False`): every selected image, item i -> (image, {"image_id"}).
-    Training (`train=True`): only images with at least one usable non-crowd instance; items are
-    keyed by (stream_position, index) so the flip of a sample is fixed by its stream position.
+
+class CocoInstances(Dataset):
+    """The evaluation split: every selected image, item i -> (uint8 image, {"image_id"}).
+
+    Holds the pycocotools COCO that scoring needs; items read only the file names, kept in a list
+    (the val split is small; the train split goes through `trainer.coco_index` instead).
     """
 
-    def __init__(self, root: Path, split: str, image_ids: Sequence[int] | None = None, *,
-                 train: bool = False, hflip: bool = False, seed: int = 0, coco: Any = None):
-        ann_file, self.image_dir = split_paths(root, split)
-        self.coco = coco if coco is not None else load_coco(ann_file)
+    def __init__(self, ann_file: Path, image_dir: Path, image_ids: Sequence[int] | None = None, *,
+                 coco: Any = None):
+        self.image_dir = Path(image_dir)
+        self.coco = coco if coco is not None else load_coco(Path(ann_file))
         self.cat_ids = sorted(self.coco.getCatIds())
         if not self.cat_ids:
             raise DatasetError(f"{ann_file}: no categories")
-        self.cat_to_label = {c: i + 1 for i, c in enumerate(self.cat_ids)}
-        self.label_to_cat = {i: c for c, i in self.cat_to_label.items()}
-        ids = sorted(self.coco.getImgIds()) if image_ids is None else list(image_ids)
-        self.train, self.hflip, self.seed = train, hflip, seed
-        if train:
-            usable = [i for i in ids if self._usable_anns(i)]
-            logger.info("%s: %d of %d images have instances (others skipped in training)",
-                        split, len(usable), len(ids))
-            if not usable:
-                raise DatasetError(f"split '{split}': none of the {len(ids)} selected images has an instance")
-            ids = usable
-        self.image_ids = ids
+        self.label_to_cat = {i + 1: c for i, c in enumerate(self.cat_ids)}
+        self.image_ids = sorted(self.coco.getImgIds()) if image_ids is None else list(image_ids)
+
+    @property
+    def image_ids(self) -> list[int]:
+        return self._ids
+
+    @image_ids.setter
+    def image_ids(self, ids: Sequence[int]) -> None:
+        self._ids = list(ids)
+        self._files = [self.coco.imgs[i]["file_name"] for i in self._ids]
 
     @property
     def num_classes(self) -> int:
         return len(self.cat_ids)
 
-    def aspect_groups(self) -> list[int]:
-        """Per item: 0 for landscape (width >= height), 1 for portrait; read from the annotations."""
-        return [0 if info["width"] >= info["height"] else 1
-                for info in (self.coco.imgs[i] for i in self.image_ids)]
-
     def __len__(self) -> int:
-        return len(self.image_ids)
+        return len(self._ids)
 
-    def _usable_anns(self, image_id: int) -> list[dict]:
-        anns = self.coco.imgToAnns.get(image_id, [])
-        return [a for a in anns if not a.get("iscrowd", 0) and a["bbox"][2] >= 1 and a["bbox"][3] >= 1]
-
-    def _read(self, image_id: int) -> torch.Tensor:
-        info = self.coco.imgs[image_id]
-        path = self.image_dir / info["file_name"]
-        try:
-            data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
-            img = decode_image(data, mode=ImageReadMode.RGB)
-        except (OSError, RuntimeError) as exc:
-            raise DatasetError(f"cannot read image {path}: {exc}") from None
-        return img.float().div_(255.0)
-
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, dict[str, Any]]:
-        if not self.train:
-            image_id = self.image_ids[int(key)]
-            return self._read(image_id), {"image_id": image_id}
-        position, index = key
-        image_id = self.image_ids[index]
-        image = self._read(image_id)
-        target = self._target(image_id, image.shape[-2:])
-        if self.hflip and np.random.default_rng([self.seed, position]).random() < 0.5:
-            image, target = hflip(image, target)
-        return image, target
-
-    def _target(self, image_id: int, hw: torch.Size) -> dict[str, Any]:
-        anns = self._usable_anns(image_id)
-        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
-        boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy
-        boxes[:, 0::2].clamp_(0, hw[1])
-        boxes[:, 1::2].clamp_(0, hw[0])
-        masks = np.stack([self.coco.annToMask(a) for a in anns]) if anns else np.zeros((0, *hw), np.uint8)
-        return {
-            "boxes": boxes,
-            "labels": torch.tensor([self.cat_to_label[a["category_id"]] for a in anns], dtype=torch.int64),
-            "masks": torch.from_numpy(masks),
-            "image_id": image_id,
-        }
+    def __getitem__(self, key: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        return read_image(self.image_dir / self._files[int(key)]), {"image_id": self._ids[int(key)]}
 
 
 def hflip(image: torch.Tensor, target: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -234,23 +219,60 @@ class StreamBatchSampler(Sampler[list[tuple[int, int]]]):
         return max(self.total - self.start, 0)
 
 
+def to_device_float(image: torch.Tensor, device: torch.device, non_blocking: bool = False) -> torch.Tensor:
+    """An image on `device` in [0, 1] floats. Loaders hand images over as uint8 (4x less to copy
+    between processes and to the device); they become floats only there."""
+    image = image.to(device, non_blocking=non_blocking)
+    return image.float().div_(255.0) if image.dtype == torch.uint8 else image
+
+
+def start_workers(loader: Any) -> Iterator:
+    """`iter(loader)` with the parent's Python objects frozen while its workers fork.
+
+    A full garbage collection in a forked worker walks every container object it inherited and so
+    writes (copies) their pages: ~80 MiB per worker seen in bench/coco_scale.py, more in a trainer
+    holding a model and the val annotations. Objects in `gc.freeze()`'s permanent generation are
+    never walked; the parent unfreezes right after the fork, so only the workers keep them frozen.
+    """
+    gc.freeze()
+    try:
+        return iter(loader)
+    finally:
+        gc.unfreeze()
+
+
 def collate(batch: list[tuple[torch.Tensor, dict]]) -> tuple[tuple, tuple]:
     return tuple(zip(*batch))  # type: ignore[return-value]
 
 
-def build_datasets(cfg: DataConfig, stream_seed: int = 0) -> tuple[CocoInstances, CocoInstances, list[int]]:
+def check_data(cfg: DataConfig) -> dict[str, tuple[AnnotationFile, Path]]:
+    """Locate and check both splits (trainer.dataset_check) before anything is built from them."""
+    found = {}
+    for which in ("train", "val"):
+        path, images = split_files(cfg, which)
+        ann = AnnotationFile(path)
+        check_split(ann, images, allow_size_mismatch=cfg.allow_size_mismatch,
+                    cache_dir=cfg.cache_dir or default_cache_dir(path))
+        found[which] = (ann, images)
+    return found
+
+
+def build_datasets(cfg: DataConfig, stream_seed: int = 0) -> tuple[TrainImages, CocoInstances, list[int]]:
     """(train set, val set, chosen train image ids) for a data config.
 
-    `data.subset_seed` picks the images (shared by every init of a sweep); `stream_seed` fixes their
-    order and flips.
+    Both splits are checked first, so a defective set fails before any training step. The train
+    split becomes a `TrainIndex` (cached by annotation hash) cut down to the chosen images; no
+    Python annotation object outlives this call. `data.subset_seed` picks the images (shared by
+    every init of a sweep); `stream_seed` fixes their order and flips.
     """
-    train_ann, _ = split_paths(cfg.root, cfg.train_split)
-    split_paths(cfg.root, cfg.val_split)  # fail before the (slow) train index is built
-    coco = load_coco(train_ann)
-    chosen = select_subset(coco.getImgIds(), cfg.train_images, cfg.subset_seed)
-    train = CocoInstances(cfg.root, cfg.train_split, chosen, train=True, hflip=cfg.hflip, seed=stream_seed,
-                          coco=coco)
-    val = CocoInstances(cfg.root, cfg.val_split)
+    (train_ann, train_dir), (val_ann, val_dir) = check_data(cfg).values()
+    index = TrainIndex.load_or_build(train_ann, cfg.cache_dir or default_cache_dir(train_ann.path))
+    train_ann.drop()
+    chosen = select_subset(index.image_ids, cfg.train_images, cfg.subset_seed)
+    if len(chosen) < len(index):
+        index = index.subset(chosen)  # a subset trial holds only its images' records
+    train = TrainImages(index, train_dir, hflip=cfg.hflip, seed=stream_seed)
+    val = CocoInstances(val_ann.path, val_dir, coco=load_coco(val_ann))
     if cfg.val_images != "all":
         val.image_ids = val.image_ids[: cfg.val_images]
     if val.cat_ids != train.cat_ids:

@@ -3,7 +3,8 @@
 `train(cfg, reporters=..., resume=...)` is the one entry point (the CLI and the orchestrator call
 it). The loop itself only steps — data, forward, backward, optimizer, LR — and leaves metrics,
 evaluation and checkpoints to the hooks in `trainer.hooks`. A run in an initialised
-torch.distributed process group trains with DDP; rank 0 evaluates, writes and reports. Speed
+torch.distributed process group trains with DDP; every rank infers on its slice of val, rank 0
+scores, writes and reports. Speed
 switches (autocast, TF32, channels_last, backbone compile, pinned memory) come from `trainer.speed`.
 """
 
@@ -22,7 +23,7 @@ from torch.utils.data import DataLoader
 from trainer import checkpoint as ckpt
 from trainer import speed
 from trainer.config import TrainConfig, config_to_dict, dump_config
-from trainer.data import StreamBatchSampler, build_datasets, collate, resized_area
+from trainer.data import StreamBatchSampler, build_datasets, collate, resized_area, start_workers, to_device_float
 from trainer.errors import CheckpointError, TrainerError
 from trainer.hooks import CheckpointHook, EvalHook, FinalMetricsHook, Hook, MetricsHook, first_nonfinite
 from trainer.report import Reporter, RunInfo
@@ -231,7 +232,7 @@ class Trainer:
         it = self.state.iteration
         dev = self.device
         nb = self._non_blocking
-        images = [im.to(dev, non_blocking=nb) for im in images]
+        images = [to_device_float(im, dev, nb) for im in images]  # uint8 until on the device
         targets = [{k: (v.to(dev, non_blocking=nb) if torch.is_tensor(v) else v) for k, v in t.items()}
                    for t in targets]
         # Nothing here reads a device value back: losses stay on the device until a log point
@@ -277,7 +278,9 @@ class Trainer:
         for r in self.reporters:
             r.start(info)
         self.model.train()
-        for images, targets in self.loader():
+        for hook in self.hooks:
+            hook.before_train(self)
+        for images, targets in start_workers(self.loader()):
             self.train_step(images, targets)
         if st.iteration < end:
             raise TrainerError(f"data stream ended at iteration {st.iteration} before {end}")

@@ -10,6 +10,12 @@ of model outputs to COCO results (`predictions_to_coco`, re-exported here):
   the global RNG state (resumed training must draw the same numbers whether or not it evaluated).
   A torchvision Mask R-CNN is run under `roi_mask_outputs`, so its masks go from the mask head
   straight to RLE (`paste_masks_rle`) instead of through full-image float masks.
+  Sharded as detectron2's `inference_on_dataset`: in a process group of W ranks, rank r infers on
+  the r-th contiguous slice of the dataset, rank 0 gathers the results in rank order (the same list
+  one process would make) and scores once; the other ranks return {}.
+  Every image is its own forward pass, as in Detectron (one image per GPU at test time): a batch
+  pads its images to a common size and GroupNorm's statistics would include that padding, making
+  AP depend on `eval.batch_size`. The batch size only sets how many images a loader step decodes.
 
 Conventions: APs/APm/APl are -1.0 when the split has no ground truth of that size, exactly as
 pycocotools reports them (callers that plot should treat negative values as "undefined"). For segm,
@@ -33,9 +39,11 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from trainer.data import to_device_float
 from trainer.evaluate_convert import EvaluationError, predictions_to_coco, roi_mask_outputs
 
-__all__ = ["EvaluationError", "predictions_to_coco", "score_coco", "resolve_backend", "evaluate",
+__all__ = ["EvaluationError", "predictions_to_coco", "score_coco", "resolve_backend", "evaluate", "shard_bounds",
+           "to_device_float",
            "faster_coco_eval_verified", "collate_batch", "IOU_TYPES", "BACKENDS", "METRIC_NAMES"]
 
 log = logging.getLogger(__name__)
@@ -247,11 +255,15 @@ def evaluate(
     device: torch.device | str = "cpu",
     backend: str = "auto",
     num_workers: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> dict[str, float]:
     """Run `model` over `dataset` and score it against `dataset.coco` (see `score_coco`).
 
-    The model's per-module train/eval flags and the global RNG states (torch, the device's, numpy,
-    random) are exactly as before on return, also when inference raises.
+    With `world_size` > 1 (an initialised process group), every rank calls this with the same
+    dataset; each infers on its slice and only rank 0 scores and returns metrics (see the module
+    docstring). The model's per-module train/eval flags and the global RNG states (torch, the
+    device's, numpy, random) are exactly as before on return, also when inference raises.
     """
     for attr in ("coco", "label_to_cat"):
         if not hasattr(dataset, attr):
@@ -262,17 +274,41 @@ def evaluate(
     device = torch.device(device)
     modes = [(module, module.training) for module in net.modules()]
     started = time.perf_counter()
+    lo, hi = shard_bounds(len(dataset), rank, world_size)
     with _preserved_rng(device):
         net.eval()
         try:
-            results, image_ids = _predict(net, dataset, device, batch_size, num_workers)
+            results, image_ids = _predict(net, dataset, range(lo, hi), device, batch_size, num_workers)
         finally:
             for module, training in modes:
                 module.training = training
-    log.info("inference on %d images: %d detections in %.1fs",
-             len(dataset), len(results), time.perf_counter() - started)
+    log.info("inference on %d images (rank %d of %d): %d detections in %.1fs",
+             hi - lo, rank, world_size, len(results), time.perf_counter() - started)
+    if world_size > 1:
+        results, image_ids = _gather(results, image_ids, rank, world_size)
+        if rank != 0:
+            return {}
     # Only the images that were run count: a dataset may hold a subset of its COCO split.
     return score_coco(dataset.coco, results, backend=backend, image_ids=image_ids)
+
+
+def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[lo, hi) of rank's contiguous slice of n items; slices differ in size by at most one."""
+    if not 0 <= rank < world_size:
+        raise EvaluationError(f"rank {rank} outside a world of {world_size}")
+    return n * rank // world_size, n * (rank + 1) // world_size
+
+
+def _gather(results: list[dict], image_ids: list[int], rank: int, world_size: int) -> tuple[list, list]:
+    """Every rank's (results, image ids), concatenated in rank order on rank 0 (elsewhere: empty)."""
+    import torch.distributed as dist
+
+    parts: list[Any] | None = [None] * world_size if rank == 0 else None
+    dist.gather_object((results, image_ids), parts, dst=0)
+    if rank != 0:
+        return [], []
+    assert parts is not None
+    return [r for part in parts for r in part[0]], [i for part in parts for i in part[1]]
 
 
 @contextlib.contextmanager
@@ -289,19 +325,21 @@ def _preserved_rng(device: torch.device):
         np.random.set_state(np_state)
 
 
-def _predict(net: torch.nn.Module, dataset: Any, device: torch.device, batch_size: int,
+def _predict(net: torch.nn.Module, dataset: Any, indices: range, device: torch.device, batch_size: int,
              num_workers: int) -> tuple[list[dict], list[int]]:
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-        collate_fn=collate_batch, pin_memory=device.type == "cuda",
+        torch.utils.data.Subset(dataset, indices), batch_size=batch_size, shuffle=False,
+        num_workers=num_workers, collate_fn=collate_batch, pin_memory=device.type == "cuda",
     )
     results: list[dict] = []
     seen: list[int] = []
     with torch.inference_mode(), roi_mask_outputs(net):
         for images, targets in loader:
-            outputs = net([image.to(device, non_blocking=True) for image in images])
+            # One image per forward pass: see the module docstring (GroupNorm and padding).
+            outputs = [net([to_device_float(image, device)])[0] for image in images]
             image_ids = [int(target["image_id"]) for target in targets]
             # Converted per batch so masks never pile up on the device.
             results.extend(predictions_to_coco(outputs, image_ids, dataset.label_to_cat))
             seen.extend(image_ids)
     return results, seen
+

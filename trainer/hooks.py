@@ -1,9 +1,12 @@
 """Periodic work around the step loop: training metrics, evaluation, checkpoints.
 
-Each hook gets `after_step(trainer)` once an iteration is done (`trainer.state.iteration` counts
-finished iterations) and `after_train(trainer)` at the end. Order at a shared iteration is metrics,
-evaluation, checkpoint: the checkpoint then carries the evaluation it follows, and a reporter that
-forwards checkpoints (Ray Tune) gets the AP of that step before the checkpoint itself.
+Each hook gets `before_train(trainer)` when `fit()` starts, `after_step(trainer)` once an iteration
+is done (`trainer.state.iteration` counts finished iterations) and `after_train(trainer)` at the end.
+Order at a shared iteration is metrics, evaluation, checkpoint: the checkpoint then carries the
+evaluation it follows, and a reporter that forwards checkpoints (Ray Tune) gets the AP of that step
+before the checkpoint itself. An evaluation first writes the iteration's checkpoint quietly (no
+reporter hears of it), so an evaluation that fails never loses the training before it; a run
+resumed from such a checkpoint runs the missing evaluation before its first step.
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ def _due(iteration: int, period: int, total: int) -> bool:
 
 
 class Hook:
+    def before_train(self, trainer: "Trainer") -> None:
+        pass
+
     def after_step(self, trainer: "Trainer") -> None:
         pass
 
@@ -67,6 +73,15 @@ class MetricsHook(Hook):
 class EvalHook(Hook):
     """COCO bbox/segm AP on the val split every `eval.period` iterations and at the end."""
 
+    def before_train(self, trainer: "Trainer") -> None:
+        st = trainer.state
+        if st.iteration and _due(st.iteration, trainer.cfg.eval.period, trainer.total_iters) \
+                and st.last_eval.get("step") != st.iteration:
+            logger.info("evaluation of iteration %d did not finish before the restart: running it now",
+                        st.iteration)
+            self.run(trainer)
+            CheckpointHook().save(trainer, notify=CheckpointHook.due(trainer))
+
     def after_step(self, trainer: "Trainer") -> None:
         if _due(trainer.state.iteration, trainer.cfg.eval.period, trainer.total_iters):
             self.run(trainer)
@@ -78,11 +93,13 @@ class EvalHook(Hook):
         if st.last_eval.get("step") == st.iteration:
             return  # already evaluated at this iteration (resumed right after it)
         trainer.check_finite()
-        metrics: dict[str, float] = {}
-        if trainer.rank == 0:
-            ec = trainer.cfg.eval
-            metrics = evaluate(trainer.bare_model, trainer.val_set, batch_size=ec.batch_size,
-                               device=trainer.device, backend=ec.backend)
+        if st.iteration:
+            CheckpointHook().save(trainer, notify=False)  # training so far survives a failing evaluation
+        ec = trainer.cfg.eval
+        # Every rank infers on its slice of val; rank 0 gathers and scores (others get {}).
+        metrics = evaluate(trainer.bare_model, trainer.val_set, batch_size=ec.batch_size, device=trainer.device,
+                           backend=ec.backend, num_workers=ec.num_workers, rank=trainer.rank,
+                           world_size=trainer.world)
         trainer.barrier()
         st.last_eval = {"step": st.iteration, **metrics}
         if trainer.rank == 0:
@@ -92,13 +109,17 @@ class EvalHook(Hook):
 class CheckpointHook(Hook):
     """Full-state checkpoint every `checkpoint.period` iterations, at `checkpoint.at` and at the end."""
 
-    def after_step(self, trainer: "Trainer") -> None:
+    @staticmethod
+    def due(trainer: "Trainer") -> bool:
         cc = trainer.cfg.checkpoint
         it = trainer.state.iteration
-        if _due(it, cc.period, trainer.total_iters) or it in cc.at or it == trainer.stop_after:
+        return _due(it, cc.period, trainer.total_iters) or it in cc.at or it == trainer.stop_after
+
+    def after_step(self, trainer: "Trainer") -> None:
+        if self.due(trainer):
             self.save(trainer)
 
-    def save(self, trainer: "Trainer") -> None:
+    def save(self, trainer: "Trainer", notify: bool = True) -> None:
         trainer.check_finite()
         trainer.sync_counters()
         it = trainer.state.iteration
@@ -106,7 +127,7 @@ class CheckpointHook(Hook):
             path = ckpt.save_atomic(trainer.state_dict(), ckpt.checkpoint_path(trainer.ckpt_dir, it))
             ckpt.prune(trainer.ckpt_dir, trainer.cfg.checkpoint.keep_last, protect=trainer.cfg.checkpoint.at)
             logger.debug("checkpoint %s", path)
-            for r in trainer.reporters:
+            for r in trainer.reporters if notify else ():
                 r.checkpoint(it, path)
         trainer.barrier()
 

@@ -29,7 +29,7 @@ def tiny_spec(tmp: Path, name: str = "tiny", **changes: Any) -> dict[str, Any]:
         "base": {"model": dict(TINY_MODEL), "data": {"num_workers": 0},
                  "optim": {"batch_size": 1, "grad_clip": 1.0},
                  "schedule": {"iters_per_x": 6, "warmup_iters": 1},
-                 "eval": {"period": 3, "batch_size": 4}, "checkpoint": {"period": 3},
+                 "eval": {"period": 3, "batch_size": 4, "num_workers": 0}, "checkpoint": {"period": 3},
                  "runtime": {"device": "cpu", "threads": 1, "log_period": 3}},
         "resources": {"cpus_per_trial": 1},
         "storage_path": str(tmp / "runs"),

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from trainer.config import DataConfig
-from trainer.data import CocoInstances, StreamBatchSampler, build_datasets, hflip, select_subset, split_paths
+from trainer.data import StreamBatchSampler, build_datasets, hflip, select_subset, split_paths
 from trainer.errors import DatasetError
 
 
@@ -31,17 +31,18 @@ def test_missing_annotation_file_says_where(tmp_path):
 
 
 def test_training_targets(synth_root):
-    ds = CocoInstances(synth_root, "train", train=True)
-    coco = ds.coco
+    cfg = DataConfig(root=synth_root, train_split="train", val_split="val", hflip=False)
+    ds, val, _ = build_datasets(cfg)
+    coco = val.coco.__class__(str(synth_root / "annotations" / "instances_train.json"))
     # images without a usable non-crowd instance are skipped in training, kept for evaluation
     empty = [i for i in coco.getImgIds() if not [a for a in coco.imgToAnns[i] if not a["iscrowd"]]]
     assert empty and not set(empty) & set(ds.image_ids)
-    assert len(CocoInstances(synth_root, "train")) == len(coco.getImgIds())
+    assert len(val) == len(val.coco.getImgIds())
     crowd_img = next(i for i in ds.image_ids if any(a["iscrowd"] for a in coco.imgToAnns[i]))
     image, target = ds[(0, ds.image_ids.index(crowd_img))]
     n_plain = sum(1 for a in coco.imgToAnns[crowd_img] if not a["iscrowd"])
     assert target["boxes"].shape == (n_plain, 4) and target["masks"].shape == (n_plain, 64, 64)
-    assert image.shape == (3, 64, 64) and 0 <= image.min() and image.max() <= 1
+    assert image.shape == (3, 64, 64) and image.dtype == torch.uint8  # floats only on the device
     # labels are contiguous 1..K; category ids are not
     assert sorted(ds.label_to_cat) == list(range(1, ds.num_classes + 1))
     assert sorted(ds.label_to_cat.values()) == ds.cat_ids != list(range(1, ds.num_classes + 1))
@@ -89,3 +90,25 @@ def test_build_datasets_writes_nothing_and_checks(synth_root):
     assert len(val) == 10
     with pytest.raises(DatasetError, match="asked for 500"):
         build_datasets(cfg.model_copy(update={"train_images": 500}))
+
+
+class _FreezeCount(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        import gc
+
+        return gc.get_freeze_count()
+
+
+def test_workers_start_with_the_parents_objects_frozen():
+    """A worker's garbage collector must not walk (and so copy) what it inherited from the parent."""
+    import gc
+
+    from trainer.data import start_workers
+
+    loader = torch.utils.data.DataLoader(_FreezeCount(), batch_size=1, num_workers=1)
+    counts = [int(c) for c in start_workers(loader)]
+    assert counts and all(c > 1000 for c in counts)
+    assert gc.get_freeze_count() == 0  # the parent collects as before

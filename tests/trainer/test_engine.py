@@ -81,7 +81,7 @@ def test_tracking_dict_survives_resume(synth_root, tmp_path):
 
 def test_damaged_newest_checkpoint_falls_back(synth_root, tmp_path, caplog):
     out = tmp_path / "d"
-    _run(tiny_config(synth_root, out, checkpoint={"period": 2}), stop_after=4)
+    _run(tiny_config(synth_root, out, checkpoint={"period": 2}, eval={"period": 0}), stop_after=4)
     newest = out / "checkpoints" / "ckpt_0000004.pt"
     newest.write_bytes(newest.read_bytes()[:1000])
     found = ckpt.load_latest(out / "checkpoints")
@@ -109,3 +109,25 @@ def test_branch_forked_from_trunk_equals_independent_run(synth_root, tmp_path):
     rows = lambda name: read_metrics(tmp_path / name / "metrics.jsonl")  # noqa: E731
     assert rows("trunk") + rows("branch") == rows("alone")
     assert branch.final_metrics == alone.final_metrics
+
+
+def test_failing_evaluation_keeps_the_training_and_reruns_on_resume(synth_root, tmp_path):
+    """The iteration's checkpoint is written before its evaluation; a resume runs the lost evaluation."""
+    import shutil
+
+    class RemoveOnStart(Reporter):  # after the dataset check passed, before the first step
+        def start(self, info):
+            victim.unlink()
+
+    full = _run(tiny_config(synth_root, tmp_path / "full"))
+    root = shutil.copytree(synth_root, tmp_path / "set", ignore=shutil.ignore_patterns(".trainer_cache"))
+    victim = root / "val" / "000000000002.png"
+    kept = victim.read_bytes()
+    with pytest.raises(Exception, match="cannot read image"):
+        _run(tiny_config(root, tmp_path / "cut"), extra=[RemoveOnStart()])
+    assert [i for i, _ in ckpt.list_checkpoints(tmp_path / "cut" / "checkpoints")] == [3]
+    victim.write_bytes(kept)
+    resumed = _run(tiny_config(root, tmp_path / "cut"), resume=True)
+    assert resumed.final_metrics == full.final_metrics
+    rows = read_metrics(tmp_path / "cut" / "metrics.jsonl")
+    assert sorted(map(str, rows)) == sorted(map(str, read_metrics(tmp_path / "full" / "metrics.jsonl")))

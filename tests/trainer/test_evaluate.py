@@ -299,7 +299,7 @@ def test_real_mask_rcnn_roi_masks_give_the_pasted_results(coco_gt):
     dataset = TinyDataset(coco_gt)
     images = [dataset[i][0] + torch.rand(dataset[i][0].shape) * 0.5 for i in range(len(dataset))]
     ids = list(dataset.ids)
-    batches = [images[:3], images[3:]]  # as evaluate(batch_size=3) runs them: padding differs
+    batches = [[image] for image in images]  # evaluate() runs one image per forward pass
     with torch.inference_mode():
         pasted = [o for batch in batches for o in model(batch)]
         with conv.roi_mask_outputs(model) as active:
@@ -375,7 +375,7 @@ def test_evaluate_scores_one_and_has_no_side_effects(coco_gt):
     assert torch.equal(torch.get_rng_state(), torch_state)
     assert random.getstate() == py_state
     assert np.random.get_state()[1].tolist() == np_state[1].tolist()
-    assert model.seen_modes == [(False, False, True)] * 2  # 4 images in batches of 3
+    assert model.seen_modes == [(False, False, True)] * 4  # 4 images, one forward pass each
     assert model.training and not model.head.training
 
 
@@ -404,3 +404,92 @@ def test_evaluate_unwraps_data_parallel_and_restores_modes_on_error(coco_gt):
     with pytest.raises(ev.EvaluationError, match="coco"):
         ev.evaluate(model, [1, 2, 3])
     assert pickle.loads(pickle.dumps(ev.collate_batch)) is ev.collate_batch  # DataLoader workers
+
+
+# ----------------------------------------------------------------------------- batch size and ranks
+
+
+def _noisy_dataset(coco_gt):
+    gen = torch.Generator().manual_seed(1)
+    images = [torch.rand((3, *IMAGES[i]), generator=gen) for i in sorted(IMAGES)]
+
+    class NoisyDataset(TinyDataset):
+        def __getitem__(self, index):
+            return images[index], {"image_id": self.ids[index]}
+
+    return NoisyDataset(coco_gt), images
+
+
+def test_ap_does_not_depend_on_the_eval_batch_size(coco_gt, tmp_path, monkeypatch):
+    """Same checkpoint, batch 1 vs 4: identical bbox and segm AP, although a batched forward of
+    these differently sized images would give other detections (GroupNorm sees the padding)."""
+    torch.save(_real_mask_rcnn().state_dict(), tmp_path / "ckpt.pt")
+    model = _real_mask_rcnn()
+    model.load_state_dict(torch.load(tmp_path / "ckpt.pt", weights_only=True))
+    dataset, images = _noisy_dataset(coco_gt)
+    with torch.inference_mode():
+        batched = model(images)
+        single = [model([image])[0] for image in images]
+    assert any(not torch.equal(b["boxes"], s["boxes"]) for b, s in zip(batched, single))
+    scored, score = [], ev.score_coco
+    monkeypatch.setattr(ev, "score_coco", lambda gt, results, **kw: scored.append(results) or score(gt, results, **kw))
+    at = {b: ev.evaluate(model, dataset, batch_size=b, backend="pycocotools") for b in (1, 4)}
+    assert at[1] == at[4] and set(at[1]) == set(KEYS)
+    # the untrained model's segm AP is 0 at both sizes, so compare the detections themselves, masks included
+    assert scored[0] == scored[1] and all("segmentation" in r for r in scored[0]) and len(scored[0]) > 10
+    assert at[1] == ev.score_coco(coco_gt, ev.predictions_to_coco(single, list(dataset.ids), LABEL_TO_CAT),
+                                  backend="pycocotools", image_ids=list(dataset.ids))
+
+
+def test_shard_bounds_cover_every_item_once():
+    for n in (0, 1, 4, 5, 17):
+        for world in (1, 2, 3, 8):
+            slices = [ev.shard_bounds(n, r, world) for r in range(world)]
+            assert [i for lo, hi in slices for i in range(lo, hi)] == list(range(n))
+    with pytest.raises(ev.EvaluationError):
+        ev.shard_bounds(4, 2, 2)
+
+
+def _jittered_outputs(gt):
+    """Perfect outputs with shifted boxes and graded scores, so AP lies strictly inside (0, 1)."""
+    outputs = perfect_outputs(gt)
+    for k, image_id in enumerate(sorted(outputs)):
+        out = outputs[image_id]
+        out["boxes"] = out["boxes"] + torch.tensor([3.0 * k, 2.0, 3.0 * k, 2.0])
+        out["masks"] = torch.roll(out["masks"], shifts=(2, 3 * k), dims=(2, 3))
+        out["scores"] = torch.linspace(0.9, 0.3, len(out["scores"])) - 0.05 * k
+    return outputs
+
+
+def _rank_main(rank, store, coco_gt, outputs, out_dir):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        metrics = ev.evaluate(OracleModel(outputs), TinyDataset(coco_gt), batch_size=1, backend="pycocotools",
+                              rank=rank, world_size=2)
+        (out_dir / f"rank{rank}.json").write_text(json.dumps(metrics))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_evaluation_equals_one_process(coco_gt, tmp_path):
+    """2 gloo ranks, each inferring on its half: rank 0's AP equals single-process evaluation exactly."""
+    import multiprocessing as mp
+
+    outputs = _jittered_outputs(coco_gt)
+    single = ev.evaluate(OracleModel(outputs), TinyDataset(coco_gt), batch_size=1, backend="pycocotools")
+    assert 0.05 < single["bbox/AP"] < 0.95 and 0.05 < single["segm/AP"] < 0.95
+    half = ev.evaluate(OracleModel(outputs), TinyDataset(coco_gt, ids=sorted(IMAGES)[:2]), backend="pycocotools")
+    assert half != single  # losing a rank's share would show
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_rank_main, args=(r, tmp_path / "store", coco_gt, outputs, tmp_path))
+             for r in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(120)
+    assert [proc.exitcode for proc in procs] == [0, 0]
+    assert json.loads((tmp_path / "rank0.json").read_text()) == single
+    assert json.loads((tmp_path / "rank1.json").read_text()) == {}

@@ -1,6 +1,5 @@
 """Speed switches on CPU: aspect-grouped batches, channels_last, bf16, workers, CUDA-only no-ops."""
 
-import json
 import logging
 
 import numpy as np
@@ -10,8 +9,9 @@ import torch
 from tests.conftest import TINY_MODEL, tiny_config
 from trainer import checkpoint as ckpt
 from trainer import speed
+from trainer.coco_index import TrainImages, TrainIndex
 from trainer.config import DataConfig, RuntimeConfig, build_config
-from trainer.data import CocoInstances, StreamBatchSampler
+from trainer.data import StreamBatchSampler
 from trainer.engine import Trainer, train
 from trainer.errors import ConfigError, DatasetError
 from trainer.model import build_model
@@ -60,11 +60,10 @@ def test_aspect_groups_read_from_annotations(tmp_path):
     images = [{"id": 1, "width": 640, "height": 480, "file_name": "a.jpg"},
               {"id": 2, "width": 480, "height": 640, "file_name": "b.jpg"},
               {"id": 3, "width": 500, "height": 500, "file_name": "c.jpg"}]
-    (tmp_path / "annotations").mkdir()
-    (tmp_path / "val").mkdir()
-    coco = {"images": images, "annotations": [], "categories": [{"id": 1, "name": "x"}]}
-    (tmp_path / "annotations" / "instances_val.json").write_text(json.dumps(coco))
-    assert CocoInstances(tmp_path, "val").aspect_groups() == [0, 1, 0]
+    anns = [{"id": i, "image_id": i, "category_id": 1, "bbox": [1, 1, 9, 9], "iscrowd": 0,
+             "segmentation": [[1, 1, 10, 1, 10, 10, 1, 10]]} for i in (1, 2, 3)]
+    coco = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "x"}]}
+    assert TrainImages(TrainIndex.build(coco), tmp_path).aspect_groups() == [0, 1, 0]
 
 
 def test_switch_defaults_and_validation():
