@@ -186,7 +186,8 @@ def _finite(trainer: Trainer) -> bool:
     return True
 
 
-def _eval_batches(images: list[torch.Tensor], batch: int = 2) -> list[list[torch.Tensor]]:
+def _eval_batches(images: list[torch.Tensor], batch: int = 1) -> list[list[torch.Tensor]]:
+    # One image per forward, as `trainer.evaluate` runs (GroupNorm must never see batch padding).
     return [images[k:k + batch] for k in range(0, len(images), batch)]
 
 

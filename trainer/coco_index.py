@@ -21,6 +21,7 @@ of a sweep share one copy through the page cache. A subset trial copies out only
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import shutil
 import time
@@ -275,6 +276,20 @@ class TrainImages(Dataset):
         self.hflip, self.seed = hflip, seed
         self.cat_ids = [int(c) for c in self.index.cat_ids]
         self.label_to_cat = {i + 1: c for i, c in enumerate(self.cat_ids)}
+        self._mapped_in: int | None = None  # the pid that has mapped every page of the index
+
+    def _map_whole_index(self) -> None:
+        """Map every page of a memory-mapped index into this process, once, at its first item.
+
+        A loader worker would otherwise map pages as its images come up, so its memory would creep
+        for the whole first pass. Mapped up front, a worker's memory at its first batch is what it
+        keeps: the pages are the node's shared page cache (one copy for every rank and worker), not
+        private copies. One byte read per page faults them in.
+        """
+        self._mapped_in = os.getpid()
+        for values in self.index.arrays.values():
+            if isinstance(values, np.memmap) and values.size:
+                int(np.asarray(values).reshape(-1).view(np.uint8)[::mmap.PAGESIZE].sum())
 
     @property
     def image_ids(self) -> list[int]:
@@ -294,6 +309,8 @@ class TrainImages(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, dict[str, Any]]:
         from trainer.data import hflip, read_image
 
+        if self._mapped_in != os.getpid():
+            self._map_whole_index()
         position, item = key
         ix, row = self.index, int(self.rows[item])
         image = read_image(self.image_dir / ix.file_name(row))
