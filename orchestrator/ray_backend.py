@@ -18,9 +18,9 @@ branch is at most one task behind in the queue.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,9 @@ logger = logging.getLogger(__name__)
 
 _MONITOR: Any = None  # the SweepMonitor of this driver process (see module docstring)
 _QUEUE: Any = None  # the ForkQueue of this driver process, with schedule branches
-DRIVER_CPU = 0.01  # what a DDP trial's own process holds while its Train workers hold the rest
+_LIMIT: Any = None  # this driver's view of how many gangs the cluster holds (a _Limit)
+DRIVER_CPU = 0.01  # what a DDP trial's own process holds while its gang's workers hold the rest
+LIMIT_TTL_S = 5.0  # how often the forked queue re-reads how many gangs the (changing) cluster holds
 
 
 def resolve_address(spec_address: str | None) -> str | None:
@@ -99,23 +101,63 @@ def capacity() -> dict[str, float]:
     return dict(ray.cluster_resources())
 
 
-def trial_resources(res: Resources) -> dict[str, float]:
-    if res.workers > 1:
-        return {"cpu": DRIVER_CPU}
-    return {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial}
+def node_resources() -> list[dict[str, float]]:
+    """The total resources of every alive node (what gangs are packed onto)."""
+    return [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
 
 
-def max_concurrent(res: Resources, cap: dict[str, float]) -> int:
-    """How many trials the cluster holds at once; a ClusterError if not even one."""
-    cpus, gpus = cap.get("CPU", 0.0), cap.get("GPU", 0.0)
-    need_cpu = res.cpus_per_trial + (DRIVER_CPU if res.workers > 1 else 0.0)
-    fits = [math.floor(cpus / need_cpu + 1e-9)]
-    if res.gpus_per_trial:
-        fits.append(math.floor(gpus / res.gpus_per_trial + 1e-9))
-    n = min(fits)
+def gang_bundles(res: Resources) -> list[dict[str, float]]:
+    """What one trial holds while it runs: its own process, plus one bundle per DDP worker."""
+    if res.workers == 1:
+        one = {"CPU": res.cpus_per_trial}
+        if res.gpus_per_trial:
+            one["GPU"] = res.gpus_per_trial
+        return [one]
+    worker = {"CPU": res.cpus_per_worker}
+    if res.gpus_per_worker:
+        worker["GPU"] = res.gpus_per_worker
+    return [{"CPU": DRIVER_CPU}] + [dict(worker) for _ in range(res.workers)]
+
+
+def trial_resources(res: Resources) -> Any:
+    """Tune's resource request of a trial: the whole gang as one placement group (see `orchestrator.gang`).
+
+    Tune starts a trial only once its group is placed, and frees it when the trial ends, so a
+    RUNNING trial holds all its GPUs and a trial waiting for them is PENDING.
+    """
+    if res.workers == 1:
+        return {k.lower(): v for k, v in gang_bundles(res)[0].items()}
+    return tune.PlacementGroupFactory(gang_bundles(res), strategy="PACK")
+
+
+def gangs_that_fit(bundles: list[dict[str, float]], nodes: list[dict[str, float]], limit: int = 100_000) -> int:
+    """How many gangs of `bundles` the nodes hold at once (first fit, bundle by bundle, as PACK may spread)."""
+    free = [{k: float(n.get(k, 0.0)) for k in ("CPU", "GPU")} for n in nodes]
+    count = 0
+    while count < limit:
+        trial = [dict(f) for f in free]
+        for bundle in sorted(bundles, key=lambda b: (-b.get("GPU", 0.0), -b.get("CPU", 0.0))):
+            node = next((f for f in trial if all(f[k] + 1e-9 >= v for k, v in bundle.items())), None)
+            if node is None:
+                return count
+            for k, v in bundle.items():
+                node[k] -= v
+        free = trial
+        count += 1
+    return count
+
+
+def max_concurrent(res: Resources, nodes: list[dict[str, float]]) -> int:
+    """How many trials the cluster holds at once; a ClusterError (one line) if not even one, ever."""
+    n = gangs_that_fit(gang_bundles(res), nodes)
     if n < 1:
-        raise ClusterError(f"the cluster ({cpus:g} CPUs, {gpus:g} GPUs) cannot hold one trial "
-                           f"({need_cpu:g} CPUs, {res.gpus_per_trial:g} GPUs); lower resources or add nodes")
+        cpus = sum(x.get("CPU", 0.0) for x in nodes)
+        gpus = sum(x.get("GPU", 0.0) for x in nodes)
+        big = max((x.get("GPU", 0.0) for x in nodes), default=0.0)
+        need_cpu = sum(b.get("CPU", 0.0) for b in gang_bundles(res))
+        raise ClusterError(f"the cluster ({len(nodes)} node(s), {cpus:g} CPUs, {gpus:g} GPUs, at most {big:g} GPUs "
+                           f"on one node) cannot hold one trial ({res.workers} worker(s), {need_cpu:g} CPUs, "
+                           f"{res.gpus_per_trial:g} GPUs); lower resources or add nodes")
     return n
 
 
@@ -152,10 +194,13 @@ def run_tune(sweep_dir: Path, tasks: list[dict[str, Any]], res: Resources, max_f
 
     from orchestrator.fork import ForkQueue
 
-    global _MONITOR, _QUEUE
+    global _MONITOR, _QUEUE, _LIMIT
     _MONITOR = monitor
     forked = any(t.get("fork") for t in tasks)
     _QUEUE = ForkQueue(tasks) if forked else None
+    _LIMIT = _Limit(res, concurrent)
+    if _QUEUE is not None:
+        _QUEUE.limit = concurrent
     trainable = tune.with_resources(run_trial, trial_resources(res))
     exp_dir = Path(sweep_dir) / "tune"
     if tune.Tuner.can_restore(str(exp_dir)):
@@ -166,7 +211,8 @@ def run_tune(sweep_dir: Path, tasks: list[dict[str, Any]], res: Resources, max_f
         if forked:
             # num_samples=-1: as many as the searcher hands out, until it says FINISHED. No
             # max_concurrent_trials: its ConcurrencyLimiter would persist live-trial ids a killed driver
-            # can leave stale; the trial resources bound the concurrency anyway.
+            # can leave stale; the queue bounds the trials running or waiting itself (`ForkQueue.limit`,
+            # re-read from the cluster as nodes leave or join), and the gang's resources bound them anyway.
             kwargs: dict[str, Any] = {"tune_config": tune.TuneConfig(search_alg=ForkSearcher(), num_samples=-1,
                                                                      reuse_actors=True, **names)}
         else:
@@ -184,6 +230,23 @@ def run_tune(sweep_dir: Path, tasks: list[dict[str, Any]], res: Resources, max_f
             **kwargs,
         )
     tuner.fit()
+
+
+class _Limit:
+    """How many gangs the cluster holds now, re-read every LIMIT_TTL_S (nodes leave and join)."""
+
+    def __init__(self, res: Resources, first: int):
+        self.res, self.value, self.at = res, first, time.monotonic()
+
+    def current(self) -> int:
+        if time.monotonic() - self.at < LIMIT_TTL_S:
+            return self.value
+        self.at = time.monotonic()
+        n = gangs_that_fit(gang_bundles(self.res), node_resources())
+        if n != self.value:
+            logger.info("the cluster changed: at most %d trial(s) at a time now (was %d)", n, self.value)
+            self.value = n
+        return n
 
 
 class ForkSearcher(Searcher):
@@ -242,6 +305,8 @@ class ForwardToMonitor(tune.Callback):
     def on_step_begin(self, iteration, trials, **info):
         if _QUEUE is not None:  # before Tune asks the searcher for more trials, in the same step
             _QUEUE.sync((t.config["trial"]["trial_id"], t.status) for t in trials if "trial" in t.config)
+            if _LIMIT is not None:
+                _QUEUE.limit = _LIMIT.current()
 
     def on_step_end(self, iteration, trials, **info):
         if _MONITOR is not None:

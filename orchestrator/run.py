@@ -87,7 +87,7 @@ def run(spec_path: Path, *, storage: Path | None = None, must_exist: bool = Fals
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     env.update({k: os.environ[k] for k in FORWARD_ENV if k in os.environ})
     rb.connect(p.address, env)
-    concurrent = rb.max_concurrent(spec.resources, rb.capacity())  # refuses before MLflow is written to
+    concurrent = rb.max_concurrent(spec.resources, rb.node_resources())  # refuses before MLflow is written to
     # MLflow's runs are made while the pretrain jobs train: a fresh store's migrations and one child
     # run (with all its params) per trial take seconds to a minute on a big grid.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-setup") as pool:

@@ -1,0 +1,135 @@
+"""Whole-gang DDP trials on a real 2-node Ray cluster with 2 declared GPUs per node (trials on CPU, gloo).
+
+The cluster is two `ray start --block` processes (head + worker, 3 CPUs and 2 logical GPUs each),
+each in its own process group, on one host: the storage path is shared by being on one local disk.
+With `gpus_per_trial: 2` at most 2 trials fit; the trials' own records (gang.jsonl: each rank's
+node, GPUs, start and end; attempts.jsonl), the driver's queue log and the cluster's placement-group
+table show what ran when. What each test measured is printed as one `gangs:` line (pytest -s).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.orchestrator.conftest import auth_disabled, cli, kill_node, start_node, stop_node, tiny_spec, write_spec
+from tests.orchestrator.sweep_utils import check_children, duplicate_points, mlflow_contents, start_driver, wait_for
+
+pytestmark = pytest.mark.slow
+
+GRID = {"init": ["random"], "data": ["all", 8], "schedule": ["1x", "2x"], "backbone": ["R18"]}
+# iters_per_x 6: 1x = 6 iterations (fork at 2), 2x = 12 (fork at 8); evaluations every 3.
+EVALS = {f"random-{d}-{s}-R18": list(range(3, n + 1, 3)) for d in ("all", "8") for s, n in (("1x", 6), ("2x", 12))}
+GANG = {"cpus_per_trial": 2, "gpus_per_trial": 2}
+
+
+@pytest.fixture(scope="module")
+def gpu_cluster(tmp_path_factory):
+    """Head and one worker node, 3 CPUs and 2 logical GPUs each; yields (address, worker process)."""
+    logs = tmp_path_factory.mktemp("ray")
+    with auth_disabled():
+        head, address = start_node(logs / "head.log", num_cpus=3, num_gpus=2)
+        try:
+            worker = start_node(logs / "worker.log", head=address, num_cpus=3, num_gpus=2)[0]
+            try:
+                yield address, worker
+            finally:
+                stop_node(worker)
+        finally:
+            stop_node(head)
+
+
+def _spec(tmp: Path, name: str, **changes) -> Path:
+    spec = tiny_spec(tmp, name=name, grid=GRID, fork_schedules=True, resources=GANG,
+                     base__optim__batch_size=2, base__runtime__log_period=1, **changes)
+    return write_spec(tmp, spec, f"{name}.yaml")
+
+
+def _gang_rows(sweep: Path) -> dict[str, list[dict]]:
+    out = {}
+    for folder in sorted((sweep / "trials").iterdir()):
+        path = folder / "gang.jsonl"
+        out[folder.name] = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+    return out
+
+
+def _intervals(rows: dict[str, list[dict]]) -> list[tuple[float, float, str, int]]:
+    """(start, end, trial, attempt) of every gang attempt: from its workers being placed (gang_start)
+    to its last rank's end, or to now for an attempt whose ranks died (a lost node)."""
+    spans = []
+    for name, rs in rows.items():
+        for head in (r for r in rs if "gang_start" in r):
+            ranks = [r for r in rs if r.get("attempt") == head["attempt"] and "rank" in r]
+            end = max((r["end"] for r in ranks), default=time.time())
+            spans.append((head["gang_start"], end, name, head["attempt"]))
+    return sorted(spans)
+
+
+def _placement_groups(address: str) -> dict[str, dict]:
+    """The cluster's placement groups (GCS table): id -> {state, placed (was it ever scheduled)}."""
+    import ray
+
+    with auth_disabled():
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+        try:
+            table = ray.util.placement_group_table()
+        finally:
+            ray.shutdown()
+    return {pid: {"state": g["state"], "placed": g.get("stats", {}).get("end_to_end_creation_latency_ms", 0) > 0,
+                  "attempts": g.get("stats", {}).get("scheduling_attempt")} for pid, g in table.items()}
+
+
+def _peak(spans: list[tuple[float, float, str, int]]) -> int:
+    events = sorted([(s, 1) for s, *_ in spans] + [(e, -1) for _, e, *_ in spans])
+    peak = now = 0
+    for _, step in events:
+        now += step
+        peak = max(peak, now)
+    return peak
+
+
+def _timeline(spans, t0: float) -> str:
+    return "; ".join(f"{n}#{a} {s - t0:.0f}-{e - t0:.0f}s" for s, e, n, a in spans)
+
+
+def test_forked_gang_sweep_holds_at_most_two(tmp_path, gpu_cluster):
+    address, _ = gpu_cluster
+    log = tmp_path / "driver.log"
+    out = cli("run", str(_spec(tmp_path, "gangs")), "--no-view", env={"RAY_ADDRESS": address}, timeout=900)
+    log.write_text(out.stderr)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "running 6 trials, at most 2 at a time" in out.stderr
+    sweep = tmp_path / "runs" / "gangs"
+    rows = _gang_rows(sweep)
+    spans = _intervals(rows)
+    assert sorted({n for _, _, n, _ in spans}) == sorted(rows) and len(rows) == 6  # 2 trunks + 4 branches
+    assert _peak(spans) <= 2, _timeline(spans, spans[0][0])
+    for name, rs in rows.items():  # each attempt's two ranks ran together, each on its own logical GPU
+        for attempt in {r["attempt"] for r in rs if "rank" in r}:
+            ranks = sorted((r for r in rs if r.get("attempt") == attempt and "rank" in r), key=lambda r: r["rank"])
+            assert [r["rank"] for r in ranks] == [0, 1] and {r["backend"] for r in ranks} == {"gloo"}, ranks
+            assert max(r["start"] for r in ranks) < min(r["end"] for r in ranks), ranks
+            assert len({(r["node_id"], g) for r in ranks for g in r["gpu_ids"]}) == 2, ranks
+    # The queue decided the start order: each task started in the order the queue released it, and
+    # the queue released the longest critical path among the ready ones.
+    released = re.findall(r"queue: (\S+) starts \(critical path (\d+)\); ready behind it: (.*)", out.stderr)
+    assert [n for n, _, _ in released] == [n for _, _, n, a in spans if a == 1], (released, spans)
+    for name, prio, behind in released:
+        assert all(int(p) <= int(prio) for p in re.findall(r"\((\d+)\)", behind)), (name, prio, behind)
+    # At most one placement group per gang attempt (Tune reuses a finished trial's group for the
+    # next trial of the same shape); the cluster's table: every group was placed, none is left.
+    groups = {r["placement_group"] for rs in rows.values() for r in rs if "placement_group" in r}
+    assert len(groups) <= len(spans)
+    table = _placement_groups(address)
+    assert groups <= set(table), (groups, table)
+    assert all(g["state"] == "REMOVED" and g["placed"] for g in table.values()), table
+    ml = mlflow_contents(tmp_path, "gangs")
+    check_children(ml, EVALS)
+    assert duplicate_points(tmp_path) == []
+    print(f"gangs: 6 tasks, peak {_peak(spans)} gangs at once; timeline {_timeline(spans, spans[0][0])}; "
+          f"queue order {[n for n, _, _ in released]}; placement groups {len(groups)} of the trials, "
+          f"{len(table)} in the cluster: {[(g['state'], g['attempts']) for g in table.values()]}")
