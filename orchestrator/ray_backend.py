@@ -161,6 +161,31 @@ def max_concurrent(res: Resources, nodes: list[dict[str, float]]) -> int:
     return n
 
 
+def check_nodes(token_path: Path, token: str, paths: list[tuple[str, str]]) -> dict[str, tuple[str, list[str]]]:
+    """One task pinned to each alive node checks the shared storage there; node id -> (host, what it misses)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from orchestrator.storage import check_here
+
+    probe = ray.remote(_probe)
+    refs = {n["NodeID"]: (n.get("NodeManagerHostname") or n.get("NodeManagerAddress", "?"), probe.options(
+        num_cpus=0, max_retries=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+    ).remote(check_here, str(token_path), token, paths)) for n in ray.nodes() if n.get("Alive")}
+    failures = {}
+    for node, (host, ref) in refs.items():
+        try:
+            missing = ray.get(ref, timeout=120)
+        except (ray.exceptions.RayError, TimeoutError) as exc:
+            missing = [f"anything (its check failed: {type(exc).__name__})"]
+        if missing:
+            failures[node] = (host, missing)
+    return failures
+
+
+def _probe(fn: Any, *args: Any) -> Any:
+    return fn(*args)
+
+
 def run_pretrain(jobs: list[tuple[str, dict[str, Any], Resources]], max_retries: int) -> dict[str, str]:
     """Run the pretrain jobs as Ray tasks (in parallel); returns job name -> backbone file."""
     from orchestrator.trainable import run_pretrain_job

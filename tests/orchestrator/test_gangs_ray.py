@@ -25,6 +25,8 @@ GRID = {"init": ["random"], "data": ["all", 8], "schedule": ["1x", "2x"], "backb
 # iters_per_x 6: 1x = 6 iterations (fork at 2), 2x = 12 (fork at 8); evaluations every 3.
 EVALS = {f"random-{d}-{s}-R18": list(range(3, n + 1, 3)) for d in ("all", "8") for s, n in (("1x", 6), ("2x", 12))}
 GANG = {"cpus_per_trial": 2, "gpus_per_trial": 2}
+LOST = "random-all-2x-R18"  # the trial whose node is lost; its forked run in the sweep test is the reference
+REFERENCE: dict = {}
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +98,36 @@ def _timeline(spans, t0: float) -> str:
     return "; ".join(f"{n}#{a} {s - t0:.0f}-{e - t0:.0f}s" for s, e, n, a in spans)
 
 
+def _free_gpus(address: str) -> float:
+    import ray
+
+    with auth_disabled():
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+        try:
+            return ray.available_resources().get("GPU", 0.0)
+        finally:
+            ray.shutdown()
+
+
+def test_failed_gang_setup_leaves_no_gpus_held(tmp_path, gpu_cluster):
+    """NCCL asked for on nodes whose GPUs are declared but absent: the setup fails (and its retry),
+    the sweep ends, and every placement group is gone: all 4 GPUs free."""
+    address, _ = gpu_cluster
+    spec = tiny_spec(tmp_path, name="nosetup", grid={**GRID, "data": ["all"], "schedule": ["1x"]}, resources=GANG,
+                     base__optim__batch_size=2, base__runtime__dist_backend="nccl")
+    t0 = time.time()
+    out = cli("run", str(write_spec(tmp_path, spec)), "--no-view", env={"RAY_ADDRESS": address}, timeout=600)
+    wall = time.time() - t0
+    assert out.returncode == 1, out.stderr[-3000:]
+    state = (tmp_path / "runs" / "nosetup" / "state.json").read_text()
+    assert "dist_backend is 'nccl' but this process has no CUDA device" in state
+    assert _free_gpus(address) == 4.0
+    table = _placement_groups(address)
+    assert table and all(g["state"] == "REMOVED" for g in table.values()), table
+    print(f"gangs: failed setup (nccl without CUDA), 2 attempts, sweep ended in {wall:.0f}s with exit 1; "
+          f"free GPUs after: 4/4; placement groups {[g['state'] for g in table.values()]}")
+
+
 def test_forked_gang_sweep_holds_at_most_two(tmp_path, gpu_cluster):
     address, _ = gpu_cluster
     log = tmp_path / "driver.log"
@@ -130,6 +162,107 @@ def test_forked_gang_sweep_holds_at_most_two(tmp_path, gpu_cluster):
     ml = mlflow_contents(tmp_path, "gangs")
     check_children(ml, EVALS)
     assert duplicate_points(tmp_path) == []
+    REFERENCE.update(final=json.loads((sweep / "trials" / LOST / "final_metrics.json").read_text()),
+                     curve=_curve(tmp_path, "gangs", LOST))
     print(f"gangs: 6 tasks, peak {_peak(spans)} gangs at once; timeline {_timeline(spans, spans[0][0])}; "
           f"queue order {[n for n, _, _ in released]}; placement groups {len(groups)} of the trials, "
           f"{len(table)} in the cluster: {[(g['state'], g['attempts']) for g in table.values()]}")
+
+
+def _curve(tmp: Path, sweep: str, name: str) -> dict[str, list[tuple[int, float]]]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(sweep)
+    run = next(r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("trial_name") == name)
+    return {k: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, k)) for k in run.data.metrics}
+
+
+def test_node_without_the_storage_is_refused(tmp_path, gpu_cluster):
+    """A node whose processes live in their own mount namespace, an empty tmpfs over the storage path."""
+    address, _ = gpu_cluster
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    wrap = ("unshare", "--mount", "--propagation", "private", "sh", "-c",
+            f'mount -t tmpfs tmpfs "{runs}" && exec "$0" "$@"')
+    with auth_disabled():
+        blind = start_node(tmp_path / "blind.log", head=address, num_cpus=1, num_gpus=0, prefix=wrap)[0]
+        try:
+            out = cli("run", str(_spec(tmp_path, "blind")), "--no-view", env={"RAY_ADDRESS": address}, timeout=300)
+        finally:
+            stop_node(blind)
+    assert out.returncode == 2, out.stderr[-3000:]
+    line = out.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r".*orchestrator run: error: node [0-9a-f]{12} \(.*\) does not see the sweep folder "
+                        + re.escape(str(runs / "blind")) + r"; every node must see .*", line), line
+    assert not (runs / "blind" / "trials").exists() or not any((runs / "blind" / "trials").iterdir())
+    print(f"gangs: storage check refused: {line}")
+
+
+def test_lost_node_restarts_the_whole_gang(tmp_path, gpu_cluster):
+    """A 2-worker trial spread over both nodes (one GPU of each is held by the test); the worker node
+    is SIGKILLed mid-trial: the gang restarts whole, on the head's two GPUs, from the trial's newest
+    checkpoint, into the same MLflow run, and ends exactly where the forked run of the sweep test did."""
+    import ray
+
+    address, worker = gpu_cluster
+    spec = _spec(tmp_path, "lost", grid={**GRID, "data": ["all"], "schedule": ["2x"]})
+    sweep, log = tmp_path / "runs" / "lost", tmp_path / "driver.log"
+    with auth_disabled():
+        ray.init(address=address, log_to_driver=False, configure_logging=False, namespace="gang-test")
+        try:
+            holders = _hold_one_gpu_per_node()
+            driver = start_driver(["run", str(spec), "--no-view"], log,
+                                  {"RAY_ADDRESS": address, "ORCHESTRATOR_DELAY": f"{LOST}@0.5"})
+            try:
+                wait_for(driver, lambda: _checkpointed(sweep, 3), log)
+                first = _gang_rows(sweep)[LOST][0]
+                assert len(set(first["nodes"])) == 2, first  # one rank on each node
+                killed_at = time.time()
+                kill_node(worker)
+                for h in holders:  # the head's held GPU goes back: the gang fits there now
+                    ray.kill(h)
+                assert driver.wait(timeout=600) == 0, log.read_text()[-3000:]
+            finally:
+                if driver.poll() is None:
+                    driver.kill()
+                    driver.wait()
+        finally:
+            ray.shutdown()
+    rows = _gang_rows(sweep)[LOST]
+    again = [r for r in rows if "gang_start" in r and r["gang_start"] > killed_at]
+    assert len(again) == 1 and len(set(again[0]["nodes"])) == 1, rows
+    tries = [json.loads(x) for x in (sweep / "trials" / LOST / "attempts.jsonl").read_text().splitlines()]
+    tries = [a for a in tries if "start_iter" in a]
+    assert tries[-1]["start_iter"] >= 3 and len({a["run_id"] for a in tries}) == 1, tries
+    ml = mlflow_contents(tmp_path, "lost")
+    check_children(ml, {LOST: EVALS[LOST]})
+    assert duplicate_points(tmp_path) == []
+    final = json.loads((sweep / "trials" / LOST / "final_metrics.json").read_text())
+    if REFERENCE:  # the uninterrupted (forked) run of the same trial, from the sweep test
+        assert final == REFERENCE["final"]
+        assert _curve(tmp_path, "lost", LOST) == REFERENCE["curve"]
+    print(f"gangs: worker node killed with the trial past checkpoint {tries[0].get('start_iter', 0)}..; gang "
+          f"restarted whole on one node from iteration {tries[-1]['start_iter']}; final box AP "
+          f"{final.get('bbox/AP')} (reference {REFERENCE.get('final', {}).get('bbox/AP')}); duplicates 0")
+
+
+def _checkpointed(sweep: Path, at: int) -> bool:
+    folder = sweep / "trials" / LOST / "checkpoints"
+    return folder.exists() and any(int(p.stem.split("_")[1]) >= at for p in folder.glob("ckpt_*.pt"))
+
+
+def _hold_one_gpu_per_node() -> list:
+    """An idle actor holding 1 GPU on each alive node (so a 2-GPU gang must span both nodes)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=0, num_gpus=1)
+    class Hold:
+        def ready(self) -> bool:
+            return True
+
+    holders = [Hold.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote()
+               for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU")]
+    ray.get([h.ready.remote() for h in holders])
+    return holders
