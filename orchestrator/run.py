@@ -163,6 +163,8 @@ def _tasks(exp: Expansion, sweep_dir: Path, backbones: dict[str, Path], run_ids:
            direct_uri: str | None) -> list[dict[str, Any]]:
     res = exp.spec.resources
     tasks = []
+    outputs = {t.trial_id: str(bind_config(t, sweep_dir, backbones).runtime.output_dir) for t in exp.trials}
+    branches_of = {tr.trunk_id: [[outputs[b], at] for b, at in tr.forks.items()] for tr in exp.forks.trunks}
     for trial in [*exp.trials, *exp.forks.trunks]:
         cfg = bind_config(trial, sweep_dir, backbones)
         task = {"trial_id": trial.trial_id, "name": trial.name, "config": config_to_dict(cfg),
@@ -174,9 +176,10 @@ def _tasks(exp: Expansion, sweep_dir: Path, backbones: dict[str, Path], run_ids:
             trunk_id, at = exp.forks.branches[trial.trial_id]
             trunk = exp.forks.trunk(trunk_id)
             source = checkpoint_file(st.trial_dir(sweep_dir, trunk.name), at)
-            task.update(role="branch", fork={"trunk_id": trunk_id, "trunk": trunk.name, "at": at, "checkpoint": str(source)})
+            task.update(role="branch", fork={"trunk_id": trunk_id, "trunk": trunk.name, "at": at, "checkpoint": str(source),
+                                             "branches": branches_of[trunk_id]})
         elif isinstance(trial, Trunk):
-            task.update(role="trunk", stop_after=trial.stop, total=trial.stop)
+            task.update(role="trunk", stop_after=trial.stop, total=trial.stop, branches=branches_of[trial.trunk_id])
         tasks.append(task)
     # Longest (critical path) first: the last tasks to start are the short ones, so the sweep ends sooner.
     prio = priorities(tasks)

@@ -74,17 +74,25 @@ def run_trial(config: dict[str, Any]) -> None:
 def _done(task: dict[str, Any], out: Path) -> bool:
     if task.get("role") == "trunk":
         from orchestrator.fork import checkpoint_file
+        from orchestrator.retention import TRUNK_DONE
 
-        return checkpoint_file(out, int(task["stop_after"])).exists()
+        return (out / TRUNK_DONE).exists() or checkpoint_file(out, int(task["stop_after"])).exists()
     return (out / "final_metrics.json").exists()
 
 
 def _retain(task: dict[str, Any], out: Path) -> None:
-    """A finished trial's checkpoint policy; a trunk keeps its checkpoints (its branches' fork points)."""
-    from orchestrator.retention import apply_retention
+    """A finished trial's checkpoint policy; a trunk's fork points go once all their branches have started."""
+    from orchestrator.retention import TRUNK_DONE, apply_retention, prune_trunk
 
-    if task.get("role") != "trunk":
-        apply_retention(out, task.get("keep_checkpoints", "final"))
+    policy = task.get("keep_checkpoints", "final")
+    if task.get("role") == "trunk":
+        if not (out / TRUNK_DONE).exists():
+            (out / TRUNK_DONE).write_text(json.dumps({"stop_after": task["stop_after"], "time": time.time()}))
+        prune_trunk(out, task.get("branches", []), policy)
+        return
+    apply_retention(out, policy)
+    if task.get("fork"):  # this branch may have been the last one its trunk's fork point waited for
+        prune_trunk(Path(task["fork"]["checkpoint"]).parents[1], task["fork"].get("branches", []), policy)
 
 
 def fork_source(task: dict[str, Any], out: Path) -> Path | None:

@@ -45,9 +45,9 @@ def gpu_cluster(tmp_path_factory):
             stop_node(head)
 
 
-def _spec(tmp: Path, name: str, **changes) -> Path:
-    spec = tiny_spec(tmp, name=name, grid=GRID, fork_schedules=True, resources=GANG,
-                     base__optim__batch_size=2, base__runtime__log_period=1, **changes)
+def _spec(tmp: Path, name: str, grid: dict | None = None) -> Path:
+    spec = tiny_spec(tmp, name=name, grid=grid or GRID, fork_schedules=True, resources=GANG,
+                     base__optim__batch_size=2, base__runtime__log_period=1)
     return write_spec(tmp, spec, f"{name}.yaml")
 
 
