@@ -213,11 +213,14 @@ def _trial_name(trial) -> str:
 
 
 def run_tune(sweep_dir: Path, tasks: list[dict[str, Any]], res: Resources, max_failures: int,
-             concurrent: int, monitor: Any) -> None:
-    """Fan the trials out (or restore the sweep's experiment) and block until Tune is done."""
-    from orchestrator.trainable import run_trial
+             concurrent: int, monitor: Any, trainable: Any = None) -> None:
+    """Fan the trials out (or restore the sweep's experiment) and block until Tune is done.
 
+    `trainable` (default: `trainable.run_trial`) is what each trial runs; bench/cluster_sim.py
+    passes a paced stand-in to measure the scheduling alone.
+    """
     from orchestrator.fork import ForkQueue
+    from orchestrator.trainable import run_trial
 
     global _MONITOR, _QUEUE, _LIMIT
     _MONITOR = monitor
@@ -226,7 +229,7 @@ def run_tune(sweep_dir: Path, tasks: list[dict[str, Any]], res: Resources, max_f
     _LIMIT = _Limit(res, concurrent)
     if _QUEUE is not None:
         _QUEUE.limit = concurrent
-    trainable = tune.with_resources(run_trial, trial_resources(res))
+    trainable = tune.with_resources(trainable or run_trial, trial_resources(res))
     exp_dir = Path(sweep_dir) / "tune"
     if tune.Tuner.can_restore(str(exp_dir)):
         logger.info("restoring the sweep's Tune experiment from %s", exp_dir)
