@@ -170,7 +170,7 @@ def _tasks(exp: Expansion, sweep_dir: Path, backbones: dict[str, Path], run_ids:
         task = {"trial_id": trial.trial_id, "name": trial.name, "config": config_to_dict(cfg),
                 "run_id": run_ids.get(trial.trial_id, ""), "direct_uri": direct_uri, "workers": res.workers,
                 "cpus_per_worker": res.cpus_per_worker, "gpus_per_worker": res.gpus_per_worker,
-                "train_storage": str(sweep_dir / "train"), "total": _total(cfg), "role": "trial",
+                "total": _total(cfg), "role": "trial",
                 "keep_checkpoints": exp.spec.keep_checkpoints}
         if trial.trial_id in exp.forks.branches:
             trunk_id, at = exp.forks.branches[trial.trial_id]
