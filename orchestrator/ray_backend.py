@@ -331,10 +331,10 @@ class ForwardToMonitor(tune.Callback):
             _MONITOR.on_error(self._tid(trial), final=True, error=_error_text(trial))
 
     def on_step_begin(self, iteration, trials, **info):
+        limit = _LIMIT.current() if _LIMIT is not None else None  # logs when the cluster changed
         if _QUEUE is not None:  # before Tune asks the searcher for more trials, in the same step
             _QUEUE.sync((t.config["trial"]["trial_id"], t.status) for t in trials if "trial" in t.config)
-            if _LIMIT is not None:
-                _QUEUE.limit = _LIMIT.current()
+            _QUEUE.limit = limit
 
     def on_step_end(self, iteration, trials, **info):
         if _MONITOR is not None:

@@ -121,11 +121,24 @@ def test_failed_gang_setup_leaves_no_gpus_held(tmp_path, gpu_cluster):
     assert out.returncode == 1, out.stderr[-3000:]
     state = (tmp_path / "runs" / "nosetup" / "state.json").read_text()
     assert "dist_backend is 'nccl' but this process has no CUDA device" in state
+    gangs = [r for r in _gang_rows(tmp_path / "runs" / "nosetup")["random-all-1x-R18"] if "gang_start" in r]
+    assert [r["attempt"] for r in gangs] == [1, 2]  # the retry failed the same way: nothing hung
     assert _free_gpus(address) == 4.0
     table = _placement_groups(address)
     assert table and all(g["state"] == "REMOVED" for g in table.values()), table
     print(f"gangs: failed setup (nccl without CUDA), 2 attempts, sweep ended in {wall:.0f}s with exit 1; "
           f"free GPUs after: 4/4; placement groups {[g['state'] for g in table.values()]}")
+
+
+def test_a_trial_that_never_fits_is_refused_before_anything(tmp_path, gpu_cluster):
+    address, _ = gpu_cluster
+    spec = tiny_spec(tmp_path, name="huge", grid={**GRID, "schedule": ["1x"]},
+                     resources={"cpus_per_trial": 2, "gpus_per_trial": 8}, base__optim__batch_size=8)
+    out = cli("run", str(write_spec(tmp_path, spec)), "--no-view", env={"RAY_ADDRESS": address}, timeout=300)
+    assert out.returncode == 2, out.stderr[-3000:]
+    line = out.stderr.strip().splitlines()[-1]
+    assert "cannot hold one trial (8 worker(s)" in line and "4 GPUs" in line, line
+    assert not (tmp_path / "runs" / "huge").exists()
 
 
 def test_forked_gang_sweep_holds_at_most_two(tmp_path, gpu_cluster):
