@@ -11,8 +11,13 @@ forwarding to this driver's `orchestrator.fork.ForkQueue`) hands Tune each task 
 branch as soon as its trunk's fork checkpoint is on disk, while the trunk trains on. Tune asks it at
 every step; the callback tells the queue, at every step, which tasks Tune already holds as trials
 (restored ones included), so a restarted driver releases nothing twice and loses nothing the killed
-one released. With a custom searcher Tune keeps at most one trial waiting for resources, so a ready
-branch is at most one task behind in the queue.
+one released. The queue hands out a task only while fewer trials than the cluster holds run or wait
+(`max_concurrent`, re-read by `_Limit`), so a freed gang goes to the queue's choice at that moment.
+
+A DDP trial's resources are its whole gang, one placement group (`trial_resources`; the gang itself
+runs in `orchestrator.gang`); `max_concurrent` counts how many such gangs the alive nodes hold and
+refuses, in one line, a trial that never fits. `check_nodes` runs the shared-storage check
+(`orchestrator.storage`) as one task pinned to each alive node.
 """
 
 from __future__ import annotations

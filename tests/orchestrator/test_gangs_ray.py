@@ -122,7 +122,7 @@ def test_failed_gang_setup_leaves_no_gpus_held(tmp_path, gpu_cluster):
     state = (tmp_path / "runs" / "nosetup" / "state.json").read_text()
     assert "dist_backend is 'nccl' but this process has no CUDA device" in state
     gangs = [r for r in _gang_rows(tmp_path / "runs" / "nosetup")["random-all-1x-R18"] if "gang_start" in r]
-    assert [r["attempt"] for r in gangs] == [1, 2]  # the retry failed the same way: nothing hung
+    assert len(gangs) == 2  # the first try and its retry each placed a gang and failed: nothing hung
     assert _free_gpus(address) == 4.0
     table = _placement_groups(address)
     assert table and all(g["state"] == "REMOVED" for g in table.values()), table
