@@ -132,12 +132,16 @@ def trial_resources(res: Resources) -> Any:
     """
     if res.workers == 1:
         return {k.lower(): v for k, v in gang_bundles(res)[0].items()}
-    return tune.PlacementGroupFactory(gang_bundles(res), strategy="PACK")
+    return tune.PlacementGroupFactory(gang_bundles(res), strategy="STRICT_PACK" if res.one_node else "PACK")
 
 
-def gangs_that_fit(bundles: list[dict[str, float]], nodes: list[dict[str, float]], limit: int = 100_000) -> int:
-    """How many gangs of `bundles` the nodes hold at once (first fit, bundle by bundle, as PACK may spread)."""
+def gangs_that_fit(bundles: list[dict[str, float]], nodes: list[dict[str, float]], one_node: bool = False,
+                   limit: int = 100_000) -> int:
+    """How many gangs of `bundles` the nodes hold at once: first fit, bundle by bundle (PACK may spread
+    a gang), or the whole gang on one node (`one_node`: STRICT_PACK)."""
     free = [{k: float(n.get(k, 0.0)) for k in ("CPU", "GPU")} for n in nodes]
+    if one_node:
+        bundles = [{k: sum(b.get(k, 0.0) for b in bundles) for k in ("CPU", "GPU")}]
     count = 0
     while count < limit:
         trial = [dict(f) for f in free]
@@ -154,15 +158,16 @@ def gangs_that_fit(bundles: list[dict[str, float]], nodes: list[dict[str, float]
 
 def max_concurrent(res: Resources, nodes: list[dict[str, float]]) -> int:
     """How many trials the cluster holds at once; a ClusterError (one line) if not even one, ever."""
-    n = gangs_that_fit(gang_bundles(res), nodes)
+    n = gangs_that_fit(gang_bundles(res), nodes, res.one_node)
     if n < 1:
         cpus = sum(x.get("CPU", 0.0) for x in nodes)
         gpus = sum(x.get("GPU", 0.0) for x in nodes)
         big = max((x.get("GPU", 0.0) for x in nodes), default=0.0)
         need_cpu = sum(b.get("CPU", 0.0) for b in gang_bundles(res))
+        where = " on one node (resources.one_node)" if res.one_node else ""
         raise ClusterError(f"the cluster ({len(nodes)} node(s), {cpus:g} CPUs, {gpus:g} GPUs, at most {big:g} GPUs "
                            f"on one node) cannot hold one trial ({res.workers} worker(s), {need_cpu:g} CPUs, "
-                           f"{res.gpus_per_trial:g} GPUs); lower resources or add nodes")
+                           f"{res.gpus_per_trial:g} GPUs{where}); lower resources or add nodes")
     return n
 
 
@@ -275,7 +280,7 @@ class _Limit:
         if time.monotonic() - self.at < LIMIT_TTL_S:
             return self.value
         self.at = time.monotonic()
-        n = gangs_that_fit(gang_bundles(self.res), node_resources())
+        n = gangs_that_fit(gang_bundles(self.res), node_resources(), self.res.one_node)
         if n != self.value:
             logger.info("the cluster changed: at most %d trial(s) at a time now (was %d)", n, self.value)
             self.value = n

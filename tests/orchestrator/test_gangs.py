@@ -37,3 +37,15 @@ def test_a_trial_that_never_fits_is_one_line():
         max_concurrent(Resources(gpus_per_trial=8, cpus_per_trial=8), [NODE, NODE])
     msg = str(err.value)
     assert "\n" not in msg and "4 GPUs" in msg and "8 GPUs" in msg
+
+
+def test_one_node_gangs_need_a_node_that_holds_them_whole():
+    spread = Resources(gpus_per_trial=4, cpus_per_trial=4)
+    whole = Resources(gpus_per_trial=4, cpus_per_trial=4, one_node=True)
+    assert trial_resources(whole).strategy == "STRICT_PACK"
+    assert gangs_that_fit(gang_bundles(spread), [NODE, NODE]) == 1
+    assert gangs_that_fit(gang_bundles(whole), [NODE, NODE], one_node=True) == 0
+    assert gangs_that_fit(gang_bundles(whole), [{"CPU": 8.0, "GPU": 8.0}] * 2, one_node=True) == 2  # 4.01 CPUs each
+    assert gangs_that_fit(gang_bundles(whole), [{"CPU": 9.0, "GPU": 8.0}] * 2, one_node=True) == 4
+    with pytest.raises(ClusterError, match=r"4 GPUs on one node \(resources.one_node\)"):
+        max_concurrent(whole, [NODE, NODE])

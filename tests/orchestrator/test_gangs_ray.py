@@ -232,6 +232,8 @@ def test_lost_node_restarts_the_whole_gang(tmp_path, gpu_cluster):
                 first = _gang_rows(sweep)[LOST][0]
                 assert len(set(first["nodes"])) == 2, first  # one rank on each node
                 killed_at = time.time()
+                newest = max(int(p.stem.split("_")[1])
+                             for p in (sweep / "trials" / LOST / "checkpoints").glob("ckpt_*.pt"))
                 kill_node(worker)
                 for h in holders:  # the head's held GPU goes back: the gang fits there now
                     ray.kill(h)
@@ -255,7 +257,7 @@ def test_lost_node_restarts_the_whole_gang(tmp_path, gpu_cluster):
     if REFERENCE:  # the uninterrupted (forked) run of the same trial, from the sweep test
         assert final == REFERENCE["final"]
         assert _curve(tmp_path, "lost", LOST) == REFERENCE["curve"]
-    print(f"gangs: worker node killed with the trial past checkpoint {tries[0].get('start_iter', 0)}..; gang "
+    print(f"gangs: worker node killed with the trial's newest checkpoint at {newest}; gang "
           f"restarted whole on one node from iteration {tries[-1]['start_iter']}; final box AP "
           f"{final.get('bbox/AP')} (reference {REFERENCE.get('final', {}).get('bbox/AP')}); duplicates 0")
 
