@@ -49,16 +49,23 @@ class GangWorker:
         return {"ip": ray.util.get_node_ip_address(), "port": port, "node_id": ctx.get_node_id(),
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
 
-    def run(self, fn: Callable[..., None], loop_config: dict[str, Any], rank: int, world: int, master: str) -> None:
+    def run(self, fn: Callable[..., None], loop_config: dict[str, Any], rank: int, world: int, master: str,
+            node_gpus: list[str]) -> None:
         import os
+
+        # As Ray Train does: every rank sees all the GPUs its gang holds on its node (so NCCL can use
+        # peer-to-peer between them) and picks its own by LOCAL_RANK. Set before torch touches CUDA.
+        own = [str(g) for g in ray.get_gpu_ids()]
+        local = node_gpus.index(own[0]) if own and own[0] in node_gpus else 0
+        if node_gpus:
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(node_gpus)
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
 
         import torch.distributed as dist
 
         from trainer.config import build_config
         from trainer.engine import init_distributed
 
-        # Ray shows each worker only its own GPU(s) (CUDA_VISIBLE_DEVICES): device 0 of this process.
-        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0")
         cfg = build_config(loop_config["task"]["config"], source=f"trial {loop_config['task']['name']}")
         backend = init_distributed(cfg.runtime, rank, world, master)
         logging.getLogger(__name__).info("rank %d/%d joined %s (%s)", rank, world, master, backend)
@@ -98,7 +105,11 @@ def run_gang(task: dict[str, Any], fn: Callable[[dict[str, Any], int], None], lo
                    {"attempt": loop_config["attempt"], "placement_group": pg.id.hex(), "gang_start": time.time(),
                     "nodes": [w["node_id"] for w in where]})
         config = {**loop_config, "queue": queue}
-        refs = [w.run.remote(fn, config, rank, world, master) for rank, w in enumerate(workers)]
+        node_gpus: dict[str, list[str]] = {}
+        for w in where:
+            node_gpus.setdefault(w["node_id"], []).extend(w["gpu_ids"])
+        refs = [w.run.remote(fn, config, rank, world, master, node_gpus[where[rank]["node_id"]])
+                for rank, w in enumerate(workers)]
         _wait(refs, queue, report)
     finally:
         for w in workers:  # a rank blocked in a collective of a dead peer never returns by itself
