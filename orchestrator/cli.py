@@ -26,7 +26,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Sequence
 
-from orchestrator.errors import OrchestratorError, SweepNotFoundError
+from orchestrator.errors import OrchestratorError, SpecError, SweepNotFoundError
 from trainer.errors import TrainerError
 
 logger = logging.getLogger("orchestrator")
@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     sp = sub.add_parser("plan", help="print the trial table and the sweep's cost")
     sp.add_argument("spec", type=Path)
+    sp.add_argument("--gpus", type=int, metavar="N", help="cluster size for trials at once and the makespan bound "
+                    "(default: enough for every task that can start at once)")
     for name, help_text in (("run", "start the sweep (or resume it if it exists)"),
                             ("resume", "resume an existing sweep (SPEC or its folder)")):
         sp = sub.add_parser(name, help=help_text)
@@ -92,7 +94,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         from orchestrator.plan import render_plan
         from orchestrator.spec import load_spec
 
-        sys.stdout.write(render_plan(expand(load_spec(args.spec))) + "\n")
+        if args.gpus is not None and args.gpus < 1:
+            raise SpecError(f"--gpus {args.gpus}: a cluster has at least 1 GPU")
+        sys.stdout.write(render_plan(expand(load_spec(args.spec)), args.gpus) + "\n")
         return 0
     if args.command == "status":
         from orchestrator.state import find_sweep_dir

@@ -13,7 +13,8 @@ its end, where an unforked run evaluates and logs in ways a mid-schedule trunk c
 
 `ForkQueue` decides which task Tune starts next: trunks and plain trials are ready at once, a branch
 once its fork checkpoint is on disk (or its trunk ended without it: the branch then fails saying
-so); ready tasks go longest critical path first. It keeps no state of its own that a restart could
+so); ready tasks go longest critical path first, and only while fewer trials than the cluster holds
+(`limit`) are running or waiting, so a freed gang goes to the queue's choice at that moment. It keeps no state of its own that a restart could
 lose: what Tune already holds comes from Tune's trial list on every step. Pure: no Ray, MLflow, torch.
 """
 
@@ -168,34 +169,49 @@ class ForkQueue:
     TERMINAL = ("TERMINATED", "ERROR")  # Tune trial states after which a trial no longer runs
 
     def __init__(self, tasks: Sequence[dict[str, Any]], exists: Callable[[str], bool] = os.path.exists):
-        prio = priorities(tasks)
-        self.order = sorted(tasks, key=lambda t: (-prio[t["trial_id"]], t["name"]))
+        self.prio = priorities(tasks)
+        self.order = sorted(tasks, key=lambda t: (-self.prio[t["trial_id"]], t["name"]))
         self.exists = exists
         self.known: set[str] = set()  # tasks Tune holds as trials (restored or released by this driver)
         self.ended: set[str] = set()  # tasks whose Tune trial has stopped running for good
+        self.active = 0  # Tune trials running or waiting (PENDING) for their resources
+        self.limit: int | None = None  # how many trials the cluster holds at once (None: no bound)
 
     def sync(self, trials: Iterable[tuple[str, str]]) -> None:
         """Tune's current trials as (task id, Tune status); called at the start of every Tune step."""
         ended = set()
+        active = 0
         for task_id, status in trials:
             self.known.add(task_id)
             if status in self.TERMINAL:
                 ended.add(task_id)
+            else:
+                active += 1
         self.ended = ended  # an errored trunk that a resume restarts is running again
+        self.active = active
 
     def next(self) -> dict[str, Any] | str | None:
         """The ready task to start next, FINISHED when every task is with Tune, or None for "not yet"."""
         waiting = [t for t in self.order if t["trial_id"] not in self.known]
         if not waiting:
             return FINISHED
-        for task in waiting:
-            if self.ready(task):
-                self.known.add(task["trial_id"])
-                if task.get("fork"):
-                    logger.info("branch %s released: trunk %s is past iteration %d", task["name"],
-                                task["fork"]["trunk"], task["fork"]["at"])
-                return task
-        return None
+        if self.limit is not None and self.active >= self.limit:
+            # Every gang slot is taken: the next task is chosen when one frees, by this queue's
+            # order then, not by whichever waiting trial's resources happen to be placed first.
+            return None
+        ready = [t for t in waiting if self.ready(t)]
+        if not ready:
+            return None
+        task = ready[0]
+        self.known.add(task["trial_id"])
+        self.active += 1
+        if task.get("fork"):
+            logger.info("branch %s released: trunk %s is past iteration %d", task["name"],
+                        task["fork"]["trunk"], task["fork"]["at"])
+        logger.info("queue: %s starts (critical path %d); ready behind it: %s", task["name"],
+                    self.prio[task["trial_id"]], ", ".join(f"{t['name']} ({self.prio[t['trial_id']]})"
+                                                           for t in ready[1:]) or "none")
+        return task
 
     def ready(self, task: dict[str, Any]) -> bool:
         fork = task.get("fork")

@@ -94,7 +94,54 @@ def _si(x: float) -> str:
     return f"{x:.3g}"
 
 
-def render_plan(exp: Expansion) -> str:
+@dataclass(frozen=True)
+class Makespan:
+    gpus: int  # the cluster size it is for
+    slots: int  # trials at once: floor(gpus / GPUs per trial)
+    critical_h: float  # the longest chain: a trunk then its longest branch, or one unforked trial
+    gpu_h: float  # every task's GPU-hours (trunks and branches as they train with forking)
+    bound_h: float  # no schedule ends sooner: max(critical path, GPU-hours / GPUs the slots use)
+
+
+def makespan_bound(exp: Expansion, gpus: int | None = None) -> Makespan:
+    """Trials at once and the makespan lower bound of the sweep on `gpus` GPUs (whole gangs).
+
+    Default cluster: enough GPUs for every task that can start at once (each trunk and unforked
+    trial), where the critical path is the bound.
+    """
+    rows, trunks = plan_rows(exp), trunk_rows(exp)
+    g = exp.spec.resources.gpus_per_trial or 1.0  # a CPU trial counts as one device
+    if gpus is None:
+        gpus = int(g * (len(trunks) + sum(1 for r in rows if r.fork is None)))
+    slots = int(gpus // g + 1e-9)
+    wall = {id(r): r.trains_hours / g for r in rows + trunks}  # hours on its own gang
+    tail: dict[str, float] = {}
+    for r in rows:
+        if r.fork is not None:
+            trunk_id = exp.forks.branches[r.trial.trial_id][0]
+            tail[trunk_id] = max(tail.get(trunk_id, 0.0), wall[id(r)])
+    chains = [wall[id(t)] + tail.get(t.trial.trial_id, 0.0) for t in trunks]
+    chains += [wall[id(r)] for r in rows if r.fork is None]
+    critical = max(chains, default=0.0)
+    gpu_h = sum(r.trains_hours for r in rows + trunks)
+    bound = max(critical, gpu_h / (slots * g)) if slots else float("inf")
+    return Makespan(gpus, slots, critical, gpu_h, bound)
+
+
+def render_makespan(exp: Expansion, gpus: int | None = None) -> str:
+    m = makespan_bound(exp, gpus)
+    g = exp.spec.resources.gpus_per_trial
+    if not g:
+        return (f"trials use no GPU: the cluster's CPUs bound them ({exp.spec.resources.cpus_per_trial:g} each); "
+                f"makespan >= critical path {_hours(m.critical_h)} device-h")
+    if m.slots < 1:
+        return f"cluster of {m.gpus} GPUs: cannot hold one trial ({g:g} GPUs)"
+    return (f"cluster of {m.gpus} GPUs: at most {m.slots} trial(s) at a time ({g:g} GPUs each, whole gangs); "
+            f"makespan >= {_hours(m.bound_h)} h = max(critical path {_hours(m.critical_h)} h, "
+            f"{_hours(m.gpu_h)} GPU-h / {m.slots * (g or 1):g} GPUs)")
+
+
+def render_plan(exp: Expansion, gpus: int | None = None) -> str:
     spec = exp.spec
     rows, trunks = plan_rows(exp), trunk_rows(exp)
     forked = bool(trunks)
@@ -112,6 +159,7 @@ def render_plan(exp: Expansion) -> str:
         out.append(_line(f"T{i}", r, width, forked))
     out.append("-" * len(head))
     out.extend(_totals(spec, exp, rows, trunks))
+    out.append(render_makespan(exp, gpus))
     return "\n".join(out)
 
 

@@ -11,16 +11,21 @@ forwarding to this driver's `orchestrator.fork.ForkQueue`) hands Tune each task 
 branch as soon as its trunk's fork checkpoint is on disk, while the trunk trains on. Tune asks it at
 every step; the callback tells the queue, at every step, which tasks Tune already holds as trials
 (restored ones included), so a restarted driver releases nothing twice and loses nothing the killed
-one released. With a custom searcher Tune keeps at most one trial waiting for resources, so a ready
-branch is at most one task behind in the queue.
+one released. The queue hands out a task only while fewer trials than the cluster holds run or wait
+(`max_concurrent`, re-read by `_Limit`), so a freed gang goes to the queue's choice at that moment.
+
+A DDP trial's resources are its whole gang, one placement group (`trial_resources`; the gang itself
+runs in `orchestrator.gang`); `max_concurrent` counts how many such gangs the alive nodes hold and
+refuses, in one line, a trial that never fits. `check_nodes` runs the shared-storage check
+(`orchestrator.storage`) as one task pinned to each alive node.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +41,9 @@ logger = logging.getLogger(__name__)
 
 _MONITOR: Any = None  # the SweepMonitor of this driver process (see module docstring)
 _QUEUE: Any = None  # the ForkQueue of this driver process, with schedule branches
-DRIVER_CPU = 0.01  # what a DDP trial's own process holds while its Train workers hold the rest
+_LIMIT: Any = None  # this driver's view of how many gangs the cluster holds (a _Limit)
+DRIVER_CPU = 0.01  # what a DDP trial's own process holds while its gang's workers hold the rest
+LIMIT_TTL_S = 5.0  # how often the forked queue re-reads how many gangs the (changing) cluster holds
 
 
 def resolve_address(spec_address: str | None) -> str | None:
@@ -99,24 +106,94 @@ def capacity() -> dict[str, float]:
     return dict(ray.cluster_resources())
 
 
-def trial_resources(res: Resources) -> dict[str, float]:
-    if res.workers > 1:
-        return {"cpu": DRIVER_CPU}
-    return {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial}
+def node_resources() -> list[dict[str, float]]:
+    """The total resources of every alive node (what gangs are packed onto)."""
+    return [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
 
 
-def max_concurrent(res: Resources, cap: dict[str, float]) -> int:
-    """How many trials the cluster holds at once; a ClusterError if not even one."""
-    cpus, gpus = cap.get("CPU", 0.0), cap.get("GPU", 0.0)
-    need_cpu = res.cpus_per_trial + (DRIVER_CPU if res.workers > 1 else 0.0)
-    fits = [math.floor(cpus / need_cpu + 1e-9)]
-    if res.gpus_per_trial:
-        fits.append(math.floor(gpus / res.gpus_per_trial + 1e-9))
-    n = min(fits)
+def gang_bundles(res: Resources) -> list[dict[str, float]]:
+    """What one trial holds while it runs: its own process, plus one bundle per DDP worker."""
+    if res.workers == 1:
+        one = {"CPU": res.cpus_per_trial}
+        if res.gpus_per_trial:
+            one["GPU"] = res.gpus_per_trial
+        return [one]
+    worker = {"CPU": res.cpus_per_worker}
+    if res.gpus_per_worker:
+        worker["GPU"] = res.gpus_per_worker
+    return [{"CPU": DRIVER_CPU}] + [dict(worker) for _ in range(res.workers)]
+
+
+def trial_resources(res: Resources) -> Any:
+    """Tune's resource request of a trial: the whole gang as one placement group (see `orchestrator.gang`).
+
+    Tune starts a trial only once its group is placed, and frees it when the trial ends, so a
+    RUNNING trial holds all its GPUs and a trial waiting for them is PENDING.
+    """
+    if res.workers == 1:
+        return {k.lower(): v for k, v in gang_bundles(res)[0].items()}
+    return tune.PlacementGroupFactory(gang_bundles(res), strategy="STRICT_PACK" if res.one_node else "PACK")
+
+
+def gangs_that_fit(bundles: list[dict[str, float]], nodes: list[dict[str, float]], one_node: bool = False,
+                   limit: int = 100_000) -> int:
+    """How many gangs of `bundles` the nodes hold at once: first fit, bundle by bundle (PACK may spread
+    a gang), or the whole gang on one node (`one_node`: STRICT_PACK)."""
+    free = [{k: float(n.get(k, 0.0)) for k in ("CPU", "GPU")} for n in nodes]
+    if one_node:
+        bundles = [{k: sum(b.get(k, 0.0) for b in bundles) for k in ("CPU", "GPU")}]
+    count = 0
+    while count < limit:
+        trial = [dict(f) for f in free]
+        for bundle in sorted(bundles, key=lambda b: (-b.get("GPU", 0.0), -b.get("CPU", 0.0))):
+            node = next((f for f in trial if all(f[k] + 1e-9 >= v for k, v in bundle.items())), None)
+            if node is None:
+                return count
+            for k, v in bundle.items():
+                node[k] -= v
+        free = trial
+        count += 1
+    return count
+
+
+def max_concurrent(res: Resources, nodes: list[dict[str, float]]) -> int:
+    """How many trials the cluster holds at once; a ClusterError (one line) if not even one, ever."""
+    n = gangs_that_fit(gang_bundles(res), nodes, res.one_node)
     if n < 1:
-        raise ClusterError(f"the cluster ({cpus:g} CPUs, {gpus:g} GPUs) cannot hold one trial "
-                           f"({need_cpu:g} CPUs, {res.gpus_per_trial:g} GPUs); lower resources or add nodes")
+        cpus = sum(x.get("CPU", 0.0) for x in nodes)
+        gpus = sum(x.get("GPU", 0.0) for x in nodes)
+        big = max((x.get("GPU", 0.0) for x in nodes), default=0.0)
+        need_cpu = sum(b.get("CPU", 0.0) for b in gang_bundles(res))
+        where = " on one node (resources.one_node)" if res.one_node else ""
+        raise ClusterError(f"the cluster ({len(nodes)} node(s), {cpus:g} CPUs, {gpus:g} GPUs, at most {big:g} GPUs "
+                           f"on one node) cannot hold one trial ({res.workers} worker(s), {need_cpu:g} CPUs, "
+                           f"{res.gpus_per_trial:g} GPUs{where}); lower resources or add nodes")
     return n
+
+
+def check_nodes(token_path: Path, token: str, paths: list[tuple[str, str]]) -> dict[str, tuple[str, list[str]]]:
+    """One task pinned to each alive node checks the shared storage there; node id -> (host, what it misses)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from orchestrator.storage import check_here
+
+    probe = ray.remote(_probe)
+    refs = {n["NodeID"]: (n.get("NodeManagerHostname") or n.get("NodeManagerAddress", "?"), probe.options(
+        num_cpus=0, max_retries=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+    ).remote(check_here, str(token_path), token, paths)) for n in ray.nodes() if n.get("Alive")}
+    failures = {}
+    for node, (host, ref) in refs.items():
+        try:
+            missing = ray.get(ref, timeout=120)
+        except (ray.exceptions.RayError, TimeoutError) as exc:
+            missing = [f"anything (its check failed: {type(exc).__name__})"]
+        if missing:
+            failures[node] = (host, missing)
+    return failures
+
+
+def _probe(fn: Any, *args: Any) -> Any:
+    return fn(*args)
 
 
 def run_pretrain(jobs: list[tuple[str, dict[str, Any], Resources]], max_retries: int) -> dict[str, str]:
@@ -146,17 +223,23 @@ def _trial_name(trial) -> str:
 
 
 def run_tune(sweep_dir: Path, tasks: list[dict[str, Any]], res: Resources, max_failures: int,
-             concurrent: int, monitor: Any) -> None:
-    """Fan the trials out (or restore the sweep's experiment) and block until Tune is done."""
+             concurrent: int, monitor: Any, trainable: Any = None) -> None:
+    """Fan the trials out (or restore the sweep's experiment) and block until Tune is done.
+
+    `trainable` (default: `trainable.run_trial`) is what each trial runs; bench/cluster_sim.py
+    passes a paced stand-in to measure the scheduling alone.
+    """
+    from orchestrator.fork import ForkQueue
     from orchestrator.trainable import run_trial
 
-    from orchestrator.fork import ForkQueue
-
-    global _MONITOR, _QUEUE
+    global _MONITOR, _QUEUE, _LIMIT
     _MONITOR = monitor
     forked = any(t.get("fork") for t in tasks)
     _QUEUE = ForkQueue(tasks) if forked else None
-    trainable = tune.with_resources(run_trial, trial_resources(res))
+    _LIMIT = _Limit(res, concurrent)
+    if _QUEUE is not None:
+        _QUEUE.limit = concurrent
+    trainable = tune.with_resources(trainable or run_trial, trial_resources(res))
     exp_dir = Path(sweep_dir) / "tune"
     if tune.Tuner.can_restore(str(exp_dir)):
         logger.info("restoring the sweep's Tune experiment from %s", exp_dir)
@@ -166,7 +249,8 @@ def run_tune(sweep_dir: Path, tasks: list[dict[str, Any]], res: Resources, max_f
         if forked:
             # num_samples=-1: as many as the searcher hands out, until it says FINISHED. No
             # max_concurrent_trials: its ConcurrencyLimiter would persist live-trial ids a killed driver
-            # can leave stale; the trial resources bound the concurrency anyway.
+            # can leave stale; the queue bounds the trials running or waiting itself (`ForkQueue.limit`,
+            # re-read from the cluster as nodes leave or join), and the gang's resources bound them anyway.
             kwargs: dict[str, Any] = {"tune_config": tune.TuneConfig(search_alg=ForkSearcher(), num_samples=-1,
                                                                      reuse_actors=True, **names)}
         else:
@@ -184,6 +268,23 @@ def run_tune(sweep_dir: Path, tasks: list[dict[str, Any]], res: Resources, max_f
             **kwargs,
         )
     tuner.fit()
+
+
+class _Limit:
+    """How many gangs the cluster holds now, re-read every LIMIT_TTL_S (nodes leave and join)."""
+
+    def __init__(self, res: Resources, first: int):
+        self.res, self.value, self.at = res, first, time.monotonic()
+
+    def current(self) -> int:
+        if time.monotonic() - self.at < LIMIT_TTL_S:
+            return self.value
+        self.at = time.monotonic()
+        n = gangs_that_fit(gang_bundles(self.res), node_resources(), self.res.one_node)
+        if n != self.value:
+            logger.info("the cluster changed: at most %d trial(s) at a time now (was %d)", n, self.value)
+            self.value = n
+        return n
 
 
 class ForkSearcher(Searcher):
@@ -240,8 +341,10 @@ class ForwardToMonitor(tune.Callback):
             _MONITOR.on_error(self._tid(trial), final=True, error=_error_text(trial))
 
     def on_step_begin(self, iteration, trials, **info):
+        limit = _LIMIT.current() if _LIMIT is not None else None  # logs when the cluster changed
         if _QUEUE is not None:  # before Tune asks the searcher for more trials, in the same step
             _QUEUE.sync((t.config["trial"]["trial_id"], t.status) for t in trials if "trial" in t.config)
+            _QUEUE.limit = limit
 
     def on_step_end(self, iteration, trials, **info):
         if _MONITOR is not None:

@@ -9,9 +9,12 @@ disk: at R50 size a full checkpoint is ~0.5 GB, and a paper grid has ~100 trials
   weights   replace them by `model_final.pt`: the model weights, iteration and config only
   none      remove them; the results live in metrics.jsonl, final_metrics.json and MLflow
 
-Only a trial's own folder is touched: a trunk's checkpoints are the fork points its branches start
-from, so trunks keep theirs. Applying a policy twice changes nothing, so a trial that was killed
-while pruning is pruned again when the resumed sweep skips it. Pure file work: no Ray, no MLflow.
+A trunk's checkpoints are the fork points its branches start from. Under any policy but `all`, a
+trunk's fork-point checkpoint goes once every branch forking there has checkpoints of its own (it
+then never forks again: a retry or resume continues from its own), and its other checkpoints go once
+the trunk is done (`trunk_done.json`, which also marks it done when its last fork point is pruned).
+Applying a policy twice changes nothing, so a trial that was killed while pruning is pruned again
+when the resumed sweep skips it. Pure file work: no Ray, no MLflow.
 """
 
 from __future__ import annotations
@@ -60,3 +63,38 @@ def _write_weights(source: Path, dest: Path) -> None:
     if "config" in state:
         slim["config"] = state["config"]
     save_atomic(slim, dest)
+
+
+TRUNK_DONE = "trunk_done.json"
+
+
+def prune_trunk(trunk_dir: Path, branches: list[tuple[str, int]], policy: KeepCheckpoints) -> int:
+    """Remove the trunk checkpoints no branch can need again; `branches`: (branch folder, fork point)."""
+    from trainer.checkpoint import list_checkpoints
+
+    trunk_dir = Path(trunk_dir)
+    if policy == "all" or not branches:  # no branch list (a task from older code): keep everything
+        return 0
+    forks: dict[int, list[Path]] = {}
+    for folder, at in branches:
+        forks.setdefault(int(at), []).append(Path(folder))
+    done = (trunk_dir / TRUNK_DONE).exists()
+    freed, removed = 0, []
+    for it, path in list_checkpoints(trunk_dir / "checkpoints"):
+        needed = it in forks and not all(_started(b) for b in forks[it])
+        if needed or (it not in forks and not done):
+            continue
+        freed += path.stat().st_size
+        path.unlink(missing_ok=True)
+        removed.append(it)
+    if removed:
+        logger.info("trunk %s: removed checkpoint(s) at %s, %.1f MB (every branch forking there has its own)",
+                    trunk_dir.name, removed, freed / 1e6)
+    return freed
+
+
+def _started(branch: Path) -> bool:
+    """A branch that will never fork again: it has checkpoints of its own, or has finished."""
+    from trainer.checkpoint import list_checkpoints
+
+    return bool(list_checkpoints(branch / "checkpoints")) or (branch / "final_metrics.json").exists()

@@ -80,15 +80,16 @@ def run(spec_path: Path, *, storage: Path | None = None, must_exist: bool = Fals
                                  f"{spec_path}")
     spec, exp, sweep_dir = p.spec, p.exp, p.sweep_dir
     t0 = time.time()
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    env.update({k: os.environ[k] for k in FORWARD_ENV if k in os.environ})
+    rb.connect(p.address, env)
+    concurrent = rb.max_concurrent(spec.resources, rb.node_resources())  # a trial that never fits: refused here
     record = p.record or st.create_sweep(sweep_dir, exp, p.spec_text, st.code_version())
     logger.info("%s sweep %s (%d trials, spec hash %s) in %s", "resuming" if p.record else "starting", spec.name,
                 len(exp.trials), exp.spec_hash, sweep_dir)
     if needs_generation(spec.dataset, need_classification=bool(exp.pretrain)):
         generate(spec.dataset)
-    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    env.update({k: os.environ[k] for k in FORWARD_ENV if k in os.environ})
-    rb.connect(p.address, env)
-    concurrent = rb.max_concurrent(spec.resources, rb.capacity())  # refuses before MLflow is written to
+    _check_storage(exp, sweep_dir)  # every node sees the sweep folder, dataset and weights, or nothing starts
     # MLflow's runs are made while the pretrain jobs train: a fresh store's migrations and one child
     # run (with all its params) per trial take seconds to a minute on a big grid.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-setup") as pool:
@@ -111,6 +112,18 @@ def run(spec_path: Path, *, storage: Path | None = None, must_exist: bool = Fals
                 _hms(time.time() - t0), st.trained_iterations(sweep_dir, [t["name"] for t in tasks]),
                 sum(t["total"] - (t.get("fork") or {}).get("at", 0) for t in tasks))
     return 0 if status == "FINISHED" else 1
+
+
+def _check_storage(exp: Expansion, sweep_dir: Path) -> None:
+    from orchestrator import ray_backend as rb
+    from orchestrator.storage import refusal, shared_paths, write_token
+
+    token_path, token = write_token(sweep_dir)
+    paths = shared_paths(exp.spec.dataset.root, [t.config for t in [*exp.trials, *exp.forks.trunks]])
+    failures = rb.check_nodes(token_path, token, paths)
+    if failures:
+        raise refusal(failures)
+    logger.info("shared storage: every node sees the sweep folder and %s", ", ".join(p for _, p in paths))
 
 
 def _open_tracking(p: Prepared, record: dict[str, Any]) -> tuple[Any, dict[str, str]]:
@@ -151,20 +164,23 @@ def _tasks(exp: Expansion, sweep_dir: Path, backbones: dict[str, Path], run_ids:
            direct_uri: str | None) -> list[dict[str, Any]]:
     res = exp.spec.resources
     tasks = []
+    outputs = {t.trial_id: str(bind_config(t, sweep_dir, backbones).runtime.output_dir) for t in exp.trials}
+    branches_of = {tr.trunk_id: [[outputs[b], at] for b, at in tr.forks.items()] for tr in exp.forks.trunks}
     for trial in [*exp.trials, *exp.forks.trunks]:
         cfg = bind_config(trial, sweep_dir, backbones)
         task = {"trial_id": trial.trial_id, "name": trial.name, "config": config_to_dict(cfg),
                 "run_id": run_ids.get(trial.trial_id, ""), "direct_uri": direct_uri, "workers": res.workers,
                 "cpus_per_worker": res.cpus_per_worker, "gpus_per_worker": res.gpus_per_worker,
-                "train_storage": str(sweep_dir / "train"), "total": _total(cfg), "role": "trial",
+                "total": _total(cfg), "role": "trial",
                 "keep_checkpoints": exp.spec.keep_checkpoints}
         if trial.trial_id in exp.forks.branches:
             trunk_id, at = exp.forks.branches[trial.trial_id]
             trunk = exp.forks.trunk(trunk_id)
             source = checkpoint_file(st.trial_dir(sweep_dir, trunk.name), at)
-            task.update(role="branch", fork={"trunk_id": trunk_id, "trunk": trunk.name, "at": at, "checkpoint": str(source)})
+            task.update(role="branch", fork={"trunk_id": trunk_id, "trunk": trunk.name, "at": at, "checkpoint": str(source),
+                                             "branches": branches_of[trunk_id]})
         elif isinstance(trial, Trunk):
-            task.update(role="trunk", stop_after=trial.stop, total=trial.stop)
+            task.update(role="trunk", stop_after=trial.stop, total=trial.stop, branches=branches_of[trial.trunk_id])
         tasks.append(task)
     # Longest (critical path) first: the last tasks to start are the short ones, so the sweep ends sooner.
     prio = priorities(tasks)

@@ -105,6 +105,8 @@ class Resources(_Strict):
     gpus_per_trial: float = Field(0.0, ge=0)
     cpus_per_trial: float = Field(1.0, gt=0)
     workers_per_trial: int | None = Field(None, ge=1)  # default: one per GPU, else 1
+    # A DDP trial's workers all on one node (Ray STRICT_PACK) instead of packed but free to spread.
+    one_node: bool = False
 
     @model_validator(mode="after")
     def _shape(self) -> "Resources":

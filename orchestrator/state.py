@@ -187,8 +187,9 @@ def task_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def trunk_done(sweep_dir: Path, name: str, stop: int) -> bool:
-    """A trunk is done once its checkpoint at its last fork point is on disk."""
-    return checkpoint_file(trial_dir(sweep_dir, name), stop).exists()
+    """A trunk is done once its checkpoint at its last fork point is on disk (or it was, and was pruned)."""
+    folder = trial_dir(sweep_dir, name)
+    return (folder / "trunk_done.json").exists() or checkpoint_file(folder, stop).exists()
 
 
 def metric_rows(sweep_dir: Path, name: str, upto: int | None = None) -> list[tuple[int, dict[str, float]]]:

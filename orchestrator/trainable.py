@@ -7,8 +7,8 @@ small Tune checkpoint that points at the trainer's checkpoint of that step and c
 `tracking` dict (the MLflow child run id) persisted in it.
 
 With one worker the trainer runs in the trial's own process; with several (DDP over a trial's GPUs)
-the trial is the driver of a Ray Train `TorchTrainer`, whose rank-0 worker sends its reports back
-through a Ray queue (Ray Train's own `report` is a barrier over all ranks, and only rank 0 reports).
+the trial starts its gang of workers in its own placement group (`orchestrator.gang`), and rank 0
+sends its reports back through a Ray queue.
 
 Schedule forking (task role): a trunk trains its cell's base-LR schedule up to its last fork point
 (`stop_after`) and counts as done once that checkpoint exists. A branch with no checkpoint of its own
@@ -27,7 +27,6 @@ import fcntl
 import json
 import logging
 import tempfile
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -75,17 +74,25 @@ def run_trial(config: dict[str, Any]) -> None:
 def _done(task: dict[str, Any], out: Path) -> bool:
     if task.get("role") == "trunk":
         from orchestrator.fork import checkpoint_file
+        from orchestrator.retention import TRUNK_DONE
 
-        return checkpoint_file(out, int(task["stop_after"])).exists()
+        return (out / TRUNK_DONE).exists() or checkpoint_file(out, int(task["stop_after"])).exists()
     return (out / "final_metrics.json").exists()
 
 
 def _retain(task: dict[str, Any], out: Path) -> None:
-    """A finished trial's checkpoint policy; a trunk keeps its checkpoints (its branches' fork points)."""
-    from orchestrator.retention import apply_retention
+    """A finished trial's checkpoint policy; a trunk's fork points go once all their branches have started."""
+    from orchestrator.retention import TRUNK_DONE, apply_retention, prune_trunk
 
-    if task.get("role") != "trunk":
-        apply_retention(out, task.get("keep_checkpoints", "final"))
+    policy = task.get("keep_checkpoints", "final")
+    if task.get("role") == "trunk":
+        if not (out / TRUNK_DONE).exists():
+            (out / TRUNK_DONE).write_text(json.dumps({"stop_after": task["stop_after"], "time": time.time()}))
+        prune_trunk(out, task.get("branches", []), policy)
+        return
+    apply_retention(out, policy)
+    if task.get("fork"):  # this branch may have been the last one its trunk's fork point waited for
+        prune_trunk(Path(task["fork"]["checkpoint"]).parents[1], task["fork"].get("branches", []), policy)
 
 
 def fork_source(task: dict[str, Any], out: Path) -> Path | None:
@@ -144,48 +151,15 @@ def _tune_report(metrics: dict[str, Any], pointer: dict[str, Any] | None) -> Non
 
 
 def _run_ddp(task: dict[str, Any], attempt: int, start_from: Path | None) -> None:
-    """The trial drives a TorchTrainer over its workers; rank 0's reports come back via a queue."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-    from ray.util.queue import Empty, Queue
+    """The trial runs its gang of workers (`orchestrator.gang`); rank 0's reports come back via a queue."""
+    from orchestrator.gang import run_gang
 
-    queue = Queue(actor_options={"num_cpus": 0})
-    per_worker = {"CPU": float(task["cpus_per_worker"])}
-    if task["gpus_per_worker"]:
-        per_worker["GPU"] = float(task["gpus_per_worker"])
-    trainer = TorchTrainer(
-        _ddp_worker,
-        train_loop_config={"task": task, "attempt": attempt, "queue": queue,
-                           "start_from": str(start_from) if start_from else None},
-        scaling_config=ScalingConfig(num_workers=int(task["workers"]), use_gpu=bool(task["gpus_per_worker"]),
-                                     resources_per_worker=per_worker),
-        # Tune owns retries (from the trainer's own checkpoints); a fresh Train run per attempt.
-        run_config=RunConfig(name=f"{task['name']}-attempt{attempt}", storage_path=task["train_storage"],
-                             failure_config=FailureConfig(max_failures=0)),
-    )
-    box: dict[str, BaseException] = {}
-
-    def fit() -> None:
-        try:
-            trainer.fit()
-        except BaseException as exc:  # re-raised in the trial's thread below
-            box["error"] = exc
-
-    thread = threading.Thread(target=fit, name="torch-trainer", daemon=True)
-    thread.start()
-    while thread.is_alive() or not queue.empty():
-        try:
-            metrics, pointer = queue.get(timeout=1.0)
-        except Empty:
-            continue
-        _tune_report(metrics, pointer)
-    if "error" in box:
-        raise box["error"]
+    loop_config = {"task": task, "attempt": attempt, "start_from": str(start_from) if start_from else None}
+    run_gang(task, _ddp_worker, loop_config, _tune_report)
 
 
-def _ddp_worker(loop_config: dict[str, Any]) -> None:
-    import ray.train
-
+def _ddp_worker(loop_config: dict[str, Any], rank: int) -> None:
+    """One rank, in an initialised process group: rank 0 logs and reports, the others only train."""
     from trainer.config import build_config
     from trainer.engine import train
 
@@ -193,7 +167,6 @@ def _ddp_worker(loop_config: dict[str, Any]) -> None:
     # Decided once by the trial process, so every rank starts from the same state.
     start_from = Path(loop_config["start_from"]) if loop_config.get("start_from") else None
     cfg = build_config(task["config"], source=f"trial {task['name']}")
-    rank = ray.train.get_context().get_world_rank()
     if rank != 0:
         train(cfg, **_train_args(task, start_from))
         return

@@ -226,6 +226,8 @@ class RuntimeConfig(_Strict):
     tf32: bool = True  # CUDA only: TF32 tensor cores for fp32 matmuls and convolutions
     channels_last: bool = False  # NHWC weights and backbone input (CPU and CUDA)
     compile_backbone: bool = False  # torch.compile the ResNet-FPN backbone in place
+    # DDP process-group backend: auto = NCCL when the run's device is CUDA, gloo otherwise.
+    dist_backend: Literal["auto", "gloo", "nccl"] = "auto"
 
 
 class PretrainConfig(_Strict):

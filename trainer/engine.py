@@ -63,6 +63,28 @@ def _device(kind: str) -> torch.device:
     return torch.device("cpu")
 
 
+def dist_backend(runtime) -> str:
+    """The process-group backend for this run's devices: NCCL needs CUDA, gloo works everywhere."""
+    cuda = torch.cuda.is_available() and runtime.device != "cpu"
+    if runtime.dist_backend == "auto":
+        return "nccl" if cuda else "gloo"
+    if runtime.dist_backend == "nccl" and not cuda:
+        raise TrainerError("runtime.dist_backend is 'nccl' but this process has no CUDA device "
+                           f"(runtime.device {runtime.device!r}, torch.cuda.is_available() False); use gloo or auto")
+    return runtime.dist_backend
+
+
+def init_distributed(runtime, rank: int, world: int, master: str, timeout_s: float = 300.0) -> str:
+    """Join a `world`-rank process group at tcp://`master` (host:port); returns the backend used."""
+    from datetime import timedelta
+
+    backend = dist_backend(runtime)
+    os.environ["LOCAL_RANK"] = os.environ.get("LOCAL_RANK", "0")
+    dist.init_process_group(backend, init_method=f"tcp://{master}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout_s))
+    return backend
+
+
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.SGD:
     """SGD with weight decay `optim.weight_decay_norm` (0, as in the paper) on norm parameters."""
     norm_types = (torch.nn.GroupNorm, torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm)
@@ -114,6 +136,7 @@ class Trainer:
         self._non_blocking = speed.pin_memory(cfg.data, self.device)  # async copies need pinned memory
         self._groups = self.train_set.aspect_groups() if cfg.data.aspect_grouping else None
         self.state = TrainState()
+        self._rank_states: list[Any] | None = None
         self.reporters = list(reporters)
         self.loss_names = LOSS_NAMES
         self.final_metrics: dict[str, float] = {}
@@ -134,6 +157,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": ckpt.rng_state(),
+            "ranks": self._rank_states,  # DDP: every rank's own RNG and loss window (None alone)
             "iteration": st.iteration,
             "data_position": {"seed": self.cfg.runtime.seed, "iteration": st.iteration,
                               "images_consumed": st.iteration * self.cfg.optim.batch_size},
@@ -153,12 +177,13 @@ class Trainer:
         except (RuntimeError, KeyError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0]
             raise CheckpointError(f"checkpoint {source} does not fit this model/config: {first}") from None
-        ckpt.set_rng_state(state["rng"])
+        mine = self._own_rank_state(state, source)
+        ckpt.set_rng_state(mine["rng"])
         st = self.state
         st.iteration = int(state["iteration"])
         st.counters = {k: int(v) for k, v in state["counters"].items()}
-        st.window_sums = state["window"]["sums"].to(self.device, torch.float64)
-        st.window_count = int(state["window"]["count"])
+        st.window_sums = mine["window"]["sums"].to(self.device, torch.float64)
+        st.window_count = int(mine["window"]["count"])
         st.last_eval = dict(state.get("last_eval", {}))
         st.tracking = dict(state.get("tracking", {}))
 
@@ -185,6 +210,30 @@ class Trainer:
         logger.info("resumed from %s at iteration %d", path, self.state.iteration)
 
     # -- distributed helpers ----------------------------------------------------------------
+    def gather_rank_states(self) -> None:
+        """Collective, before rank 0 writes a checkpoint: every rank's RNG and loss window.
+
+        The ranks draw from their RNGs differently (each samples RPN/ROI proposals of its own
+        images), so a DDP run resumed or forked with rank 0's state on every rank would diverge.
+        """
+        self._rank_states = None
+        if self.world > 1:
+            own = {"rng": ckpt.rng_state(), "window": {"sums": self.state.window_sums.cpu(),
+                                                       "count": self.state.window_count}}
+            states: list[Any] = [None] * self.world
+            dist.all_gather_object(states, own)
+            self._rank_states = states
+
+    def _own_rank_state(self, state: dict[str, Any], source: Path) -> dict[str, Any]:
+        ranks = state.get("ranks")
+        if ranks and len(ranks) == self.world:
+            return ranks[self.rank]
+        if self.world > 1 or ranks:  # not an exact continuation: said, never silent
+            logger.warning("%s was written by %d rank(s), this run has %d: every rank restores rank 0's RNG, "
+                           "so the run is not bit-identical to an uninterrupted one", source,
+                           len(ranks) if ranks else 1, self.world)
+        return {"rng": state["rng"], "window": state["window"]}
+
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()

@@ -122,6 +122,7 @@ class CheckpointHook(Hook):
     def save(self, trainer: "Trainer", notify: bool = True) -> None:
         trainer.check_finite()
         trainer.sync_counters()
+        trainer.gather_rank_states()
         it = trainer.state.iteration
         if trainer.rank == 0:
             path = ckpt.save_atomic(trainer.state_dict(), ckpt.checkpoint_path(trainer.ckpt_dir, it))

@@ -24,10 +24,11 @@ def _free_port() -> int:
 
 
 def start_node(log_path: Path, head: str | None = None, num_cpus: float = 2, num_gpus: float = 0,
-               timeout: float = 300, tries: int = 3) -> tuple[subprocess.Popen, str]:
+               timeout: float = 300, tries: int = 3, prefix: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
     """`ray start [--head | --address HEAD] --block` on 127.0.0.1, in its own session; (process, head address).
 
-    RAY_AUTH_MODE must be set already (`auth_disabled`). Ray gives a starting node 30 s to register,
+    RAY_AUTH_MODE must be set already (`auth_disabled`). `prefix` runs before `ray start` (e.g. a
+    mount-namespace wrapper that ends by exec-ing its arguments). Ray gives a starting node 30 s to register,
     which a loaded machine can miss: such a start is killed (its whole process group) and tried again.
     """
     for _ in range(tries):
@@ -37,7 +38,7 @@ def start_node(log_path: Path, head: str | None = None, num_cpus: float = 2, num
         env.pop("RAY_ADDRESS", None)
         with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
             # A free agent port each: the default (52365) would clash between nodes on one host.
-            proc = subprocess.Popen([str(Path(PYTHON).parent / "ray"), "start", *where, "--block",
+            proc = subprocess.Popen([*prefix, str(Path(PYTHON).parent / "ray"), "start", *where, "--block",
                                      f"--num-cpus={num_cpus:g}", f"--num-gpus={num_gpus:g}",
                                      f"--dashboard-agent-listen-port={_free_port()}", "--node-ip-address=127.0.0.1",
                                      "--disable-usage-stats"],

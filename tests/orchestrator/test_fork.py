@@ -115,6 +115,20 @@ def test_queue_releases_branches_once_their_fork_checkpoint_exists():
     assert again.next()["trial_id"] == "b2" and again.next() == FINISHED
 
 
+def test_queue_hands_out_no_more_than_the_cluster_holds():
+    on_disk = {"T@2", "T@8"}
+    tasks = [_task("plain", 10), _task("b1", 6, ("T", 2)), _task("b2", 14, ("T", 8)), _task("T", 8)]
+    q = ForkQueue(tasks, exists=on_disk.__contains__)
+    q.limit = 2
+    assert q.next()["trial_id"] == "T" and q.next()["trial_id"] == "plain"
+    assert q.next() is None  # two running or waiting: a third waits in the queue, not in Tune
+    q.sync([("T", "TERMINATED"), ("plain", "PENDING")])  # a gang freed: the longest ready, b2 (6 to b1's 4)
+    assert q.next()["trial_id"] == "b2" and q.next() is None
+    q.limit = 3  # a node joined
+    q.sync([("T", "TERMINATED"), ("plain", "RUNNING"), ("b2", "RUNNING")])
+    assert q.next()["trial_id"] == "b1" and q.next() == FINISHED
+
+
 def test_a_branch_forks_once_then_resumes_its_own(tmp_path):
     from orchestrator.errors import ForkError
     from orchestrator.trainable import fork_source

@@ -43,3 +43,21 @@ def test_plan_numbers():
     assert abs(r.gpu_hours - r.images / 3.0 / 3600) < 1e-6
     assert resized_area(480, 640, 800, 1333) == 800 * 1067
     assert resized_area(100, 1000, 800, 1333) == 133 * 1333
+
+
+def test_plan_gpus_gives_trials_at_once_and_the_makespan_bound():
+    from orchestrator.plan import makespan_bound, render_makespan, trunk_rows
+
+    exp = expand(load_spec(REPO / "sweeps" / "paper_grid.yaml"))
+    rows, trunks = plan_rows(exp), trunk_rows(exp)
+    m = makespan_bound(exp, 64)
+    assert m.slots == 8  # 8-GPU gangs
+    assert abs(m.gpu_h - sum(r.trains_hours for r in rows + trunks)) < 1e-6
+    longest = max(r.gpu_hours for r in rows) / 8  # the 6x R101 chain: trunk to 480k + its branch
+    assert abs(m.critical_h - longest) < 1e-6 and m.bound_h == max(m.critical_h, m.gpu_h / 64)
+    assert makespan_bound(exp, 63).slots == 7 and makespan_bound(exp, 7).slots == 0
+    assert makespan_bound(exp).gpus == 8 * 20  # default: every trunk at once
+    assert "cluster of 64 GPUs: at most 8 trial(s) at a time" in render_makespan(exp, 64)
+    out = subprocess.run([sys.executable, "-m", "orchestrator", "plan", "sweeps/paper_grid.yaml", "--gpus", "0"],
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--gpus 0" in out.stderr

@@ -63,12 +63,36 @@ def test_none_removes_them_all_and_all_keeps_them(tmp_path):
     assert (out / "final_metrics.json").exists() and not (out / WEIGHTS_FILE).exists()
 
 
-def test_a_trunk_keeps_its_fork_points(tmp_path):
-    out = make_trial(tmp_path)
-    _retain({"role": "trunk", "keep_checkpoints": "none"}, out)
-    assert kept(out) == [3, 6, 9]
-    _retain({"role": "branch", "keep_checkpoints": "none"}, out)
+def test_a_trunk_prunes_a_fork_point_once_every_branch_there_has_started(tmp_path):
+    out = make_trial(tmp_path, iters=(2, 3, 6, 8), finished=False)  # fork points 3 and 8; 2 and 6 periodic
+    b3, b3b, b8 = (tmp_path / n for n in ("b3", "b3b", "b8"))
+    trunk = {"role": "trunk", "keep_checkpoints": "none", "stop_after": 8,
+             "branches": [[str(b3), 3], [str(b3b), 3], [str(b8), 8]]}
+    _retain({**trunk, "keep_checkpoints": "all"}, out)
+    assert kept(out) == [2, 3, 6, 8]  # `all` keeps everything
+    _retain(trunk, out)  # done: its periodic checkpoints go, every fork point is still needed
+    assert kept(out) == [3, 8] and (out / "trunk_done.json").exists()
+    save_atomic({"model": {}, "iteration": 4}, checkpoint_path(b3 / "checkpoints", 4))
+    branch = {"role": "branch", "keep_checkpoints": "none",
+              "fork": {"checkpoint": str(checkpoint_path(out / "checkpoints", 3)), "branches": trunk["branches"]}}
+    _retain(branch, b3)
+    assert kept(out) == [3, 8]  # b3b has not started from 3 yet (a retry of it would fork again)
+    (b3b / "final_metrics.json").parent.mkdir()
+    (b3b / "final_metrics.json").write_text("{}")
+    _retain(branch, b3)
+    assert kept(out) == [8]
+    _retain(trunk, out)
+    assert kept(out) == [8]
+    (b8 / "final_metrics.json").parent.mkdir()
+    (b8 / "final_metrics.json").write_text("{}")
+    _retain(trunk, out)
     assert kept(out) == []
+    from orchestrator.state import trunk_done
+
+    sweep = tmp_path / "sweep"
+    (sweep / "trials").mkdir(parents=True)
+    out.rename(sweep / "trials" / "trunk")
+    assert trunk_done(sweep, "trunk", 8)  # trunk_done.json marks it done once its last fork point is gone
 
 
 def test_the_policy_is_not_part_of_the_sweep_identity(tmp_path):

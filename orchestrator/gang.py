@@ -1,0 +1,137 @@
+"""A DDP trial's gang: its G worker processes, started inside the trial's own placement group (a Ray adapter).
+
+Tune gives a multi-worker trial one placement group for the whole gang (`ray_backend.trial_resources`:
+bundle 0 for the trial's own process, bundles 1..G for the workers), so the trial only counts as
+RUNNING once every GPU and CPU of its gang is reserved, and holds them until it ends. Here the
+trial starts one Ray actor per bundle (rank = bundle - 1), joins them in a torch.distributed
+process group (backend from `trainer.engine.dist_backend`: NCCL with CUDA, gloo without) and waits.
+
+Ray Train's TorchTrainer is not used: in this Ray (Train V2) its controller makes a placement group of
+its own for the workers, outside the trial's, so each waiting trial would hold nothing while its
+group waits (and times out, and is made again) behind the others. Here nothing is reserved twice and
+no group is made that is not placed.
+
+Any rank failing (an exception, a lost node, a failed setup) kills the whole gang and fails the
+attempt; Tune then retries the trial (a fresh gang, wherever its placement group fits now) from the
+trial's newest checkpoint, and its placement group goes back to the cluster with the trial.
+Rank 0 reports through a Ray queue living with the trial's process (bundle 0).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import ray
+from ray.util.placement_group import get_current_placement_group
+from ray.util.queue import Empty, Queue
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from orchestrator.errors import OrchestratorError
+from orchestrator.trial_report import append_row
+
+logger = logging.getLogger(__name__)
+POLL_S = 0.5
+
+
+class GangWorker:
+    """One rank of a DDP trial (a Ray actor in bundle rank + 1 of the trial's placement group)."""
+
+    def where(self) -> dict[str, Any]:
+        """This worker's node, IP, assigned GPU ids and a free port (used if it is rank 0)."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        ctx = ray.get_runtime_context()
+        return {"ip": ray.util.get_node_ip_address(), "port": port, "node_id": ctx.get_node_id(),
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+
+    def run(self, fn: Callable[..., None], loop_config: dict[str, Any], rank: int, world: int, master: str,
+            node_gpus: list[str]) -> None:
+        import os
+
+        # As Ray Train does: every rank sees all the GPUs its gang holds on its node (so NCCL can use
+        # peer-to-peer between them) and picks its own by LOCAL_RANK. Set before torch touches CUDA.
+        own = [str(g) for g in ray.get_gpu_ids()]
+        local = node_gpus.index(own[0]) if own and own[0] in node_gpus else 0
+        if node_gpus:
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(node_gpus)
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
+
+        import torch.distributed as dist
+
+        from trainer.config import build_config
+        from trainer.engine import init_distributed
+
+        cfg = build_config(loop_config["task"]["config"], source=f"trial {loop_config['task']['name']}")
+        backend = init_distributed(cfg.runtime, rank, world, master)
+        logging.getLogger(__name__).info("rank %d/%d joined %s (%s)", rank, world, master, backend)
+        row = {"attempt": loop_config["attempt"], "rank": rank, "world": world, "backend": backend,
+               "node_id": ray.get_runtime_context().get_node_id(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+               "pid": os.getpid(), "start": time.time()}
+        try:
+            fn(loop_config, rank)
+        finally:
+            dist.destroy_process_group()
+            # Each rank's own record of when it trained where (gang.jsonl in the trial folder).
+            append_row(Path(cfg.runtime.output_dir) / "gang.jsonl", {**row, "end": time.time()})
+
+
+def run_gang(task: dict[str, Any], fn: Callable[[dict[str, Any], int], None], loop_config: dict[str, Any],
+             report: Callable[[dict[str, Any], dict[str, Any] | None], None]) -> None:
+    """Run `fn(loop_config, rank)` on every rank of the trial's gang; forward rank 0's queue to `report`."""
+    pg = get_current_placement_group()
+    if pg is None:
+        raise OrchestratorError(f"trial {task['name']}: a DDP trial must run in its gang's placement group")
+    world = int(task["workers"])
+    queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": PlacementGroupSchedulingStrategy(pg, 0)})
+    worker_cls = ray.remote(GangWorker)
+    options: dict[str, Any] = {"num_cpus": float(task["cpus_per_worker"]), "max_restarts": 0,
+                               "max_concurrency": 2}
+    if task["gpus_per_worker"]:
+        options["num_gpus"] = float(task["gpus_per_worker"])
+    workers = [worker_cls.options(**options, scheduling_strategy=PlacementGroupSchedulingStrategy(
+        pg, placement_group_bundle_index=rank + 1, placement_group_capture_child_tasks=True)).remote()
+        for rank in range(world)]
+    try:
+        where = ray.get([w.where.remote() for w in workers])
+        logger.info("gang of %s: %s", task["name"], ", ".join(f"rank {r} on node {w['node_id'][:8]} gpus "
+                                                               f"{w['gpu_ids']}" for r, w in enumerate(where)))
+        master = f"{where[0]['ip']}:{where[0]['port']}"
+        append_row(Path(task["config"]["runtime"]["output_dir"]) / "gang.jsonl",
+                   {"attempt": loop_config["attempt"], "placement_group": pg.id.hex(), "gang_start": time.time(),
+                    "nodes": [w["node_id"] for w in where]})
+        config = {**loop_config, "queue": queue}
+        node_gpus: dict[str, list[str]] = {}
+        for w in where:
+            node_gpus.setdefault(w["node_id"], []).extend(w["gpu_ids"])
+        refs = [w.run.remote(fn, config, rank, world, master, node_gpus[where[rank]["node_id"]])
+                for rank, w in enumerate(workers)]
+        _wait(refs, queue, report)
+    finally:
+        for w in workers:  # a rank blocked in a collective of a dead peer never returns by itself
+            ray.kill(w, no_restart=True)
+        queue.shutdown(force=True)
+
+
+def _wait(refs: list[Any], queue: Queue, report: Callable[..., None]) -> None:
+    pending = list(refs)
+    while pending:
+        _drain(queue, report)
+        done, pending = ray.wait(pending, num_returns=1, timeout=POLL_S)
+        for ref in done:
+            ray.get(ref)  # raises the rank's error (or ActorDiedError for a lost node): the gang fails
+    _drain(queue, report)
+
+
+def _drain(queue: Queue, report: Callable[..., None]) -> None:
+    while True:
+        try:
+            metrics, pointer = queue.get_nowait()
+        except Empty:
+            return
+        report(metrics, pointer)
+
