@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 from orchestrator.errors import DatasetMissingError
 from orchestrator.spec import Dataset
@@ -58,3 +59,24 @@ def generate(ds: Dataset) -> None:
         generate_classification(root, seed=g.seed, per_class_train=g.cls_train, per_class_val=g.cls_val,
                                 size=g.cls_size)
     (root / MARKER).write_text(json.dumps(g.model_dump()))
+
+
+def check_defects(trials: list[Any]) -> None:
+    """Every defect the trainer's dataset check finds (unknown ids, missing files, sizes that differ
+    from the JSON, ...), found once on the driver before any trial starts, not once per trial after
+    its gang was placed. The check is cached by annotation hash beside the annotation file, so each
+    trial's own check is then a cache hit. Trials of other tasks/formats check their files themselves.
+    """
+    from trainer.data import check_data, split_files
+
+    checked: set[tuple] = set()
+    for trial in trials:
+        cfg = trial.config
+        if getattr(cfg.model, "task", "mask") != "mask" or getattr(cfg.data, "format", "coco") != "coco":
+            continue
+        key = (*(split_files(cfg.data, which) for which in ("train", "val")), cfg.data.allow_size_mismatch,
+               cfg.data.cache_dir)
+        if key not in checked:
+            checked.add(key)
+            logger.info("checking the dataset of trial %s (%s)", trial.name, key[0][0])
+            check_data(cfg.data)  # a DatasetError: one line, exit 2, before anything trains

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import state as st
-from orchestrator.dataset import generate, needs_generation
+from orchestrator.dataset import check_defects, generate, needs_generation
 from orchestrator.errors import OrchestratorError, SweepNotFoundError
 from orchestrator.expand import Expansion, backbone_file, bind_config, bind_pretrain, check_weight_files, expand
 from orchestrator.fork import Trunk, checkpoint_file, priorities
@@ -89,6 +89,7 @@ def run(spec_path: Path, *, storage: Path | None = None, must_exist: bool = Fals
                 len(exp.trials), exp.spec_hash, sweep_dir)
     if needs_generation(spec.dataset, need_classification=bool(exp.pretrain)):
         generate(spec.dataset)
+    check_defects(exp.trials)  # dataset defects: one line before any trial starts
     _check_storage(exp, sweep_dir)  # every node sees the sweep folder, dataset and weights, or nothing starts
     # MLflow's runs are made while the pretrain jobs train: a fresh store's migrations and one child
     # run (with all its params) per trial take seconds to a minute on a big grid.
