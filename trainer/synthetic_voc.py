@@ -4,8 +4,9 @@
     OUT/VOCdevkit/VOC2007/Annotations/<6-digit id>.xml     VOC XML: size, object/name/bndbox/difficult
     OUT/VOCdevkit/VOC2007/ImageSets/Main/{trainval,test}.txt
 
-Boxes are VOC's 1-based inclusive pixel boxes of each object's visible part; an object less than
-half visible is marked `difficult` (VOC's "hard to recognise"), so evaluation has some to ignore.
+Boxes are VOC's 1-based inclusive pixel boxes of each object's visible part; an object with less
+than 70% of it visible is marked `difficult` (VOC's "hard to recognise"), so evaluation has some to
+ignore.
 Class names are the shape names (`VOC_SHAPE_CLASSES`): train with data.voc_classes set to them.
 """
 
@@ -21,7 +22,7 @@ from PIL import Image
 from trainer.synthetic_draw import SHAPES, draw_scene
 
 VOC_SHAPE_CLASSES = list(SHAPES)
-DIFFICULT_BELOW = 0.5  # visible fraction under which an object is marked difficult
+DIFFICULT_BELOW = 0.7  # visible fraction under which an object is marked difficult
 SPLITS = ("trainval", "test")
 
 
