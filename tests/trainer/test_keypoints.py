@@ -148,3 +148,13 @@ def test_bad_keypoint_file_is_refused_with_one_line(kp_root, tmp_path, capsys, b
                        "--set", f"runtime.output_dir={tmp_path / 'out'}"])
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1 and words in err and "person_keypoints_train.json" in err
+
+
+def test_box_trial_on_coco_has_no_masks_anywhere(synth_root, tmp_path):
+    cfg = tiny_config(synth_root, tmp_path / "box", schedule={"iters": 2, "drops": [1], "warmup_iters": 1},
+                      eval={"period": 0, "batch_size": 8}, data={"val_images": 8})
+    cfg["model"]["task"] = "box"
+    result = train(build_config(cfg), reporters=[JsonlReporter()])
+    assert "bbox/AP" in result.final_metrics and not any(k.startswith("segm") for k in result.final_metrics)
+    rows = read_metrics(tmp_path / "box" / "metrics.jsonl")
+    assert "train/loss_mask" not in {k for r in rows for k in r} and rows[0]["seen/pixels"] > 0
