@@ -100,3 +100,14 @@ def test_bad_voc_file_is_refused_with_one_line(voc_root, tmp_path, capsys, edit,
                        "--set", f"data.voc_classes={CLASSES}", "--set", f"runtime.output_dir={tmp_path / 'o'}"])
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1 and words in err and "000003.xml" in err
+
+
+def test_synthetic_cli_writes_voc_and_keypoint_sets(tmp_path):
+    from trainer.synthetic import main
+
+    assert main(["--out", str(tmp_path), "--voc", "--keypoints", "--train", "4", "--val", "2"]) == 0
+    voc = tmp_path / "VOCdevkit" / "VOC2007"
+    assert (voc / "ImageSets" / "Main" / "test.txt").read_text().split() == ["000005", "000006"]
+    assert len(list((voc / "JPEGImages").glob("*.jpg"))) == 6 == len(list((voc / "Annotations").glob("*.xml")))
+    assert (tmp_path / "annotations" / "person_keypoints_val.json").is_file()
+    assert not (tmp_path / "annotations" / "instances_train.json").exists()  # no shape set alongside
