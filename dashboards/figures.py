@@ -7,7 +7,8 @@
 - `cost_bars` / `cost_ap`: images, instances and pixels seen, pre-training stacked under detection,
   and AP against each of them (the paper's Figure 2).
 
-Colour is the schedule, line style the init, in every figure. AP is drawn in percent, like the paper.
+Colour is the schedule, line style the init (a body norm other than `norm` is an init of its own,
+e.g. 'ImageNet pre-trained, FrozenBN body'), in every figure. AP is drawn in percent, like the paper.
 matplotlib runs on the Agg backend: the report is written without a display.
 """
 
@@ -61,13 +62,24 @@ def init_order(labels: Iterable[str]) -> list[str]:
     return sorted(set(labels), key=lambda lab: (lab != "random", lab))
 
 
+def arms(trials: pd.DataFrame) -> pd.Series:
+    """Per trial, its init, plus the body norm where that differs from `norm` ('imagenet|FrozenBN'):
+    a FrozenBN-body trial is another arm than the GN one and never shares its line style or label."""
+    return trials.apply(arm_of, axis=1) if len(trials) else trials["init"]
+
+
+def arm_of(trial: pd.Series) -> str:
+    body = trial.get("body_norm")
+    return f"{trial['init']}|{body}" if isinstance(body, str) and body and body != trial.get("norm") else trial["init"]
+
+
 class Style:
-    """Colour per schedule, line style per init, fixed for the whole report."""
+    """Colour per schedule, line style per init (and body norm), fixed for the whole report."""
 
     def __init__(self, trials: pd.DataFrame):
         cmap = plt.get_cmap("tab10")
         self.schedules = schedule_order(trials["schedule"])
-        self.inits = init_order(trials["init"])
+        self.inits = init_order(arms(trials))
         self.color = {s: cmap(i % 10) for i, s in enumerate(self.schedules)}
         self.line = {v: _STYLES[i % len(_STYLES)] for i, v in enumerate(self.inits)}
 
@@ -84,6 +96,9 @@ class Style:
 
 
 def init_label(init: str) -> str:
+    init, _, body = init.partition("|")
+    if body:
+        return f"{init_label(init)}, {body} body"
     if init == "random":
         return "random init"
     if init.startswith("pretrained:"):
@@ -121,7 +136,7 @@ def _draw_curves(ax, style: Style, trials: pd.DataFrame, metrics: pd.DataFrame, 
     for _, t in trials.sort_values("schedule", key=lambda c: -c.map(order)).iterrows():
         steps, values = series(metrics, t["name"], metric)
         if len(steps):
-            ax.plot(steps, values * 100, color=style.color[t["schedule"]], linestyle=style.line[t["init"]],
+            ax.plot(steps, values * 100, color=style.color[t["schedule"]], linestyle=style.line[arm_of(t)],
                     marker="o", markersize=3, label=t["name"])
             drawn += 1
     ax.set_xlabel("iterations")
@@ -141,7 +156,7 @@ def ap_curves(trials: pd.DataFrame, metrics: pd.DataFrame, task: str) -> Figure:
     for ax, backbone in zip(axes, backbones):
         _draw_curves(ax, style, sub[sub["backbone"] == backbone], metrics, f"{task}/AP")
         ax.set_title(backbone)
-    style.legend(fig, sub["schedule"], sub["init"])
+    style.legend(fig, sub["schedule"], arms(sub))
     return fig
 
 
@@ -156,7 +171,7 @@ def small_data_curves(trials: pd.DataFrame, metrics: pd.DataFrame, task: str = "
     for ax, data in zip(axes, sizes):
         _draw_curves(ax, style, sub[sub["data"] == data], metrics, f"{task}/AP")
         ax.set_title(f"data: {data}" + (" images" if data != "all" else ""))
-    style.legend(fig, sub["schedule"], sub["init"])
+    style.legend(fig, sub["schedule"], arms(sub))
     return fig
 
 
@@ -168,7 +183,8 @@ def final_bars(trials: pd.DataFrame, finals: pd.DataFrame) -> Figure:
     fig, grid = plt.subplots(2, len(backbones), figsize=(_PANEL[0] * max(len(backbones), 2), 2 * _PANEL[1] + 0.9),
                              squeeze=False, layout="constrained")
     fig.suptitle(f"final AP per (init, schedule) (data: {data})")
-    inits = init_order(sub["init"])
+    sub = sub.assign(arm=arms(sub))
+    inits = init_order(sub["arm"])
     width = 0.8 / max(len(inits), 1)
     for col, backbone in enumerate(backbones):
         rows = sub[sub["backbone"] == backbone]
@@ -177,7 +193,7 @@ def final_bars(trials: pd.DataFrame, finals: pd.DataFrame) -> Figure:
             ax = grid[r][col]
             for i, init in enumerate(inits):
                 for j, sched in enumerate(scheds):
-                    hit = rows[(rows["init"] == init) & (rows["schedule"] == sched)].dropna(subset=[f"{task}/AP"])
+                    hit = rows[(rows["arm"] == init) & (rows["schedule"] == sched)].dropna(subset=[f"{task}/AP"])
                     if hit.empty:
                         continue
                     x, y = j + (i - (len(inits) - 1) / 2) * width, float(hit[f"{task}/AP"].iloc[0]) * 100
@@ -191,7 +207,7 @@ def final_bars(trials: pd.DataFrame, finals: pd.DataFrame) -> Figure:
             ax.set_xlabel("schedule")
             ax.set_title(f"{backbone}: {TASKS[task]} AP")
             ax.grid(axis="y", alpha=0.3)
-    style.legend(fig, sub["schedule"], sub["init"], bars=True)
+    style.legend(fig, sub["schedule"], sub["arm"], bars=True)
     return fig
 
 
@@ -235,14 +251,14 @@ def cost_ap(trials: pd.DataFrame, metrics: pd.DataFrame, cost: pd.DataFrame, tas
                 continue
             # seen/* is logged every log_period, AP every eval period: read the count at each eval step.
             x = np.interp(steps, np.concatenate([[0], s_steps]), np.concatenate([[0.0], seen])) + offset
-            ax.plot(x, ap * 100, color=style.color[t["schedule"]], linestyle=style.line[t["init"]], marker="o",
+            ax.plot(x, ap * 100, color=style.color[t["schedule"]], linestyle=style.line[arm_of(t)], marker="o",
                     markersize=3, label=t["name"])
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on short ranges
         ax.set_xlabel(f"{kind} seen (log scale)")
         ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel(f"{TASKS[task]} AP (%)")
-    style.legend(fig, trials["schedule"], trials["init"])
+    style.legend(fig, trials["schedule"], arms(trials))
     return fig
 
 

@@ -100,7 +100,9 @@ def trial_table(rows: list[dict[str, Any]]) -> str:
         t = row["trial"]
         at = "&ndash;" if pd.isna(t.get("eval_step")) or t.get("eval_step") is None else \
             f"{int(t['eval_step'])}" + (f" / {int(t['total_iters'])}" if not pd.isna(t["total_iters"]) else "")
-        body.append([esc(t["name"]), esc(t["init"]), esc(t["data"]), esc(t["schedule"]), esc(t["backbone"]),
+        body_norm = t.get("body_norm") if isinstance(t.get("body_norm"), str) else ""
+        init = t["init"] + (f" ({body_norm} body)" if body_norm and body_norm != t.get("norm") else "")
+        body.append([esc(t["name"]), esc(init), esc(t["data"]), esc(t["schedule"]), esc(t["backbone"]),
                      esc(t["status"]), at] + [_ap_cell(row["cells"][f"{a}/{m}"]) for a, m in metrics])
     return table(headers, body)
 

@@ -27,7 +27,8 @@ from dashboards.paper import init_kind
 logger = logging.getLogger(__name__)
 REPORT_PREFIXES = ("bbox/", "segm/", "seen/", "keypoints/", "voc/")  # keypoints/voc: dashboards.tasks
 AXES = ("init", "data", "schedule", "backbone")
-TRIAL_COLUMNS = ["name", "run_id", "trial_id", "status", *AXES, "init_kind", "model_init", "total_iters"]
+TRIAL_COLUMNS = ["name", "run_id", "trial_id", "status", *AXES, "init_kind", "model_init", "total_iters", "norm",
+                 "body_norm"]
 METRIC_COLUMNS = ["name", "metric", "step", "value"]
 
 
@@ -147,7 +148,14 @@ def _trial_row(run: Any) -> dict[str, Any]:
     axes = {a: tags.get(f"axis.{a}", "") for a in AXES}
     return {"name": run.info.run_name, "run_id": run.info.run_id, "trial_id": tags.get("trial_id", ""),
             "status": run.info.status, **axes, "init_kind": init_kind(axes["init"]),
-            "model_init": params.get("model.init", ""), "total_iters": _total_iters(params)}
+            "model_init": params.get("model.init", ""), "total_iters": _total_iters(params),
+            "norm": params.get("model.norm", ""), "body_norm": _body_norm(tags, params)}
+
+
+def _body_norm(tags: dict[str, str], params: dict[str, str]) -> str:
+    """The ResNet body's norm: param model.body_norm (tag body_norm), else model.norm (older runs)."""
+    body = params.get("model.body_norm", "")
+    return tags.get("body_norm") or (body if body not in ("", "None") else params.get("model.norm", ""))
 
 
 def _total_iters(params: dict[str, str]) -> int | None:

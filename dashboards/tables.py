@@ -51,7 +51,7 @@ def comparison(trials: pd.DataFrame, fin: pd.DataFrame, numbers: list[PaperNumbe
         hits = []
         for _, t in merged.iterrows():
             if paper_for([n], backbone=t["backbone"], init=t["init"], data=t["data"], schedule=t["schedule"],
-                         task=n.task, metric=n.metric):
+                         task=n.task, metric=n.metric, body_norm=body_norm(t)):
                 ours = percent(t.get(f"{n.task}/{n.metric}"))
                 hits.append({"trial": t["name"], "ours": ours, "diff": None if ours is None else ours - n.value})
         out.append({"number": n, "trials": hits})
@@ -68,11 +68,17 @@ def trial_cells(trials: pd.DataFrame, fin: pd.DataFrame, numbers: list[PaperNumb
             for metric in AP_METRICS:
                 ours = percent(t.get(f"{task}/{metric}"))
                 paper = paper_for(numbers, backbone=t["backbone"], init=t["init"], data=t["data"],
-                                  schedule=t["schedule"], task=task, metric=metric)
+                                  schedule=t["schedule"], task=task, metric=metric, body_norm=body_norm(t))
                 cells[f"{task}/{metric}"] = {"ours": ours, "paper": paper,
                                              "na": _is_na(t.get(f"{task}/{metric}"))}
         rows.append({"trial": t, "cells": cells})
     return rows
+
+
+def body_norm(trial: Any) -> str:
+    """A trial row's body norm ('GN' for rows without the column: the paper's recipe, the default)."""
+    value = trial.get("body_norm") if hasattr(trial, "get") else None
+    return "GN" if value is None or (isinstance(value, float) and np.isnan(value)) or value == "" else str(value)
 
 
 def _is_na(value: Any) -> bool:

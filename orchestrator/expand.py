@@ -24,7 +24,7 @@ from typing import Any
 from orchestrator.errors import SpecError
 from orchestrator.fork import ForkPlan, Trunk, plan_forks, trunk_identity
 from orchestrator.spec import AXES, Resources, SweepSpec, matches, normalize_axis_value
-from trainer.config import TrainConfig, build_config, config_to_dict
+from trainer.config import ModelConfig, TrainConfig, build_config, config_identity, config_to_dict
 from trainer.errors import ConfigError
 from trainer.schedule import resolve_schedule
 
@@ -123,6 +123,9 @@ def _make_trial(spec: SweepSpec, point: dict[str, Any], index: int,
                 set_key(tree, key, value)
     init_value = point.get("init", tree.get("model", {}).get("init", "random"))
     labels = _labels(spec, point, init_value)
+    body_norm = _body_norm_label(tree)
+    if body_norm:  # e.g. imagenet-frozenbn-all-2x-R50: a body norm other than `norm` is part of the name
+        labels["init"] = f"{labels['init']}-{body_norm}"
     name = "-".join(labels[k] for k in ("init", "data", "schedule", "backbone"))
     name = "-".join([name] + [labels[a] for a in point if a not in AXES])
     set_key(tree, "runtime.output_dir", f"trials/{name}")
@@ -133,8 +136,7 @@ def _make_trial(spec: SweepSpec, point: dict[str, Any], index: int,
         msg = str(err)
         raise SpecError(msg if msg.startswith("trial ") else f"trial {name}: {msg}") from None
     needs = (init_value.removeprefix(PRETRAINED_PREFIX),) if init_value.startswith(PRETRAINED_PREFIX) else ()
-    identity = cfg.model_dump(mode="json", exclude_defaults=True)
-    identity.get("runtime", {}).pop("output_dir", None)
+    identity = config_identity(cfg)
     trial_id = _digest({"config": identity, "pretrain": {n: job_ids[n] for n in needs}})[:10]
     return Trial(index, trial_id, name, dict(point), labels, cfg, init_value, needs), identity
 
@@ -153,6 +155,13 @@ def _labels(spec: SweepSpec, point: dict[str, Any], init_value: str) -> dict[str
         if axis not in AXES:
             out[axis] = _safe(f"{axis.rsplit('.', 1)[-1]}{_scalar_label(value)}")
     return out
+
+
+def _body_norm_label(tree: dict[str, Any]) -> str:
+    """'frozenbn' when the trial's model.body_norm is set and differs from model.norm, else ''."""
+    model = tree.get("model") or {}
+    body, norm = model.get("body_norm"), model.get("norm", ModelConfig.model_fields["norm"].default)
+    return _safe(str(body).lower()) if body and body != norm else ""
 
 
 def _init_label(value: str) -> str:
@@ -266,8 +275,31 @@ def bind_config(trial: Trial | Trunk, sweep_dir: Path, backbone_files: dict[str,
         job = init.removeprefix(_PLACEHOLDER_INIT)
         tree["model"]["init"] = f"checkpoint:{Path(backbone_files[job]).resolve()}"
     tree["data"]["root"] = str(Path(tree["data"]["root"]).resolve())
+    if tree["model"].get("imagenet_weights"):  # relative to where the sweep is started, like the data root
+        tree["model"]["imagenet_weights"] = str(Path(tree["model"]["imagenet_weights"]).expanduser().resolve())
     tree["runtime"]["output_dir"] = str((Path(sweep_dir) / tree["runtime"]["output_dir"]).resolve())
     return build_config(tree, source=f"trial {trial.name}")
+
+
+def check_weight_files(trials: list[Trial]) -> None:
+    """Refuse (SpecError) when a trial's `model.imagenet_weights` file is absent: `run` calls this
+    before anything is launched; `plan` does not, so a grid can be costed without the files."""
+    from trainer.config import gn_download_hint
+
+    users: dict[Path, list[Trial]] = {}
+    for trial in trials:
+        m = trial.config.model
+        if m.init == "imagenet" and m.imagenet_weights is not None:
+            users.setdefault(Path(m.imagenet_weights).expanduser(), []).append(trial)
+    for path, group in users.items():
+        if path.is_file():
+            continue
+        m = group[0].config.model
+        where = (gn_download_hint(m.backbone) if m.body_norm == "GN"
+                 else f"torchvision's IMAGENET1K_V1 {m.backbone} file from download.pytorch.org/models")
+        more = f" (and {len(group) - 1} more trials)" if len(group) > 1 else ""
+        raise SpecError(f"trial {group[0].name}{more}: model.imagenet_weights file not found: {path} (from "
+                        f"{Path.cwd()}); get {where}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from orchestrator.spec import AXES
-from trainer.config import TrainConfig, build_config, config_to_dict
+from trainer.config import TrainConfig, build_config, config_identity, config_to_dict
 from trainer.schedule import resolve_schedule
 
 TRUNK_LABEL = "trunk"  # stands for the schedule in a trunk's name: random-all-trunk-R50
@@ -124,8 +124,7 @@ def _make_trunk(members: list[tuple[Any, int]], index: int, job_ids: dict[str, s
     # hold the warmup, which the longest member's total does.
     tree["schedule"] = {**sched, "iters": longest, "drops": []}
     tree["checkpoint"]["at"] = sorted(set(tree["checkpoint"].get("at") or []) | set(forks.values()))
-    identity = build_config(tree, source=f"trunk {name}").model_dump(mode="json", exclude_defaults=True)
-    identity.get("runtime", {}).pop("output_dir", None)
+    identity = config_identity(build_config(tree, source=f"trunk {name}"))
     trunk_id = _digest({"trunk": identity, "pretrain": {n: job_ids[n] for n in first.needs}})[:10]
     if name in taken:
         name = f"{name}-{trunk_id[:6]}"
@@ -136,9 +135,7 @@ def _make_trunk(members: list[tuple[Any, int]], index: int, job_ids: dict[str, s
 
 
 def trunk_identity(trunk: Trunk) -> dict[str, Any]:
-    identity = trunk.config.model_dump(mode="json", exclude_defaults=True)
-    identity.get("runtime", {}).pop("output_dir", None)
-    return identity
+    return config_identity(trunk.config)
 
 
 def trained_iters(total: int, fork: int | None) -> int:

@@ -21,7 +21,7 @@ from typing import Any
 from orchestrator import state as st
 from orchestrator.dataset import generate, needs_generation
 from orchestrator.errors import OrchestratorError, SweepNotFoundError
-from orchestrator.expand import Expansion, backbone_file, bind_config, bind_pretrain, expand
+from orchestrator.expand import Expansion, backbone_file, bind_config, bind_pretrain, check_weight_files, expand
 from orchestrator.fork import Trunk, checkpoint_file, priorities
 from orchestrator.monitor import LiveView, SweepMonitor
 from orchestrator.spec import SweepSpec, load_spec
@@ -52,6 +52,7 @@ def prepare(spec_path: Path, storage: Path | None = None) -> Prepared:
     if storage is not None:
         spec = spec.model_copy(update={"storage_path": storage})
     exp = expand(spec)
+    check_weight_files(exp.trials)  # ImageNet weight files: plan costs a grid without them, run refuses
     sweep_dir = st.sweep_dir_for(spec.storage_path, spec.name)
     record = st.read_record(sweep_dir)
     if record is not None:

@@ -3,7 +3,7 @@
 One experiment per sweep name; one parent run per sweep (name + spec hash); one nested child run per
 trial, found or created by its tags, so a restarted driver never makes a second one. Child runs carry
 the flat resolved trial config as params and `axis.*`, `trial_id`, `sweep`, `spec_hash`,
-`code_version` as tags; they are named by the readable trial name.
+`code_version` and `body_norm` (the ResNet body's norm) as tags; they are named by the readable trial name.
 
 Metrics are append-only in MLflow, so `MetricLogger` never writes a (run, key, step) twice: it asks
 MLflow once per key for the last step already logged and drops anything at or before it (a retried
@@ -141,6 +141,8 @@ class SweepTracker:
     def child_run(self, trial_id: str, name: str, axes: Mapping[str, str], params: Mapping[str, Any],
                   tags: Mapping[str, str] | None = None) -> str:
         """Find (by trial_id under this parent) or create the trial's run; fill in missing params/tags."""
+        if "model.body_norm" in params:  # the body's norm as a tag too: FrozenBN vs GN arms filter by it
+            tags = {**(tags or {}), "body_norm": str(params["model.body_norm"])}
         run = self._find([f"tags.trial_id = '{trial_id}'", f"tags.`mlflow.parentRunId` = '{self.parent_id}'"])
         if run is None:
             base = {"mlflow.parentRunId": self.parent_id, "trial_id": trial_id, "trial_name": name,

@@ -74,13 +74,18 @@ def imagenet_weights_info(backbone: str) -> tuple[str, str]:
     return url.rsplit("/", 1)[-1], url
 
 
-def find_imagenet_weights(backbone: str, explicit: Path | None) -> Path:
-    """The local ImageNet weight file: `explicit` if given, else torch hub's checkpoints cache."""
+def find_imagenet_weights(backbone: str, explicit: Path | None, body_norm: str = "BN") -> Path:
+    """The local ImageNet weight file: `explicit` if given, else torch hub's checkpoints cache (BN only)."""
+    from trainer.config import gn_download_hint
+
     if explicit is not None:
         path = Path(explicit).expanduser()
         if not path.is_file():
-            raise InitError(f"model.imagenet_weights file not found: {path}")
+            hint = gn_download_hint(backbone) if body_norm == "GN" else imagenet_weights_info(backbone)[1]
+            raise InitError(f"model.imagenet_weights file not found: {path} (get {hint})")
         return path
+    if body_norm == "GN":
+        raise InitError(f"model.imagenet_weights is required for a GN body: {gn_download_hint(backbone)}")
     file_name, url = imagenet_weights_info(backbone)
     hub_dir = Path(torch.hub.get_dir()) / "checkpoints"
     path = hub_dir / file_name
@@ -94,22 +99,17 @@ def find_imagenet_weights(backbone: str, explicit: Path | None) -> Path:
 
 
 def read_state_file(path: Path) -> dict[str, Tensor]:
-    """A backbone state dict from a file: bare, or under "backbone" (backbone pretraining's format)."""
+    """A backbone state dict from a torch/safetensors file: bare, or under "backbone" (pretraining's)."""
+    from trainer.imagenet_weights import read_weights
+
     path = Path(path).expanduser()
     if not path.is_file():
         raise InitError(f"init checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file becomes one actionable line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InitError(f"cannot read weights file {path}: {first}") from None
-    for key in ("backbone", "model", "state_dict"):
-        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
-            obj = obj[key]
-            break
-    if not isinstance(obj, Mapping) or not any(isinstance(v, Tensor) for v in obj.values()):
-        raise InitError(f"weights file {path} holds no state dict (expected tensors, or a 'backbone' entry)")
-    return {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+    file = read_weights(path)
+    if file.fmt == "detectron":
+        raise InitError(f"{path} is a Detectron pickle: use it as model.init: imagenet with "
+                        f"model.imagenet_weights: {path}")
+    return file.tensors
 
 
 def has_bn_statistics(state: Mapping[str, Tensor]) -> bool:
@@ -186,7 +186,7 @@ def _check_norm_kind(own: Mapping[str, Tensor], state: Mapping[str, Tensor], sou
     if file_bn and not body_bn:
         raise InitError(
             f"checkpoint {source} is BN-trained (running statistics) but the backbone has no batch "
-            f"norm; leave model.body_norm unset (FrozenBN is then used) or set it to a BN variant"
+            f"norm; set model.body_norm: FrozenBN (or another BN variant) to use it"
         )
 
 

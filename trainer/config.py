@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trainer.errors import ConfigError
+from trainer.recipes import DETECTRON_GN, PRETRAIN_PRESETS, gn_download_hint  # noqa: F401 - re-exported
 
 
 class _Strict(BaseModel):
@@ -31,12 +32,15 @@ class ModelConfig(_Strict):
     """Mask R-CNN with a ResNet-FPN backbone; sampling knobs default to torchvision's."""
 
     backbone: Backbone = "R50"
-    norm: Norm = "GN"
-    # None means "same as norm". Set by the model builder when ImageNet BN weights are loaded into a
-    # GN model (the body then runs FrozenBN), so the resolved config says what actually ran.
+    norm: Norm = "GN"  # body (unless body_norm says otherwise), FPN and heads
+    # The ResNet body's norm. Unset means `norm`; validation fills it in, so a resolved config always
+    # says what the body runs. `FrozenBN` under a GN model = torchvision's BN ImageNet weights with a
+    # frozen-BN body (detectron2's usual fine-tuning), which is never chosen silently.
     body_norm: Norm | None = None
     init: str = "random"  # random | imagenet | checkpoint:PATH
-    imagenet_weights: Path | None = None  # explicit weights file; else the torch hub cache
+    # ImageNet weights file: Detectron pickle (R-50-GN.pkl) or torchvision/timm/trainer.pretrain state
+    # dict, told apart by content; unset: torchvision's BN file in the torch hub cache (BN bodies only).
+    imagenet_weights: Path | None = None
     freeze_at: int = Field(0, ge=0, le=5)  # stages frozen from the stem: 0 = nothing (scratch)
     min_size: int = Field(800, gt=0)
     max_size: int = Field(1333, gt=0)
@@ -75,6 +79,19 @@ class ModelConfig(_Strict):
         if v in ("random", "imagenet") or (v.startswith("checkpoint:") and len(v) > len("checkpoint:")):
             return v
         raise ValueError("must be 'random', 'imagenet' or 'checkpoint:PATH'")
+
+    @model_validator(mode="after")
+    def _resolve_body_norm(self) -> "ModelConfig":
+        body = self.body_norm or self.norm
+        if self.init == "imagenet" and body == "GN" and self.imagenet_weights is None:
+            where = f"weights/{DETECTRON_GN[self.backbone][0]}" if self.backbone in DETECTRON_GN else "PATH/backbone.pt"
+            raise ValueError(
+                f"init imagenet with a GN body needs GroupNorm ImageNet weights (torchvision only has BN "
+                f"ones): set model.imagenet_weights: {where} ({gn_download_hint(self.backbone)}), or "
+                "set model.body_norm: FrozenBN to fine-tune torchvision's BN weights in a frozen-BN body "
+                "(detectron2's usual setup, not the paper's GN arm)")
+        self.__dict__["body_norm"] = body
+        return self
 
 
 class DataConfig(_Strict):
@@ -202,19 +219,30 @@ class RuntimeConfig(_Strict):
 
 
 class PretrainConfig(_Strict):
-    """Backbone pretraining (`python -m trainer.pretrain`): classification on an ImageFolder set."""
+    """Backbone pretraining (`python -m trainer.pretrain`): classification on an ImageFolder set.
 
+    Its length is `iters`, or `epochs` over the train folder (then `warmup_epochs` and `lr_steps` are in
+    epochs too, turned into iterations once the folder's size is known). `batch_size` is the global batch,
+    split over the processes of a data-parallel run.
+    """
+
+    preset: Literal["imagenet-gn"] | None = None
     data_root: Path = Path("datasets/imagenet")  # holds train/<class>/... and optionally val/
     backbone: Backbone = "R50"
     norm: Norm = "GN"
     image_size: int = Field(224, gt=0)  # random-resized-crop size; val: resize + center crop
     crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range (ImageNet default)
-    iters: int = Field(1000, gt=0)
+    iters: int | None = Field(None, gt=0)  # None: from epochs, else 1000
+    epochs: float | None = Field(None, gt=0)
     batch_size: int = Field(256, gt=0)
     base_lr: float = Field(0.1, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0)
     warmup_iters: int = Field(0, ge=0)
+    warmup_epochs: float | None = Field(None, ge=0)
+    lr_schedule: Literal["cosine", "step"] = "cosine"  # cosine to zero, or x gamma at each of lr_steps
+    lr_steps: list[float] = Field(default_factory=list)  # in epochs with `epochs`, else in iterations
+    gamma: float = Field(0.1, gt=0, le=1)
     grad_clip: float | None = Field(None, gt=0)  # max total grad norm; None = off
     num_workers: int = Field(2, ge=0)
     seed: int = 0
@@ -224,6 +252,28 @@ class PretrainConfig(_Strict):
     checkpoint_period: int = Field(0, ge=0)
     keep_last: int = Field(2, ge=1)
     log_period: int = Field(20, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and data.get("preset") in PRETRAIN_PRESETS:
+            return {**PRETRAIN_PRESETS[data["preset"]], **data}
+        return data
+
+    @model_validator(mode="after")
+    def _length(self) -> "PretrainConfig":
+        if self.iters is not None and self.epochs is not None:
+            raise ValueError("give iters or epochs, not both (a preset sets epochs: override it with epochs=N, "
+                             "or set epochs=null with iters=N)")
+        if self.warmup_epochs is not None and self.epochs is None:
+            raise ValueError("warmup_epochs goes with epochs; with iters use warmup_iters")
+        if list(self.lr_steps) != sorted(self.lr_steps) or any(s <= 0 for s in self.lr_steps):
+            raise ValueError("lr_steps must be positive and increasing")
+        if self.lr_steps and self.lr_schedule != "step":
+            raise ValueError("lr_steps needs lr_schedule: step")
+        if self.iters is None and self.epochs is None:
+            self.__dict__["iters"] = 1000
+        return self
 
 
 class TrainConfig(_Strict):
@@ -349,6 +399,22 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+def config_identity(cfg: TrainConfig) -> dict[str, Any]:
+    """What defines a run, for ids: the config without defaults and without its output folder.
+
+    `model.body_norm` equal to `model.norm` counts as a default (validation fills it in), so ids of
+    runs made before it was a resolved field stay the same.
+    """
+    identity = cfg.model_dump(mode="json", exclude_defaults=True)
+    identity.get("runtime", {}).pop("output_dir", None)
+    model = identity.get("model", {})
+    if cfg.model.body_norm == cfg.model.norm:
+        model.pop("body_norm", None)
+    if "model" in identity and not model:
+        identity.pop("model")
+    return identity
 
 
 def dump_config(cfg: TrainConfig, path: str | Path) -> Path:

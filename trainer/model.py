@@ -2,9 +2,10 @@
 
 Owns the detection model: norm placement (GN/SyncBN/BN in body, FPN, 4conv1fc box head and mask
 head; FrozenBN in the body only), the RoI heads and sampling knobs, and the initialization
-(`random` from scratch, `imagenet` from torchvision's local weight files, `checkpoint:PATH` from
-backbone pretraining). `build_model` returns the resolved config so a run records what actually ran
-(e.g. `body_norm: FrozenBN` when BN-trained ImageNet weights go into a GN model).
+(`random` from scratch, `imagenet` from GN weights (Detectron's R-50-GN.pkl, timm, our pretraining)
+for a GN body or torchvision's BN weights for a BN-family body, `checkpoint:PATH` from backbone
+pretraining). The body runs `model.body_norm` (resolved at validation, = `norm` unless set), never a
+norm chosen from the weights file; `build_model` returns that resolved config.
 
 The ResNet/norm/weight-file helpers live in `trainer.backbone` and are re-exported here.
 """
@@ -29,7 +30,6 @@ from trainer.backbone import (
     build_resnet,
     find_imagenet_weights,
     freeze_stages,
-    has_bn_statistics,
     is_norm_param,
     load_backbone_weights,
     norm_factory,
@@ -38,6 +38,7 @@ from trainer.backbone import (
 )
 from trainer.config import ModelConfig
 from trainer.errors import InitError
+from trainer.imagenet_weights import load_imagenet_weights
 
 __all__ = [
     "build_model",
@@ -51,7 +52,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-BN_FAMILY = ("BN", "SyncBN", "FrozenBN")
 FEATURE_MAPS = ["0", "1", "2", "3"]  # FPN levels P2-P5 the RoI heads pool from ("pool" is RPN only)
 
 
@@ -60,30 +60,23 @@ def _head_norm(norm: str) -> Callable[[int], nn.Module] | None:
     return None if norm == "FrozenBN" else norm_factory(norm)
 
 
-def _init_state(cfg: ModelConfig) -> tuple[dict | None, str]:
-    """The backbone state dict `cfg.init` asks for (None for random) and where it came from."""
+def _load_init(cfg: ModelConfig, body: nn.Module) -> str:
+    """Put `cfg.init`'s weights into the body; returns where they came from ("random" for none).
+
+    `imagenet` loads strictly (every body tensor, right shape, right norm family, Detectron's pixel
+    convention folded in: `trainer.imagenet_weights`); `checkpoint:PATH` keeps the tolerant loader
+    (prefixes, partial files logged) for backbones of our own runs. A BN-trained file never goes
+    into a GN body: the norm the body runs is the config's `body_norm`, nothing else.
+    """
     if cfg.init == "random":
-        return None, "random"
+        return "random"
     if cfg.init == "imagenet":
-        path = find_imagenet_weights(cfg.backbone, cfg.imagenet_weights)
-    else:
-        path = cfg.init.removeprefix("checkpoint:")
-    return read_state_file(path), str(path)
-
-
-def _resolve_body_norm(cfg: ModelConfig, state: dict | None, source: str) -> str:
-    """The body's norm: cfg.body_norm if set, else cfg.norm, except BN-trained weights into a
-    non-BN model, which run FrozenBN in the body (GN cannot use BN statistics)."""
-    if cfg.body_norm is not None:
-        return cfg.body_norm
-    if state is not None and cfg.norm not in BN_FAMILY and has_bn_statistics(state):
-        log.warning(
-            "init weights %s are BN-trained (running statistics) but model.norm=%s: using FrozenBN "
-            "in the ResNet body (body_norm=FrozenBN); the FPN and heads keep %s",
-            source, cfg.norm, cfg.norm,
-        )
-        return "FrozenBN"
-    return cfg.norm
+        path = find_imagenet_weights(cfg.backbone, cfg.imagenet_weights, cfg.body_norm)
+        load_imagenet_weights(body, path, cfg.body_norm)
+        return str(path)
+    path = cfg.init.removeprefix("checkpoint:")
+    load_backbone_weights(body, read_state_file(path), path)
+    return path
 
 
 def _check_channels(cfg: ModelConfig) -> None:
@@ -94,11 +87,10 @@ def _check_channels(cfg: ModelConfig) -> None:
         )
 
 
-def _build_backbone(cfg: ModelConfig, body_norm: str, state: dict | None, source: str) -> BackboneWithFPN:
-    """ResNet body (+ weights, + frozen stages) under an FPN with the head norm."""
-    body = build_resnet(cfg.backbone, body_norm)
-    if state is not None:
-        load_backbone_weights(body, state, source)
+def _build_backbone(cfg: ModelConfig) -> tuple[BackboneWithFPN, str]:
+    """ResNet body (+ weights, + frozen stages) under an FPN with the head norm; and the init source."""
+    body = build_resnet(cfg.backbone, cfg.body_norm)
+    source = _load_init(cfg, body)
     frozen = freeze_stages(body, cfg.freeze_at)
     log.info("freeze_at=%d: %d backbone parameters frozen", cfg.freeze_at, frozen)
     # Written out instead of torchvision's _resnet_fpn_extractor, which fixes 256 FPN channels;
@@ -111,7 +103,7 @@ def _build_backbone(cfg: ModelConfig, body_norm: str, state: dict | None, source
         out_channels=cfg.fpn_channels,
         extra_blocks=LastLevelMaxPool(),
         norm_layer=_head_norm(cfg.norm),
-    )
+    ), source
 
 
 def _heads(cfg: ModelConfig, num_classes: int) -> dict:
@@ -138,9 +130,10 @@ def build_model(cfg: ModelConfig, num_classes: int) -> tuple[MaskRCNN, ModelConf
     if num_classes < 2:
         raise InitError(f"num_classes must count background plus at least one class, got {num_classes}")
     _check_channels(cfg)
-    state, source = _init_state(cfg)
-    body_norm = _resolve_body_norm(cfg, state, source)
-    backbone = _build_backbone(cfg, body_norm, state, source)
+    if cfg.body_norm is None:  # a config built without validation (model_construct)
+        cfg = cfg.model_copy(update={"body_norm": cfg.norm})
+    body_norm = cfg.body_norm
+    backbone, source = _build_backbone(cfg)
     detector, heads = MaskRCNN, _heads(cfg, num_classes)
     if cfg.task != "mask":  # Faster R-CNN / Keypoint R-CNN on the same backbone, RPN and box head
         from trainer.tasks import task_detector
@@ -160,9 +153,9 @@ def build_model(cfg: ModelConfig, num_classes: int) -> tuple[MaskRCNN, ModelConf
         box_detections_per_img=cfg.box_detections_per_img,
         **heads,
     )
-    resolved = cfg.model_copy(update={"body_norm": body_norm})
+    resolved = cfg
     head_norm = "none" if cfg.norm == "FrozenBN" else cfg.norm
-    init = "random (torchvision default init)" if state is None else f"{cfg.init.split(':')[0]} ({source})"
+    init = "random (torchvision default init)" if source == "random" else f"{cfg.init.split(':')[0]} ({source})"
     log.info(
         "%s %s-FPN: init=%s, body norm %s, FPN/head norm %s, %d classes, %.1fM parameters "
         "(%.1fM trainable)",

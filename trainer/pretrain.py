@@ -1,11 +1,13 @@
 """Backbone pretraining: classification on an ImageFolder set, written as an init for detection.
 
-`python -m trainer.pretrain --config pretrain.yaml [--set key=value] [--resume]` trains the same
-ResNet (same norm) that detection uses, on ImageNet's layout (ROOT/train/<class>/*.jpg, optional
-ROOT/val/) or on the synthetic classification set, and writes OUTPUT/backbone.pt, usable as
-`model.init: checkpoint:OUTPUT/backbone.pt`. It counts the images and pixels it saw (stored in the
-file's `meta`, for the paper's cost accounting) and resumes exactly like detection training: the
-batch stream and augmentation depend only on (seed, iteration).
+`python -m trainer.pretrain [--preset imagenet-gn] [--config pretrain.yaml] [--set key=value] [--resume]`
+trains the same ResNet (same norm) that detection uses, on ImageNet's layout (ROOT/train/<class>/*.jpg,
+optional ROOT/val/) or on the synthetic classification set, and writes OUTPUT/backbone.pt, usable as
+`model.init: checkpoint:OUTPUT/backbone.pt` or as `model.imagenet_weights` (torchvision layout, RGB).
+Data-parallel under torchrun (`torchrun --nproc_per_node 8 -m trainer.pretrain ...`) or inside Ray Train's
+process group: each process takes its share of every global batch, rank 0 writes. It counts the images
+and pixels it saw (the file's `meta`, for the paper's cost accounting) and resumes exactly: the batch
+stream and augmentation depend only on (seed, iteration).
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from trainer import checkpoint as ckpt
-from trainer.config import PretrainConfig, config_to_dict, dump_config, load_pretrain_config
+from trainer.config import PRETRAIN_PRESETS, PretrainConfig, config_to_dict, dump_config, load_pretrain_config
 from trainer.data import StreamBatchSampler
 from trainer.errors import DatasetError, NonFiniteLossError, TrainerError
+from trainer.pretrain_recipe import Group, lr_factor, process_group, resolve_schedule
 
 __all__ = ["PretrainConfig", "load_pretrain_config", "pretrain", "build_classifier"]
 
@@ -92,15 +95,6 @@ def _optimizer(net: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.SGD:
     return torch.optim.SGD(groups, lr=cfg.base_lr, momentum=cfg.momentum)
 
 
-def _lr_factor(cfg: PretrainConfig):
-    def factor(it: int) -> float:  # linear warmup, then cosine to zero: a standard short-run recipe
-        if it < cfg.warmup_iters:
-            return (it + 1) / cfg.warmup_iters
-        progress = (it - cfg.warmup_iters) / max(cfg.iters - cfg.warmup_iters, 1)
-        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return factor
-
-
 @torch.inference_mode()
 def _top1(net: torch.nn.Module, folder: _Folder, device: torch.device) -> float:
     was = net.training
@@ -113,33 +107,48 @@ def _top1(net: torch.nn.Module, folder: _Folder, device: torch.device) -> float:
     return correct / max(total, 1)
 
 
-def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
-    """Train the classifier; return the path of the backbone file (OUTPUT/backbone.pt)."""
+def _device(cfg: PretrainConfig, group: Group) -> torch.device:
+    if cfg.device in ("auto", "cuda") and torch.cuda.is_available():
+        torch.cuda.set_device(group.local_rank)
+        return torch.device("cuda", group.local_rank)
+    return torch.device("cpu")
+
+
+def pretrain(cfg: PretrainConfig, resume: bool = False, stop_after: int | None = None) -> Path:
+    """Train the classifier (data-parallel inside a process group); return OUTPUT/backbone.pt's path."""
+    with process_group(cfg.device) as group:
+        return _pretrain(cfg, group, resume, stop_after)
+
+
+def _pretrain(cfg: PretrainConfig, group: Group, resume: bool, stop_after: int | None) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    device = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    device = _device(cfg, group)
     out = Path(cfg.output_dir)
     train_set = _Folder(Path(cfg.data_root) / "train", cfg.image_size, True, cfg.seed, cfg.crop_scale)
+    sched_plan = resolve_schedule(cfg, len(train_set))
     net = build_classifier(cfg, len(train_set.classes)).to(device)
+    model = net if group.world == 1 else torch.nn.parallel.DistributedDataParallel(
+        net, device_ids=[device.index] if device.type == "cuda" else None)
     opt = _optimizer(net, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg))
-    state = {"iteration": 0, "images": 0, "pixels": 0}
-    found = ckpt.load_latest(out / "checkpoints") if resume else None
-    if found:
-        path, saved = found
-        net.load_state_dict(saved["model"]), opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"]), ckpt.set_rng_state(saved["rng"])
-        state = {k: int(saved["counters"][k]) for k in state}
-        logger.info("resumed from %s at iteration %d", path, state["iteration"])
-    dump_config(cfg, out / "pretrain_config.yaml")
-    sampler = StreamBatchSampler(len(train_set), cfg.batch_size, cfg.seed, state["iteration"], cfg.iters)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, sched_plan))
+    state = _restore(out, net, opt, sched) if resume else {"iteration": 0, "images": 0, "pixels": 0}
+    total = sched_plan.iters
+    end = min(total, stop_after) if stop_after else total
+    if group.main:
+        dump_config(cfg, out / "pretrain_config.yaml")
+        logger.info("pretrain %s-%s: %d iterations (%d per epoch over %d images) x batch %d on %d process(es); "
+                    "warm-up %d, LR steps %s", cfg.backbone, cfg.norm, total, sched_plan.iters_per_epoch,
+                    len(train_set), cfg.batch_size, group.world, sched_plan.warmup, list(sched_plan.drops))
+    sampler = StreamBatchSampler(len(train_set), cfg.batch_size, cfg.seed, state["iteration"], end,
+                                 rank=group.rank, world_size=group.world)
     loader = DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.num_workers,
                         generator=torch.Generator().manual_seed(cfg.seed))
-    net.train()
-    t0, it0, window = time.perf_counter(), state["iteration"], []
+    model.train()
+    t0, it0, window, pixels = time.perf_counter(), state["iteration"], [], 0
     for x, y, area in loader:
-        loss = torch.nn.functional.cross_entropy(net(x.to(device)), y.to(device))
+        loss = torch.nn.functional.cross_entropy(model(x.to(device)), y.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
@@ -147,25 +156,51 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
         opt.step()
         sched.step()
         state["iteration"] += 1
-        state["images"] += len(y)
-        state["pixels"] += int(area.sum())
+        state["images"] += cfg.batch_size  # every iteration is one full global batch
+        pixels += int(area.sum())
         window.append(loss.detach())
         it = state["iteration"]
-        if it % cfg.log_period == 0 or it == cfg.iters:
-            mean = float(torch.stack(window).mean())
+        if it % cfg.log_period == 0 or it == end:
+            mean = group.sum([float(torch.stack(window).mean())])[0] / group.world
             if not math.isfinite(mean):
                 raise NonFiniteLossError(it, mean)
-            rate = (it - it0) / (time.perf_counter() - t0)
-            logger.info("pretrain iter %d/%d  loss %.4f  lr %.4f  %.1f it/s", it, cfg.iters, mean,
-                        opt.param_groups[0]["lr"], rate)
+            if group.main:
+                logger.info("pretrain iter %d/%d  loss %.4f  lr %.4f  %.1f it/s", it, total, mean,
+                            opt.param_groups[0]["lr"], (it - it0) / (time.perf_counter() - t0))
             window.clear()
-        if (cfg.checkpoint_period and it % cfg.checkpoint_period == 0) or it == cfg.iters:
-            ckpt.save_atomic({"model": net.state_dict(), "optimizer": opt.state_dict(),
-                              "scheduler": sched.state_dict(), "rng": ckpt.rng_state(), "iteration": it,
-                              "counters": dict(state), "config": config_to_dict(cfg)},
-                             ckpt.checkpoint_path(out / "checkpoints", it))
-            ckpt.prune(out / "checkpoints", cfg.keep_last)
-    return _write_backbone(cfg, net, state, device)
+        if (cfg.checkpoint_period and it % cfg.checkpoint_period == 0) or it == end:
+            state["pixels"] += int(group.sum([pixels])[0])
+            pixels = 0
+            if group.main:
+                _save(cfg, net, opt, sched, state)
+            group.barrier()  # no rank runs ahead of (or resumes before) the checkpoint it belongs to
+    if state["iteration"] < total:
+        logger.info("pretrain stopped at iteration %d of %d (--stop-after); --resume continues", end, total)
+        return out / "backbone.pt"
+    path = _write_backbone(cfg, net, state, device) if group.main else out / "backbone.pt"
+    group.barrier()
+    return path
+
+
+def _restore(out: Path, net, opt, sched) -> dict[str, int]:
+    """Every rank loads the newest checkpoint rank 0 wrote; the counters are the global ones."""
+    state = {"iteration": 0, "images": 0, "pixels": 0}
+    found = ckpt.load_latest(out / "checkpoints")
+    if found:
+        path, saved = found
+        net.load_state_dict(saved["model"]), opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"]), ckpt.set_rng_state(saved["rng"])
+        state = {k: int(saved["counters"][k]) for k in state}
+        logger.info("resumed from %s at iteration %d", path, state["iteration"])
+    return state
+
+
+def _save(cfg: PretrainConfig, net, opt, sched, state: dict[str, int]) -> None:
+    it, folder = state["iteration"], Path(cfg.output_dir) / "checkpoints"
+    ckpt.save_atomic({"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                      "rng": ckpt.rng_state(), "iteration": it, "counters": dict(state),
+                      "config": config_to_dict(cfg)}, ckpt.checkpoint_path(folder, it))
+    ckpt.prune(folder, cfg.keep_last)
 
 
 def _write_backbone(cfg: PretrainConfig, net: torch.nn.Module, state: dict[str, int], device) -> Path:
@@ -188,12 +223,16 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m trainer.pretrain", description=__doc__.splitlines()[0])
     parser.add_argument("--config")
+    parser.add_argument("--preset", choices=sorted(PRETRAIN_PRESETS),
+                        help="a named recipe under the config's own keys (imagenet-gn: the paper's ImageNet one)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
+    parser.add_argument("--stop-after", type=int, default=None, help="stop (with a checkpoint) after N iterations")
     args = parser.parse_args(argv)
     setup_logging()
+    overrides = ([f"preset={args.preset}"] if args.preset else []) + args.overrides
     try:
-        pretrain(load_pretrain_config(args.config, args.overrides), resume=args.resume)
+        pretrain(load_pretrain_config(args.config, overrides), resume=args.resume, stop_after=args.stop_after)
     except TrainerError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2

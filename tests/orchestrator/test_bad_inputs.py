@@ -40,6 +40,13 @@ def _drop_generate(root: str) -> Edit:
     return edit
 
 
+def _imagenet_r50(weights: str) -> Edit:
+    def edit(spec: dict[str, Any], tmp: Path) -> None:
+        spec["grid"].update({"init": ["random", "imagenet"], "backbone": ["R50"]})
+        set_path(spec, ["base", "model", "imagenet_weights"], weights)
+    return edit
+
+
 def _raw(text: str) -> Edit:
     return lambda spec, tmp: text  # the spec file's text instead of the dict
 
@@ -80,6 +87,9 @@ SPEC_CASES: list[tuple[str, Edit, str]] = [
     ("tracking-file-store", _set("tracking_uri", "file:///tmp/h4-mlruns"), "tracking_uri file:///tmp/h4-mlruns"),
     ("ray-address-malformed", _set("ray_address", "nonsense"), "ray_address 'nonsense'"),
     ("yaml-python-tag", _raw("name: !!python/object/apply:os.system ['true']\n"), "line 1"),
+    ("imagenet-gn-without-gn-weights", _set("grid.init", ["random", "imagenet"]), "model.body_norm: FrozenBN"),
+    ("imagenet-gn-weights-file-missing", _imagenet_r50("/nonexistent/h13/R-50-GN.pkl"),
+     "model.imagenet_weights file not found: /nonexistent/h13/R-50-GN.pkl"),
 ]
 
 
@@ -109,6 +119,27 @@ def test_bad_spec(tmp_path, capsys, case, edit, needle):
     assert len(err) == 1, err
     assert needle in err[0], err[0]
     assert err[0].startswith("python -m orchestrator run: error: ")
+    _nothing_started(tmp_path)
+
+
+def test_plan_refuses_imagenet_gn_without_weights(tmp_path, capsys):
+    path = _write(tmp_path, _set("grid.init", ["random", "imagenet"]))
+    assert orchestrator_main(["plan", str(path)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "body_norm" in err[0] and "model.imagenet_weights" in err[0], err
+
+
+def test_paper_grid_plans_without_weights_and_run_refuses_with_the_url(tmp_path, capsys, monkeypatch):
+    spec = Path(__file__).resolve().parents[2] / "sweeps" / "paper_grid.yaml"
+    monkeypatch.chdir(tmp_path)
+    for var in ("IMAGENET_GN_R50", "IMAGENET_GN_R101"):
+        monkeypatch.delenv(var, raising=False)
+    assert orchestrator_main(["plan", str(spec)]) == 0
+    assert "imagenet-all-2x-R50" in capsys.readouterr().out
+    assert orchestrator_main(["run", str(spec), "--no-view"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "weights/R-50-GN.pkl" in err[0], err
+    assert "https://dl.fbaipublicfiles.com/detectron/ImageNetPretrained/47261647/R-50-GN.pkl" in err[0]
     _nothing_started(tmp_path)
 
 

@@ -21,7 +21,8 @@ def _grid(tmp_path, **changes):
 def test_order_names_and_stable_ids(tmp_path):
     grid = {"init": ["random", "imagenet"], "data": ["all", "3.5k"], "schedule": ["1x", "2x"],
             "backbone": ["R18"], "optim.base_lr": [0.02, 0.04]}
-    big = {"dataset__generate__train": 4000}  # a 3.5k subset needs that many images
+    big = {"dataset__generate__train": 4000,  # a 3.5k subset needs that many images
+           "base__model__imagenet_weights": "weights/r18-gn.pt"}  # GN weights: init imagenet with norm GN
     exp = _grid(tmp_path, grid=grid, **big)
     names = [t.name for t in exp.trials]
     assert len(names) == 16 and names[0] == "random-all-1x-R18-base_lr0.02"
@@ -89,7 +90,9 @@ def test_pretrain_jobs_and_binding(tmp_path):
         expand(parse_spec(spec))
 
 
-def test_paper_grid_expands():
+def test_paper_grid_expands(monkeypatch):
+    monkeypatch.delenv("IMAGENET_GN_R50", raising=False)
+    monkeypatch.delenv("IMAGENET_GN_R101", raising=False)
     exp = expand(load_spec(REPO / "sweeps" / "paper_grid.yaml"))
     assert len(exp.trials) == 2 * 5 * 6 * 2
     small = next(t for t in exp.trials if t.name == "random-1k-6x-R101")
@@ -98,3 +101,35 @@ def test_paper_grid_expands():
     full = next(t for t in exp.trials if t.name == "imagenet-all-2x-R50")
     assert full.config.optim.base_lr == 0.02 and full.config.model.freeze_at == 2
     assert full.config.optim.batch_size == 16 and full.config.model.norm == "GN"
+    # The pre-trained arm is the same GN model from GN ImageNet weights, one file per backbone.
+    assert full.config.model.body_norm == "GN" and full.config.model.imagenet_weights.name == "R-50-GN.pkl"
+    big = next(t for t in exp.trials if t.name == "imagenet-all-2x-R101")
+    assert big.config.model.imagenet_weights.name == "R-101-GN.pkl"
+    assert small.config.model.imagenet_weights is None
+
+
+def test_body_norm_names_ids_and_refusal(tmp_path):
+    grid = {"init": ["random", "imagenet"], "schedule": ["2x"], "backbone": ["R18"]}
+    with pytest.raises(SpecError, match="trial imagenet-all-2x-R18: model: .*model.body_norm: FrozenBN"):
+        _grid(tmp_path, grid=grid)
+    exp = _grid(tmp_path, grid=grid, overrides=[{"when": {"init": "imagenet"}, "set": {"model.body_norm": "FrozenBN"}}])
+    assert [t.name for t in exp.trials] == ["random-all-2x-R18", "imagenet-frozenbn-all-2x-R18"]
+    frozen = exp.trials[1]
+    assert frozen.config.model.body_norm == "FrozenBN" and frozen.config.model.norm == "GN"
+    # A body norm equal to norm is a default: the same id as a spec that does not write it.
+    plain = _grid(tmp_path, grid={"init": ["random"], "schedule": ["2x"], "backbone": ["R18"]})
+    explicit = _grid(tmp_path, grid={"init": ["random"], "schedule": ["2x"], "backbone": ["R18"]},
+                     base__model__body_norm="GN")
+    assert [t.trial_id for t in plain.trials] == [t.trial_id for t in explicit.trials]
+    assert [t.name for t in explicit.trials] == ["random-all-2x-R18"]
+    assert plain.trials[0].config.model.body_norm == "GN"
+
+
+def test_imagenet_weights_per_backbone_through_overrides(tmp_path):
+    """`init: imagenet` in the base with its GN weights given per backbone by overrides is a valid spec; a
+    backbone the overrides miss is refused at that trial."""
+    files = [{"when": {"backbone": b}, "set": {"model.imagenet_weights": f"weights/{b}-gn.pt"}} for b in ("R18",)]
+    exp = _grid(tmp_path, grid={"backbone": ["R18"]}, base__model__init="imagenet", overrides=files)
+    assert exp.trials[0].config.model.imagenet_weights == Path("weights/R18-gn.pt")
+    with pytest.raises(SpecError, match="trial imagenet-all-1x-R34: model: .*body_norm"):
+        _grid(tmp_path, grid={"backbone": ["R18", "R34"]}, base__model__init="imagenet", overrides=files)

@@ -62,6 +62,7 @@ def test_missing_imagenet_weights(capsys, tmp_path, base, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
     torch.hub.set_dir(str(tmp_path / "hub"))
     base["model"]["init"] = "imagenet"
+    base["model"]["body_norm"] = "FrozenBN"  # torchvision's BN weights (GN ones have no hub file)
     line = _fails(capsys, ["--config", _write(tmp_path, base)], "resnet18-f37072fd.pth")
     assert "imagenet_weights" in line
 

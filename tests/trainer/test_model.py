@@ -25,7 +25,7 @@ from trainer.model import (
 
 BACKBONES = ["R18", "R34", "R50", "R101"]
 NORMS = ["GN", "SyncBN", "BN", "FrozenBN"]
-INITS = ["random", "imagenet", "checkpoint"]
+INITS = ["random", "imagenet", "imagenet-frozenbn", "checkpoint"]
 SMALL = dict(
     min_size=64, max_size=64, rpn_batch_size_per_image=32, box_batch_size_per_image=32,
     rpn_pre_nms_top_n_train=50, rpn_post_nms_top_n_train=20,
@@ -73,9 +73,12 @@ def small_cfg(**kw) -> ModelConfig:
 
 
 def cfg_for(backbone: str, norm: str, init: str, files) -> ModelConfig:
-    if init == "imagenet":
-        weights = files(backbone, "BN")
+    if init == "imagenet":  # GN weights for a GN model (the paper's arm), torchvision's BN ones otherwise
+        weights = files(backbone, "GN" if norm == "GN" else "BN")
         return small_cfg(backbone=backbone, norm=norm, init="imagenet", imagenet_weights=weights)
+    if init == "imagenet-frozenbn":  # detectron2's usual fine-tuning: BN weights, frozen-BN body
+        return small_cfg(backbone=backbone, norm=norm, init="imagenet", imagenet_weights=files(backbone, "BN"),
+                         body_norm="FrozenBN")
     if init == "checkpoint":
         kind = "GN" if norm == "GN" else "BN"
         return small_cfg(backbone=backbone, norm=norm, init=f"checkpoint:{files(backbone, kind)}")
@@ -115,8 +118,7 @@ def test_every_combination_builds(backbone, norm, init, weight_files):
     with torch.device(device):
         model, resolved = build_model(cfg, NUM_CLASSES)
         resnet = build_resnet(backbone, resolved.body_norm)
-    bn_weights_into_gn = norm == "GN" and init == "imagenet"
-    assert resolved.body_norm == ("FrozenBN" if bn_weights_into_gn else norm)
+    assert resolved.body_norm == ("FrozenBN" if init == "imagenet-frozenbn" else norm)
     assert resolved.norm == norm and resolved.init == cfg.init
 
     body_params = sum(p.numel() for n, p in resnet.named_parameters() if not n.startswith("fc."))
@@ -156,7 +158,7 @@ def test_forward_backward_train_and_eval(backbone, norm):
 
 
 def test_imagenet_gn_forward_with_frozen_bn_body(weight_files):
-    cfg = cfg_for("R18", "GN", "imagenet", weight_files)
+    cfg = cfg_for("R18", "GN", "imagenet-frozenbn", weight_files)
     model, _ = build_model(cfg, NUM_CLASSES)
     images, targets = batch()
     model.train()
@@ -229,14 +231,14 @@ def test_gn_needs_channels_divisible_by_32():
 # Initialization
 
 
-def test_imagenet_bn_weights_into_gn_use_frozen_bn_body(weight_files, caplog):
+def test_imagenet_bn_weights_into_gn_need_an_explicit_frozen_bn_body(weight_files):
     path = weight_files("R18", "BN")
     state = torch.load(path, map_location="cpu", weights_only=True)
-    with caplog.at_level(logging.WARNING, logger="trainer"):
-        cfg = small_cfg(backbone="R18", norm="GN", init="imagenet", imagenet_weights=path)
-        model, resolved = build_model(cfg, 3)
-    assert resolved.body_norm == "FrozenBN"
-    assert any(r.levelno == logging.WARNING and "FrozenBN" in r.getMessage() for r in caplog.records)
+    with pytest.raises(InitError, match="BatchNorm-trained .*body_norm is GN"):  # never a silent switch
+        build_model(small_cfg(backbone="R18", norm="GN", init="imagenet", imagenet_weights=path), 3)
+    cfg = small_cfg(backbone="R18", norm="GN", init="imagenet", imagenet_weights=path, body_norm="FrozenBN")
+    model, resolved = build_model(cfg, 3)
+    assert resolved.body_norm == "FrozenBN" and resolved.norm == "GN"
     body = model.backbone.body
     assert count(body, FrozenBatchNorm2d) == 20 and count(body, nn.GroupNorm) == 0
     assert count(model.backbone.fpn, nn.GroupNorm) == 8 and count(model.roi_heads, nn.GroupNorm) == 8
@@ -268,7 +270,7 @@ def test_missing_imagenet_weights_names_file_and_places(tmp_path, monkeypatch):
     hub = tmp_path / "hub"
     monkeypatch.setattr(torch.hub, "_hub_dir", str(hub))
     with pytest.raises(InitError) as info:
-        build_model(small_cfg(backbone="R50", init="imagenet"), 3)
+        build_model(small_cfg(backbone="R50", init="imagenet", body_norm="FrozenBN"), 3)
     msg = str(info.value)
     assert "\n" not in msg
     assert "resnet50-0676ba61.pth" in msg
@@ -312,6 +314,14 @@ def test_unrelated_state_dict_is_rejected():
     state = {"encoder.weight": torch.zeros(3), "decoder.bias": torch.zeros(3)}
     with pytest.raises(InitError, match="wrong architecture: src.pth"):
         load_backbone_weights(body, state, "src.pth")
+
+
+def test_bn_checkpoint_into_gn_needs_an_explicit_frozen_bn_body(weight_files):
+    path = weight_files("R18", "BN")
+    with pytest.raises(InitError, match="set model.body_norm: FrozenBN"):
+        build_model(small_cfg(backbone="R18", norm="GN", init=f"checkpoint:{path}"), 3)
+    _, resolved = build_model(small_cfg(backbone="R18", norm="GN", init=f"checkpoint:{path}", body_norm="FrozenBN"), 3)
+    assert resolved.body_norm == "FrozenBN"
 
 
 def test_gn_checkpoint_into_bn_is_rejected(weight_files):
