@@ -40,3 +40,11 @@ def test_no_section_without_task_metrics(tmp_path):
     trials, metrics = _tables()
     metrics = metrics[metrics["metric"] == "bbox/AP"]
     assert TK.draw_task_figures(trials, metrics, tmp_path) == {} and TK.task_sections(trials, metrics, {}) == []
+
+
+def test_voc_rows_use_the_area_metric_of_val2012():
+    trials, _ = _tables()
+    rows = [{"name": n, "metric": k, "step": 600, "value": v} for n in trials["name"]
+            for k, v in (("voc/mAP", 0.30), ("voc/mAP_area", 0.25))]
+    voc = [r for r in TK.paper_rows(trials, pd.DataFrame(rows), paper_numbers()) if "VOC" in r[0]]
+    assert len(voc) == 2 and all("25.0" in r[6] for r in voc)
