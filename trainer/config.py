@@ -57,14 +57,10 @@ class ModelConfig(_Strict):
     # One anchor size per FPN level P2..P6 (3 aspect ratios each). The default suits COCO at 800 px;
     # small images need smaller anchors, or objects below the smallest size are barely matched.
     anchor_sizes: tuple[int, int, int, int, int] = (32, 64, 128, 256, 512)
-    # What the RoI heads predict (trainer.tasks): instance masks (Mask R-CNN), boxes only (Faster
-    # R-CNN: no mask head, no mask targets) or person keypoints (Keypoint R-CNN).
-    task: Literal["mask", "box", "keypoints"] = "mask"
+    task: Literal["mask", "box", "keypoints"] = "mask"  # Mask / Faster / Keypoint R-CNN (trainer.tasks)
     num_keypoints: int = Field(17, gt=0)  # keypoints task: must equal the dataset's (COCO: 17)
     keypoint_head_channels: int = Field(512, gt=0)  # Detectron's 8 x 3x3 conv keypoint head width
-    # Detectron's keypoint configs run the 8-conv keypoint head without normalization (only body, FPN
-    # and box head carry GN in its GN configs); "model" puts model.norm into it as well.
-    keypoint_head_norm: Literal["none", "model"] = "none"
+    keypoint_head_norm: Literal["none", "model"] = "none"  # none: as Detectron's keypoint configs
 
     @field_validator("anchor_sizes")
     @classmethod
@@ -114,9 +110,7 @@ class DataConfig(_Strict):
     # Batches of landscape-only or portrait-only images (less padding per batch). Still a pure
     # function of (seed, iteration); off by default because it changes which images share a batch.
     aspect_grouping: bool = False
-    # coco: ROOT/annotations/{instances,person_keypoints}_{split}.json; voc: ROOT is a VOC20xx folder
-    # (Annotations/*.xml, ImageSets/Main/{split}.txt, JPEGImages/), box task only (trainer.voc).
-    format: Literal["coco", "voc"] = "coco"
+    format: Literal["coco", "voc"] = "coco"  # voc: ROOT is a VOC20xx folder, box task only (trainer.voc)
     voc_classes: list[str] | None = None  # voc: class names in label order; None = the 20 VOC classes
 
     @field_validator("train_images", "val_images")
