@@ -25,7 +25,7 @@ from dashboards.errors import SweepDataError
 from dashboards.paper import init_kind
 
 logger = logging.getLogger(__name__)
-REPORT_PREFIXES = ("bbox/", "segm/", "seen/")
+REPORT_PREFIXES = ("bbox/", "segm/", "seen/", "keypoints/", "voc/")  # keypoints/voc: dashboards.tasks
 AXES = ("init", "data", "schedule", "backbone")
 TRIAL_COLUMNS = ["name", "run_id", "trial_id", "status", *AXES, "init_kind", "model_init", "total_iters", "norm",
                  "body_norm"]

@@ -54,7 +54,12 @@ def generate(ds: Dataset) -> None:
     (root / MARKER).unlink(missing_ok=True)
     logger.info("generating the synthetic dataset in %s (%d train, %d val images of %dpx)", root, g.train, g.val,
                 g.size)
-    generate_detection(root, seed=g.seed, num_train=g.train, num_val=g.val, width=g.size, height=g.size)
+    if g.keypoints:  # a model.task=keypoints sweep: person_keypoints_{train,val}.json
+        from trainer.synthetic import generate_keypoints
+
+        generate_keypoints(root, seed=g.seed, num_train=g.train, num_val=g.val, width=g.size, height=g.size)
+    else:
+        generate_detection(root, seed=g.seed, num_train=g.train, num_val=g.val, width=g.size, height=g.size)
     if g.classification:
         generate_classification(root, seed=g.seed, per_class_train=g.cls_train, per_class_val=g.cls_val,
                                 size=g.cls_size)

@@ -66,6 +66,7 @@ class Generate(_Strict):
     size: int = Field(64, gt=0)
     seed: int = Field(0, ge=0)
     classification: bool = False  # also the ImageFolder crops that pretrain jobs read
+    keypoints: bool = False  # person keypoints (trainer.synthetic --keypoints) instead of the shape set
     cls_train: int = Field(300, gt=0)
     cls_val: int = Field(60, gt=0)
     cls_size: int = Field(32, gt=0)

@@ -37,7 +37,7 @@ from orchestrator.errors import TrackingError
 
 logger = logging.getLogger(__name__)
 
-METRIC_PREFIXES = ("train/", "bbox/", "segm/", "seen/")
+METRIC_PREFIXES = ("train/", "bbox/", "segm/", "seen/", "keypoints/", "voc/")  # keypoints/voc: trainer.tasks
 _BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch request
 _PARAM_BATCH = 100
 _PARAM_MAX = 6000

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         log.warning("interrupted; rerun with --resume to continue from the last checkpoint")
         return 130
-    aps = {k: round(v, 4) for k, v in result.final_metrics.items() if k in ("bbox/AP", "segm/AP")}
+    aps = {k: round(v, 4) for k, v in result.final_metrics.items() if k in ("bbox/AP", "segm/AP", "keypoints/AP", "voc/mAP")}
     log.info("%s at iteration %d %s -> %s", result.status, result.iterations, aps, result.output_dir)
     return 0
 

@@ -57,6 +57,10 @@ class ModelConfig(_Strict):
     # One anchor size per FPN level P2..P6 (3 aspect ratios each). The default suits COCO at 800 px;
     # small images need smaller anchors, or objects below the smallest size are barely matched.
     anchor_sizes: tuple[int, int, int, int, int] = (32, 64, 128, 256, 512)
+    task: Literal["mask", "box", "keypoints"] = "mask"  # Mask / Faster / Keypoint R-CNN (trainer.tasks)
+    num_keypoints: int = Field(17, gt=0)  # keypoints task: must equal the dataset's (COCO: 17)
+    keypoint_head_channels: int = Field(512, gt=0)  # Detectron's 8 x 3x3 conv keypoint head width
+    keypoint_head_norm: Literal["none", "model"] = "none"  # none: as Detectron's keypoint configs
 
     @field_validator("anchor_sizes")
     @classmethod
@@ -107,6 +111,8 @@ class DataConfig(_Strict):
     # Batches of landscape-only or portrait-only images (less padding per batch). Still a pure
     # function of (seed, iteration); off by default because it changes which images share a batch.
     aspect_grouping: bool = False
+    format: Literal["coco", "voc"] = "coco"  # voc: ROOT is a VOC20xx folder, box task only (trainer.voc)
+    voc_classes: list[str] | None = None  # voc: class names in label order; None = the 20 VOC classes
     # Any layout, like detectron2's register_coco_instances(name, {}, json, image_root): a split's
     # annotation file and image folder, given together, replace ROOT/annotations/instances_{split}.json
     # and ROOT/{split}/ for that split. Unset: the COCO 2017 layout under `root`.
@@ -296,6 +302,12 @@ class TrainConfig(_Strict):
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+
+    @model_validator(mode="after")
+    def _task_fits_data(self) -> "TrainConfig":
+        if self.data.format == "voc" and self.model.task != "box":
+            raise ValueError(f"data.format=voc has boxes only: set model.task=box (got {self.model.task})")
+        return self
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from trainer.errors import CheckpointError, TrainerError
 from trainer.hooks import CheckpointHook, EvalHook, FinalMetricsHook, Hook, MetricsHook, first_nonfinite
 from trainer.report import Reporter, RunInfo
 from trainer.schedule import resolve_schedule
+from trainer.tasks import build_task_datasets, image_hw, loss_names, uses_task_data
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +117,8 @@ class Trainer:
         speed.apply_backend_flags(rt, self.device)
         self.output_dir = Path(rt.output_dir)
         self.ckpt_dir = self.output_dir / "checkpoints"
+        if datasets is None and uses_task_data(cfg):  # box / keypoint / VOC trials (trainer.tasks)
+            datasets = build_task_datasets(cfg, stream_seed=rt.seed)
         self.train_set, self.val_set, self.train_ids = datasets or build_datasets(cfg.data, stream_seed=rt.seed)
         model, model_cfg = build_model(cfg.model, num_classes=self.train_set.num_classes + 1)
         self.cfg = cfg.model_copy(update={"model": model_cfg})
@@ -138,7 +141,8 @@ class Trainer:
         self.state = TrainState()
         self._rank_states: list[Any] | None = None
         self.reporters = list(reporters)
-        self.loss_names = LOSS_NAMES
+        self.loss_names = loss_names(cfg.model.task)
+        self.state.window_sums = torch.zeros(len(self.loss_names), dtype=torch.float64)
         self.final_metrics: dict[str, float] = {}
         self.hooks: list[Hook] = [MetricsHook(), EvalHook(), CheckpointHook(), FinalMetricsHook()]
         # Device-side record of the first non-finite loss: (iteration or -1, value). Read at hooks.
@@ -297,7 +301,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        losses = torch.stack([total.detach()] + [loss_dict[k].detach() for k in LOSS_NAMES[1:]]).double()
+        losses = torch.stack([total.detach()] + [loss_dict[k].detach() for k in self.loss_names[1:]]).double()
         bad = ~torch.isfinite(total.detach()) & (self._bad_iter < 0)
         self._bad_iter = torch.where(bad, torch.full_like(self._bad_iter, it), self._bad_iter)
         self._bad_value = torch.where(bad, total.detach().float(), self._bad_value)
@@ -318,7 +322,7 @@ class Trainer:
         p = self.state.pending
         p[0] += len(targets)
         p[1] += sum(int(t["labels"].numel()) for t in targets)
-        p[2] += sum(resized_area(*t["masks"].shape[-2:], ms, mx) for t in targets)
+        p[2] += sum(resized_area(*image_hw(t), ms, mx) for t in targets)
 
     def fit(self) -> None:
         st = self.state

@@ -118,10 +118,11 @@ def _heads(cfg: ModelConfig, num_classes: int) -> dict:
             (channels, 7, 7), [channels] * 4, [cfg.representation_size], norm_layer=norm
         ),
         box_predictor=FastRCNNPredictor(cfg.representation_size, num_classes),
+    ) | (dict(  # box and keypoint tasks have no mask head at all (trainer.tasks adds theirs)
         mask_roi_pool=MultiScaleRoIAlign(FEATURE_MAPS, output_size=14, sampling_ratio=cfg.sampling_ratio),
         mask_head=MaskRCNNHeads(channels, [channels] * 4, 1, norm_layer=norm),
         mask_predictor=MaskRCNNPredictor(channels, channels, num_classes),
-    )
+    ) if cfg.task == "mask" else {})
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> tuple[MaskRCNN, ModelConfig]:
@@ -133,7 +134,12 @@ def build_model(cfg: ModelConfig, num_classes: int) -> tuple[MaskRCNN, ModelConf
         cfg = cfg.model_copy(update={"body_norm": cfg.norm})
     body_norm = cfg.body_norm
     backbone, source = _build_backbone(cfg)
-    model = MaskRCNN(
+    detector, heads = MaskRCNN, _heads(cfg, num_classes)
+    if cfg.task != "mask":  # Faster R-CNN / Keypoint R-CNN on the same backbone, RPN and box head
+        from trainer.tasks import task_detector
+
+        detector, heads = task_detector(cfg, heads, _head_norm(cfg.norm))
+    model = detector(
         backbone,
         num_classes=None,  # the predictors below carry it
         min_size=cfg.min_size,
@@ -145,15 +151,15 @@ def build_model(cfg: ModelConfig, num_classes: int) -> tuple[MaskRCNN, ModelConf
         rpn_batch_size_per_image=cfg.rpn_batch_size_per_image,
         box_batch_size_per_image=cfg.box_batch_size_per_image,
         box_detections_per_img=cfg.box_detections_per_img,
-        **_heads(cfg, num_classes),
+        **heads,
     )
     resolved = cfg
     head_norm = "none" if cfg.norm == "FrozenBN" else cfg.norm
     init = "random (torchvision default init)" if source == "random" else f"{cfg.init.split(':')[0]} ({source})"
     log.info(
-        "Mask R-CNN %s-FPN: init=%s, body norm %s, FPN/head norm %s, %d classes, %.1fM parameters "
+        "%s %s-FPN: init=%s, body norm %s, FPN/head norm %s, %d classes, %.1fM parameters "
         "(%.1fM trainable)",
-        cfg.backbone, init, body_norm, head_norm, num_classes,
+        detector.__name__, cfg.backbone, init, body_norm, head_norm, num_classes,
         sum(p.numel() for p in model.parameters()) / 1e6,
         sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
     )

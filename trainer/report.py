@@ -68,7 +68,8 @@ class ConsoleReporter(Reporter):
             eta = (self._total - step) / rate if rate > 0 else math.inf
             logger.info("iter %d/%d  loss %.4f  lr %.5f  %.2f it/s  eta %s", step, self._total,
                         metrics["train/loss"], metrics.get("train/lr", float("nan")), rate, _hms(eta))
-        aps = {k: v for k, v in metrics.items() if k in ("bbox/AP", "segm/AP", "bbox/AP50", "segm/AP50")}
+        aps = {k: v for k, v in metrics.items() if k in ("bbox/AP", "segm/AP", "bbox/AP50", "segm/AP50",
+                                                          "keypoints/AP", "keypoints/AP50", "voc/mAP")}
         if aps:
             logger.info("eval @ %d: %s", step, "  ".join(f"{k} {v:.4f}" for k, v in sorted(aps.items())))
 

@@ -46,7 +46,8 @@ CATEGORIES: list[dict[str, Any]] = [
 MIN_SIDE = 24  # below this the smallest objects are a few pixels and no longer have a shape
 MAX_SIDE = 4096
 # Stream tags keep the per-image generators of different splits/sets independent of each other.
-_STREAMS = {("det", "train"): 0, ("det", "val"): 1, ("cls", "train"): 2, ("cls", "val"): 3}
+_STREAMS = {("det", "train"): 0, ("det", "val"): 1, ("cls", "train"): 2, ("cls", "val"): 3,
+            ("kp", "train"): 4, ("kp", "val"): 5, ("voc", "trainval"): 6, ("voc", "test"): 7}
 _DET_NAME = re.compile(r"^\d{12}\.png$")
 _CLS_NAME = re.compile(r"^\d{5}\.png$")
 
@@ -237,6 +238,50 @@ def generate_classification(
     return {"root": root, "classes": list(SHAPES), "splits": splits, "seconds": time.perf_counter() - start}
 
 
+# ----------------------------------------------- keypoints and Pascal VOC (their own modules)
+
+
+def generate_keypoints(out: Path, *, seed: int = 0, num_train: int = 600, num_val: int = 100, width: int = 64,
+                       height: int = 64, max_figures: int = 3) -> dict[str, Any]:
+    """Write OUT/annotations/person_keypoints_{train,val}.json and OUT/{train,val}/*.png (stick figures
+    with COCO's 17 keypoints, trainer.synthetic_keypoints); return per-split stats."""
+    from trainer.synthetic_keypoints import write_keypoint_split
+
+    out = _check_out(out)
+    for name, value in (("seed", seed), ("num_train (--train)", num_train), ("num_val (--val)", num_val)):
+        _check_count(name, value)
+    _check_side("image width (--size/--width)", width)
+    _check_side("image height (--size/--height)", height)
+    if not isinstance(max_figures, int) or not 1 <= max_figures <= 10:
+        raise ConfigError(f"max_figures (--max-objects) must be an integer in [1, 10], got {max_figures!r}")
+    start = time.perf_counter()
+    splits = {}
+    for split, count in (("train", num_train), ("val", num_val)):
+        _prepare_dir(out / split, {f"{i + 1:012d}.png" for i in range(count)}, _DET_NAME)
+        splits[split] = write_keypoint_split(out, split, count, int(seed), (int(width), int(height)), max_figures,
+                                             lambda i, sp=split: _rng(seed, ("kp", sp), i), _save_png)
+    return {"root": out, "splits": splits, "seconds": time.perf_counter() - start}
+
+
+def generate_voc(out: Path, *, seed: int = 0, num_trainval: int = 300, num_test: int = 100, width: int = 64,
+                 height: int = 64, max_objects: int = 4) -> dict[str, Any]:
+    """Write a VOC-layout shape set under OUT/VOCdevkit/VOC2007 (trainer.synthetic_voc)."""
+    from trainer import synthetic_voc
+
+    out = _check_out(out)
+    for name, value in (("seed", seed), ("num_trainval (--train)", num_trainval), ("num_test (--val)", num_test)):
+        _check_count(name, value)
+    _check_side("image width (--size/--width)", width)
+    _check_side("image height (--size/--height)", height)
+    if not isinstance(max_objects, int) or not 1 <= max_objects <= 50:
+        raise ConfigError(f"max_objects (--max-objects) must be an integer in [1, 50], got {max_objects!r}")
+    start = time.perf_counter()
+    stats = synthetic_voc.generate_voc(out, seed=int(seed), counts={"trainval": num_trainval, "test": num_test},
+                                       width=int(width), height=int(height), max_objects=max_objects,
+                                       rng_for=lambda split, i: _rng(seed, ("voc", split), i))
+    return {**stats, "seconds": time.perf_counter() - start}
+
+
 # ------------------------------------------------------------------------------------ CLI
 
 
@@ -268,16 +313,34 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cls-train", type=int, default=300, help="classification train images per class")
     p.add_argument("--cls-val", type=int, default=60, help="classification val images per class")
     p.add_argument("--cls-size", type=int, default=32, help="classification crop side (default 32)")
+    p.add_argument("--keypoints", action="store_true",
+                   help="write the person-keypoint set (person_keypoints_{train,val}.json) instead of shapes")
+    p.add_argument("--voc", action="store_true",
+                   help="write a Pascal VOC-layout box set (OUT/VOCdevkit/VOC2007) instead of the COCO shapes")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
 
 def _run(args: argparse.Namespace) -> str:
     """Generate what `args` asks for; return the one-line summary."""
-    if args.no_detection and not args.classification:
-        raise ConfigError("--no-detection without --classification writes nothing")
+    if args.no_detection and not (args.classification or args.keypoints or args.voc):
+        raise ConfigError("--no-detection without --classification, --keypoints or --voc writes nothing")
     parts = []
-    if not args.no_detection:
+    width = args.size if args.width is None else args.width
+    height = args.size if args.height is None else args.height
+    if args.keypoints:
+        kp = generate_keypoints(args.out, seed=args.seed, num_train=args.train, num_val=args.val, width=width,
+                                height=height, max_figures=min(args.max_objects, 3))
+        n = sum(s["annotations"] for s in kp["splits"].values())
+        parts.append(f"{args.train} train + {args.val} val keypoint images ({n} figures, 17 keypoints) "
+                     f"in {kp['seconds']:.1f}s")
+    if args.voc:
+        voc = generate_voc(args.out, seed=args.seed, num_trainval=args.train, num_test=args.val, width=width,
+                           height=height, max_objects=min(args.max_objects, 4))
+        n = sum(s["objects"] for s in voc["splits"].values())
+        parts.append(f"{args.train} trainval + {args.val} test VOC images ({n} objects) in {voc['root']} "
+                     f"in {voc['seconds']:.1f}s (classes: data.voc_classes=[ellipse,rectangle,triangle,star])")
+    if not args.no_detection and not (args.keypoints or args.voc):
         det = generate_detection(
             args.out, seed=args.seed, num_train=args.train, num_val=args.val,
             width=args.size if args.width is None else args.width,
