@@ -285,7 +285,7 @@ def evaluate(
     log.info("inference on %d images (rank %d of %d): %d detections in %.1fs",
              hi - lo, rank, world_size, len(results), time.perf_counter() - started)
     if world_size > 1:
-        results, image_ids = _gather(results, image_ids, rank, world_size)
+        results, image_ids = gather_results(results, image_ids, rank, world_size)
         if rank != 0:
             return {}
     # Only the images that were run count: a dataset may hold a subset of its COCO split.
@@ -299,7 +299,7 @@ def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
     return n * rank // world_size, n * (rank + 1) // world_size
 
 
-def _gather(results: list[dict], image_ids: list[int], rank: int, world_size: int) -> tuple[list, list]:
+def gather_results(results: list, image_ids: list, rank: int, world_size: int) -> tuple[list, list]:
     """Every rank's (results, image ids), concatenated in rank order on rank 0 (elsewhere: empty)."""
     import torch.distributed as dist
 

@@ -84,29 +84,45 @@ def preserved_state(net: torch.nn.Module, device: torch.device):
 
 
 def predict(model: torch.nn.Module, dataset: Any, *, batch_size: int, device: torch.device | str,
-            num_workers: int = 0) -> tuple[list[dict], list[Any]]:
-    """Model outputs (moved to the CPU) and image ids over `dataset`, state-preserving."""
+            num_workers: int = 0, rank: int = 0, world_size: int = 1) -> tuple[list[dict], list[Any]]:
+    """Model outputs (moved to the CPU) and image ids over `dataset`, state-preserving.
+
+    As `trainer.evaluate.evaluate` does: one image per forward pass (GroupNorm never sees batch
+    padding, so AP does not depend on `batch_size`, which only sizes the loader's batches), and with
+    `world_size` > 1 each rank infers on its slice and rank 0 gets every rank's outputs in rank order
+    (the other ranks get empty lists).
+    """
+    from trainer.data import to_device_float
+    from trainer.evaluate import gather_results, shard_bounds
+
     net = model.module if isinstance(model, (torch.nn.parallel.DistributedDataParallel,
                                              torch.nn.DataParallel)) else model
     device = torch.device(device)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                         collate_fn=collate_batch)
+    lo, hi = shard_bounds(len(dataset), rank, world_size)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(lo, hi)), batch_size=batch_size,
+                                         shuffle=False, num_workers=num_workers, collate_fn=collate_batch)
     outputs: list[dict] = []
     ids: list[int] = []
     with preserved_state(net, device), torch.inference_mode():
         for images, targets in loader:
-            out = net([im.to(device) for im in images])
-            outputs.extend({k: v.cpu() for k, v in o.items() if torch.is_tensor(v)} for o in out)
+            for image in images:
+                out = net([to_device_float(image, device)])[0]
+                outputs.append({k: v.cpu() for k, v in out.items() if torch.is_tensor(v)})
             ids.extend(t["image_id"] for t in targets)  # as the dataset gives them (VOC: strings)
+    if world_size > 1:
+        outputs, ids = gather_results(outputs, ids, rank, world_size)
     return outputs, ids
 
 
 def evaluate_task(model: torch.nn.Module, dataset: Any, *, batch_size: int = 2, device: torch.device | str = "cpu",
-                  backend: str = "auto", num_workers: int = 0) -> dict[str, float]:
-    """bbox AP (and keypoint AP for keypoint datasets) of `model` on `dataset`."""
+                  backend: str = "auto", num_workers: int = 0, rank: int = 0, world_size: int = 1) -> dict[str, float]:
+    """bbox AP (and keypoint AP for keypoint datasets) of `model` on `dataset` (rank 0 scores; others get {})."""
     resolve_backend(backend)
     started = time.perf_counter()
-    outputs, ids = predict(model, dataset, batch_size=batch_size, device=device, num_workers=num_workers)
+    outputs, ids = predict(model, dataset, batch_size=batch_size, device=device, num_workers=num_workers,
+                           rank=rank, world_size=world_size)
+    if rank != 0:
+        return {}
     ids = [int(i) for i in ids]
     boxes = predictions_to_coco([{k: v for k, v in o.items() if k in ("boxes", "scores", "labels")} for o in outputs],
                                 ids, dataset.label_to_cat)

@@ -102,10 +102,14 @@ def score_voc(detections: Sequence[dict], records: Mapping[Any, dict], classes: 
 
 
 def evaluate_voc(model: torch.nn.Module, dataset: Any, *, batch_size: int = 2, device: torch.device | str = "cpu",
-                 backend: str = "auto", num_workers: int = 0) -> dict[str, float]:
-    """Run `model` over a trainer.voc.VocDetection split and score it (`backend` is COCO's; unused)."""
+                 backend: str = "auto", num_workers: int = 0, rank: int = 0, world_size: int = 1) -> dict[str, float]:
+    """Run `model` over a trainer.voc.VocDetection split and score it (`backend` is COCO's; unused).
+    Sharded over the ranks as `predict` does; rank 0 scores, the others get {}."""
     started = time.perf_counter()
-    outputs, ids = predict(model, dataset, batch_size=batch_size, device=device, num_workers=num_workers)
+    outputs, ids = predict(model, dataset, batch_size=batch_size, device=device, num_workers=num_workers,
+                           rank=rank, world_size=world_size)
+    if rank != 0:
+        return {}
     dets = [{"image_id": i, "label": int(lab), "score": float(s), "box": b}
             for o, i in zip(outputs, ids)
             for b, s, lab in zip(o["boxes"].tolist(), o["scores"].tolist(), o["labels"].tolist())]
