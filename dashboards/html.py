@@ -137,7 +137,8 @@ def claims_table(claims: dict[str, Any]) -> str:
     for key, c in claims.items():
         body.append([f"<b>{esc(key)}</b> {esc(c.title)}",
                      f'<td class="{_VERDICT_CLASS[c.verdict]}">{esc(c.verdict)}</td>',
-                     esc(c.reason) + _items(c.lines), _items(paper_lines(c)), f'<span class="rule">{esc(c.rule)}</span>'])
+                     esc(c.reason) + _items(c.lines), _items(paper_lines(c)),
+                     f'<span class="rule">{esc(c.rule)}</span>'])
     return table(["claim", "verdict", "this sweep (box AP %)", "the paper (box AP %)", "rule"], body)
 
 

@@ -70,6 +70,16 @@ def test_figures_have_both_inits_labelled_axes_and_one_curve_per_trial(fake):
     assert [ax.get_xlabel() for ax in F.cost_bars(cost).axes] == ["images seen", "instances seen", "pixels seen"]
 
 
+def test_panels_of_one_figure_share_their_y_limits(fake):
+    """The 10k panel's two short curves are drawn on the full-data panel's scale, from 0."""
+    sweep = load_sweep(fake[0])
+    tr, me = sweep.trials, sweep.metrics
+    for fig in (F.ap_curves(tr, me, "bbox"), F.small_data_curves(tr, me, "bbox"), F.final_bars(tr, T.finals(tr, me))):
+        limits = {ax.get_ylim() for ax in fig.axes if ax.get_visible()}
+        assert len(limits) == 1, limits
+        assert limits.pop()[0] == 0
+
+
 def test_report_folder_paper_table_and_missing(fake, tmp_path):
     from mlflow import MlflowClient
 
