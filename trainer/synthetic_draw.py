@@ -27,9 +27,9 @@ CLS_SHAPES: tuple[str, ...] = SHAPES + ("pentagon", "hexagon", "cross", "arrow",
 # Object diameter as a fraction of the shorter image side: big enough for a small Mask R-CNN at
 # 64 px to see the outline (a star needs ~12 px to still look like one), small enough for 6 to fit.
 OBJECT_SCALE = (0.2, 0.45)
-CROP_SCALE = (0.35, 0.9)  # classification crops: one labelled object, at varied scale
-CLUTTER_SCALE = (0.12, 0.3)  # smaller distractor shapes of any class, drawn beneath it
-MAX_CLUTTER = 3
+CROP_SCALE = (0.55, 0.9)  # classification crops: one labelled object, at varied scale
+CLUTTER_SCALE = (0.1, 0.22)  # smaller distractor shapes of any class, drawn beneath it
+MAX_CLUTTER = 2
 # An object whose visible part is below both a fraction of its full area and a pixel floor is
 # removed from the scene entirely (never painted), so nothing visible is left unannotated.
 MIN_VISIBLE_FRAC = 0.3
