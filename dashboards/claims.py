@@ -161,6 +161,10 @@ def _r(x: float) -> float:
     return round(float(x), 2)
 
 
+def _all(oks: list[bool], noun: str) -> str:
+    return f"the one {noun}" if len(oks) == 1 else f"all {len(oks)} {noun}s"
+
+
 def _verdict(key: str, oks: list[bool], none_reason: str, ok_reason: str, fail_reason: str) -> Claim:
     if not oks:
         return Claim(key, NOT_MEASURABLE, none_reason)
@@ -192,7 +196,7 @@ def c1(trials: pd.DataFrame, curves: _Curves) -> Claim:
         lines.append(f"{_cell(p, 'backbone', 'data', 'schedule')} ({p['init']}): pre-trained vs random {at}; "
                      f"mean lead {mean:+.1f}")
     claim = _verdict("C1", oks, "no (random, pre-trained) pair on the largest data size has a common evaluation",
-                     f"pre-trained ahead early in all {len(oks)} pairs",
+                     f"pre-trained ahead early in {_all(oks, 'pair')}",
                      f"pre-trained not ahead early (by >= {C1_MIN_LEAD:.1f} on average) in "
                      f"{oks.count(False)} of {len(oks)} pairs")
     claim.numbers, claim.lines = numbers, lines
@@ -233,7 +237,7 @@ def c2(trials: pd.DataFrame, curves: _Curves) -> Claim:
                          for g in rows)
         lines.append(f"{backbone} {d} ({init}): final pre-trained vs random {gaps}; tolerance {tol:.1f}")
     claim = _verdict("C2", oks, "no cell on the largest data size has finished pairs at two or more schedules",
-                     f"the gap closes to within tolerance in all {len(oks)} cells",
+                     f"the gap closes to within tolerance in {_all(oks, 'cell')}",
                      f"the gap does not close to within tolerance in {oks.count(False)} of {len(oks)} cells")
     claim.numbers, claim.lines = numbers, lines
     return claim
@@ -264,7 +268,7 @@ def c3(trials: pd.DataFrame, curves: _Curves) -> Claim:
             f"{g['data']}: {g['pretrained_ap']:.1f} vs {g['random_ap']:.1f} ({g['gap']:+.1f}, tol {g['tolerance']:.1f})"
             for g in by_data))
     claim = _verdict("C3", oks, "no backbone has finished trials of both inits at two or more data sizes",
-                     f"comparable with the most data, random behind with the least, in all {len(oks)} cells",
+                     f"comparable with the most data, random behind with the least, in {_all(oks, 'cell')}",
                      f"not so in {oks.count(False)} of {len(oks)} cells")
     claim.numbers, claim.lines = numbers, lines
     return claim
@@ -289,7 +293,7 @@ def c4(trials: pd.DataFrame, curves: _Curves) -> Claim:
                      f"{g['pretrained_ap50']:.1f} ({g50:+.1%}), AP75 {g['random_ap75']:.1f} vs "
                      f"{g['pretrained_ap75']:.1f} ({g75:+.1%})")
     claim = _verdict("C4", oks, "no finished pair on the largest data size reports AP50 and AP75",
-                     f"random gains more on AP75 than on AP50 in all {len(oks)} pairs",
+                     f"random gains more on AP75 than on AP50 in {_all(oks, 'pair')}",
                      f"not by {C4_MARGIN:.0%} in {oks.count(False)} of {len(oks)} pairs")
     claim.numbers, claim.lines = numbers, lines
     return claim
