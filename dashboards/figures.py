@@ -8,7 +8,9 @@
   and AP against each of them (the paper's Figure 2).
 
 Colour is the schedule, line style the init (a body norm other than `norm` is an init of its own,
-e.g. 'ImageNet pre-trained, FrozenBN body'), in every figure. AP is drawn in percent, like the paper.
+e.g. 'ImageNet pre-trained, FrozenBN body'), in every figure. AP is drawn in percent, like the paper,
+and all panels of one figure share their y-limits (from 0): a panel with one short, noisy curve (a
+single R34 or 150-image trial) is drawn on the same scale as its neighbours.
 matplotlib runs on the Agg backend: the report is written without a display.
 """
 
@@ -116,7 +118,7 @@ def _grid(n: int, title: str) -> tuple[Figure, list]:
     rows = -(-n // cols)
     # At least two panels wide: the title and the legend below must fit even with one panel.
     fig, axes = plt.subplots(rows, cols, figsize=(_PANEL[0] * max(cols, 2), _PANEL[1] * rows + 0.9), squeeze=False,
-                             layout="constrained")
+                             layout="constrained", sharey="all")
     fig.suptitle(title)
     flat = list(axes.flat)
     for ax in flat[n:]:
@@ -141,6 +143,7 @@ def _draw_curves(ax, style: Style, trials: pd.DataFrame, metrics: pd.DataFrame, 
             drawn += 1
     ax.set_xlabel("iterations")
     ax.set_ylabel(f"{TASKS[metric.split('/')[0]]} AP (%)")
+    ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     if not drawn:
         ax.text(0.5, 0.5, "no evaluation yet", ha="center", va="center", transform=ax.transAxes, color="0.5")
@@ -181,7 +184,7 @@ def final_bars(trials: pd.DataFrame, finals: pd.DataFrame) -> Figure:
     sub = trials[trials["data"] == data].merge(finals, on="name", how="left")
     backbones = backbone_order(sub["backbone"])
     fig, grid = plt.subplots(2, len(backbones), figsize=(_PANEL[0] * max(len(backbones), 2), 2 * _PANEL[1] + 0.9),
-                             squeeze=False, layout="constrained")
+                             squeeze=False, layout="constrained", sharey="all")
     fig.suptitle(f"final AP per (init, schedule) (data: {data})")
     sub = sub.assign(arm=arms(sub))
     inits = init_order(sub["arm"])

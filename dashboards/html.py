@@ -26,6 +26,8 @@ th{background:#f3f3f3;position:sticky;top:0} td.num{text-align:right;font-varian
 .warn{background:#fff4e0;border:1px solid #e0b060;padding:8px 14px;margin:12px 0}
 figure{margin:14px 0} figure img{max-width:100%;border:1px solid #eee} figcaption{color:#555}
 .meta td{border:none;padding:1px 10px 1px 0} td:first-child{white-space:nowrap}
+.v-holds{background:#e3f4e3;font-weight:bold} .v-fails{background:#fbe3e3;font-weight:bold}
+.v-na{background:#eee;color:#555} td ul{margin:0;padding-left:16px} .rule{color:#555;font-size:12px}
 """
 
 
@@ -120,6 +122,38 @@ def paper_table(comparison: list[dict[str, Any]]) -> str:
                          esc(h["trial"]) if h["trial"] else '<span class="na">no trial of this sweep</span>',
                          num(h["ours"]), diff(h["diff"]) if h["trial"] else "", esc(n.note)])
     return table(headers, body)
+
+
+_VERDICT_CLASS = {"holds": "v-holds", "does not hold": "v-fails", "not measurable": "v-na"}
+
+
+def _items(lines: list[str]) -> str:
+    return "<ul>" + "".join(f"<li>{esc(x)}</li>" for x in lines) + "</ul>" if lines else '<span class="na">none</span>'
+
+
+def claims_table(claims: dict[str, Any]) -> str:
+    """One row per claim: verdict, why, this sweep's numbers, the paper's values, the rule."""
+    from dashboards.claims import paper_lines
+
+    body = []
+    for key, c in claims.items():
+        body.append([f"<b>{esc(key)}</b> {esc(c.title)}",
+                     f'<td class="{_VERDICT_CLASS[c.verdict]}">{esc(c.verdict)}</td>',
+                     esc(c.reason) + _items(c.lines), _items(paper_lines(c)),
+                     f'<span class="rule">{esc(c.rule)}</span>'])
+    return table(["claim", "verdict", "this sweep (box AP %)", "the paper (box AP %)", "rule"], body)
+
+
+def paper_tables(comparison: list[dict[str, Any]]) -> str:
+    """The numbers some trial compares with, then the rest collapsed (a sweep compares with few)."""
+    hit = [e for e in comparison if e["trials"]]
+    rest = [e for e in comparison if not e["trials"]]
+    out = [paper_table(hit) if hit else '<p class="na">No trial of this sweep reports a cell the paper '
+                                        "reports (its backbones, data sizes or schedules differ).</p>"]
+    if rest:
+        out.append(f"<details><summary>{len(rest)} more numbers of the paper, for cells this sweep has no "
+                   f"trial of</summary>{paper_table(rest)}</details>")
+    return "\n".join(out)
 
 
 def cost_table(cost: pd.DataFrame) -> str:

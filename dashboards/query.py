@@ -8,7 +8,8 @@ that run's child runs into two tidy tables:
 - `metrics`: one row per (trial, metric, step) for the AP (`bbox/*`, `segm/*`) and cost (`seen/*`)
   metrics.
 
-Nothing here writes to the store except `log_report`, which attaches a report folder to the parent run.
+Nothing here writes to the store except `log_report` and `log_claims`, which attach a report folder
+and the claims' verdicts to the parent run.
 """
 
 from __future__ import annotations
@@ -176,3 +177,13 @@ def log_report(target: SweepTarget, parent_id: str, folder: Path, artifact_path:
     client.log_artifacts(parent_id, str(folder), artifact_path=artifact_path)
     client.set_tag(parent_id, "report", f"{artifact_path}/index.html")
     logger.info("report logged to run %s (artifacts %s/)", parent_id, artifact_path)
+
+
+def log_claims(target: SweepTarget, parent_id: str, claims: dict[str, Any]) -> None:
+    """The claims' verdicts on the sweep's parent run: `claims.json` at the artifact root and a
+    `claim.C1` ... tag each, so the runs table shows them without opening the report."""
+    client = _client(target.uri)
+    client.log_dict(parent_id, claims, "claims.json")
+    for key, claim in claims.items():
+        client.set_tag(parent_id, f"claim.{key}", claim["verdict"])
+    logger.info("claims logged to run %s: %s", parent_id, ", ".join(f"{k} {c['verdict']}" for k, c in claims.items()))

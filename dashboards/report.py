@@ -1,27 +1,31 @@
-"""`python -m orchestrator report SWEEP`: the sweep's figures, paper comparison and cost accounting.
+"""`python -m orchestrator report SWEEP`: the paper's claims judged, figures, paper comparison, cost.
 
-Reads the sweep's runs from MLflow (`dashboards.query`), draws the figures (`dashboards.figures`),
-writes `OUT/index.html` (self-contained) and one PNG per figure, and logs the folder as artifacts
-`report/` of the sweep's parent run. OUT defaults to SWEEP_FOLDER/report when the sweep's folder is
-known, else ./report-NAME. An incomplete sweep is reported as far as it got, with what is missing
-listed at the top; an unknown or empty sweep raises `SweepDataError` (exit 2 on the command line).
+Reads the sweep's runs from MLflow (`dashboards.query`), judges the paper's claims C1..C4 on them
+(`dashboards.claims`), draws the figures (`dashboards.figures`), writes `OUT/index.html`
+(self-contained, opening with the claims), `OUT/claims.json` and one PNG per figure, and logs the
+folder as artifacts `report/` of the sweep's parent run (plus `claims.json` and a `claim.Cn` tag each).
+OUT defaults to SWEEP_FOLDER/report when the sweep's folder is known, else ./report-NAME. An
+incomplete sweep is reported as far as it got, with what is missing listed at the top; an unknown
+or empty sweep raises `SweepDataError` (exit 2 on the command line).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 
+from dashboards import claims as C
 from dashboards import figures as F
 from dashboards import html as H
 from dashboards import tables as T
 from dashboards import tasks as TK
 from dashboards.cost import figure2
 from dashboards.paper import load_paper, paper_numbers
-from dashboards.query import SweepData, SweepTarget, load_sweep, log_report
+from dashboards.query import SweepData, SweepTarget, load_sweep, log_claims, log_report
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +37,7 @@ class Report:
     figures: dict[str, Path]
     missing: list[str]
     logged: bool
+    claims: dict[str, C.Claim] | None = None
 
 
 def default_folder(target: SweepTarget) -> Path:
@@ -46,14 +51,18 @@ def build_report(target: SweepTarget, out: Path | None = None, log_to_mlflow: bo
     fin = T.finals(sweep.trials, sweep.metrics)
     cost = T.cost_table(sweep.trials, fin, target.sweep_dir)
     missing = T.missing(sweep.trials, fin, cost)
+    claims = C.judge(sweep.trials, sweep.metrics)
+    (folder / "claims.json").write_text(json.dumps(C.to_json(claims), indent=2) + "\n")
     figs = draw_figures(sweep, fin, cost, folder)
     index = folder / "index.html"
-    index.write_text(render(sweep, fin, cost, figs, missing))
-    logger.info("report of sweep %s written to %s (%d figures%s)", target.name, index, len(figs),
-                f"; {len(missing)} things missing" if missing else "")
+    index.write_text(render(sweep, fin, cost, figs, missing, claims))
+    logger.info("report of sweep %s written to %s (%d figures%s); claims: %s", target.name, index, len(figs),
+                f"; {len(missing)} things missing" if missing else "",
+                ", ".join(f"{k} {c.verdict}" for k, c in claims.items()))
     if log_to_mlflow:
         log_report(target, sweep.parent_id, folder)
-    return Report(folder, index, figs, missing, log_to_mlflow)
+        log_claims(target, sweep.parent_id, C.to_json(claims))
+    return Report(folder, index, figs, missing, log_to_mlflow, claims)
 
 
 # name -> (caption, how to draw it)
@@ -87,13 +96,18 @@ def draw_figures(sweep: SweepData, fin, cost, folder: Path) -> dict[str, Path]:
     return out
 
 
-def render(sweep: SweepData, fin, cost, figs: dict[str, Path], missing: list[str]) -> str:
+def render(sweep: SweepData, fin, cost, figs: dict[str, Path], missing: list[str],
+           claims: dict[str, C.Claim]) -> str:
     numbers = paper_numbers()
     captions = {name: spec[0] for name, spec in figure_specs(sweep, fin, cost).items()}
     n_done = int((sweep.trials["status"] == "FINISHED").sum())
     paper = load_paper()
     sections = [
         H.header(sweep, n_done, sweep.notes, missing),
+        "<h2 id='claims'>The paper's claims, judged on this sweep</h2>",
+        "<p>Each verdict follows the rule beside it (thresholds fixed in <code>dashboards/claims.py</code>, the "
+        "same for every sweep); box AP in percent. Also in <a href=\"claims.json\">claims.json</a>.</p>",
+        H.claims_table(claims),
         "<h2>AP vs iterations</h2>", H.figure(figs["ap_bbox"], captions["ap_bbox"]),
         H.figure(figs["ap_segm"], captions["ap_segm"]),
         "<h2>Final AP</h2>", H.figure(figs["final_ap"], captions["final_ap"]),
@@ -104,11 +118,11 @@ def render(sweep: SweepData, fin, cost, figs: dict[str, Path], missing: list[str
         "data, schedule, metric in its standard recipe) its number, source and our difference are given below "
         "ours. n/a: no objects of that size in the validation set.</p>",
         H.trial_table(T.trial_cells(sweep.trials, fin, numbers)),
-        "<h2 id='paper-table'>Every number the paper reports</h2>",
+        "<h2 id='paper-table'>The paper's numbers this sweep can compare</h2>",
         f"<p>From <code>dashboards/paper_results.yaml</code>: {H.esc(paper['paper'])} "
-        f"(<a href=\"{H.esc(paper['url'])}\">{H.esc(paper['url'])}</a>). A trial is listed where it reports "
-        "the same cell.</p>",
-        H.paper_table(T.comparison(sweep.trials, fin, numbers)),
+        f"(<a href=\"{H.esc(paper['url'])}\">{H.esc(paper['url'])}</a>). Only the numbers of cells a trial of "
+        "this sweep reports are listed here; the others are in the collapsed section below.</p>",
+        H.paper_tables(T.comparison(sweep.trials, fin, numbers)),
         *TK.task_sections(sweep.trials, sweep.metrics, figs),
         "<h2 id='cost'>Cost accounting</h2>", H.figure(figs["cost_seen"], captions["cost_seen"]),
         H.figure(figs["cost_ap"], captions["cost_ap"]),

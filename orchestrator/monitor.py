@@ -369,4 +369,5 @@ def _short(exc: BaseException) -> str:
 
 
 def _fmt(value: Any) -> str:
-    return f"{value:.3f}" if isinstance(value, (int, float)) else "-"
+    """An AP for people: percent, as the paper prints it (MLflow keeps COCO's fraction)."""
+    return f"{100 * value:.1f}%" if isinstance(value, (int, float)) else "-"

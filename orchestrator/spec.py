@@ -70,6 +70,7 @@ class Generate(_Strict):
     cls_train: int = Field(300, gt=0)
     cls_val: int = Field(60, gt=0)
     cls_size: int = Field(32, gt=0)
+    cls_classes: int = Field(16, ge=2, le=16)  # the classification set's classes (trainer.synthetic)
 
 
 class Dataset(_Strict):

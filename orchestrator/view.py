@@ -1,7 +1,8 @@
 """The trial table: one row per trial (state, iteration/total, latest box/mask AP, ETA) and a total.
 
 Pure text rendering, shared by the live terminal view of `run` and by `status` (which builds the
-rows from the stored state without Ray). A row is a plain dict:
+rows from the stored state without Ray). AP is printed in percent, as the paper prints it (the row
+and MLflow hold COCO's fractions in [0, 1]). A row is a plain dict:
     {"name", "status", "iteration", "total", "bbox/AP", "segm/AP", "eta_s", "attempts"}
 a failed trial's one-line "reason" (printed under the table), and, with schedule forking, "role"
 ("trunk" | "branch") and a branch's "start" (its fork point): the
@@ -32,14 +33,15 @@ def _ap(value: Any) -> str:
 def render(title: str, rows: list[dict[str, Any]], elapsed_s: float | None = None) -> str:
     """The table and its total line, as text (no trailing newline)."""
     width = max([len(r["name"]) for r in rows] + [5])
-    head = f"{'#':>3}  {'trial':<{width}}  {'state':<11}  {'iter/total':>17}  {'box AP':>6}  {'mask AP':>7}  {'ETA':>8}"
+    head = (f"{'#':>3}  {'trial':<{width}}  {'state':<11}  {'iter/total':>17}  {'box AP%':>7}  {'mask AP%':>8}  "
+            f"{'ETA':>8}")
     lines = [title, head, "-" * len(head)]
     for i, r in enumerate(rows):
         it, total = int(r.get("iteration") or 0), int(r.get("total") or 0)
         retry = f"*{r['attempts']}" if r.get("attempts", 1) > 1 else ""
         state = (r.get("status") or "PENDING") + retry
-        lines.append(f"{i:>3}  {r['name']:<{width}}  {state:<11}  {f'{it}/{total}':>17}  {_ap(r.get('bbox/AP')):>6}  "
-                     f"{_ap(r.get('segm/AP')):>7}  {duration(r.get('eta_s')):>8}")
+        lines.append(f"{i:>3}  {r['name']:<{width}}  {state:<11}  {f'{it}/{total}':>17}  {_ap(r.get('bbox/AP')):>7}  "
+                     f"{_ap(r.get('segm/AP')):>8}  {duration(r.get('eta_s')):>8}")
     lines.append(total_line(rows, elapsed_s))
     # Why a trial failed (e.g. "diverged: loss nan at iteration 7"), one line each under the table.
     lines.extend(f"  ! {r['name']}: {r['reason']}" for r in rows if r.get("status") == "ERROR" and r.get("reason"))
@@ -61,7 +63,7 @@ def total_line(rows: Iterable[dict[str, Any]], elapsed_s: float | None = None) -
     tasks = f"{len(rows) - trunks} trials + {trunks} trunks" if trunks else f"{len(rows)} trials"
     parts = [f"total: {tasks} ({state})", f"iterations {done}/{total} ({pct:.0f}%)"]
     if best is not None:
-        parts.append(f"best box AP {100 * best:.1f}")
+        parts.append(f"best box AP {100 * best:.1f}%")
     if elapsed_s is not None:
         parts.append(f"elapsed {duration(elapsed_s)}")
     if eta is not None:

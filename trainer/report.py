@@ -49,7 +49,10 @@ class Reporter:
 
 
 class ConsoleReporter(Reporter):
-    """A progress line per training log: iteration, loss, lr, it/s, ETA; AP lines after evaluation."""
+    """A progress line per training log: iteration, loss, lr, it/s, ETA; AP lines after evaluation.
+
+    AP is printed in percent, as the paper prints it; the metrics themselves (metrics.jsonl, MLflow)
+    keep COCO's fractions in [0, 1]."""
 
     def __init__(self) -> None:
         self._t0 = 0.0
@@ -71,7 +74,7 @@ class ConsoleReporter(Reporter):
         aps = {k: v for k, v in metrics.items() if k in ("bbox/AP", "segm/AP", "bbox/AP50", "segm/AP50",
                                                           "keypoints/AP", "keypoints/AP50", "voc/mAP")}
         if aps:
-            logger.info("eval @ %d: %s", step, "  ".join(f"{k} {v:.4f}" for k, v in sorted(aps.items())))
+            logger.info("eval @ %d: %s", step, "  ".join(f"{k} {ap_percent(v)}" for k, v in sorted(aps.items())))
 
     def finish(self, status: str, error: BaseException | None = None) -> None:
         logger.info("run %s after %s", status, _hms(time.perf_counter() - self._t0))
@@ -119,6 +122,11 @@ def read_metrics(path: str | Path) -> list[dict[str, float]]:
     if not path.exists():
         return []
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def ap_percent(value: float) -> str:
+    """COCO AP (a fraction; -1 = no objects of that size) as people read it: '16.6%' or 'n/a'."""
+    return "n/a" if value < 0 or not math.isfinite(value) else f"{100 * value:.1f}%"
 
 
 def _hms(seconds: float) -> str:

@@ -9,8 +9,11 @@ Categories have non-contiguous ids (1, 3, 7, 12), so consumers must map ids to l
 annotation's mask is the object's *visible* part (objects are drawn in z-order); unoccluded objects
 get polygons, occluded ones compressed RLE, crowd clusters (iscrowd=1) uncompressed RLE as in COCO.
 
-Classification set, torchvision ImageFolder layout (backbone pretraining):
+Classification set, torchvision ImageFolder layout (backbone pretraining, the ImageNet stand-in):
     OUT/classification/{train,val}/<shape name>/<5-digit index>.png
+It has more classes than detection (16 by default: the 4 detection shapes and 12 more), one labelled
+shape per crop at varied scale over textured backgrounds and smaller distractor shapes, and is drawn
+from its own random streams: it never holds a detection image or label.
 
 Same arguments, same bytes: every image draws from its own generator seeded by (seed, split, index),
 so an image does not depend on how many others were asked for, and the JSON is dumped with sorted keys.
@@ -35,7 +38,7 @@ import pycocotools.mask as mask_util
 from PIL import Image
 
 from trainer.errors import ConfigError, TrainerError
-from trainer.synthetic_draw import SHAPES, Layer, draw_crop, draw_scene
+from trainer.synthetic_draw import CLS_SHAPES, SHAPES, Layer, draw_crop, draw_scene
 
 log = logging.getLogger("trainer.synthetic")  # not __main__ under `python -m`
 
@@ -213,29 +216,44 @@ def generate_detection(
 
 
 def generate_classification(
-    out: Path, *, seed: int = 0, per_class_train: int = 300, per_class_val: int = 60, size: int = 32
+    out: Path, *, seed: int = 0, per_class_train: int = 300, per_class_val: int = 60, size: int = 32,
+    classes: int = len(CLS_SHAPES),
 ) -> dict[str, Any]:
-    """Write OUT/classification/{train,val}/<class>/NNNNN.png; return {"root", "classes", "seconds",
-    "splits": {split: {"dir", "per_class", "images"}}}. Raises ConfigError on impossible arguments."""
+    """Write OUT/classification/{train,val}/<class>/NNNNN.png for the first `classes` of CLS_SHAPES;
+    return {"root", "classes", "seconds", "splits": {split: {"dir", "per_class", "images"}}}. Raises
+    ConfigError on impossible arguments."""
     out = _check_out(out)
     _check_count("seed", seed)
     _check_count("per_class_train (--cls-train)", per_class_train)
     _check_count("per_class_val (--cls-val)", per_class_val)
     _check_side("crop size (--cls-size)", size)
+    if not isinstance(classes, numbers.Integral) or not 2 <= classes <= len(CLS_SHAPES):
+        raise ConfigError(f"classes (--cls-classes) must be an integer in [2, {len(CLS_SHAPES)}], got {classes!r}")
     start = time.perf_counter()
     root = out / "classification"
+    names_of = CLS_SHAPES[:classes]
     splits: dict[str, Any] = {}
     for split, per_class in (("train", per_class_train), ("val", per_class_val)):
-        progress = _Progress(f"classification {split}", per_class * len(SHAPES))
+        progress = _Progress(f"classification {split}", per_class * classes)
         names = {f"{i:05d}.png" for i in range(per_class)}
-        for c, name in enumerate(SHAPES):
+        for c, name in enumerate(names_of):
             class_dir = root / split / name
             _prepare_dir(class_dir, names, _CLS_NAME)
             for i in range(per_class):
-                _save_png(class_dir / f"{i:05d}.png", draw_crop(_rng(seed, ("cls", split), c, i), c, size))
+                crop = draw_crop(_rng(seed, ("cls", split), c, i), c, size, classes)
+                _save_png(class_dir / f"{i:05d}.png", crop)
                 progress.tick(c * per_class + i + 1)
-        splits[split] = {"dir": root / split, "per_class": per_class, "images": per_class * len(SHAPES)}
-    return {"root": root, "classes": list(SHAPES), "splits": splits, "seconds": time.perf_counter() - start}
+        _remove_stale_classes(root / split, set(names_of))
+        splits[split] = {"dir": root / split, "per_class": per_class, "images": per_class * classes}
+    return {"root": root, "classes": list(names_of), "splits": splits, "seconds": time.perf_counter() - start}
+
+
+def _remove_stale_classes(split_dir: Path, keep: set[str]) -> None:
+    """Class folders of an earlier run with more classes would be read by ImageFolder: empty them."""
+    for old in split_dir.iterdir():
+        if old.is_dir() and old.name in CLS_SHAPES and old.name not in keep:
+            _prepare_dir(old, set(), _CLS_NAME)
+            old.rmdir()
 
 
 # ----------------------------------------------- keypoints and Pascal VOC (their own modules)
@@ -313,6 +331,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cls-train", type=int, default=300, help="classification train images per class")
     p.add_argument("--cls-val", type=int, default=60, help="classification val images per class")
     p.add_argument("--cls-size", type=int, default=32, help="classification crop side (default 32)")
+    p.add_argument("--cls-classes", type=int, default=len(CLS_SHAPES),
+                   help=f"classification classes, 2..{len(CLS_SHAPES)} (default {len(CLS_SHAPES)})")
     p.add_argument("--keypoints", action="store_true",
                    help="write the person-keypoint set (person_keypoints_{train,val}.json) instead of shapes")
     p.add_argument("--voc", action="store_true",
@@ -354,9 +374,9 @@ def _run(args: argparse.Namespace) -> str:
     if args.classification:
         cls = generate_classification(
             args.out, seed=args.seed, per_class_train=args.cls_train, per_class_val=args.cls_val,
-            size=args.cls_size,
+            size=args.cls_size, classes=args.cls_classes,
         )  # fmt: skip
-        parts.append(f"{len(SHAPES)}x{args.cls_train} train + {len(SHAPES)}x{args.cls_val} val "
+        parts.append(f"{args.cls_classes}x{args.cls_train} train + {args.cls_classes}x{args.cls_val} val "
                      f"classification crops in {cls['seconds']:.1f}s")  # fmt: skip
     return f"wrote {'; '.join(parts)} to {args.out}"
 

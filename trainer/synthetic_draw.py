@@ -19,11 +19,17 @@ from PIL import Image
 
 # Shape classes, in label order; `trainer.synthetic.CATEGORIES` gives them (non-contiguous) COCO ids.
 SHAPES: tuple[str, ...] = ("ellipse", "rectangle", "triangle", "star")
+# The classification set (the ImageNet stand-in) has more classes than detection, as ImageNet has
+# more than COCO: the detection shapes first (SHAPES is a prefix), then 12 more.
+CLS_SHAPES: tuple[str, ...] = SHAPES + ("pentagon", "hexagon", "cross", "arrow", "crescent", "heart", "diamond",
+                                        "star6", "lshape", "trapezoid", "semicircle", "star4")
 
 # Object diameter as a fraction of the shorter image side: big enough for a small Mask R-CNN at
 # 64 px to see the outline (a star needs ~12 px to still look like one), small enough for 6 to fit.
 OBJECT_SCALE = (0.2, 0.45)
-CROP_SCALE = (0.5, 0.85)  # classification crops: one object that fills most of the crop
+CROP_SCALE = (0.55, 0.9)  # classification crops: one labelled object, at varied scale
+CLUTTER_SCALE = (0.1, 0.22)  # smaller distractor shapes of any class, drawn beneath it
+MAX_CLUTTER = 2
 # An object whose visible part is below both a fraction of its full area and a pixel floor is
 # removed from the scene entirely (never painted), so nothing visible is left unannotated.
 MIN_VISIBLE_FRAC = 0.3
@@ -130,24 +136,76 @@ def object_fill(rng: np.random.Generator, h: int, w: int, avoid: np.ndarray) -> 
         return np.where(stripes, c, c2).astype(np.float32)
 
 
-def shape_polygon(rng: np.random.Generator, shape: int, cx: float, cy: float, r: float) -> list[float]:
-    """Vertices of a randomly rotated shape inscribed in the circle (cx, cy, r), flat and rounded."""
-    name = SHAPES[shape]
+def _regular(r: float, n: int, inner: float | None = None) -> np.ndarray:
+    """A regular n-gon, or an n-pointed star whose inner radius is `inner` x r."""
+    if inner is None:
+        ang = np.arange(n) * (2 * math.pi / n)
+        return np.stack([r * np.cos(ang), r * np.sin(ang)], axis=1)
+    ang = np.arange(2 * n) * (math.pi / n)
+    rad = np.where(np.arange(2 * n) % 2 == 0, r, r * inner)
+    return np.stack([rad * np.cos(ang), rad * np.sin(ang)], axis=1)
+
+
+def _outline(rng: np.random.Generator, name: str, r: float) -> np.ndarray:
+    """The shape's vertices around the origin, inside radius r, before rotation (N x 2)."""
     if name == "ellipse":
         t = np.linspace(0, 2 * math.pi, 32, endpoint=False)
-        pts = np.stack([r * np.cos(t), r * rng.uniform(0.55, 1.0) * np.sin(t)], axis=1)
-    elif name == "rectangle":
+        return np.stack([r * np.cos(t), r * rng.uniform(0.55, 1.0) * np.sin(t)], axis=1)
+    if name == "rectangle":
         phi = math.atan(rng.uniform(0.45, 1.0))  # aspect ratio as the half-diagonal's angle
         ang = np.array([phi, math.pi - phi, math.pi + phi, -phi])
-        pts = np.stack([r * np.cos(ang), r * np.sin(ang)], axis=1)
-    elif name == "triangle":
+        return np.stack([r * np.cos(ang), r * np.sin(ang)], axis=1)
+    if name == "triangle":
         ang = np.arange(3) * (2 * math.pi / 3) + rng.uniform(-0.25, 0.25, size=3)
         rad = r * rng.uniform(0.85, 1.0, size=3)
-        pts = np.stack([rad * np.cos(ang), rad * np.sin(ang)], axis=1)
-    else:  # five-pointed star
-        ang = np.arange(10) * (math.pi / 5)
-        rad = np.where(np.arange(10) % 2 == 0, r, r * rng.uniform(0.38, 0.5))
-        pts = np.stack([rad * np.cos(ang), rad * np.sin(ang)], axis=1)
+        return np.stack([rad * np.cos(ang), rad * np.sin(ang)], axis=1)
+    if name == "star":  # five-pointed
+        return _regular(r, 5, rng.uniform(0.38, 0.5))
+    return _outline_more(rng, name, r)
+
+
+def _outline_more(rng: np.random.Generator, name: str, r: float) -> np.ndarray:
+    """The classification-only shapes (CLS_SHAPES beyond SHAPES)."""
+    if name in ("pentagon", "hexagon"):
+        return _regular(r, 5 if name == "pentagon" else 6)
+    if name in ("star6", "star4"):
+        return _regular(r, 6 if name == "star6" else 4, rng.uniform(0.4, 0.55) if name == "star6" else
+                        rng.uniform(0.3, 0.45))
+    if name == "diamond":
+        return np.array([[r, 0], [0, r * rng.uniform(0.45, 0.7)], [-r, 0], [0, -r * rng.uniform(0.45, 0.7)]])
+    if name == "cross":
+        w = r * rng.uniform(0.25, 0.4)
+        return np.array([[w, r], [-w, r], [-w, w], [-r, w], [-r, -w], [-w, -w], [-w, -r], [w, -r], [w, -w], [r, -w],
+                         [r, w], [w, w]]) * 0.9
+    if name == "arrow":
+        w, head = r * rng.uniform(0.2, 0.3), r * rng.uniform(0.1, 0.3)
+        return np.array([[-r, -w], [head, -w], [head, -2.2 * w], [r, 0], [head, 2.2 * w], [head, w], [-r, w]])
+    if name == "lshape":
+        w = r * rng.uniform(0.35, 0.5)
+        return np.array([[-r, -r], [-r + w, -r], [-r + w, r - w], [r, r - w], [r, r], [-r, r]]) * 0.7
+    if name == "trapezoid":
+        top = r * rng.uniform(0.3, 0.6)
+        return np.array([[-r, 0.6 * r], [r, 0.6 * r], [top, -0.6 * r], [-top, -0.6 * r]])
+    if name == "semicircle":
+        t = np.linspace(0, math.pi, 17)
+        return np.stack([r * np.cos(t), r * np.sin(t) - 0.4 * r], axis=1)
+    if name == "crescent":  # the outer arc, then the inner arc back: a bite out of a disc
+        t = np.linspace(-0.8 * math.pi, 0.8 * math.pi, 20)
+        bite = rng.uniform(0.45, 0.7)
+        outer = np.stack([r * np.cos(t), r * np.sin(t)], axis=1)
+        inner = np.stack([bite * r * np.cos(t[::-1]) + (1 - bite) * r * 0.6, 0.75 * r * np.sin(t[::-1])], axis=1)
+        return np.concatenate([outer, inner])
+    if name == "heart":
+        t = np.linspace(0, 2 * math.pi, 28, endpoint=False)
+        x, y = 16 * np.sin(t) ** 3, 13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t)
+        return np.stack([x, -y], axis=1) * (r / 17)
+    raise ValueError(f"unknown shape {name!r}")
+
+
+def shape_polygon(rng: np.random.Generator, shape: int, cx: float, cy: float, r: float) -> list[float]:
+    """Vertices of a randomly rotated shape (index into CLS_SHAPES) inscribed in the circle (cx, cy, r),
+    flat and rounded."""
+    pts = _outline(rng, CLS_SHAPES[shape], r)
     rot = rng.uniform(0, 2 * math.pi)
     c, s = math.cos(rot), math.sin(rot)
     pts = pts @ np.array([[c, s], [-s, c]]) + np.array([cx, cy])
@@ -229,10 +287,18 @@ def draw_scene(
     return _finish(rng, img), layers
 
 
-def draw_crop(rng: np.random.Generator, shape: int, size: int) -> np.ndarray:
-    """A classification crop (uint8 size x size x 3): one shape of class `shape`, big, on a background."""
+def draw_crop(rng: np.random.Generator, shape: int, size: int, classes: int = len(CLS_SHAPES)) -> np.ndarray:
+    """A classification crop (uint8 size x size x 3): one shape of class `shape` (index into CLS_SHAPES)
+    on a textured background, above up to MAX_CLUTTER smaller distractors of any of the first
+    `classes` classes (clutter, as in ImageNet photos: the label is the salient object)."""
     bg = background(rng, size, size)
+    avoid = bg.mean(axis=(0, 1))
+    img = bg
+    for _ in range(int(rng.integers(MAX_CLUTTER + 1))):
+        other = int(rng.integers(classes))
+        poly = shape_polygon(rng, other, *_place(rng, size, size, CLUTTER_SCALE))
+        img = np.where(rasterize([poly], size, size)[..., None], object_fill(rng, size, size, avoid), img)
     poly = shape_polygon(rng, shape, *_place(rng, size, size, CROP_SCALE))
     mask = rasterize([poly], size, size)
-    fill = object_fill(rng, size, size, bg.mean(axis=(0, 1)))
-    return _finish(rng, np.where(mask[..., None], fill, bg))
+    fill = object_fill(rng, size, size, avoid)
+    return _finish(rng, np.where(mask[..., None], fill, img))

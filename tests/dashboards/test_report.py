@@ -70,6 +70,16 @@ def test_figures_have_both_inits_labelled_axes_and_one_curve_per_trial(fake):
     assert [ax.get_xlabel() for ax in F.cost_bars(cost).axes] == ["images seen", "instances seen", "pixels seen"]
 
 
+def test_panels_of_one_figure_share_their_y_limits(fake):
+    """The 10k panel's two short curves are drawn on the full-data panel's scale, from 0."""
+    sweep = load_sweep(fake[0])
+    tr, me = sweep.trials, sweep.metrics
+    for fig in (F.ap_curves(tr, me, "bbox"), F.small_data_curves(tr, me, "bbox"), F.final_bars(tr, T.finals(tr, me))):
+        limits = {ax.get_ylim() for ax in fig.axes if ax.get_visible()}
+        assert len(limits) == 1, limits
+        assert limits.pop()[0] == 0
+
+
 def test_report_folder_paper_table_and_missing(fake, tmp_path):
     from mlflow import MlflowClient
 
@@ -85,10 +95,16 @@ def test_report_folder_paper_table_and_missing(fake, tmp_path):
     srcs = re.findall(r'src="([^"]*)"', page)
     assert len(srcs) == 7 and all(s.startswith("data:image/png;base64,") for s in srcs)
     assert "<link" not in page and "<script" not in page
-    # Every paper number with its source; a matched cell with ours and the difference.
+    # Every paper number with its source: the cells a trial reports first (with ours and the
+    # difference), the rest in a collapsed section.
     paper = page.split("id='paper-table'")[1].split("id='cost'")[0]
-    assert paper.count("<tr>") - 1 == len(paper_numbers())
-    assert "Table 1" in paper and "Section 5 (text, PASCAL VOC)" in paper
+    shown, collapsed = paper.split("<details>")
+    compared = [e for e in T.comparison(load_sweep(target).trials, T.finals(load_sweep(target).trials,
+                load_sweep(target).metrics), paper_numbers()) if e["trials"]]
+    assert shown.count("<tr>") - 1 == sum(len(e["trials"]) for e in compared) > 0
+    assert "no trial of this sweep" not in shown
+    assert collapsed.count("<tr>") - 1 == len(paper_numbers()) - len(compared)
+    assert "Table 1" in shown and "Section 5 (text, PASCAL VOC)" in collapsed
     # random-all-6x-R50 ends at 0.40 * (1 - e^-2.4) + 0.02 = 38.4 % box AP; Table 1 says 41.3 -> -2.9.
     assert "paper 41.3 (Table 1, Table 2)" in page and "-2.9" in page
     assert report.missing == ["random-all-6x-R101: running at iteration 30 of 60; its numbers are not final"]

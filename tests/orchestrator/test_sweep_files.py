@@ -24,7 +24,7 @@ def test_demo_has_every_axis_twice_and_the_pretrain_job():
 
 
 def test_demo_iteration_budget():
-    """What the 15-minute budget was sized for: 2,000 iterations planned, 1,866 with forking."""
+    """What the 15-minute budget was sized for: 2,000 iterations planned, 1,734 with forking."""
     exp = expand(load_spec(REPO / "sweeps" / "demo.yaml"))
     totals = sorted(resolve_schedule(t.config.schedule).total_iters for t in exp.trials)
     assert totals == [200, 200, 200, 200, 600, 600]
@@ -33,4 +33,17 @@ def test_demo_iteration_budget():
                    for t in exp.trials if t.trial_id in exp.forks.branches)
     alone = sum(resolve_schedule(t.config.schedule).total_iters for t in exp.trials
                 if t.trial_id not in exp.forks.branches)
-    assert (trunks, branches, alone) == (934, 532, 400)
+    assert (trunks, branches, alone) == (1066, 268, 400)
+
+
+def test_laptop_paper_has_c3s_data_sizes_and_its_budget():
+    """Both inits at three data sizes and two schedules (for C1..C4); ~10,000 forked iterations."""
+    exp = expand(load_spec(REPO / "sweeps" / "laptop_paper.yaml"))
+    cells = {(t.axes["init"], t.axes["data"], t.axes["schedule"]) for t in exp.trials}
+    assert len(cells) == len(exp.trials) == 12
+    assert {str(t.axes["data"]) for t in exp.trials} == {"all", "300", "75"}
+    trunks = sum(tr.stop for tr in exp.forks.trunks)
+    branches = sum(resolve_schedule(t.config.schedule).total_iters - exp.forks.branches[t.trial_id][1]
+                   for t in exp.trials if t.trial_id in exp.forks.branches)
+    assert (len(exp.forks.trunks), trunks + branches) == (6, 10002)
+    assert all(t.config.runtime.threads == 1 and t.config.model.min_size == 64 for t in exp.trials)

@@ -17,7 +17,7 @@ from pycocotools.coco import COCO
 
 from trainer.errors import ConfigError
 from trainer.synthetic import CATEGORIES, generate_classification, generate_detection, main
-from trainer.synthetic_draw import SHAPES
+from trainer.synthetic_draw import CLS_SHAPES, SHAPES
 
 REPO = Path(__file__).resolve().parents[2]
 # Small but with high empty/crowd rates, so every annotation path shows up in a few dozen images.
@@ -54,7 +54,7 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path: Path) -> None:
         generate_detection(tmp_path / name, seed=seed, num_train=6, num_val=2, crowd_prob=0.5)
         generate_classification(tmp_path / name, seed=seed, per_class_train=2, per_class_val=1)
     a, b, c = (_files(tmp_path / n) for n in "abc")
-    assert len(a) == 2 + 6 + 2 + 4 * 3
+    assert len(a) == 2 + 6 + 2 + len(CLS_SHAPES) * 3
     assert a == b
     assert a.keys() == c.keys()
     assert all(a[k] != c[k] for k in a if k.endswith(".png"))
@@ -130,12 +130,28 @@ def test_classification_loads_with_imagefolder(tmp_path: Path) -> None:
     from torchvision.datasets import ImageFolder
 
     res = generate_classification(tmp_path, per_class_train=3, per_class_val=2, size=40)
+    # More classes than detection (as ImageNet has more than COCO), the detection shapes among them.
+    assert len(CLS_SHAPES) == 16 and CLS_SHAPES[:len(SHAPES)] == SHAPES
     for split, per_class in (("train", 3), ("val", 2)):
         ds = ImageFolder(str(tmp_path / "classification" / split))
-        assert ds.classes == sorted(SHAPES)
-        assert Counter(label for _, label in ds.samples) == {i: per_class for i in range(len(SHAPES))}
+        assert ds.classes == sorted(CLS_SHAPES)
+        assert Counter(label for _, label in ds.samples) == {i: per_class for i in range(len(CLS_SHAPES))}
         assert ds[0][0].size == (40, 40)
-        assert res["splits"][split]["images"] == per_class * len(SHAPES)
+        assert res["splits"][split]["images"] == per_class * len(CLS_SHAPES)
+    # Fewer classes later: the folders of the dropped ones go, so ImageFolder sees only the 5 asked for.
+    generate_classification(tmp_path, per_class_train=1, per_class_val=1, size=40, classes=5)
+    assert ImageFolder(str(tmp_path / "classification" / "train")).classes == sorted(CLS_SHAPES[:5])
+    with pytest.raises(ConfigError):
+        generate_classification(tmp_path, classes=len(CLS_SHAPES) + 1)
+
+
+def test_classification_is_drawn_apart_from_detection(tmp_path: Path) -> None:
+    """Same seed, same size: no classification crop is a detection image (separate random streams)."""
+    generate_detection(tmp_path, seed=0, num_train=8, num_val=2, width=32, height=32)
+    generate_classification(tmp_path, seed=0, per_class_train=2, per_class_val=1, size=32)
+    det = {p.read_bytes() for p in (tmp_path / "train").glob("*.png")}
+    crops = {p.read_bytes() for p in (tmp_path / "classification").rglob("*.png")}
+    assert det and crops and not det & crops
 
 
 @pytest.mark.parametrize(
@@ -157,7 +173,7 @@ def test_cli_writes_both_sets(tmp_path: Path) -> None:
     assert "wrote 4 train + 2 val" in proc.stderr
     assert len(_load_coco(out / "annotations" / "instances_train.json").imgs) == 4
     assert Image.open(out / "val" / "000000000002.png").size == (48, 48)
-    assert len(list((out / "classification" / "val").rglob("*.png"))) == len(SHAPES)
+    assert len(list((out / "classification" / "val").rglob("*.png"))) == len(CLS_SHAPES)
 
 
 def test_cli_bad_argument_is_one_line_exit_2(tmp_path: Path) -> None:
