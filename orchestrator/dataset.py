@@ -36,6 +36,11 @@ def needs_generation(ds: Dataset, need_classification: bool = False) -> bool:
         except (FileNotFoundError, json.JSONDecodeError):
             return True
     missing = missing_files(ds, need_classification)
+    if missing and ds.format == "voc":
+        raise DatasetMissingError(
+            f"dataset not found: {missing[0]} is missing. dataset.root must be a VOC20xx folder "
+            f"(Annotations/*.xml, ImageSets/Main/{ds.train_split}.txt and {ds.val_split}.txt, JPEGImages/); "
+            f"{Path(ds.root).resolve()} is not one")
     if missing:
         raise DatasetMissingError(
             f"dataset not found: {missing[0]} is missing. Put COCO 2017 at {Path(ds.root).resolve()} "

@@ -115,6 +115,8 @@ def _make_trial(spec: SweepSpec, point: dict[str, Any], index: int,
     for key in ("train_json", "train_image_dir", "val_json", "val_image_dir"):
         if getattr(spec.dataset, key) is not None:  # absent otherwise: COCO-layout trials keep their hash
             data[key] = str(getattr(spec.dataset, key))
+    if spec.dataset.format != "coco":  # absent for COCO: those trials keep their hash
+        data["format"] = spec.dataset.format
     for axis, value in point.items():
         key = AXES.get(axis, axis)
         if axis == "init" and value.startswith(PRETRAINED_PREFIX):

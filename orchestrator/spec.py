@@ -44,7 +44,7 @@ AXES: dict[str, str] = {
 BACKBONES: tuple[str, ...] = get_args(ModelConfig.model_fields["backbone"].annotation)
 # The dataset section owns these; a base config that sets them would be silently overridden.
 DATASET_KEYS = ("data.root", "data.train_split", "data.val_split", "data.train_json", "data.train_image_dir",
-                "data.val_json", "data.val_image_dir")
+                "data.val_json", "data.val_image_dir", "data.format")
 # Dotted keys a grid may not use as axes of their own, with the named axis that owns them.
 _NAMED_KEYS = {"model.init": "init", "data.train_images": "data", "model.backbone": "backbone",
                "schedule.length": "schedule", "schedule.iters": "schedule", "schedule.drops": "schedule"}
@@ -75,9 +75,12 @@ class Generate(_Strict):
 
 class Dataset(_Strict):
     """A COCO-layout dataset: ROOT/annotations/instances_{split}.json and ROOT/{split}/, or per split
-    any annotation file and image folder (`train_json` + `train_image_dir`, `val_json` + `val_image_dir`)."""
+    any annotation file and image folder (`train_json` + `train_image_dir`, `val_json` + `val_image_dir`).
+    `format: voc`: ROOT is a VOC20xx folder (Annotations/, ImageSets/Main/{split}.txt, JPEGImages/)
+    for the box task, with splits named as VOC's lists (trainval, test)."""
 
     root: Path
+    format: Literal["coco", "voc"] = "coco"
     train_split: str = "train2017"
     val_split: str = "val2017"
     train_json: Path | None = None
@@ -94,7 +97,10 @@ class Dataset(_Strict):
         return self
 
     def split_files(self, split: str) -> tuple[Path, Path]:
-        """(annotation file, image folder) of "train" or "val"."""
+        """(annotation file, image folder) of "train" or "val" (VOC: the split's id list and JPEGImages/)."""
+        if self.format == "voc":
+            return (Path(self.root) / "ImageSets" / "Main" / f"{getattr(self, f'{split}_split')}.txt",
+                    Path(self.root) / "JPEGImages")
         if getattr(self, f"{split}_json") is not None:
             return Path(getattr(self, f"{split}_json")), Path(getattr(self, f"{split}_image_dir"))
         name = getattr(self, f"{split}_split")
@@ -254,6 +260,9 @@ def check_spec(spec: SweepSpec) -> None:
                         "train and val_split: val")
     if spec.dataset.generate is not None and (spec.dataset.train_json or spec.dataset.val_json):
         raise SpecError("dataset.generate writes the COCO layout under dataset.root; drop train_json/val_json")
+    if spec.dataset.format == "voc" and (spec.dataset.generate is not None or spec.dataset.train_json
+                                         or spec.dataset.val_json):
+        raise SpecError("dataset.format voc reads a VOC20xx folder at dataset.root: drop generate/train_json/val_json")
     if not spec.grid:
         raise SpecError("grid: needs at least one axis (init, data, schedule, backbone or a trainer key)")
     try:

@@ -40,3 +40,39 @@ def test_generated_keypoint_set(tmp_path):
     generate(spec.dataset)
     assert (tmp_path / "data" / "annotations" / "person_keypoints_train.json").is_file()
     assert not needs_generation(spec.dataset)
+
+
+def _voc_spec(tmp_path, root):
+    spec = tiny_spec(tmp_path, name="voc", dataset={"root": str(root), "format": "voc", "train_split": "trainval",
+                                                    "val_split": "test"})
+    spec["grid"] = {"init": ["random"], "schedule": ["1x"]}
+    spec["base"]["model"]["task"] = "box"
+    spec["base"]["data"]["voc_classes"] = ["ellipse", "rectangle", "triangle", "star"]
+    return spec
+
+
+def test_a_voc_dataset_in_a_sweep_spec(tmp_path):
+    from trainer.synthetic import generate_voc
+
+    root = generate_voc(tmp_path / "voc", seed=0, num_trainval=8, num_test=4, width=64, height=64)["root"]
+    spec = parse_spec(_voc_spec(tmp_path, root))
+    assert not needs_generation(spec.dataset)  # the VOC folder is there: nothing to generate, nothing missing
+    (trial,) = expand(spec).trials
+    assert (trial.config.data.format, trial.config.model.task, trial.config.data.train_split) == ("voc", "box",
+                                                                                                    "trainval")
+    coco = expand(parse_spec(tiny_spec(tmp_path))).trials[0]
+    assert "format" not in coco.config.model_dump(exclude_unset=True)["data"]  # COCO trials keep their hash
+
+
+def test_a_voc_dataset_is_checked_and_its_task_is_validated(tmp_path):
+    from orchestrator.errors import DatasetMissingError
+
+    spec = parse_spec(_voc_spec(tmp_path, tmp_path / "nowhere"))
+    with pytest.raises(DatasetMissingError, match=r"ImageSets/Main/trainval.txt is missing.*VOC20xx folder"):
+        needs_generation(spec.dataset)
+    bad = _voc_spec(tmp_path, tmp_path / "nowhere")
+    bad["base"]["model"]["task"] = "mask"
+    with pytest.raises(SpecError, match="box"):  # VOC has boxes only: refused on the driver
+        expand(parse_spec(bad))
+    with pytest.raises(SpecError, match="dataset section"):
+        parse_spec(tiny_spec(tmp_path, base__data__format="voc", base__model__task="box"))
