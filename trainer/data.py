@@ -79,13 +79,13 @@ def load_coco(source: Path | AnnotationFile):
     return coco
 
 
-def select_subset(image_ids: Sequence[int], n: int | str, seed: int) -> list[int]:
+def select_subset(image_ids: Sequence[Any], n: int | str, seed: int) -> list[Any]:
     """A seeded random subset of `n` ids; for one seed, smaller subsets lie inside larger ones.
 
     Nesting comes from taking prefixes of one fixed permutation of the sorted ids, so the 1k subset
     is the first 1k of the same order that gives the 10k subset.
     """
-    ids = sorted(int(i) for i in image_ids)
+    ids = sorted(i if isinstance(i, str) else int(i) for i in image_ids)  # VOC's ids are strings
     if n == "all":
         return ids
     if n > len(ids):

@@ -22,10 +22,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_image
 
 from trainer.config import DataConfig, ModelConfig
-from trainer.data import select_subset
+from trainer.data import read_image, select_subset
 from trainer.errors import DatasetError
 
 logger = logging.getLogger(__name__)
@@ -152,12 +151,7 @@ class CocoTaskDataset(Dataset):
         return any(a["num_keypoints"] > 0 for a in anns) if self.task == "keypoints" else bool(anns)
 
     def _read(self, image_id: int) -> torch.Tensor:
-        path = self.image_dir / self.coco.imgs[image_id]["file_name"]
-        try:
-            img = decode_image(torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8), mode=ImageReadMode.RGB)
-        except (OSError, RuntimeError) as exc:
-            raise DatasetError(f"cannot read image {path}: {exc}") from None
-        return img.float().div_(255.0)
+        return read_image(self.image_dir / self.coco.imgs[image_id]["file_name"])  # uint8 until on the device
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, dict[str, Any]]:
         if not self.train:

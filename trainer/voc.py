@@ -20,9 +20,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_image
 
 from trainer.config import DataConfig
+from trainer.data import read_image, select_subset
 from trainer.errors import DatasetError
 
 logger = logging.getLogger(__name__)
@@ -124,12 +124,7 @@ class VocDetection(Dataset):
         return len(self.image_ids)
 
     def _read(self, image_id: str) -> torch.Tensor:
-        path = self.root / "JPEGImages" / f"{image_id}.jpg"
-        try:
-            img = decode_image(torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8), mode=ImageReadMode.RGB)
-        except (OSError, RuntimeError) as exc:
-            raise DatasetError(f"cannot read image {path}: {exc}") from None
-        return img.float().div_(255.0)
+        return read_image(self.root / "JPEGImages" / f"{image_id}.jpg")  # uint8 until on the device
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, dict[str, Any]]:
         if not self.train:
@@ -147,17 +142,6 @@ class VocDetection(Dataset):
                        "image_size": (int(image.shape[-2]), int(image.shape[-1]))}
 
 
-def select_voc_subset(ids: Sequence[str], n: int | str, seed: int) -> list[str]:
-    """Seeded nested subset of VOC's string ids (prefixes of one permutation of the sorted ids)."""
-    ids = sorted(ids)
-    if n == "all":
-        return ids
-    if n > len(ids):
-        raise DatasetError(f"data.train_images: asked for {n} images but the VOC split has only {len(ids)}")
-    order = np.random.default_rng(seed).permutation(len(ids))
-    return sorted(ids[i] for i in order[: int(n)])
-
-
 def build_voc_datasets(cfg: DataConfig, stream_seed: int = 0) -> tuple[VocDetection, VocDetection, list[str]]:
     """(train set, val set, chosen train ids) of a VOC box trial."""
     classes = cfg.voc_classes or list(VOC_CLASSES)
@@ -165,7 +149,7 @@ def build_voc_datasets(cfg: DataConfig, stream_seed: int = 0) -> tuple[VocDetect
         raise DatasetError(f"data.voc_classes must be distinct class names, got {classes}")
     train_ids = read_split(cfg.root, cfg.train_split)
     val_ids = read_split(cfg.root, cfg.val_split)  # fail before parsing the train annotations
-    chosen = select_voc_subset(train_ids, cfg.train_images, cfg.subset_seed)
+    chosen = select_subset(train_ids, cfg.train_images, cfg.subset_seed)
     train = VocDetection(cfg.root, cfg.train_split, classes, chosen, train=True, hflip=cfg.hflip, seed=stream_seed)
     if cfg.val_images != "all":
         val_ids = val_ids[: cfg.val_images]
