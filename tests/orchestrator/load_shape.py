@@ -20,14 +20,21 @@ def load_spec(tmp: Path, uri: str, n: int, name: str = "load") -> dict:
                      keep_checkpoints="none")  # 200 finished trials x 180 MB would fill a disk
 
 
+def logged_to_mlflow(key: str, value) -> bool:
+    """Whether a metrics.jsonl value must reach MLflow: a finite number, and no COCO -1 sentinel
+    (an AP of an object size the val set lacks, which the tracker leaves out)."""
+    if not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
+        return False
+    return not (key.startswith(("bbox/", "segm/")) and value < 0)
+
+
 def trial_points(folder: Path) -> set[tuple[str, int]]:
-    """The finite trainer metrics of a trial's metrics.jsonl as (key, step): what its run must hold."""
+    """The trainer metrics of a trial's metrics.jsonl that its run must hold, as (key, step)."""
     out = set()
     for line in (folder / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
         for key, value in row.items():
-            if key.startswith(PREFIXES) and isinstance(value, (int, float)) and value == value \
-                    and abs(value) != float("inf"):
+            if key.startswith(PREFIXES) and logged_to_mlflow(key, value):
                 out.add((key, int(row["step"])))
     return out
 

@@ -19,6 +19,7 @@ from orchestrator.plan import forked_totals, plan_rows, trunk_rows
 from orchestrator.spec import load_spec
 from orchestrator.state import metric_rows, trained_iterations
 from tests.orchestrator.conftest import cli, tiny_spec, write_spec
+from tests.orchestrator.load_shape import logged_to_mlflow
 from tests.orchestrator.sweep_utils import (attempts, check_children, duplicate_points, kill_driver_when,
                                             mlflow_contents)
 
@@ -49,10 +50,12 @@ def _disk_curve(sweep: Path, name: str) -> list[tuple[int, dict]]:
 
 
 def _as_curves(rows: list[tuple[int, dict]]) -> dict[str, list[tuple[int, float]]]:
+    """Rows on disk as the curves MLflow holds of them (COCO's -1 size APs are not logged)."""
     out: dict[str, list[tuple[int, float]]] = {}
     for step, metrics in rows:
         for key, value in metrics.items():
-            out.setdefault(key, []).append((step, value))
+            if logged_to_mlflow(key, value):
+                out.setdefault(key, []).append((step, value))
     return out
 
 

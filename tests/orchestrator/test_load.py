@@ -36,5 +36,6 @@ def test_every_run_and_point_arrives(tmp_path, ray_cluster):
     assert {status for _, status in got["children"].values()} == {"FINISHED"}
     assert got["missing"] == {} and got["extra"] == {}
     assert got["rows"] == got["expected_points"] and got["duplicates"] == []
-    assert got["expected_points"] >= N_TRIALS * 30  # 2 logged iterations and an evaluation each
+    assert got["expected_points"] >= N_TRIALS * 24  # 2 logged iterations and an evaluation each (size APs of
+    # sizes the tiny val set lacks are COCO -1 sentinels, never logged)
     assert not list((tmp_path / "runs" / "load" / "trials").glob("*/checkpoints/*.pt"))  # keep_checkpoints: none

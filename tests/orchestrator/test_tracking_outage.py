@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.orchestrator.load_shape import logged_to_mlflow
+
 from tests.orchestrator.conftest import PYTHON, REPO, cli, tiny_spec, write_spec
 from tests.orchestrator.mlflow_server import MlflowServer
 
@@ -33,12 +35,11 @@ def _rows(sweep: Path, name: str) -> list[dict]:
 
 
 def _expected_points(rows: list[dict]) -> set[tuple[str, int]]:
-    """What MLflow must hold: every finite trainer metric at its step (NaN/inf are never logged)."""
+    """What MLflow must hold: every trainer metric at its step (NaN/inf and COCO's -1 are never logged)."""
     out = set()
     for row in rows:
         for key, value in row.items():
-            if key.startswith(PREFIXES) and isinstance(value, (int, float)) and value == value \
-                    and abs(value) != float("inf"):
+            if key.startswith(PREFIXES) and logged_to_mlflow(key, value):
                 out.add((key, int(row["step"])))
     return out
 
