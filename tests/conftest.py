@@ -32,7 +32,7 @@ def synth_cls_root(tmp_path_factory) -> Path:
     from trainer.synthetic import generate_classification
 
     root = tmp_path_factory.mktemp("synth_cls")
-    generate_classification(root, seed=0, per_class_train=24, per_class_val=6, size=32)
+    generate_classification(root, seed=0, per_class_train=24, per_class_val=6, size=32, classes=4)  # 96 train images
     return root / "classification"
 
 
