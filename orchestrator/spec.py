@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from orchestrator.errors import SpecError
 from orchestrator.retention import KeepCheckpoints
-from trainer.config import ModelConfig, TrainConfig, format_validation_error
+from trainer.config import ModelConfig, TrainConfig, check_layout_pairs, format_validation_error
 
 # Named axes and the trainer key each one sets. Other axes are dotted trainer keys themselves.
 AXES: dict[str, str] = {
@@ -91,9 +91,7 @@ class Dataset(_Strict):
 
     @model_validator(mode="after")
     def _layout_pairs(self) -> "Dataset":
-        for split in ("train", "val"):
-            if (getattr(self, f"{split}_json") is None) != (getattr(self, f"{split}_image_dir") is None):
-                raise ValueError(f"{split}_json and {split}_image_dir go together: give both or neither")
+        check_layout_pairs(self)
         return self
 
     def split_files(self, split: str) -> tuple[Path, Path]:

@@ -90,6 +90,14 @@ class ModelConfig(_Strict):
         return self
 
 
+def check_layout_pairs(section: Any) -> None:
+    """A split's annotation file and image folder come together or not at all (data configs and the
+    sweep spec's dataset section share this rule)."""
+    for split in ("train", "val"):
+        if (getattr(section, f"{split}_json") is None) != (getattr(section, f"{split}_image_dir") is None):
+            raise ValueError(f"{split}_json and {split}_image_dir go together: give both or neither")
+
+
 class DataConfig(_Strict):
     """A COCO instances dataset: ROOT/annotations/instances_{split}.json and ROOT/{split}/ images by
     default, or any annotation file + image folder per split (`train_json`/`train_image_dir`, ...)."""
@@ -129,9 +137,7 @@ class DataConfig(_Strict):
 
     @model_validator(mode="after")
     def _layout_pairs(self) -> "DataConfig":
-        for split in ("train", "val"):
-            if (getattr(self, f"{split}_json") is None) != (getattr(self, f"{split}_image_dir") is None):
-                raise ValueError(f"{split}_json and {split}_image_dir go together: give both or neither")
+        check_layout_pairs(self)
         return self
 
     @field_validator("train_images", "val_images")

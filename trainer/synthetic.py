@@ -259,19 +259,27 @@ def _remove_stale_classes(split_dir: Path, keep: set[str]) -> None:
 # ----------------------------------------------- keypoints and Pascal VOC (their own modules)
 
 
+def _check_set_args(out: Path, counts, width: int, height: int, most: tuple[str, Any, int]) -> Path:
+    """The shared argument checks of the keypoint and VOC generators; returns the checked OUT."""
+    out = _check_out(out)
+    for name, value in counts:
+        _check_count(name, value)
+    _check_side("image width (--size/--width)", width)
+    _check_side("image height (--size/--height)", height)
+    name, value, hi = most
+    if not isinstance(value, int) or not 1 <= value <= hi:
+        raise ConfigError(f"{name} (--max-objects) must be an integer in [1, {hi}], got {value!r}")
+    return out
+
+
 def generate_keypoints(out: Path, *, seed: int = 0, num_train: int = 600, num_val: int = 100, width: int = 64,
                        height: int = 64, max_figures: int = 3) -> dict[str, Any]:
     """Write OUT/annotations/person_keypoints_{train,val}.json and OUT/{train,val}/*.png (stick figures
     with COCO's 17 keypoints, trainer.synthetic_keypoints); return per-split stats."""
     from trainer.synthetic_keypoints import write_keypoint_split
 
-    out = _check_out(out)
-    for name, value in (("seed", seed), ("num_train (--train)", num_train), ("num_val (--val)", num_val)):
-        _check_count(name, value)
-    _check_side("image width (--size/--width)", width)
-    _check_side("image height (--size/--height)", height)
-    if not isinstance(max_figures, int) or not 1 <= max_figures <= 10:
-        raise ConfigError(f"max_figures (--max-objects) must be an integer in [1, 10], got {max_figures!r}")
+    out = _check_set_args(out, (("seed", seed), ("num_train (--train)", num_train), ("num_val (--val)", num_val)),
+                          width, height, ("max_figures", max_figures, 10))
     start = time.perf_counter()
     splits = {}
     for split, count in (("train", num_train), ("val", num_val)):
@@ -286,13 +294,8 @@ def generate_voc(out: Path, *, seed: int = 0, num_trainval: int = 300, num_test:
     """Write a VOC-layout shape set under OUT/VOCdevkit/VOC2007 (trainer.synthetic_voc)."""
     from trainer import synthetic_voc
 
-    out = _check_out(out)
-    for name, value in (("seed", seed), ("num_trainval (--train)", num_trainval), ("num_test (--val)", num_test)):
-        _check_count(name, value)
-    _check_side("image width (--size/--width)", width)
-    _check_side("image height (--size/--height)", height)
-    if not isinstance(max_objects, int) or not 1 <= max_objects <= 50:
-        raise ConfigError(f"max_objects (--max-objects) must be an integer in [1, 50], got {max_objects!r}")
+    out = _check_set_args(out, (("seed", seed), ("num_trainval (--train)", num_trainval), ("num_test (--val)", num_test)),
+                          width, height, ("max_objects", max_objects, 50))
     start = time.perf_counter()
     stats = synthetic_voc.generate_voc(out, seed=int(seed), counts={"trainval": num_trainval, "test": num_test},
                                        width=int(width), height=int(height), max_objects=max_objects,
