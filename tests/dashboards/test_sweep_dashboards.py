@@ -105,7 +105,8 @@ def test_browser_mlflow_ui_and_report(small_sweep, artifacts_dir, tmp_path):
 
 def _check_mlflow_ui(page, url: str, shots: Path) -> None:
     # The runs table of the sweep's experiment: the parent run, expanded to its children by name.
-    page.goto(url + "&compareRunsMode=CHART", wait_until="networkidle", timeout=120_000)
+    # "load", not "networkidle": the UI may keep polling; the waits below check what must be on the page.
+    page.goto(url + "&compareRunsMode=CHART", wait_until="load", timeout=120_000)
     parent = page.get_by_role("gridcell").filter(has_text="dash").first
     parent.wait_for(timeout=90_000)
     parent.locator("button").first.click()  # the +/- expander of nested runs
