@@ -327,7 +327,8 @@ class Trainer:
     def fit(self) -> None:
         st = self.state
         end = min(self.total_iters, self.stop_after or self.total_iters)
-        info = RunInfo(self.cfg, self.output_dir, st.iteration, self.total_iters, st.tracking, self.rank)
+        info = RunInfo(self.cfg, self.output_dir, st.iteration, self.total_iters, st.tracking, self.rank,
+                       evaluated_at_start=st.iteration == 0 or st.last_eval.get("step") == st.iteration)
         for r in self.reporters:
             r.start(info)
         self.model.train()

@@ -30,6 +30,9 @@ class RunInfo:
     total_iters: int
     tracking: dict[str, Any] = field(default_factory=dict)  # persisted in checkpoints
     rank: int = 0
+    # Whether the checkpoint resumed from holds the evaluation at start_iter. A checkpoint written just
+    # before an evaluation does not: that evaluation runs again, so its earlier rows are dropped.
+    evaluated_at_start: bool = True
 
 
 class Reporter:
@@ -97,7 +100,8 @@ class JsonlReporter(Reporter):
         self.path = Path(info.output_dir) / self.filename
         if self.path.exists():
             keep = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and _row_step(ln) <= info.start_iter]
+                    if ln.strip() and (_row_step(ln) < info.start_iter or (
+                        _row_step(ln) == info.start_iter and (info.evaluated_at_start or not _is_eval_row(ln))))]
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text("".join(ln + "\n" for ln in keep))
             tmp.replace(self.path)
@@ -107,6 +111,11 @@ class JsonlReporter(Reporter):
             return
         with self.path.open("a") as fh:
             fh.write(json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n")
+
+
+def _is_eval_row(line: str) -> bool:
+    """An evaluation's row: metrics other than the loop's own (train/*, seen/*)."""
+    return any(k != "step" and not k.startswith(("train/", "seen/")) for k in json.loads(line))
 
 
 def _row_step(line: str) -> int:
