@@ -11,11 +11,13 @@ window) and recomputes the LR from the branch's schedule, so the branch equals a
 Not forked: a cell with a single schedule, and a schedule without LR drops (its "fork point" would be
 its end, where an unforked run evaluates and logs in ways a mid-schedule trunk checkpoint does not).
 
-`ForkQueue` decides which task Tune starts next: trunks and plain trials are ready at once, a branch
-once its fork checkpoint is on disk (or its trunk ended without it: the branch then fails saying
-so); ready tasks go longest critical path first, and only while fewer trials than the cluster holds
-(`limit`) are running or waiting, so a freed gang goes to the queue's choice at that moment. It keeps no state of its own that a restart could
-lose: what Tune already holds comes from Tune's trial list on every step. Pure: no Ray, MLflow, torch.
+`ForkQueue` decides which task Tune starts next: trunks and plain trials are ready at once (on a
+pretrained init: once their pretrain job's backbone is on disk, `needs`), a branch once its fork
+checkpoint is on disk (or its trunk ended without it: the branch then fails saying so); ready tasks
+go longest critical path first, and only while fewer trials than the cluster holds (`limit`) are
+running or waiting, so a freed gang goes to the queue's choice at that moment. It keeps no state of
+its own that a restart could lose: what Tune already holds comes from Tune's trial list on every
+step. Pure: no Ray, MLflow, torch.
 """
 
 from __future__ import annotations
@@ -176,6 +178,7 @@ class ForkQueue:
         self.ended: set[str] = set()  # tasks whose Tune trial has stopped running for good
         self.active = 0  # Tune trials running or waiting (PENDING) for their resources
         self.limit: int | None = None  # how many trials the cluster holds at once (None: no bound)
+        self.failed_jobs: set[str] = set()  # pretrain jobs that failed: their trials are released to fail
 
     def sync(self, trials: Iterable[tuple[str, str]]) -> None:
         """Tune's current trials as (task id, Tune status); called at the start of every Tune step."""
@@ -214,6 +217,10 @@ class ForkQueue:
         return task
 
     def ready(self, task: dict[str, Any]) -> bool:
+        # A pretrain job's backbone (its done.json) first; a failed job's trials are released to fail
+        # on the missing file (saying which) rather than hold the sweep open.
+        if not all(self.exists(done) or job in self.failed_jobs for job, done in (task.get("needs") or {}).items()):
+            return False
         fork = task.get("fork")
         if not fork:
             return True

@@ -196,26 +196,56 @@ def _probe(fn: Any, *args: Any) -> Any:
     return fn(*args)
 
 
-def run_pretrain(jobs: list[tuple[str, dict[str, Any], Resources]], max_retries: int) -> dict[str, str]:
-    """Run the pretrain jobs as Ray tasks (in parallel); returns job name -> backbone file."""
-    from orchestrator.trainable import run_pretrain_job
+class PretrainJobs:
+    """The sweep's pretrain jobs, running as Ray tasks (in parallel) beside the trials that do not need them.
 
-    remote = ray.remote(run_pretrain_job)
-    refs = {}
-    for name, cfg, res in jobs:
-        refs[name] = remote.options(num_cpus=res.cpus_per_trial, num_gpus=min(res.gpus_per_trial, 1.0),
-                                    max_retries=max_retries, retry_exceptions=True, name=f"pretrain-{name}").remote(cfg)
-        logger.info("pretrain job %s started", name)
-    out = {}
-    for name, ref in refs.items():
-        try:
-            out[name] = ray.get(ref)
-        except ray.exceptions.RayError as exc:
-            cause = getattr(exc, "cause", None) or exc
-            raise OrchestratorError(f"pretrain job {name} failed: {type(cause).__name__}: "
-                                    f"{str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}") from None
-        logger.info("pretrain job %s done: %s", name, out[name])
-    return out
+    The driver polls them at every Tune step (`poll`): a finished job's backbone is on disk (its
+    done.json), which makes the trials that use it ready in the queue; a failed one is logged in one
+    line and its trials are released to fail on the missing backbone rather than wait for ever.
+    `held` is what the running jobs hold, so the queue counts those slots as taken.
+    """
+
+    def __init__(self, jobs: list[tuple[str, dict[str, Any], Resources]], max_retries: int):
+        from orchestrator.trainable import run_pretrain_job
+
+        remote = ray.remote(run_pretrain_job)
+        self.refs: dict[str, Any] = {}
+        self.resources = {name: res for name, _, res in jobs}
+        self.failed: dict[str, str] = {}
+        for name, cfg, res in jobs:
+            self.refs[name] = remote.options(num_cpus=res.cpus_per_trial, num_gpus=min(res.gpus_per_trial, 1.0),
+                                             max_retries=max_retries, retry_exceptions=True,
+                                             name=f"pretrain-{name}").remote(cfg)
+            logger.info("pretrain job %s started", name)
+
+    def poll(self, timeout: float = 0.0) -> None:
+        """Collect the jobs that ended (without blocking unless `timeout`)."""
+        if not self.refs:
+            return
+        ready, _ = ray.wait(list(self.refs.values()), num_returns=len(self.refs), timeout=timeout)
+        for name, ref in [(n, r) for n, r in self.refs.items() if r in ready]:
+            del self.refs[name]
+            try:
+                logger.info("pretrain job %s done: %s", name, ray.get(ref))
+            except ray.exceptions.RayError as exc:
+                cause = getattr(exc, "cause", None) or exc
+                text = str(cause).strip()
+                self.failed[name] = f"{type(cause).__name__}: {text.splitlines()[-1] if text else ''}"
+                logger.error("pretrain job %s failed: %s", name, self.failed[name])
+
+    def held(self) -> list[dict[str, float]]:
+        """What the jobs still running hold (a bundle each)."""
+        out = []
+        for name in self.refs:
+            res = self.resources[name]
+            out.append({"CPU": res.cpus_per_trial, "GPU": min(res.gpus_per_trial, 1.0)})
+        return out
+
+    def wait(self) -> dict[str, str]:
+        """Block until every job ended; job name -> failure (empty when all succeeded)."""
+        while self.refs:
+            self.poll(timeout=5.0)
+        return dict(self.failed)
 
 
 def _trial_name(trial) -> str:
@@ -223,22 +253,24 @@ def _trial_name(trial) -> str:
 
 
 def run_tune(sweep_dir: Path, tasks: list[dict[str, Any]], res: Resources, max_failures: int,
-             concurrent: int, monitor: Any, trainable: Any = None) -> None:
+             concurrent: int, monitor: Any, trainable: Any = None, pretrain: PretrainJobs | None = None) -> None:
     """Fan the trials out (or restore the sweep's experiment) and block until Tune is done.
 
     `trainable` (default: `trainable.run_trial`) is what each trial runs; bench/cluster_sim.py
-    passes a paced stand-in to measure the scheduling alone.
+    passes a paced stand-in to measure the scheduling alone. `pretrain`: the sweep's pretrain jobs
+    still running; the trials that need one of them are released once its backbone is on disk.
     """
     from orchestrator.fork import ForkQueue
     from orchestrator.trainable import run_trial
 
     global _MONITOR, _QUEUE, _LIMIT
     _MONITOR = monitor
-    forked = any(t.get("fork") for t in tasks)
+    # Tasks that wait for something (a trunk's checkpoint, a pretrain job's backbone) go through the queue.
+    forked = any(t.get("fork") or t.get("needs") for t in tasks)
+    _LIMIT = _Limit(res, concurrent, pretrain)
     _QUEUE = ForkQueue(tasks) if forked else None
-    _LIMIT = _Limit(res, concurrent)
     if _QUEUE is not None:
-        _QUEUE.limit = concurrent
+        _QUEUE.limit = _LIMIT.current()
     trainable = tune.with_resources(trainable or run_trial, trial_resources(res))
     exp_dir = Path(sweep_dir) / "tune"
     if tune.Tuner.can_restore(str(exp_dir)):
@@ -271,20 +303,37 @@ def run_tune(sweep_dir: Path, tasks: list[dict[str, Any]], res: Resources, max_f
 
 
 class _Limit:
-    """How many gangs the cluster holds now, re-read every LIMIT_TTL_S (nodes leave and join)."""
+    """How many gangs the cluster holds now, re-read every LIMIT_TTL_S (nodes leave and join) and
+    whenever a pretrain job ends (a running job's resources are not there for trials)."""
 
-    def __init__(self, res: Resources, first: int):
-        self.res, self.value, self.at = res, first, time.monotonic()
+    def __init__(self, res: Resources, first: int, pretrain: PretrainJobs | None = None):
+        self.res, self.value, self.at, self.pretrain = res, first, None, pretrain
+        self.jobs = -1  # pretrain jobs running at the last count
 
     def current(self) -> int:
-        if time.monotonic() - self.at < LIMIT_TTL_S:
+        if self.pretrain is not None:
+            self.pretrain.poll()
+        held = self.pretrain.held() if self.pretrain is not None else []
+        fresh = self.at is not None and time.monotonic() - self.at < LIMIT_TTL_S
+        if fresh and len(held) == self.jobs:
             return self.value
-        self.at = time.monotonic()
-        n = gangs_that_fit(gang_bundles(self.res), node_resources(), self.res.one_node)
+        self.at, self.jobs = time.monotonic(), len(held)
+        n = gangs_that_fit(gang_bundles(self.res), _without(node_resources(), held), self.res.one_node)
         if n != self.value:
-            logger.info("the cluster changed: at most %d trial(s) at a time now (was %d)", n, self.value)
+            why = f" ({len(held)} pretrain job(s) running)" if held else ""
+            logger.info("at most %d trial(s) at a time now%s (was %d)", n, why, self.value)
             self.value = n
         return n
+
+
+def _without(nodes: list[dict[str, float]], held: list[dict[str, float]]) -> list[dict[str, float]]:
+    """The nodes' resources less `held` (each bundle taken from the first node that has it)."""
+    free = [dict(n) for n in nodes]
+    for bundle in held:
+        node = next((f for f in free if all(f.get(k, 0.0) + 1e-9 >= v for k, v in bundle.items())), None)
+        for k, v in (bundle.items() if node is not None else ()):
+            node[k] = node.get(k, 0.0) - v
+    return free
 
 
 class ForkSearcher(Searcher):
@@ -345,6 +394,8 @@ class ForwardToMonitor(tune.Callback):
         if _QUEUE is not None:  # before Tune asks the searcher for more trials, in the same step
             _QUEUE.sync((t.config["trial"]["trial_id"], t.status) for t in trials if "trial" in t.config)
             _QUEUE.limit = limit
+            if _LIMIT is not None and _LIMIT.pretrain is not None:
+                _QUEUE.failed_jobs = set(_LIMIT.pretrain.failed)
 
     def on_step_end(self, iteration, trials, **info):
         if _MONITOR is not None:

@@ -2,8 +2,9 @@
 
 Order matters: every check that can refuse (spec, trial configs, changed spec, dataset, MLflow URI,
 Ray address) runs before anything is created or launched. Then: the sweep folder, the dataset (if
-the spec generates it), the Ray connection, the pretrain jobs (while a thread makes the MLflow parent
-run and one child run per trial), and the Tune run of the trials, longest first (it keeps the tail short).
+the spec generates it), the Ray connection, the pretrain jobs (Ray tasks: they train beside the trials that do not need
+their backbone, while those that do wait in the queue), the MLflow parent run and one child run per
+trial, and the Tune run of the trials, longest first (it keeps the tail short).
 With schedule forking the trunks run as tasks too (no MLflow run of their own), and each branch is
 released to Tune once its trunk's checkpoint at its fork point is on disk (`orchestrator.fork`).
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,12 +91,12 @@ def run(spec_path: Path, *, storage: Path | None = None, must_exist: bool = Fals
         generate(spec.dataset)
     check_defects(exp.trials)  # dataset defects: one line before any trial starts
     _check_storage(exp, sweep_dir)  # every node sees the sweep folder, dataset and weights, or nothing starts
-    # MLflow's runs are made while the pretrain jobs train: a fresh store's migrations and one child
+    # The pretrain jobs train beside the trials that do not need them (those that do wait in the queue
+    # for the backbone); MLflow's runs are made meanwhile: a fresh store's migrations and one child
     # run (with all its params) per trial take seconds to a minute on a big grid.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-setup") as pool:
-        opened = pool.submit(_open_tracking, p, record)
-        backbones = _pretrain(exp, sweep_dir, spec.retry.max_failures)
-        tracker, run_ids = opened.result()
+    jobs = _start_pretrain(exp, sweep_dir, spec.retry.max_failures)
+    tracker, run_ids = _open_tracking(p, record)
+    backbones = {j.name: backbone_file(sweep_dir, j.name) for j in exp.pretrain}
     tasks = _tasks(exp, sweep_dir, backbones, run_ids, p.tracking_uri if is_server(p.tracking_uri) else None)
     monitor = SweepMonitor(sweep_dir, record, run_ids, tracker, log_metrics=not is_server(p.tracking_uri),
                            view=LiveView(enabled=view))
@@ -104,11 +104,14 @@ def run(spec_path: Path, *, storage: Path | None = None, must_exist: bool = Fals
                 p.tracking_uri, spec.name)
     finished = False
     try:
-        rb.run_tune(sweep_dir, tasks, spec.resources, spec.retry.max_failures, concurrent, monitor)
+        rb.run_tune(sweep_dir, tasks, spec.resources, spec.retry.max_failures, concurrent, monitor, pretrain=jobs)
+        failed = jobs.wait() if jobs is not None else {}
         finished = True
     finally:
         status = monitor.close(finished)
         tracker.finish(status if finished else "KILLED")
+    for name, why in failed.items():
+        logger.error("pretrain job %s failed: %s; the trials on its backbone could not run", name, why)
     logger.info("sweep %s %s in %s; %d iterations trained (plan: %d)", spec.name, status.lower(),
                 _hms(time.time() - t0), st.trained_iterations(sweep_dir, [t["name"] for t in tasks]),
                 sum(t["total"] - (t.get("fork") or {}).get("at", 0) for t in tasks))
@@ -150,15 +153,18 @@ def _child_runs(tracker: Any, exp: Expansion, sweep_dir: Path, record: dict[str,
     return run_ids
 
 
-def _pretrain(exp: Expansion, sweep_dir: Path, retries: int) -> dict[str, Path]:
-    from orchestrator.ray_backend import run_pretrain
+def _start_pretrain(exp: Expansion, sweep_dir: Path, retries: int) -> Any:
+    """The pretrain jobs not done yet, started as Ray tasks (an `ray_backend.PretrainJobs`), or None."""
+    from orchestrator.ray_backend import PretrainJobs
 
-    files = {j.name: backbone_file(sweep_dir, j.name) for j in exp.pretrain}
     todo = [(j.name, bind_pretrain(j, sweep_dir), j.resources) for j in exp.pretrain
-            if not (files[j.name].parent / "done.json").exists()]
-    if todo:
-        run_pretrain(todo, retries)
-    return files
+            if not _done_marker(sweep_dir, j.name).exists()]
+    return PretrainJobs(todo, retries) if todo else None
+
+
+def _done_marker(sweep_dir: Path, job: str) -> Path:
+    """What a finished pretrain job leaves next to its backbone (`trainable.run_pretrain_job`)."""
+    return backbone_file(sweep_dir, job).parent / "done.json"
 
 
 def _tasks(exp: Expansion, sweep_dir: Path, backbones: dict[str, Path], run_ids: dict[str, str],
@@ -173,7 +179,8 @@ def _tasks(exp: Expansion, sweep_dir: Path, backbones: dict[str, Path], run_ids:
                 "run_id": run_ids.get(trial.trial_id, ""), "direct_uri": direct_uri, "workers": res.workers,
                 "cpus_per_worker": res.cpus_per_worker, "gpus_per_worker": res.gpus_per_worker,
                 "total": _total(cfg), "role": "trial",
-                "keep_checkpoints": exp.spec.keep_checkpoints}
+                "keep_checkpoints": exp.spec.keep_checkpoints,
+                "needs": {job: str(_done_marker(sweep_dir, job)) for job in trial.needs}}
         if trial.trial_id in exp.forks.branches:
             trunk_id, at = exp.forks.branches[trial.trial_id]
             trunk = exp.forks.trunk(trunk_id)

@@ -129,6 +129,24 @@ def test_queue_hands_out_no_more_than_the_cluster_holds():
     assert q.next()["trial_id"] == "b1" and q.next() == FINISHED
 
 
+def test_queue_holds_pretrained_tasks_until_their_backbone_is_on_disk():
+    on_disk: set[str] = set()
+    pre = {"synthetic-r18": "pretrain/synthetic-r18/done.json"}
+    tasks = [_task("pre-long", 20), _task("random", 10), _task("random-short", 4)]
+    tasks[0]["needs"] = pre
+    q = ForkQueue(tasks, exists=on_disk.__contains__)
+    q.limit = 1  # one slot left beside the running pretrain job
+    assert q.next()["trial_id"] == "random" and q.next() is None  # the longer task waits for its backbone
+    on_disk.add(pre["synthetic-r18"])
+    q.limit = 2  # the job ended: its slot is free again
+    assert q.next()["trial_id"] == "pre-long" and q.next() is None
+    # A failed job releases its trials (they fail on the missing backbone instead of holding the sweep).
+    failed = ForkQueue([{**tasks[0], "needs": {"other": "nowhere/done.json"}}], exists=on_disk.__contains__)
+    assert failed.next() is None
+    failed.failed_jobs = {"other"}
+    assert failed.next()["trial_id"] == "pre-long" and failed.next() == FINISHED
+
+
 def test_a_branch_forks_once_then_resumes_its_own(tmp_path):
     from orchestrator.errors import ForkError
     from orchestrator.trainable import fork_source

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.errors import ClusterError
-from orchestrator.ray_backend import gang_bundles, gangs_that_fit, max_concurrent, trial_resources
+from orchestrator.ray_backend import _without, gang_bundles, gangs_that_fit, max_concurrent, trial_resources
 from orchestrator.spec import Resources
 
 NODE = {"CPU": 3.0, "GPU": 2.0}
@@ -49,3 +49,11 @@ def test_one_node_gangs_need_a_node_that_holds_them_whole():
     assert gangs_that_fit(gang_bundles(whole), [{"CPU": 9.0, "GPU": 8.0}] * 2, one_node=True) == 4
     with pytest.raises(ClusterError, match=r"4 GPUs on one node \(resources.one_node\)"):
         max_concurrent(whole, [NODE, NODE])
+
+
+def test_running_pretrain_jobs_hold_trial_slots():
+    nodes = [{"CPU": 2.0, "GPU": 0.0}, {"CPU": 1.0, "GPU": 0.0}]
+    one_cpu = gang_bundles(Resources(gpus_per_trial=0, cpus_per_trial=1))
+    assert gangs_that_fit(one_cpu, nodes) == 3
+    held = _without(nodes, [{"CPU": 1.0, "GPU": 0.0}, {"CPU": 1.0, "GPU": 0.0}])
+    assert gangs_that_fit(one_cpu, held) == 1 and nodes[0]["CPU"] == 2.0  # the input is not changed
