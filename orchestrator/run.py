@@ -29,7 +29,7 @@ from trainer.config import config_to_dict, flatten
 
 logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
-FORWARD_ENV = ("ORCHESTRATOR_FAIL_ONCE", "ORCHESTRATOR_DELAY")  # test hooks the trials must see
+FORWARD_PREFIX = "ORCHESTRATOR_"  # the driver's ORCHESTRATOR_* variables reach every trial (trial_report.PLUGINS_ENV)
 
 
 @dataclass
@@ -72,7 +72,7 @@ def prepare(spec_path: Path, storage: Path | None = None) -> Prepared:
 def run(spec_path: Path, *, storage: Path | None = None, must_exist: bool = False, view: bool = True) -> int:
     """Start or resume a sweep; returns 0 when every trial finished, 1 otherwise."""
     from orchestrator import ray_backend as rb
-    from orchestrator.tracking import is_server
+    from orchestrator.metric_sync import MetricSync
 
     p = prepare(spec_path, storage)
     if must_exist and p.record is None:
@@ -81,7 +81,7 @@ def run(spec_path: Path, *, storage: Path | None = None, must_exist: bool = Fals
     spec, exp, sweep_dir = p.spec, p.exp, p.sweep_dir
     t0 = time.time()
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    env.update({k: os.environ[k] for k in FORWARD_ENV if k in os.environ})
+    env.update({k: v for k, v in os.environ.items() if k.startswith(FORWARD_PREFIX)})
     rb.connect(p.address, env)
     concurrent = rb.max_concurrent(spec.resources, rb.node_resources())  # a trial that never fits: refused here
     record = p.record or st.create_sweep(sweep_dir, exp, p.spec_text, st.code_version())
@@ -97,9 +97,9 @@ def run(spec_path: Path, *, storage: Path | None = None, must_exist: bool = Fals
         opened = pool.submit(_open_tracking, p, record)
         backbones = _pretrain(exp, sweep_dir, spec.retry.max_failures)
         tracker, run_ids = opened.result()
-    tasks = _tasks(exp, sweep_dir, backbones, run_ids, p.tracking_uri if is_server(p.tracking_uri) else None)
-    monitor = SweepMonitor(sweep_dir, record, run_ids, tracker, log_metrics=not is_server(p.tracking_uri),
-                           view=LiveView(enabled=view))
+    tasks = _tasks(exp, sweep_dir, backbones, run_ids)
+    sync = MetricSync(tracker, sweep_dir, record, run_ids, period=spec.tracking.metric_period).start()
+    monitor = SweepMonitor(sweep_dir, record, sync, view=LiveView(enabled=view))
     logger.info("running %d trials, at most %d at a time; MLflow: %s (experiment %r)", len(tasks), concurrent,
                 p.tracking_uri, spec.name)
     finished = False
@@ -161,8 +161,8 @@ def _pretrain(exp: Expansion, sweep_dir: Path, retries: int) -> dict[str, Path]:
     return files
 
 
-def _tasks(exp: Expansion, sweep_dir: Path, backbones: dict[str, Path], run_ids: dict[str, str],
-           direct_uri: str | None) -> list[dict[str, Any]]:
+def _tasks(exp: Expansion, sweep_dir: Path, backbones: dict[str, Path],
+           run_ids: dict[str, str]) -> list[dict[str, Any]]:
     res = exp.spec.resources
     tasks = []
     outputs = {t.trial_id: str(bind_config(t, sweep_dir, backbones).runtime.output_dir) for t in exp.trials}
@@ -170,7 +170,7 @@ def _tasks(exp: Expansion, sweep_dir: Path, backbones: dict[str, Path], run_ids:
     for trial in [*exp.trials, *exp.forks.trunks]:
         cfg = bind_config(trial, sweep_dir, backbones)
         task = {"trial_id": trial.trial_id, "name": trial.name, "config": config_to_dict(cfg),
-                "run_id": run_ids.get(trial.trial_id, ""), "direct_uri": direct_uri, "workers": res.workers,
+                "run_id": run_ids.get(trial.trial_id, ""), "workers": res.workers,
                 "cpus_per_worker": res.cpus_per_worker, "gpus_per_worker": res.gpus_per_worker,
                 "total": _total(cfg), "role": "trial",
                 "keep_checkpoints": exp.spec.keep_checkpoints}

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.plugins.faults import FAULTS
 from tests.orchestrator.conftest import auth_disabled, cli, kill_node, start_node, stop_node, tiny_spec, write_spec
 from tests.orchestrator.sweep_utils import (attempts, check_children, duplicate_points, mlflow_contents, progress,
                                             start_driver, wait_for, wait_unlocked)
@@ -73,7 +74,7 @@ def test_lost_worker_node_trial_resumes_on_another(tmp_path, gpu_cluster):
     sweep, log = tmp_path / "runs" / "tiny", tmp_path / "driver.log"
     # A delay (test hook) holds the window between the trial's first checkpoint and its end open.
     driver = start_driver(["run", str(write_spec(tmp_path, spec)), "--no-view"], log,
-                          {"RAY_ADDRESS": address, "ORCHESTRATOR_DELAY": f"{NAME}@0.5"})
+                          {"RAY_ADDRESS": address, **FAULTS, "ORCHESTRATOR_DELAY": f"{NAME}@0.5"})
     try:
         wait_for(driver, lambda: _mid_trial(sweep), log)
         first = attempts(sweep, NAME)[0]
@@ -117,7 +118,7 @@ def test_whole_cluster_stopped_mid_sweep_then_started_again(tmp_path):
         driver = None
         try:
             driver = start_driver(["run", str(path), "--no-view"], log,
-                                  {"RAY_ADDRESS": address, "ORCHESTRATOR_DELAY": f"{NAME}@0.5"})
+                                  {"RAY_ADDRESS": address, **FAULTS, "ORCHESTRATOR_DELAY": f"{NAME}@0.5"})
             wait_for(driver, lambda: _mid_trial(sweep), log)
             stopped_at = time.time()
             # Every process of the (one-node) cluster at once: head, GCS, raylet, workers. (A SIGTERM
