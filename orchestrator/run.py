@@ -20,6 +20,7 @@ from typing import Any
 
 from orchestrator import state as st
 from orchestrator.dataset import check_defects, generate, needs_generation
+from orchestrator.driver_log import sweep_log
 from orchestrator.errors import OrchestratorError, SweepNotFoundError
 from orchestrator.expand import Expansion, backbone_file, bind_config, bind_pretrain, check_weight_files, expand
 from orchestrator.fork import Trunk, checkpoint_file, priorities
@@ -104,7 +105,8 @@ def run(spec_path: Path, *, storage: Path | None = None, must_exist: bool = Fals
                 p.tracking_uri, spec.name)
     finished = False
     try:
-        rb.run_tune(sweep_dir, tasks, spec.resources, spec.retry.max_failures, concurrent, monitor)
+        with sweep_log(sweep_dir):  # Ray/Tune: full text in SWEEP/driver.log, one line each in the terminal
+            rb.run_tune(sweep_dir, tasks, spec.resources, spec.retry.max_failures, concurrent, monitor)
         finished = True
     finally:
         status = monitor.close(finished)

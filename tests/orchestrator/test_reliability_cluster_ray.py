@@ -9,6 +9,7 @@ What each test injects and what it counts is printed as one `reliability:` line 
 
 from __future__ import annotations
 
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -102,6 +103,13 @@ def test_lost_worker_node_trial_resumes_on_another(tmp_path, gpu_cluster):
     # A logical GPU from Ray does not pull a `runtime.device: cpu` trial onto CUDA.
     segments = (sweep / "trials" / NAME / "segments.jsonl").read_text()
     assert '"cuda": true' not in segments and '"cuda": false' in segments
+    # The killed attempt's work counts (it wrote no segments.jsonl row): at least the plan was trained.
+    terminal = log.read_text()
+    trained, plan = map(int, re.search(r"(\d+) iterations trained \(plan: (\d+)\)", terminal).groups())
+    assert trained >= plan, terminal[-2000:]
+    # Ray's traceback of the lost node: one line in the terminal, the full text in the sweep's log.
+    assert "Traceback" not in terminal, terminal[-3000:]
+    assert "Traceback" in (sweep / "driver.log").read_text()
     rows = sum(len(v) for v in ml["history"][NAME].values())
     print(f"reliability: SIGKILLed worker node {first['node_id'][:8]} mid-trial (newest checkpoint "
           f"{ckpt_at_removal}); trial resumed on node {again[0]['node_id'][:8]} from iteration "
