@@ -104,3 +104,17 @@ def test_server_outage_keeps_the_place_and_catches_up(tmp_path):
         assert tracker.client.get_run(sync.run_ids["p"]).info.status == "FINISHED"
     finally:
         server.stop()
+
+
+def test_one_call_site_writes_metric_points_and_no_test_hook_in_product_code():
+    root = Path(__file__).resolve().parents[2]
+    writes, hooks = [], []
+    for pkg in ("orchestrator", "trainer", "dashboards"):
+        for path in sorted((root / pkg).rglob("*.py")):
+            for no, line in enumerate(path.read_text().splitlines(), 1):
+                if pkg == "orchestrator" and ("log_metric(" in line or ("log_batch(" in line and "metrics=" in line)):
+                    writes.append(f"{path.name}:{no}")
+                if "ORCHESTRATOR_FAIL_ONCE" in line or "ORCHESTRATOR_DELAY" in line:
+                    hooks.append(f"{path.name}:{no}")
+    assert len(writes) == 1 and writes[0].startswith("tracking.py:"), writes
+    assert hooks == []
