@@ -252,7 +252,7 @@ def cost_ap(trials: pd.DataFrame, metrics: pd.DataFrame, cost: pd.DataFrame, tas
             offset = pre.at[t["name"], f"pretrain_{kind}"] if t["name"] in pre.index else None
             if not len(steps) or not len(s_steps) or offset is None or pd.isna(offset):
                 continue
-            # seen/* is logged every log_period, AP every eval period: read the count at each eval step.
+            # seen/* comes as its latest point (dashboards.query): the count at each eval step, from 0 to it.
             x = np.interp(steps, np.concatenate([[0], s_steps]), np.concatenate([[0.0], seen])) + offset
             ax.plot(x, ap * 100, color=style.color[t["schedule"]], linestyle=style.line[arm_of(t)], marker="o",
                     markersize=3, label=t["name"])

@@ -5,8 +5,8 @@ its name plus a tracking URI) without touching MLflow; `load_sweep` reads its ne
 that run's child runs into two tidy tables:
 
 - `trials`: one row per child run (name, run id, status, the four axes, init kind, iterations);
-- `metrics`: one row per (trial, metric, step) for the AP (`bbox/*`, `segm/*`) and cost (`seen/*`)
-  metrics.
+- `metrics`: one row per (trial, metric, step) for the AP metrics (`bbox/*`, `segm/*`: every
+  evaluation) and one per (trial, metric) for the cost (`seen/*`: its latest point).
 
 Nothing here writes to the store except `log_report` and `log_claims`, which attach a report folder
 and the claims' verdicts to the parent run.
@@ -27,6 +27,7 @@ from dashboards.paper import init_kind
 
 logger = logging.getLogger(__name__)
 REPORT_PREFIXES = ("bbox/", "segm/", "seen/", "keypoints/", "voc/")  # keypoints/voc: dashboards.tasks
+LAST_ONLY = ("seen/",)  # read as the run's latest point, not a history (see _run_points)
 AXES = ("init", "data", "schedule", "backbone")
 TRIAL_COLUMNS = ["name", "run_id", "trial_id", "status", *AXES, "init_kind", "model_init", "total_iters", "norm",
                  "body_norm"]
@@ -121,9 +122,7 @@ def load_sweep(target: SweepTarget) -> SweepData:
     trials = trials.sort_values(["backbone", "data", "init", "schedule", "name"]).reset_index(drop=True)
     rows = []
     for run in children:
-        for key in sorted(k for k in run.data.metrics if k.startswith(REPORT_PREFIXES)):
-            rows.extend((run.info.run_name, key, m.step, m.value)
-                        for m in client.get_metric_history(run.info.run_id, key))
+        rows.extend(_run_points(client, run))
     if not rows:
         raise SweepDataError(f"sweep {target.name!r} is empty: none of its {len(trials)} trial runs has logged "
                              f"a metric yet in {target.uri}")
@@ -132,6 +131,20 @@ def load_sweep(target: SweepTarget) -> SweepData:
                 target.uri)
     return SweepData(target, exp_id, parent.info.run_id, dict(parent.data.tags), trials,
                      metrics.reset_index(drop=True), notes)
+
+
+def _run_points(client: Any, run: Any) -> list[tuple[str, str, int, float]]:
+    """(name, key, step, value): the whole history of AP keys (one point per evaluation), and only the
+    latest point of `seen/*` (counted at every logged iteration; the report needs its last value, and
+    the cost figure interpolates between 0 and it), taken from the run itself: no request per key."""
+    latest = {m.key: m for m in getattr(run.data, "_metric_objs", None) or []}  # RunData.metrics: values only
+    out = []
+    for key in sorted(k for k in run.data.metrics if k.startswith(REPORT_PREFIXES)):
+        if key.startswith(LAST_ONLY) and key in latest:
+            out.append((run.info.run_name, key, int(latest[key].step), float(latest[key].value)))
+            continue
+        out.extend((run.info.run_name, key, m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+    return out
 
 
 def _search_all(client: Any, exp_id: str, filter_string: str) -> list[Any]:

@@ -20,6 +20,7 @@ from typing import Any
 
 from orchestrator import state as st
 from orchestrator.dataset import check_defects, generate, needs_generation
+from orchestrator.driver_log import sweep_log
 from orchestrator.errors import OrchestratorError, SweepNotFoundError
 from orchestrator.expand import Expansion, backbone_file, bind_config, bind_pretrain, check_weight_files, expand
 from orchestrator.fork import Trunk, checkpoint_file, priorities
@@ -29,7 +30,7 @@ from trainer.config import config_to_dict, flatten
 
 logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
-FORWARD_ENV = ("ORCHESTRATOR_FAIL_ONCE", "ORCHESTRATOR_DELAY")  # test hooks the trials must see
+FORWARD_PREFIX = "ORCHESTRATOR_"  # the driver's ORCHESTRATOR_* variables reach every trial (trial_report.PLUGINS_ENV)
 
 
 @dataclass
@@ -72,7 +73,7 @@ def prepare(spec_path: Path, storage: Path | None = None) -> Prepared:
 def run(spec_path: Path, *, storage: Path | None = None, must_exist: bool = False, view: bool = True) -> int:
     """Start or resume a sweep; returns 0 when every trial finished, 1 otherwise."""
     from orchestrator import ray_backend as rb
-    from orchestrator.tracking import is_server
+    from orchestrator.metric_sync import MetricSync
 
     p = prepare(spec_path, storage)
     if must_exist and p.record is None:
@@ -81,7 +82,7 @@ def run(spec_path: Path, *, storage: Path | None = None, must_exist: bool = Fals
     spec, exp, sweep_dir = p.spec, p.exp, p.sweep_dir
     t0 = time.time()
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    env.update({k: os.environ[k] for k in FORWARD_ENV if k in os.environ})
+    env.update({k: v for k, v in os.environ.items() if k.startswith(FORWARD_PREFIX)})
     rb.connect(p.address, env)
     concurrent = rb.max_concurrent(spec.resources, rb.node_resources())  # a trial that never fits: refused here
     record = p.record or st.create_sweep(sweep_dir, exp, p.spec_text, st.code_version())
@@ -97,15 +98,17 @@ def run(spec_path: Path, *, storage: Path | None = None, must_exist: bool = Fals
     jobs = _start_pretrain(exp, sweep_dir, spec.retry.max_failures)
     tracker, run_ids = _open_tracking(p, record)
     backbones = {j.name: backbone_file(sweep_dir, j.name) for j in exp.pretrain}
-    tasks = _tasks(exp, sweep_dir, backbones, run_ids, p.tracking_uri if is_server(p.tracking_uri) else None)
-    monitor = SweepMonitor(sweep_dir, record, run_ids, tracker, log_metrics=not is_server(p.tracking_uri),
-                           view=LiveView(enabled=view))
+    tasks = _tasks(exp, sweep_dir, backbones, run_ids)
+    sync = MetricSync(tracker, sweep_dir, record, run_ids, period=spec.tracking.metric_period).start()
+    monitor = SweepMonitor(sweep_dir, record, sync, view=LiveView(enabled=view))
     logger.info("running %d trials, at most %d at a time; MLflow: %s (experiment %r)", len(tasks), concurrent,
                 p.tracking_uri, spec.name)
     finished = False
     try:
-        rb.run_tune(sweep_dir, tasks, spec.resources, spec.retry.max_failures, concurrent, monitor, pretrain=jobs)
-        failed = jobs.wait() if jobs is not None else {}
+        with sweep_log(sweep_dir):  # Ray/Tune: full text in SWEEP/driver.log, one line each in the terminal
+            rb.run_tune(sweep_dir, tasks, spec.resources, spec.retry.max_failures, concurrent, monitor,
+                        pretrain=jobs)
+            failed = jobs.wait() if jobs is not None else {}
         finished = True
     finally:
         status = monitor.close(finished)
@@ -167,8 +170,8 @@ def _done_marker(sweep_dir: Path, job: str) -> Path:
     return backbone_file(sweep_dir, job).parent / "done.json"
 
 
-def _tasks(exp: Expansion, sweep_dir: Path, backbones: dict[str, Path], run_ids: dict[str, str],
-           direct_uri: str | None) -> list[dict[str, Any]]:
+def _tasks(exp: Expansion, sweep_dir: Path, backbones: dict[str, Path],
+           run_ids: dict[str, str]) -> list[dict[str, Any]]:
     res = exp.spec.resources
     tasks = []
     outputs = {t.trial_id: str(bind_config(t, sweep_dir, backbones).runtime.output_dir) for t in exp.trials}
@@ -176,7 +179,7 @@ def _tasks(exp: Expansion, sweep_dir: Path, backbones: dict[str, Path], run_ids:
     for trial in [*exp.trials, *exp.forks.trunks]:
         cfg = bind_config(trial, sweep_dir, backbones)
         task = {"trial_id": trial.trial_id, "name": trial.name, "config": config_to_dict(cfg),
-                "run_id": run_ids.get(trial.trial_id, ""), "direct_uri": direct_uri, "workers": res.workers,
+                "run_id": run_ids.get(trial.trial_id, ""), "workers": res.workers,
                 "cpus_per_worker": res.cpus_per_worker, "gpus_per_worker": res.gpus_per_worker,
                 "total": _total(cfg), "role": "trial",
                 "keep_checkpoints": exp.spec.keep_checkpoints,

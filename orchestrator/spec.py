@@ -15,6 +15,7 @@ Ray, no MLflow, no torch. A spec looks like
     resources: {gpus_per_trial: 1, cpus_per_trial: 4}
     ray_address: null        # else RAY_ADDRESS, else a local cluster
     tracking_uri: null       # default: sqlite:///mlflow.db in the working directory
+    tracking: {metric_period: 100}  # losses, LR, seen/* to MLflow every N iterations (evaluations: all)
     storage_path: runs
     retry: {max_failures: 2}
     fork_schedules: null     # default: on when the grid has a schedule axis (see orchestrator/fork.py)
@@ -156,6 +157,13 @@ class PretrainJob(_Strict):
     resources: Resources | None = None  # default: the trials' resources
 
 
+class Tracking(_Strict):
+    """How often the sweep's MLflow runs get the per-iteration metrics (metrics.jsonl keeps every row)."""
+
+    # Losses, LR and seen/*: the first row past each multiple of this (and the final row). Evaluations: all.
+    metric_period: int = Field(100, ge=1)
+
+
 class Override(_Strict):
     """Extra trainer settings for the grid points matching `when` (e.g. small-data recipes)."""
 
@@ -174,6 +182,7 @@ class SweepSpec(_Strict):
     resources: Resources = Resources()
     ray_address: str | None = None
     tracking_uri: str | None = None
+    tracking: Tracking = Tracking()
     storage_path: Path = Path("runs")
     retry: Retry = Retry()
     estimate: Estimate = Estimate()

@@ -211,12 +211,36 @@ def metric_rows(sweep_dir: Path, name: str, upto: int | None = None) -> list[tup
 
 
 def trained_iterations(sweep_dir: Path, names: list[str]) -> int:
-    """Iterations the tasks' processes trained, from each attempt's segments.jsonl row (start, end)."""
+    """Iterations the tasks' processes trained: each attempt's segments.jsonl row (start, end).
+
+    An attempt killed outright (SIGKILL, a lost node) never writes its row; its work counts from
+    where it started (attempts.jsonl) to where it got: the next attempt's start (it resumes from the
+    killed one's newest checkpoint), or, for the last attempt, the largest step of its checkpoints
+    and metric rows.
+    """
     total = 0
     for name in names:
-        for line in _lines(trial_dir(sweep_dir, name) / "segments.jsonl"):
-            total += max(int(line.get("end", 0)) - int(line.get("start", 0)), 0)
+        folder = trial_dir(sweep_dir, name)
+        ended = {int(row["attempt"]): row for row in _lines(folder / "segments.jsonl") if "attempt" in row}
+        started = [row for row in _lines(folder / "attempts.jsonl") if "start_iter" in row and "attempt" in row]
+        for i, row in enumerate(started):
+            seg = ended.pop(int(row["attempt"]), None)
+            if seg is not None:
+                total += max(int(seg.get("end", 0)) - int(seg.get("start", 0)), 0)
+                continue
+            start = int(row["start_iter"])
+            end = int(started[i + 1]["start_iter"]) if i + 1 < len(started) else _reached(folder)
+            total += max(end - start, 0)
+        for seg in ended.values():  # a segment row without its attempts.jsonl row (older sweeps)
+            total += max(int(seg.get("end", 0)) - int(seg.get("start", 0)), 0)
     return total
+
+
+def _reached(folder: Path) -> int:
+    """The largest step a trial folder shows: its newest checkpoint or its last metric row."""
+    steps = [int(p.name[5:-3]) for p in (folder / "checkpoints").glob("ckpt_*.pt") if p.name[5:-3].isdigit()]
+    steps += [int(row["step"]) for row in _lines(folder / "metrics.jsonl") if "step" in row]
+    return max(steps, default=0)
 
 
 def _lines(path: Path) -> list[dict[str, Any]]:

@@ -6,27 +6,19 @@ the flat resolved trial config as params and `axis.*`, `trial_id`, `sweep`, `spe
 `code_version` and `body_norm` (the ResNet body's norm) as tags; they are named by the readable trial name.
 
 Metrics are append-only in MLflow, so `MetricLogger` never writes a (run, key, step) twice: it asks
-MLflow once per key for the last step already logged and drops anything at or before it (a retried
-trial replays the steps after its last checkpoint); `fill` adds the points a run lacks at any step,
-from the trials' own metrics.jsonl (a schedule branch's run gets its trunk's points up to its fork
-point that way, and a finished trial whatever a killed driver never logged). A SQLite store must have
-a single writer: the driver logs what trials report through Tune; with a tracking server (http://...)
-a trial logs directly through a `BufferedMetricLogger`.
-
-A tracking server can go away for a while. Training must not notice: `BufferedMetricLogger` only
-queues (bounded) and a background thread sends, in order, retrying with backoff until the server is
-back; after any failed request it asks the server again which steps it already has, so a request that
-was written but never answered is not sent twice. MLflow's own HTTP retries (7, ~4 min by default) are
-lowered for our clients (`HTTP_ENV`): one stuck request must not hold the Tune loop or a trial.
+MLflow once per run for the last step of each key already logged and drops anything at or before
+it (a retried trial replays the steps after its last checkpoint). Its `log_rows` is the one place
+metric points are written; `orchestrator.metric_sync` feeds it from the trials' metrics.jsonl files,
+from one driver thread (a SQLite store wants a single writer; a server is fine with it too). MLflow's
+own HTTP retries (7, ~4 min by default) are lowered for our clients (`HTTP_ENV`): the syncer's own
+retry loop waits out an outage, and one stuck request must not hold a driver for minutes.
 """
 
 from __future__ import annotations
 
-import collections
 import json
 import logging
 import os
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -197,189 +189,66 @@ class SweepTracker:
 
 
 class MetricLogger:
-    """Logs metric batches to one run, never a (key, step) at or before one already there."""
+    """Logs metric batches to one run, never a (key, step) at or before one already there.
+
+    The run's last step per key is asked from MLflow once (its latest metrics, one request), then
+    kept; `forget` after a failed request makes the next call ask again.
+    """
 
     def __init__(self, client: Any, run_id: str):
         self.client, self.run_id = client, run_id
-        self._last: dict[str, int] = {}
+        self._last: dict[str, int] | None = None
 
-    @classmethod
-    def for_uri(cls, uri: str, run_id: str) -> "MetricLogger":
-        return cls(_client(uri), run_id)
-
-    def last_step(self, key: str) -> int:
-        if key not in self._last:
-            history = self.client.get_metric_history(self.run_id, key)
-            self._last[key] = max((m.step for m in history), default=-1)
-        return self._last[key]
+    def last_steps(self) -> dict[str, int]:
+        if self._last is None:
+            data = self.client.get_run(self.run_id).data
+            # The run's latest metric per key carries its (largest) step; RunData.metrics keeps values only.
+            latest = getattr(data, "_metric_objs", None)
+            if latest is not None:
+                self._last = {m.key: int(m.step) for m in latest}
+            else:
+                self._last = {k: max((m.step for m in self.client.get_metric_history(self.run_id, k)), default=-1)
+                              for k in data.metrics}
+        return self._last
 
     def forget(self) -> None:
         """After a failed request: ask the server again what it has (it may have written it anyway)."""
-        self._last.clear()
+        self._last = None
 
     def log(self, step: int, metrics: Mapping[str, float]) -> int:
         """Log what is new; returns how many points were written."""
         return self.log_rows([(step, metrics)])
 
-    def log_rows(self, rows: Iterable[tuple[int, Mapping[str, float]]]) -> int:
-        """Log, in as few requests as possible, every point of `rows` (in step order) past its key's last step."""
+    def log_rows(self, rows: Iterable[tuple[int, Mapping[str, float]]], period: int = 1,
+                 periodic: tuple[str, ...] = (), final: int | None = None) -> int:
+        """Log, in as few requests as possible, every point of `rows` (in step order) past its key's last step.
+
+        Keys starting with `periodic` go only at the first row past each multiple of `period` (and at
+        step `final`); returns how many points were written.
+        """
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        fresh, last = [], {}
+        last = dict(self.last_steps())
+        fresh = []
         for step, metrics in rows:
+            step = int(step)
             for key, value in sorted(metrics.items()):
                 if not key.startswith(METRIC_PREFIXES) or not _finite(value) or _undefined_ap(key, value):
                     continue
-                if int(step) > (last[key] if key in last else self.last_step(key)):
-                    fresh.append(Metric(key, float(value), now, int(step)))
-                    last[key] = int(step)
+                prev = last.get(key, -1)
+                if step <= prev:
+                    continue
+                if key.startswith(periodic) and prev >= 0 and step != final and step // period == prev // period:
+                    continue
+                fresh.append(Metric(key, float(value), now, step))
+                last[key] = step
         for i in range(0, len(fresh), _BATCH):
             chunk = fresh[i:i + _BATCH]
-            self.client.log_batch(self.run_id, metrics=chunk)
+            self.client.log_batch(self.run_id, metrics=chunk)  # the one place metric points are written
             for m in chunk:  # per chunk: a later chunk failing leaves the earlier ones counted
                 self._last[m.key] = max(self._last.get(m.key, -1), m.step)
         return len(fresh)
-
-    def fill(self, rows: Iterable[tuple[int, Mapping[str, float]]]) -> int:
-        """Log every (key, step) of `rows` the run lacks, whatever its last step; returns how many."""
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        have: dict[str, set[int]] = {}
-        fresh = []
-        for step, metrics in rows:
-            for key, value in sorted(metrics.items()):
-                if not key.startswith(METRIC_PREFIXES) or not _finite(value) or _undefined_ap(key, value):
-                    continue
-                if key not in have:
-                    have[key] = {m.step for m in self.client.get_metric_history(self.run_id, key)}
-                if int(step) not in have[key]:
-                    have[key].add(int(step))
-                    fresh.append(Metric(key, float(value), now, int(step)))
-        for i in range(0, len(fresh), _BATCH):
-            self.client.log_batch(self.run_id, metrics=fresh[i:i + _BATCH])
-        for key, steps in have.items():
-            self._last[key] = max([self._last.get(key, -1), *steps])
-        return len(fresh)
-
-
-class BufferedMetricLogger:
-    """A trial's direct logger to a tracking server: `log` queues and returns at once, a thread sends.
-
-    Ordered: one sender takes the oldest queued steps first and retries them (backoff `min_wait` up
-    to `max_wait` s) before anything newer. Bounded: past `max_points` queued points new points are
-    not queued (one warning); the driver fills a finished trial's run from its metrics.jsonl, so
-    they are late, not lost. Never twice: see `MetricLogger.forget`.
-    """
-
-    def __init__(self, metric_logger: MetricLogger, max_points: int = 200_000, min_wait: float = 0.5,
-                 max_wait: float = 5.0):
-        self.logger, self.max_points = metric_logger, max_points
-        self.min_wait, self.max_wait = min_wait, max_wait
-        self._queue: collections.deque[tuple[int, dict[str, float]]] = collections.deque()
-        self._points = 0
-        self.sent = self.refused = self.failures = 0
-        self._cond = threading.Condition()
-        self._closing = self._stop = False
-        self._thread = threading.Thread(target=self._run, name="mlflow-sender", daemon=True)
-        self._thread.start()
-
-    @classmethod
-    def for_uri(cls, uri: str, run_id: str, **kwargs: Any) -> "BufferedMetricLogger":
-        return cls(MetricLogger(_client(uri), run_id), **kwargs)
-
-    @property
-    def queued(self) -> int:
-        return self._points
-
-    def log(self, step: int, metrics: Mapping[str, float]) -> None:
-        row = {k: float(v) for k, v in metrics.items() if k.startswith(METRIC_PREFIXES) and _finite(v)}
-        if not row:
-            return
-        with self._cond:
-            if self._closing:
-                return
-            if self._points + len(row) > self.max_points:
-                if not self.refused:
-                    logger.warning("MLflow backlog full (%d points): later points wait in metrics.jsonl for "
-                                   "the driver's fill at the trial's end", self._points)
-                self.refused += len(row)
-                return
-            self._queue.append((int(step), row))
-            self._points += len(row)
-            self._cond.notify_all()
-
-    def _take(self) -> list[tuple[int, dict[str, float]]] | None:
-        """The oldest queued rows, up to one request's worth; None once stopped or closed and drained."""
-        with self._cond:
-            while not self._queue and not self._closing:
-                self._cond.wait()
-            if self._stop or not self._queue:
-                return None
-            rows, size = [], 0
-            for step, row in self._queue:
-                if rows and size + len(row) > _BATCH:
-                    break
-                rows.append((step, row))
-                size += len(row)
-            return rows
-
-    def _run(self) -> None:
-        wait = self.min_wait
-        while (rows := self._take()) is not None:
-            try:
-                self.logger.log_rows(rows)
-            except Exception as exc:  # the server is away: keep the rows, wait, ask again what it has
-                if _rejected(exc):  # it answered, and will refuse these rows however often they come
-                    logger.error("MLflow refused %d points (%s); they stay in metrics.jsonl", len(rows), exc)
-                    self._done(rows)
-                    continue
-                self.failures += 1
-                self.logger.forget()
-                if self.failures == 1 or self.failures % 20 == 0:
-                    logger.warning("MLflow unreachable (%s: %s); %d points queued, retrying", type(exc).__name__,
-                                   str(exc).splitlines()[0][:200] if str(exc) else "", self._points)
-                resume = time.monotonic() + wait
-                with self._cond:
-                    while not self._stop and time.monotonic() < resume:
-                        self._cond.wait(resume - time.monotonic())
-                wait = min(2 * wait, self.max_wait)
-                continue
-            wait = self.min_wait
-            self._done(rows)
-
-    def _done(self, rows: list[tuple[int, dict[str, float]]]) -> None:
-        with self._cond:
-            for _ in rows:
-                _, row = self._queue.popleft()
-                self._points -= len(row)
-                self.sent += len(row)
-            self._cond.notify_all()
-
-    def close(self, timeout: float = 10.0) -> int:
-        """Wait up to `timeout` s for the queue to drain, then stop sending; returns the points left unsent."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            self._closing = True
-            self._cond.notify_all()
-            while self._queue and time.monotonic() < deadline:
-                self._cond.wait(min(0.2, max(deadline - time.monotonic(), 0.0)))
-            self._stop = True
-            left = self._points
-            self._cond.notify_all()
-        # A request in flight ends within MLflow's timeout; after that nothing more is sent from here.
-        self._thread.join(timeout=float(HTTP_ENV["MLFLOW_HTTP_REQUEST_TIMEOUT"]) + 5)
-        if left:
-            logger.warning("%d metric points not sent to MLflow (server unreachable); the driver fills them in "
-                           "from metrics.jsonl once the trial ends", left)
-        return left
-
-
-def _rejected(exc: Exception) -> bool:
-    """An answer of the server that a retry cannot change (a 4xx other than 429), not an outage."""
-    status = getattr(exc, "get_http_status_code", lambda: 500)()
-    return 400 <= int(status) < 500 and int(status) != 429
 
 
 def _undefined_ap(key: str, value: Any) -> bool:

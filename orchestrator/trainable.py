@@ -17,7 +17,7 @@ attempt's attempts.jsonl row); once it has checkpoints of its own it resumes fro
 retried or resumed branch never forks twice. Each attempt appends (start, end) to segments.jsonl:
 the iterations it actually trained.
 
-What an attempt reports, and the test hooks, live in `orchestrator.trial_report` (Ray-free); this
+What an attempt reports (and plugin reporters) live in `orchestrator.trial_report` (Ray-free); this
 module adds where it runs (Ray node, assigned GPU ids) to its attempts.jsonl row.
 """
 

@@ -1,4 +1,4 @@
-"""What a trial attempt reports: Tune results, attempts.jsonl rows, segments, and the test hooks.
+"""What a trial attempt reports: Tune results, attempts.jsonl rows, segments, and plugin reporters.
 
 Ray-free (the Tune `report` call is handed in as `emit`), so it runs and is tested without a cluster;
 `orchestrator.trainable` wires it into the Tune function. `TuneReporter` holds back a checkpoint
@@ -8,13 +8,18 @@ pid, Ray node, the GPU ids Ray assigned) and from where it started; a damaged ch
 skipped on the way (`trainer.checkpoint.load_latest`) is named there and in the attempt's first
 report (`trial/warnings`), which the driver logs, so the skip is seen where the sweep is watched.
 
-Test hooks: ORCHESTRATOR_FAIL_ONCE="TRIAL_NAME@ITER[,...]" makes that trial raise once, at its first
-report at or after ITER (a marker file in its folder keeps it to once); ORCHESTRATOR_DELAY=
-"TRIAL_NAME@SECONDS[,...]" makes it sleep that long at every report (to hold a kill window open).
+The trainer's metrics go to the trial's metrics.jsonl (`JsonlReporter`), the record the driver's
+`orchestrator.metric_sync` tails into MLflow; the Tune results only feed the driver's live view.
+
+Plugin reporters: ORCHESTRATOR_REPORTERS="MODULE[,MODULE...]" names modules importable in the trial
+process, each with `reporters(task) -> list[trainer.report.Reporter]` added to every attempt's
+reporters (e.g. a progress exporter; the tests' fault injection, tests/plugins). The driver forwards
+its ORCHESTRATOR_* variables to the trials, so a plugin's own settings can travel that way too.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -31,8 +36,7 @@ from trainer.report import Reporter, RunInfo
 
 logger = logging.getLogger(__name__)
 
-FAIL_ENV = "ORCHESTRATOR_FAIL_ONCE"
-DELAY_ENV = "ORCHESTRATOR_DELAY"
+PLUGINS_ENV = "ORCHESTRATOR_REPORTERS"
 K_WARNINGS = "trial/warnings"  # in an attempt's "start" report: what the driver should warn about
 Emit = Callable[[dict[str, Any], "dict[str, Any] | None"], None]
 
@@ -120,75 +124,15 @@ class TuneReporter(Reporter):
                                                      "cuda": _cuda_initialized()})
 
 
-class Delay(Reporter):
-    """Test hook: sleep at every report, so a test can kill the driver while this trial runs."""
-
-    def __init__(self, seconds: float):
-        self.seconds = seconds
-
-    def log(self, step: int, metrics) -> None:
-        if "train/loss" in metrics:
-            time.sleep(self.seconds)
-
-
-class FailOnce(Reporter):
-    """Test hook: raise at the first report at or after `at`, once per trial folder."""
-
-    def __init__(self, at: int, folder: Path):
-        self.at, self.marker = at, Path(folder) / "injected_failure"
-
-    def log(self, step: int, metrics) -> None:
-        if step >= self.at and not self.marker.exists():
-            self.marker.write_text(f"{step}\n")
-            raise RuntimeError(f"injected failure at iteration {step} ({FAIL_ENV})")
-
-
-class MlflowReporter(Reporter):
-    """Direct logging from the trial, only with a tracking server (several writers are fine there)."""
-
-    def __init__(self, uri: str):
-        self.uri = uri
-        self.logger = None
-
-    def start(self, info: RunInfo) -> None:
-        from orchestrator.tracking import BufferedMetricLogger
-
-        # Queues and sends from a thread: an outage of the server neither blocks nor kills training.
-        self.logger = BufferedMetricLogger.for_uri(self.uri, info.tracking["mlflow_run_id"])
-
-    def log(self, step: int, metrics) -> None:
-        if self.logger is not None:
-            self.logger.log(step, metrics)
-
-    def finish(self, status: str, error: BaseException | None = None) -> None:
-        if self.logger is not None:  # what is still queued then, the driver fills in from metrics.jsonl
-            self.logger.close(timeout=10.0)
-
-
 def reporters_for(task: dict[str, Any], emit: Emit, attempt: int, forked_from: Path | None = None, *,
                   warnings: list[str] | None = None, placement: dict[str, Any] | None = None) -> list[Reporter]:
     from trainer.report import ConsoleReporter, JsonlReporter
 
-    out = Path(task["config"]["runtime"]["output_dir"])
     found: list[Reporter] = [TuneReporter(emit, task, attempt, forked_from, warnings=warnings, placement=placement),
                              JsonlReporter(), ConsoleReporter()]
-    if task.get("direct_uri") and task.get("run_id"):  # a trunk has no run: the driver logs its results
-        found.append(MlflowReporter(task["direct_uri"]))
-    at = _test_hook(FAIL_ENV, task["name"])
-    if at is not None:
-        found.append(FailOnce(int(at), out))
-    delay = _test_hook(DELAY_ENV, task["name"])
-    if delay is not None:
-        found.append(Delay(float(delay)))
+    for module in filter(None, (m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(","))):
+        found.extend(importlib.import_module(module).reporters(task))
     return found
-
-
-def _test_hook(env: str, name: str) -> str | None:
-    for item in filter(None, os.environ.get(env, "").split(",")):
-        trial, _, value = item.rpartition("@")
-        if trial == name:
-            return value
-    return None
 
 
 class _Collect(logging.Handler):

@@ -34,6 +34,7 @@ def tiny_spec(tmp: Path, name: str = "tiny", **changes: Any) -> dict[str, Any]:
         "resources": {"cpus_per_trial": 1},
         "storage_path": str(tmp / "runs"),
         "tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}",
+        "tracking": {"metric_period": 1},  # every row to MLflow: the tests compare it with metrics.jsonl
         "retry": {"max_failures": 1},
     }
     for key, value in changes.items():

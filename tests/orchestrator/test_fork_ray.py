@@ -18,6 +18,7 @@ from orchestrator.expand import expand
 from orchestrator.plan import forked_totals, plan_rows, trunk_rows
 from orchestrator.spec import load_spec
 from orchestrator.state import metric_rows, trained_iterations
+from tests.plugins.faults import FAULTS
 from tests.orchestrator.conftest import cli, tiny_spec, write_spec
 from tests.orchestrator.load_shape import logged_to_mlflow
 from tests.orchestrator.sweep_utils import (attempts, check_children, duplicate_points, kill_driver_when,
@@ -110,7 +111,7 @@ def test_driver_killed_while_trunk_and_branch_run(tmp_path, ray_cluster):
     sweep = tmp_path / "runs" / "tiny"
     trunk, one = sweep / "trials" / TRUNK, sweep / "trials" / "random-all-1x-R18"
     # Slow the trunk and the 1x branch down (test hook) so both are mid-way at the kill.
-    env = {"RAY_ADDRESS": ray_cluster, "ORCHESTRATOR_DELAY": f"{TRUNK}@2.5,random-all-1x-R18@1"}
+    env = {"RAY_ADDRESS": ray_cluster, **FAULTS, "ORCHESTRATOR_DELAY": f"{TRUNK}@2.5,random-all-1x-R18@1"}
 
     def ready() -> bool:
         assert not (trunk / "trunk_done.json").exists(), "the trunk finished before the kill"

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.plugins.faults import FAULTS
 from tests.orchestrator.conftest import auth_disabled, cli, kill_node, start_node, stop_node, tiny_spec, write_spec
 from tests.orchestrator.sweep_utils import check_children, duplicate_points, mlflow_contents, start_driver, wait_for
 
@@ -226,7 +227,7 @@ def test_lost_node_restarts_the_whole_gang(tmp_path, gpu_cluster):
         try:
             holders = _hold_one_gpu_per_node()
             driver = start_driver(["run", str(spec), "--no-view"], log,
-                                  {"RAY_ADDRESS": address, "ORCHESTRATOR_DELAY": f"{LOST}@0.5"})
+                                  {"RAY_ADDRESS": address, **FAULTS, "ORCHESTRATOR_DELAY": f"{LOST}@0.5"})
             try:
                 wait_for(driver, lambda: _checkpointed(sweep, 3), log)
                 first = _gang_rows(sweep)[LOST][0]

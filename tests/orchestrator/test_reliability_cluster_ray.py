@@ -9,12 +9,14 @@ What each test injects and what it counts is printed as one `reliability:` line 
 
 from __future__ import annotations
 
+import re
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.plugins.faults import FAULTS
 from tests.orchestrator.conftest import auth_disabled, cli, kill_node, start_node, stop_node, tiny_spec, write_spec
 from tests.orchestrator.sweep_utils import (attempts, check_children, duplicate_points, mlflow_contents, progress,
                                             start_driver, wait_for, wait_unlocked)
@@ -73,7 +75,7 @@ def test_lost_worker_node_trial_resumes_on_another(tmp_path, gpu_cluster):
     sweep, log = tmp_path / "runs" / "tiny", tmp_path / "driver.log"
     # A delay (test hook) holds the window between the trial's first checkpoint and its end open.
     driver = start_driver(["run", str(write_spec(tmp_path, spec)), "--no-view"], log,
-                          {"RAY_ADDRESS": address, "ORCHESTRATOR_DELAY": f"{NAME}@0.5"})
+                          {"RAY_ADDRESS": address, **FAULTS, "ORCHESTRATOR_DELAY": f"{NAME}@0.5"})
     try:
         wait_for(driver, lambda: _mid_trial(sweep), log)
         first = attempts(sweep, NAME)[0]
@@ -101,6 +103,13 @@ def test_lost_worker_node_trial_resumes_on_another(tmp_path, gpu_cluster):
     # A logical GPU from Ray does not pull a `runtime.device: cpu` trial onto CUDA.
     segments = (sweep / "trials" / NAME / "segments.jsonl").read_text()
     assert '"cuda": true' not in segments and '"cuda": false' in segments
+    # The killed attempt's work counts (it wrote no segments.jsonl row): at least the plan was trained.
+    terminal = log.read_text()
+    trained, plan = map(int, re.search(r"(\d+) iterations trained \(plan: (\d+)\)", terminal).groups())
+    assert trained >= plan, terminal[-2000:]
+    # Ray's traceback of the lost node: one line in the terminal, the full text in the sweep's log.
+    assert "Traceback" not in terminal, terminal[-3000:]
+    assert "Traceback" in (sweep / "driver.log").read_text()
     rows = sum(len(v) for v in ml["history"][NAME].values())
     print(f"reliability: SIGKILLed worker node {first['node_id'][:8]} mid-trial (newest checkpoint "
           f"{ckpt_at_removal}); trial resumed on node {again[0]['node_id'][:8]} from iteration "
@@ -117,7 +126,7 @@ def test_whole_cluster_stopped_mid_sweep_then_started_again(tmp_path):
         driver = None
         try:
             driver = start_driver(["run", str(path), "--no-view"], log,
-                                  {"RAY_ADDRESS": address, "ORCHESTRATOR_DELAY": f"{NAME}@0.5"})
+                                  {"RAY_ADDRESS": address, **FAULTS, "ORCHESTRATOR_DELAY": f"{NAME}@0.5"})
             wait_for(driver, lambda: _mid_trial(sweep), log)
             stopped_at = time.time()
             # Every process of the (one-node) cluster at once: head, GCS, raylet, workers. (A SIGTERM

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.state import metric_rows
+from tests.plugins.faults import FAULTS
 from tests.orchestrator.conftest import cli, tiny_spec, write_spec
 from tests.orchestrator.load_shape import logged_to_mlflow
 from tests.orchestrator.sweep_utils import (attempts, check_children, duplicate_points, kill_driver_when,
@@ -98,7 +99,7 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, ra
 
     # A delay (test hook) holds the window between its second checkpoint and its end open.
     kill_driver_when(["run", str(path), "--no-view"], ready, tmp_path / "driver1.log",
-                     {**env, "ORCHESTRATOR_DELAY": f"{name}@0.5"})
+                     {**env, **FAULTS, "ORCHESTRATOR_DELAY": f"{name}@0.5"})
     wait_unlocked(folder)  # the attempt the killed driver left behind has exited
     (previous, _), (newest_iter, newest) = list_checkpoints(folder / "checkpoints")[-2:]
     size = newest.stat().st_size

@@ -34,6 +34,8 @@ def test_tiny_spec_loads(tmp_path):
     ({"resources__gpus_per_trial": 1.5}, "use a fraction below 1 or a whole number"),
     ({"name": "bad name!"}, "name"),
     ({"dataset__train_split": "train2017"}, "dataset.generate"),
+    ({"tracking__metric_period": 0}, "tracking.metric_period"),
+    ({"tracking__period": 10}, "tracking.period"),
 ])
 def test_bad_specs_name_the_field(tmp_path, change, needle):
     with pytest.raises(SpecError) as err:

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from tests.plugins.faults import FAULTS
 from tests.orchestrator.conftest import cli, tiny_spec, write_spec
 from tests.orchestrator.sweep_utils import (attempts, check_children, duplicate_points, kill_driver_when,
                                             mlflow_contents, progress)
@@ -22,7 +23,7 @@ def test_sweep_finishes_and_a_failed_trial_resumes_into_its_run(tmp_path, ray_cl
     path = write_spec(tmp_path, spec)
     t0 = time.time()
     out = cli("run", str(path), "--no-view", env={"RAY_ADDRESS": ray_cluster,
-                                                  "ORCHESTRATOR_FAIL_ONCE": "random-8-1x-R18@5"})
+                                                  **FAULTS, "ORCHESTRATOR_FAIL_ONCE": "random-8-1x-R18@5"})
     assert out.returncode == 0, out.stderr[-3000:]
     print(f"sweep wall time {time.time() - t0:.0f}s")
     sweep = tmp_path / "runs" / "tiny"

@@ -13,7 +13,7 @@ def test_minus_one_ap_is_not_logged(tmp_path):
     logger = MetricLogger(client, run_id)
     metrics = {"bbox/AP": 0.31, "bbox/APs": -1.0, "segm/APs": -1.0, "segm/APl": 0.4, "train/loss": -0.5}
     assert logger.log(10, metrics) == 3
-    assert logger.fill([(20, metrics)]) == 3
+    assert logger.log_rows([(20, metrics)]) == 3
     logged = client.get_run(run_id).data.metrics
     assert set(logged) == {"bbox/AP", "segm/APl", "train/loss"}
     assert client.get_metric_history(run_id, "bbox/APs") == []

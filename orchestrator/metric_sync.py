@@ -1,0 +1,207 @@
+"""The one path from a trial to MLflow: a driver thread that tails every task's metrics.jsonl.
+
+A trial writes each metric row to its own metrics.jsonl (the record, every row) and nothing to
+MLflow. One `MetricSync` per sweep, on the driver, reads what each file gained since its last pass
+and logs it, batched, into the trial's run (`tracking.MetricLogger`, the only writer of metric
+points): idempotent, because the logger drops any (key, step) at or before the last step its run
+holds (asked from MLflow once per run, then kept in memory), so a restarted driver, a replayed
+attempt or a retried request never writes a point twice. Schedule forking: a trunk has no run; its
+rows up to a branch's fork point go into that branch's run, before the branch's own rows.
+
+Losses, LR and `seen/*` go at most once per `period` iterations (the first row past each multiple,
+and the run's final row); evaluation metrics always go. Run status, tags and artifacts the monitor
+asks for (`post`) are sent by the same thread, after the run's rows that are on disk by then, so a
+run is FINISHED only once its curve is complete. MLflow may be away (a server restarting): a
+failed pass keeps its place in each file, forgets what it believed the run holds (a request may
+have been written but never answered), and is retried with backoff; training never waits on it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from orchestrator import state as st
+
+logger = logging.getLogger(__name__)
+
+PERIODIC = ("train/", "seen/")  # logged every `period` iterations; everything else at every row
+SETTLE_S = 120.0  # how long `close` keeps trying to catch up (a server restart takes a while)
+
+
+class _Tail:
+    """New complete rows of one metrics.jsonl since the last committed read (a replaced file: from the top)."""
+
+    def __init__(self, path: Path, upto: int | None):
+        self.path, self.upto = path, upto
+        self.inode, self.offset = None, 0
+        self._next: tuple[Any, int] | None = None
+
+    def read(self) -> list[tuple[int, dict[str, Any]]]:
+        try:
+            with open(self.path, "rb") as fh:
+                inode = os.fstat(fh.fileno()).st_ino
+                start = self.offset if inode == self.inode else 0  # resume rewrites the file (trainer.report)
+                fh.seek(start)
+                data = fh.read()
+        except FileNotFoundError:
+            return []
+        end = data.rfind(b"\n") + 1  # a torn last line waits for the next pass
+        self._next = (inode, start + end)
+        rows = []
+        for line in data[:end].splitlines():
+            try:
+                row = json.loads(line)
+                step = int(row.pop("step"))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                continue
+            if self.upto is None or step <= self.upto:
+                rows.append((step, row))
+        return rows
+
+    def commit(self) -> None:
+        if self._next is not None:
+            self.inode, self.offset = self._next
+
+
+class MetricSync:
+    """Per sweep: tails the tasks' files into their runs from a thread; `post` queues run status/tags/artifacts."""
+
+    def __init__(self, tracker: Any, sweep_dir: Path, record: dict[str, Any], run_ids: dict[str, str],
+                 period: int = 100, interval: float = 1.0, max_wait: float = 15.0):
+        self.tracker, self.sweep_dir, self.run_ids = tracker, Path(sweep_dir), run_ids
+        self.period, self.interval, self.max_wait = max(int(period), 1), interval, max_wait
+        tasks = {t["trial_id"]: t for t in st.task_rows(record)}
+        self.names = {tid: t["name"] for tid, t in tasks.items()}
+        self.totals = {tid: int(t["total_iters"]) for tid, t in tasks.items()}
+        self.tails: dict[str, list[_Tail]] = {}
+        for tid in run_ids:
+            sources = []
+            fork = tasks[tid].get("fork")
+            if fork:  # the trunk's part first: its rows up to the fork point
+                sources.append(_Tail(self._file(self.names[fork["trunk_id"]]), int(fork["at"])))
+            sources.append(_Tail(self._file(self.names[tid]), None))
+            self.tails[tid] = sources
+        self.sent = 0
+        self._posts: dict[str, dict[str, Any]] = {}  # trial id -> status/tags/artifacts still to send
+        self._cond = threading.Condition()
+        self._stop = False
+        self._failing = False
+        self._thread: threading.Thread | None = None
+
+    def _file(self, name: str) -> Path:
+        return st.trial_dir(self.sweep_dir, name) / "metrics.jsonl"
+
+    # -- what the monitor asks for ---------------------------------------------------------------
+    def post(self, trial_id: str, status: str | None = None, tags: dict[str, str] | None = None,
+             artifacts: bool = False) -> None:
+        """Send after the run's rows on disk now: a status (RUNNING, FINISHED, ...), tags, its artifacts."""
+        if trial_id not in self.run_ids:  # a trunk has no run
+            return
+        with self._cond:
+            post = self._posts.setdefault(trial_id, {"status": None, "tags": {}, "artifacts": False})
+            post["status"] = status or post["status"]
+            post["tags"].update(tags or {})
+            post["artifacts"] |= artifacts
+            self._cond.notify_all()
+
+    # -- the thread ------------------------------------------------------------------------------
+    def start(self) -> "MetricSync":
+        self._thread = threading.Thread(target=self._loop, name="mlflow-sync", daemon=True)
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        wait = self.interval
+        while True:
+            with self._cond:
+                if self._stop:
+                    return
+            ok = self.sync_all()
+            wait = self.interval if ok else min(max(2 * wait, 1.0), self.max_wait)
+            with self._cond:
+                if not self._stop:
+                    self._cond.wait(wait)
+
+    def sync_all(self) -> bool:
+        """One pass over every run: new rows, then what was posted for it; False if MLflow failed."""
+        ok = True
+        for trial_id in self.run_ids:
+            ok = self._sync_run(trial_id) and ok
+        if ok and self._failing:
+            logger.info("MLflow reachable again; every run caught up with its metrics.jsonl")
+        self._failing = not ok
+        return ok
+
+    def _sync_run(self, trial_id: str) -> bool:
+        with self._cond:
+            post = self._posts.pop(trial_id, None)
+        mlog = self.tracker.metric_logger(self.run_ids[trial_id])
+        try:
+            rows = [row for tail in self.tails[trial_id] for row in tail.read()]
+            if rows:
+                self.sent += mlog.log_rows(rows, period=self.period, periodic=PERIODIC,
+                                           final=self.totals[trial_id])
+            for tail in self.tails[trial_id]:
+                tail.commit()
+            if post:
+                self._send(trial_id, post)
+        except Exception as exc:  # an outage: keep the place in each file, ask MLflow again next time
+            mlog.forget()
+            if post:
+                self._requeue(trial_id, post)
+            if not self._failing:
+                logger.warning("MLflow unreachable for %s (%s); retrying, the trials train on",
+                               self.names[trial_id], _short(exc))
+            self._failing = True
+            return False
+        return True
+
+    def _requeue(self, trial_id: str, post: dict[str, Any]) -> None:
+        """A post that failed goes back under anything posted meanwhile (a newer status wins)."""
+        with self._cond:
+            newer = self._posts.get(trial_id)
+            if newer is not None:
+                post["status"] = newer["status"] or post["status"]
+                post["tags"].update(newer["tags"])
+                post["artifacts"] |= newer["artifacts"]
+            self._posts[trial_id] = post
+
+    def _send(self, trial_id: str, post: dict[str, Any]) -> None:
+        run_id = self.run_ids[trial_id]
+        if post["artifacts"]:
+            folder = st.trial_dir(self.sweep_dir, self.names[trial_id])
+            self.tracker.log_artifacts(run_id, [folder / "config.yaml", folder / "final_metrics.json"])
+            post["artifacts"] = False
+        for key, value in list(post["tags"].items()):
+            self.tracker.client.set_tag(run_id, key, value)
+            del post["tags"][key]
+        if post["status"]:
+            self.tracker.set_status(run_id, post["status"])
+
+    def close(self, settle_s: float = SETTLE_S) -> list[str]:
+        """Stop the thread, then catch up for up to `settle_s` s; returns the trials whose runs are behind."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        deadline = time.monotonic() + settle_s
+        while not self.sync_all() and time.monotonic() < deadline:
+            time.sleep(min(2.0, max(deadline - time.monotonic(), 0.0)))
+        if not self._failing:
+            return []
+        left = [self.names[t] for t in self.run_ids]
+        logger.error("MLflow is still unreachable; runs may be incomplete: %s (their metrics.jsonl have "
+                     "everything; a `resume` catches up)", ", ".join(left))
+        return left
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
