@@ -71,7 +71,13 @@ class MetricsHook(Hook):
 
 
 class EvalHook(Hook):
-    """COCO bbox/segm AP on the val split every `eval.period` iterations and at the end."""
+    """COCO bbox/segm AP on the val split every `eval.period` iterations and at the end.
+
+    With `eval.backend` "auto" the run's first evaluation scores with both pycocotools and
+    faster-coco-eval and picks the scorer for the rest of the run (`trainer.evaluate.RunScorer`).
+    """
+
+    scorer = None  # this run's RunScorer, made at the first evaluation
 
     def before_train(self, trainer: "Trainer") -> None:
         st = trainer.state
@@ -97,9 +103,13 @@ class EvalHook(Hook):
         if st.iteration:
             CheckpointHook().save(trainer, notify=False)  # training so far survives a failing evaluation
         ec = trainer.cfg.eval
+        if self.scorer is None and ec.backend == "auto":
+            from trainer.evaluate import RunScorer
+
+            self.scorer = RunScorer(ec.backend)
         # Every rank infers on its slice of val; rank 0 gathers and scores (others get {}).
         metrics = evaluate(trainer.bare_model, trainer.val_set, batch_size=ec.batch_size, device=trainer.device,
-                           backend=ec.backend, num_workers=ec.num_workers, rank=trainer.rank,
+                           backend=self.scorer or ec.backend, num_workers=ec.num_workers, rank=trainer.rank,
                            world_size=trainer.world)
         trainer.barrier()
         st.last_eval = {"step": st.iteration, **metrics}
