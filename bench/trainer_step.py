@@ -6,7 +6,7 @@ builds it (`Trainer.loader()`: the trial's sampler, workers, prefetch and pinnin
 same data path and see the same batch sequence. Ours is `Trainer.train_step` with its hooks (metrics
 every log_period; no evaluation or checkpoint inside the timed blocks, since the bare loop has none);
 the bare loop is the torchvision reference shape: forward, sum of losses, zero_grad, backward, clip,
-step, LR step. Blocks alternate (ours, bare, ours, ...) so drift in machine speed hits both; each round
+step, LR step. Blocks alternate (ours, bare, bare, ours, ours, ...) so drift in machine speed hits both; each round
 gives one ratio, and the table shows the median ratio with its min-max and a bootstrap 95% interval.
 
     python bench/trainer_step.py [--rounds 8 --block 10 --threads 1 --data DIR]
@@ -86,7 +86,11 @@ def main() -> None:
     timed(run_ours, args.block), timed(run_bare, args.block)  # warm up both
     rows = []
     for r in range(args.rounds):
-        rows.append((timed(run_ours, args.block), timed(run_bare, args.block)))
+        if r % 2 == 0:  # which side goes first alternates too, so a block's position favours neither
+            rows.append((timed(run_ours, args.block), timed(run_bare, args.block)))
+        else:
+            bare_s = timed(run_bare, args.block)
+            rows.append((timed(run_ours, args.block), bare_s))
         print(f"round {r}: ours {rows[-1][0]:.4f} s/it   bare {rows[-1][1]:.4f} s/it", flush=True)
     ratios = [x / y for x, y in rows]
     o, b = statistics.median(x for x, _ in rows), statistics.median(y for _, y in rows)
