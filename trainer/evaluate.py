@@ -42,6 +42,7 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from trainer.data import collate as collate_batch
 from trainer.data import to_device_float
 from trainer.evaluate_convert import EvaluationError, predictions_to_coco, roi_mask_outputs
 
@@ -293,11 +294,6 @@ def _self_check_case() -> tuple[COCO, list[dict]]:
 
 
 # ----------------------------------------------------------------------------- inference
-
-
-def collate_batch(batch: Sequence[tuple]) -> tuple:
-    """(image, target) pairs -> (images, targets); module-level so DataLoader workers can pickle it."""
-    return tuple(zip(*batch))
 
 
 def evaluate(

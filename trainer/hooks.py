@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from trainer import checkpoint as ckpt
+from trainer.atomic import write_atomic
 from trainer.errors import NonFiniteLossError
 
 if TYPE_CHECKING:
@@ -157,9 +158,7 @@ class FinalMetricsHook(Hook):
         final["iteration"] = float(st.iteration)
         safe = {k: (v if math.isfinite(v) else None) for k, v in final.items()}
         path = trainer.output_dir / "final_metrics.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(safe, indent=2, sort_keys=True))
-        tmp.replace(path)
+        write_atomic(path, json.dumps(safe, indent=2, sort_keys=True))
         trainer.final_metrics = final
 
 
