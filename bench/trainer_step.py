@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainer.config import load_config  # noqa: E402
+from trainer.data import to_device_float  # noqa: E402
 from trainer.engine import Trainer  # noqa: E402
 from trainer.synthetic import generate_detection  # noqa: E402
 
@@ -35,7 +36,9 @@ CONFIG = Path(__file__).resolve().parents[1] / "trainer" / "configs" / "cpu_r18.
 
 
 def bare_step(model, opt, sched, images, targets, clip):
-    loss_dict = model(list(images), list(targets))
+    # Loaders hand over uint8 images; the trainer makes them [0, 1] floats on the device, as this does.
+    images = [to_device_float(image, torch.device("cpu")) for image in images]
+    loss_dict = model(images, list(targets))
     losses = sum(loss_dict.values())
     opt.zero_grad(set_to_none=True)
     losses.backward()
