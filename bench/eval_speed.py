@@ -1,21 +1,27 @@
-"""Benchmark: trainer.evaluate's conversion + scoring against torchvision + plain pycocotools.
+"""Benchmark: evaluation at COCO's image size, like for like, three ratios measured side by side.
 
-Builds a synthetic COCO split in memory (polygon GT of several sizes, non-contiguous category ids)
-and, per image, the Mask R-CNN outputs that inference ends with: boxes, labels, scores and the mask
-head's 28x28 probabilities. Then, on the very same outputs, it times
+On a synthetic COCO split at 480x640 (COCO val2017's most common size; `--hw` for another), with the
+Mask R-CNN outputs inference ends with (boxes, labels, scores, the mask head's 28x28 probabilities;
+generated, not timed), one run measures, each as (plain path) / (ours) over `--repeats` alternating
+repeats (median and min-max, wall and process-CPU time):
 
-  (a) what a torchvision Mask R-CNN plus the recipe of torchvision's detection references / a typical
-      user script do: `paste_masks_in_image` into full-image float masks (the model's postprocess),
-      threshold them, `mask_util.encode(np.asfortranarray(mask))` once per detection, then
-      `COCO.loadRes` + `COCOeval` for bbox (results without masks) and segm (results without boxes);
-  (b) `predictions_to_coco` on the unpasted outputs (what `evaluate` gets under
-      `roi_mask_outputs`: masks pasted straight into RLE) + `score_coco` with the best backend.
+  (a) conversion: torchvision's `paste_masks_in_image` into full-image masks (the model's own
+      postprocess), threshold, `mask_util.encode` per detection (torchvision's detection references)
+      vs `trainer.evaluate.predictions_to_coco` straight from the 28x28 masks to RLE;
+  (b) scoring the same detections (ours from (a)), bbox + segm: pycocotools' COCOeval vs
+      faster-coco-eval (its copy of the ground truth is rebuilt every repeat, as a run builds it once);
+  (c) end to end on `--e2e-images` images: an R18-FPN GN Mask R-CNN at the images' own size (random
+      init, score threshold 0 so every image has 100 detections, as a trained model on COCO has; its AP
+      is ~0, so (c)'s AP check only shows both paths agree) run image by image with `--threads`,
+      torchvision's postprocess + (a)'s conversion + pycocotools vs `trainer.evaluate.evaluate`
+      (`roi_mask_outputs`, `predictions_to_coco`, faster-coco-eval).
 
-Generating the outputs is not timed. Usage:
+AP equality is printed for each pair (the conversions give byte-identical RLEs; the scorers agree to
+1e-4). Usage:
 
-    python bench/eval_speed.py --quick          # 300 images
-    python bench/eval_speed.py                  # 5,000 images x ~7 objects x 100 detections
-    python bench/eval_speed.py --memory --hw 480 640   # rank 0's peak RSS for those at 480x640
+    python bench/eval_speed.py                  # 100 images x 100 dets (a, b); 6 images (c); 3 repeats
+    python bench/eval_speed.py --quick          # smoke run: 8 small images, 2 in (c), 1 repeat
+    python bench/eval_speed.py --memory --hw 480 640 --images 5000   # rank 0's peak RSS of our evaluation
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import argparse
 import contextlib
 import io
 import logging
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -45,22 +52,23 @@ LABEL_TO_CAT = {label: cat for label, cat in enumerate(CAT_IDS, start=1)}
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=5000)
+    parser.add_argument("--images", type=int, default=100, help="images for (a) and (b)")
+    parser.add_argument("--e2e-images", type=int, default=6, help="images for (c), the end-to-end pair")
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--objects", type=int, default=7, help="mean GT objects per image")
     parser.add_argument("--dets", type=int, default=100, help="detections per image")
-    parser.add_argument("--size", type=int, default=256, help="image height and width")
-    parser.add_argument("--hw", type=int, nargs=2, metavar=("H", "W"), help="image height and width (over --size)")
+    parser.add_argument("--hw", type=int, nargs=2, default=(480, 640), metavar=("H", "W"))
     parser.add_argument("--memory", action="store_true",
-                        help="only (b), in this process: peak RSS of rank 0's evaluation (results + scoring)")
-    parser.add_argument("--backend", default="auto", choices=ev.BACKENDS)
+                        help="only our path, in this process: peak RSS of rank 0's evaluation (results + scoring)")
+    parser.add_argument("--backend", default="auto", choices=ev.BACKENDS, help="for --memory")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="300 images")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 8 images of 240x320, 2 in (c), 1 repeat")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1, as evaluation runs inside a 1-thread trial)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.images = 300
-    args.height, args.width = args.hw or (args.size, args.size)
+        args.images, args.e2e_images, args.repeats, args.hw = 8, 2, 1, (240, 320)
+    args.height, args.width = args.hw
     return args
 
 
@@ -146,34 +154,127 @@ def naive_convert(output: dict, image_id: int) -> tuple[list[dict], list[dict]]:
     return bbox_results, segm_results
 
 
-def naive_score(gt: COCO, results: list[dict], iou_type: str) -> list[float]:
+def naive_score(gt: COCO, results: list[dict], iou_type: str, image_ids: list[int] | None = None) -> list[float]:
     with contextlib.redirect_stdout(io.StringIO()):  # a user script would print this; we time it only
         coco_eval = COCOeval(gt, gt.loadRes(results), iou_type)
+        if image_ids is not None:
+            coco_eval.params.imgIds = image_ids
         coco_eval.evaluate()
         coco_eval.accumulate()
         coco_eval.summarize()
     return [float(v) for v in coco_eval.stats[:6]]
 
 
-class Stopwatch:
-    """Per-stage wall-clock and process-CPU seconds.
+class Timer:
+    """Wall-clock and process-CPU seconds of one block (CPU time is what a side costs when other
+    jobs share the cores; wall time is what a user waits on a quiet machine)."""
 
-    CPU time is what one side costs even when other jobs share the cores. Wall time is what a
-    user waits on a quiet machine.
-    """
-
-    def __init__(self, *stages: str):
-        self.wall = dict.fromkeys(stages, 0.0)
-        self.cpu = dict.fromkeys(stages, 0.0)
+    def __init__(self) -> None:
+        self.wall = self.cpu = 0.0
 
     @contextlib.contextmanager
-    def __call__(self, stage: str):
+    def __call__(self):
         wall, cpu = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
-            self.wall[stage] = self.wall.get(stage, 0.0) + time.perf_counter() - wall
-            self.cpu[stage] = self.cpu.get(stage, 0.0) + time.process_time() - cpu
+            self.wall += time.perf_counter() - wall
+            self.cpu += time.process_time() - cpu
+
+
+def naive_convert_all(outputs: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(a)'s plain side: paste every image's masks into full-image floats, then encode one by one."""
+    bbox, segm = [], []
+    for image_id, output in enumerate(outputs, start=1):
+        masks = paste_masks_in_image(output["roi_masks"], output["boxes"], output["image_size"])
+        b, s = naive_convert({**output, "masks": masks}, image_id)
+        bbox += b
+        segm += s
+    return bbox, segm
+
+
+def our_convert_all(outputs: list[dict]) -> list[dict]:
+    return ev.predictions_to_coco(outputs, list(range(1, len(outputs) + 1)), LABEL_TO_CAT)
+
+
+def pair(name: str, plain, ours, repeats: int) -> dict:
+    """Run plain() and ours() `repeats` times, alternating which goes first; per-repeat timers."""
+    rows = []
+    for k in range(repeats):
+        timers, answers = {"plain": Timer(), "ours": Timer()}, {}
+        for side in ("plain", "ours") if k % 2 == 0 else ("ours", "plain"):
+            with timers[side]():
+                answers[side] = (plain if side == "plain" else ours)()
+        rows.append(timers)
+        log.info("%s repeat %d/%d: plain %.1fs, ours %.1fs wall", name, k + 1, repeats,
+                 timers["plain"].wall, timers["ours"].wall)
+    return {"name": name, "rows": rows, "answers": answers}
+
+
+def scoring_pair(gt: COCO, results: list[dict], repeats: int) -> dict:
+    def fast():
+        gt.__dict__.pop("_faster_coco_eval_twin", None)  # its ground-truth index is built in every repeat
+        return ev.score_coco(gt, results, backend="faster_coco_eval")
+
+    return pair("(b) scoring", lambda: ev.score_coco(gt, results, backend="pycocotools"), fast, repeats)
+
+
+class SyntheticSplit(torch.utils.data.Dataset):
+    """(c)'s images: the GT ellipses filled with a per-category grey level over noise, as uint8 CHW."""
+
+    def __init__(self, gt: COCO, ids: list[int], seed: int):
+        self.coco, self.ids, self.label_to_cat = gt, ids, LABEL_TO_CAT
+        rng = np.random.default_rng(seed)
+        self.images = []
+        for image_id in ids:
+            info = gt.imgs[image_id]
+            image = rng.integers(0, 60, (info["height"], info["width"], 3), dtype=np.uint8)
+            for ann in gt.imgToAnns[image_id]:
+                image[gt.annToMask(ann).astype(bool)] = 40 + 9 * CAT_IDS.index(ann["category_id"])
+            self.images.append(torch.from_numpy(image).permute(2, 0, 1).contiguous())
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int):
+        return self.images[index], {"image_id": self.ids[index]}
+
+
+def e2e_model(height: int, width: int) -> torch.nn.Module:
+    from trainer.config import ModelConfig
+    from trainer.model import build_model
+
+    torch.manual_seed(0)
+    model, _ = build_model(ModelConfig(backbone="R18", norm="GN", min_size=min(height, width),
+                                           max_size=max(height, width)),
+                           num_classes=len(CAT_IDS) + 1)
+    model.roi_heads.score_thresh = 0.0  # 100 detections per image, as a trained model has on COCO
+    return model.eval()
+
+
+def e2e_pair(gt: COCO, args: argparse.Namespace) -> dict:
+    dataset = SyntheticSplit(gt, list(range(1, args.e2e_images + 1)), args.seed)
+    model = e2e_model(args.height, args.width)  # the images' own size: no resizing
+
+    def plain():
+        bbox, segm = [], []
+        with torch.inference_mode():
+            for image, target in dataset:
+                output = model([image.float() / 255])[0]  # torchvision postprocess: full-image masks
+                b, s = naive_convert(output, target["image_id"])
+                bbox += b
+                segm += s
+        return {**naive_metrics(gt, bbox, "bbox", dataset.ids), **naive_metrics(gt, segm, "segm", dataset.ids)}
+
+    def ours():
+        return ev.evaluate(model, dataset, batch_size=1, backend="faster_coco_eval")
+
+    return pair("(c) end to end", plain, ours, args.repeats)
+
+
+def naive_metrics(gt: COCO, results: list[dict], iou_type: str, image_ids: list[int] | None = None) -> dict:
+    stats = naive_score(gt, results, iou_type, image_ids)
+    return {f"{iou_type}/{m}": v for m, v in zip(ev.METRIC_NAMES, stats)}
 
 
 def run(args: argparse.Namespace) -> None:
@@ -181,39 +282,45 @@ def run(args: argparse.Namespace) -> None:
     rng = np.random.default_rng(args.seed)
     t0 = time.perf_counter()
     gt = build_gt(args, rng)
-    log.info("GT: %d images, %d objects (%.1fs)", args.images, len(gt.anns), time.perf_counter() - t0)
-    naive, ours = Stopwatch("paste masks", "convert"), Stopwatch("backend check", "convert")
-    naive_bbox, naive_segm, our_results = [], [], []
-    for image_id in range(1, args.images + 1):
-        output = fake_outputs(gt, image_id, args, rng)
-        with naive("paste masks"):
-            masks = paste_masks_in_image(output["roi_masks"], output["boxes"], output["image_size"])
-        with naive("convert"):
-            bbox, segm = naive_convert({**output, "masks": masks}, image_id)
-        del masks
-        naive_bbox += bbox
-        naive_segm += segm
-        with ours("convert"):
-            our_results += ev.predictions_to_coco([output], [image_id], LABEL_TO_CAT)
-        if image_id % 1000 == 0:
-            log.info("converted %d/%d images", image_id, args.images)
-    log.info("%d detections", len(our_results))
-
-    naive_metrics = {}
-    for iou_type, results in (("bbox", naive_bbox), ("segm", naive_segm)):
-        with naive(f"score {iou_type}"):
-            stats = naive_score(gt, results, iou_type)
-        naive_metrics.update({f"{iou_type}/{m}": v for m, v in zip(ev.METRIC_NAMES, stats)})
-        log.info("pycocotools %s scored", iou_type)
+    outputs = [fake_outputs(gt, image_id, args, rng) for image_id in range(1, args.images + 1)]
+    log.info("GT: %d images of %dx%d, %d objects; %d detections (%.1fs, untimed)", args.images, args.height,
+             args.width, len(gt.anns), sum(len(o["scores"]) for o in outputs), time.perf_counter() - t0)
+    ev.resolve_backend("faster_coco_eval")  # the bench compares against it: it must be installed
+    conv = pair("(a) conversion", lambda: naive_convert_all(outputs), lambda: our_convert_all(outputs), args.repeats)
+    (naive_bbox, naive_segm), our_results = conv["answers"]["plain"], conv["answers"]["ours"]
+    identical = [r["segmentation"] for r in our_results] == [r["segmentation"] for r in naive_segm]
+    conv["check"] = (f"segm RLEs byte-identical: {identical}; bbox AP / segm AP by pycocotools, plain vs ours: "
+                     + _ap_diff({**naive_metrics(gt, naive_bbox, "bbox"), **naive_metrics(gt, naive_segm, "segm")},
+                                ev.score_coco(gt, our_results, backend="pycocotools")))
     del naive_bbox, naive_segm
+    score = scoring_pair(gt, our_results, args.repeats)
+    score["check"] = "pycocotools vs faster-coco-eval: " + _ap_diff(score["answers"]["plain"], score["answers"]["ours"])
+    e2e = e2e_pair(gt, args)
+    e2e["check"] = "pycocotools path vs ours: " + _ap_diff(e2e["answers"]["plain"], e2e["answers"]["ours"])
+    print(f"\n{args.images} images of {args.height}x{args.width}, {len(our_results)} detections in (a)/(b); "
+          f"{args.e2e_images} images in (c); {args.repeats} repeats; torch threads {args.threads}")
+    report([conv, score, e2e])
 
-    with ours("backend check"):
-        backend = ev.resolve_backend(args.backend)  # "auto" runs its one-time self-check here
-    our_metrics = {}
-    for iou_type in ev.IOU_TYPES:
-        with ours(f"score {iou_type}"):
-            our_metrics.update(ev.score_coco(gt, our_results, iou_types=(iou_type,), backend=backend))
-    report(naive, ours, naive_metrics, our_metrics, backend, len(our_results))
+
+def _ap_diff(a: dict, b: dict) -> str:
+    diff = max(abs(a[k] - b[k]) for k in a)
+    return f"bbox/AP {a['bbox/AP']:.4f} vs {b['bbox/AP']:.4f}, segm/AP {a['segm/AP']:.4f} vs " \
+           f"{b['segm/AP']:.4f}; max |AP difference| over 12 APs {diff:.1e}"
+
+
+def report(pairs: list[dict]) -> None:
+    print(f"{'pair':<16}{'plain wall s':>14}{'ours wall s':>13}{'ratio wall (min-max)':>26}"
+          f"{'ratio cpu (min-max)':>26}")
+    for p in pairs:
+        cells = []
+        for unit in ("wall", "cpu"):
+            ratios = [getattr(r["plain"], unit) / max(getattr(r["ours"], unit), 1e-9) for r in p["rows"]]
+            cells.append(f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})")
+        plain = statistics.median(r["plain"].wall for r in p["rows"])
+        ours = statistics.median(r["ours"].wall for r in p["rows"])
+        print(f"{p['name']:<16}{plain:>14.2f}{ours:>13.2f}{cells[0]:>26}{cells[1]:>26}")
+    for p in pairs:
+        print(f"{p['name']}: {p['check']}")
 
 
 def _rss_mib() -> float:
@@ -252,25 +359,12 @@ def run_memory(args: argparse.Namespace) -> None:
     print(f"  peak RSS {peak:.0f} MiB; bbox/AP {metrics['bbox/AP']:.4f} segm/AP {metrics['segm/AP']:.4f}")
 
 
-def report(naive: Stopwatch, ours: Stopwatch, naive_metrics: dict, our_metrics: dict, backend: str,
-           n: int) -> None:
-    for watch in (naive, ours):
-        watch.wall["total"], watch.cpu["total"] = sum(watch.wall.values()), sum(watch.cpu.values())
-    stages = ["backend check", "paste masks", "convert", "score bbox", "score segm", "total"]
-    print(f"\n{n} detections; (a) torchvision paste + pycocotools, (b) trainer.evaluate with {backend}")
-    print(f"{'stage':<16}{'(a) wall':>12}{'(a) cpu':>12}{'(b) wall':>12}{'(b) cpu':>12}")
-    for stage in stages:
-        cells = [w.get(stage, 0.0) for watch in (naive, ours) for w in (watch.wall, watch.cpu)]
-        print(f"{stage:<16}" + "".join(f"{c:>11.2f}s" for c in cells))
-    print(f"{'metric':<16}{'(a)':>12}{'(b)':>12}")
-    for key in naive_metrics:
-        print(f"{key:<16}{naive_metrics[key]:>12.4f}{our_metrics[key]:>12.4f}")
-    diff = max(abs(naive_metrics[k] - our_metrics[k]) for k in naive_metrics)
-    print(f"speed ratio (a)/(b): {naive.wall['total'] / ours.wall['total']:.2f}x wall, "
-          f"{naive.cpu['total'] / ours.cpu['total']:.2f}x cpu; max |AP difference|: {diff:.2e}")
+def main(argv: list[str] | None = None) -> int:
+    arguments = parse_args(argv)
+    run_memory(arguments) if arguments.memory else run(arguments)
+    return 0
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    arguments = parse_args()
-    run_memory(arguments) if arguments.memory else run(arguments)
+    sys.exit(main())

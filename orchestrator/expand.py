@@ -13,9 +13,7 @@ schedules of a cell share; their ids join the spec hash, so toggling forking is 
 from __future__ import annotations
 
 import copy
-import hashlib
 import itertools
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +22,8 @@ from typing import Any
 from orchestrator.errors import SpecError
 from orchestrator.fork import ForkPlan, Trunk, plan_forks, trunk_identity
 from orchestrator.spec import AXES, Resources, SweepSpec, matches, normalize_axis_value
-from trainer.config import ModelConfig, TrainConfig, build_config, config_identity, config_to_dict
+from trainer.config import ModelConfig, TrainConfig, build_config, config_identity, config_to_dict, flatten
+from trainer.config import digest as _digest
 from trainer.errors import ConfigError
 from trainer.schedule import resolve_schedule
 
@@ -340,17 +339,6 @@ def set_key(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = copy.deepcopy(value)
 
 
-def flat_items(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    """Leaf (dotted key, value) pairs of a nested dict; lists are leaves."""
-    out: list[tuple[str, Any]] = []
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.extend(flat_items(value, name + "."))
-        else:
-            out.append((name, value))
-    return out
-
-
-def _digest(data: Any) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+def flat_items(data: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Leaf (dotted key, value) pairs of a nested dict; lists and empty dicts are leaves."""
+    return list(flatten(data, empty_leaves=True).items())

@@ -22,7 +22,6 @@ step. Pure: no Ray, MLflow, torch.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from orchestrator.spec import AXES
 from trainer.config import TrainConfig, build_config, config_identity, config_to_dict
+from trainer.config import digest as _digest
 from trainer.schedule import resolve_schedule
 
 TRUNK_LABEL = "trunk"  # stands for the schedule in a trunk's name: random-all-trunk-R50
@@ -144,10 +144,6 @@ def trunk_identity(trunk: Trunk) -> dict[str, Any]:
 def trained_iters(total: int, fork: int | None) -> int:
     """Iterations a trial trains itself: all of them, or those after its fork point."""
     return total - (fork or 0)
-
-
-def _digest(data: Any) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------

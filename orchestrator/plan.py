@@ -16,6 +16,7 @@ from typing import Any
 from orchestrator.expand import Expansion, Trial
 from orchestrator.fork import Trunk, trained_iters
 from orchestrator.spec import SweepSpec
+from trainer.resize import resized_area
 from trainer.schedule import resolve_schedule
 
 COCO_TRAIN2017 = 118_287  # images in train2017: the size of data 'all' for epochs
@@ -33,14 +34,6 @@ class PlanRow:
     fork: int | None = None  # where a branch leaves its trunk
     trains: int = 0  # iterations it trains itself (a branch: those after its fork point)
     trains_hours: float = 0.0
-
-
-def resized_area(height: int, width: int, min_size: int, max_size: int) -> int:
-    """Pixels after torchvision's resize: short side to min_size unless the long side passes max_size."""
-    scale = min_size / min(height, width)
-    if max(height, width) * scale > max_size:
-        scale = max_size / max(height, width)
-    return round(height * scale) * round(width * scale)
 
 
 def images_per_s(spec: SweepSpec, backbone: str) -> float:

@@ -27,6 +27,7 @@ from orchestrator.fork import Trunk, checkpoint_file, priorities
 from orchestrator.monitor import LiveView, SweepMonitor
 from orchestrator.spec import SweepSpec, load_spec
 from trainer.config import config_to_dict, flatten
+from trainer.report import hms as _hms
 
 logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -204,6 +205,3 @@ def _total(cfg) -> int:
     return resolve_schedule(cfg.schedule).total_iters
 
 
-def _hms(seconds: float) -> str:
-    s = int(seconds)
-    return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"

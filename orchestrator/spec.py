@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from orchestrator.errors import SpecError
 from orchestrator.retention import KeepCheckpoints
-from trainer.config import ModelConfig, TrainConfig, check_layout_pairs, format_validation_error
+from trainer.config import ModelConfig, TrainConfig, check_layout_pairs, flatten, format_validation_error
 
 # Named axes and the trainer key each one sets. Other axes are dotted trainer keys themselves.
 AXES: dict[str, str] = {
@@ -404,13 +404,6 @@ def trainer_key_exists(dotted: str) -> bool:
     return True
 
 
-def _dotted_keys(data: dict[str, Any], prefix: str = "") -> list[str]:
+def _dotted_keys(data: dict[str, Any]) -> list[str]:
     """Leaf keys of a nested dict; a dotted key written flat ('optim.base_lr': x) stays as is."""
-    keys: list[str] = []
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            keys.extend(_dotted_keys(value, name + "."))
-        else:
-            keys.append(name)
-    return keys
+    return list(flatten(data, empty_leaves=True))

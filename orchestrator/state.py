@@ -30,6 +30,7 @@ from typing import Any
 from orchestrator.errors import SpecChangedError, SweepNotFoundError
 from orchestrator.expand import Expansion, flat_items
 from orchestrator.fork import checkpoint_file
+from trainer.atomic import write_atomic
 from trainer.schedule import resolve_schedule
 
 RECORD = "sweep.json"
@@ -51,11 +52,7 @@ def read_json(path: Path, default: Any = None) -> Any:
 
 def write_json(path: Path, data: Any) -> None:
     """Atomic: readers (status, a second driver) never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=1, sort_keys=True, default=str))
 
 
 def record_divergence(folder: Path, error: Any) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import OrchestratorError
+from trainer.atomic import write_atomic
 
 TOKEN_FILE = ".storage-check"
 
@@ -30,9 +31,7 @@ def write_token(sweep_dir: Path) -> tuple[Path, str]:
     """A fresh token in the sweep folder (a node that reads it back sees this very folder)."""
     token = secrets.token_hex(16)
     path = Path(sweep_dir) / TOKEN_FILE
-    tmp = path.with_name(f"{TOKEN_FILE}.{os.getpid()}.tmp")
-    tmp.write_text(token)
-    tmp.replace(path)
+    write_atomic(path, token)
     return path, token
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable
 
+from trainer.report import hms
+
 STATUS_ORDER = ("RUNNING", "PENDING", "ERROR", "INTERRUPTED", "FINISHED")
 
 
@@ -23,7 +25,7 @@ def duration(seconds: float | None) -> str:
     s = int(round(seconds))
     if s >= 86400:
         return f"{s // 86400}d{s % 86400 // 3600:02d}h"
-    return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+    return hms(s)
 
 
 def _ap(value: Any) -> str:

@@ -10,7 +10,6 @@ then renamed, so a crash never leaves a half-written file under the final name.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import re
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any, Iterable
 
 import torch
 
+from trainer.atomic import write_atomic
 from trainer.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -39,29 +39,7 @@ def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
 
 
 def save_atomic(state: dict[str, Any], path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        torch.save(state, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-    return path
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    return write_atomic(path, lambda fh: torch.save(state, fh))
 
 
 def load(path: Path) -> dict[str, Any]:

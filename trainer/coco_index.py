@@ -35,6 +35,7 @@ from pycocotools import mask as mask_util
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image
 
+from trainer.atomic import fsync_dir
 from trainer.dataset_check import AnnotationFile, box_ok, cache_file, cache_lock
 from trainer.errors import DatasetError
 
@@ -163,6 +164,7 @@ class TrainIndex:
                 np.save(tmp / f"{name}.npy", np.ascontiguousarray(self.arrays[name]))
             (tmp / "done").write_text(INDEX_VERSION)
             os.replace(tmp, folder)
+            fsync_dir(folder.parent)  # a folder, not a file: write_atomic's rename, by hand
         except OSError as exc:  # another rank won the race, or the cache is not writable
             if not (folder / "done").is_file():
                 logger.warning("cannot write train index cache %s (%s); continuing without it", folder, exc)

@@ -9,6 +9,8 @@ before validation; `dump_config` writes the resolved config next to a run's outp
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
@@ -413,16 +415,23 @@ def config_to_dict(cfg: BaseModel) -> dict[str, Any]:
     return cfg.model_dump(mode="json")
 
 
-def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'optim': {'base_lr': 0.02}} -> {'optim.base_lr': 0.02}; used for params and run tables."""
+def flatten(data: Mapping[str, Any], prefix: str = "", empty_leaves: bool = False) -> dict[str, Any]:
+    """{'optim': {'base_lr': 0.02}} -> {'optim.base_lr': 0.02}; used for params, run tables and specs.
+
+    Lists are leaves; an empty mapping is dropped, or kept as a leaf with `empty_leaves`."""
     out: dict[str, Any] = {}
     for key, value in data.items():
         name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(flatten(value, name + "."))
+        if isinstance(value, Mapping) and (value or not empty_leaves):
+            out.update(flatten(value, name + ".", empty_leaves))
         else:
             out[name] = value
     return out
+
+
+def digest(data: Any) -> str:
+    """sha256 hex of a JSON-able value (keys sorted): the ids of trials, trunks, jobs and sweeps."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def config_identity(cfg: TrainConfig) -> dict[str, Any]:
@@ -442,12 +451,9 @@ def config_identity(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def dump_config(cfg: TrainConfig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
-    return path
+    from trainer.atomic import write_atomic
+
+    return write_atomic(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def load_pretrain_config(path: str | Path | None, overrides: Sequence[str] = ()) -> PretrainConfig:

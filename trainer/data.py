@@ -30,6 +30,7 @@ from trainer.coco_index import TrainImages, TrainIndex
 from trainer.config import DataConfig
 from trainer.dataset_check import AnnotationFile, check_split, default_cache_dir
 from trainer.errors import DatasetError
+from trainer.resize import resized_area  # noqa: F401 - re-exported (engine)
 
 logger = logging.getLogger(__name__)
 
@@ -92,12 +93,6 @@ def select_subset(image_ids: Sequence[Any], n: int | str, seed: int) -> list[Any
         raise DatasetError(f"data.train_images: asked for {n} images but the split has only {len(ids)}")
     order = np.random.default_rng(seed).permutation(len(ids))
     return sorted(ids[i] for i in order[: int(n)])
-
-
-def resized_area(height: int, width: int, min_size: int, max_size: int) -> int:
-    """Pixels of an image after Mask R-CNN's resize (short side to min_size, long side capped)."""
-    scale = min(min_size / min(height, width), max_size / max(height, width))
-    return int(round(height * scale)) * int(round(width * scale))
 
 
 def read_image(path: Path) -> torch.Tensor:
@@ -242,6 +237,7 @@ def start_workers(loader: Any) -> Iterator:
 
 
 def collate(batch: list[tuple[torch.Tensor, dict]]) -> tuple[tuple, tuple]:
+    """(image, target) pairs -> (images, targets); module-level so DataLoader workers can pickle it."""
     return tuple(zip(*batch))  # type: ignore[return-value]
 
 

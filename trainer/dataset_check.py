@@ -24,12 +24,12 @@ import hashlib
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from trainer.atomic import write_atomic
 from trainer.errors import DatasetError
 
 logger = logging.getLogger(__name__)
@@ -107,13 +107,10 @@ def cache_lock(path: Path | None):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def write_cache(path: Path, write) -> None:
-    """Atomically write a cache file with `write(tmp_path)`; an unwritable cache only logs."""
+def write_cache(path: Path, text: str) -> None:
+    """Atomically write a cache file; an unwritable cache only logs."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        write(tmp)
-        os.replace(tmp, path)
+        write_atomic(path, text)
     except OSError as exc:
         logger.warning("cannot write dataset cache %s (%s); continuing without it", path, exc)
 
@@ -224,7 +221,7 @@ def _check(ann: AnnotationFile, image_dir: Path, allow_size_mismatch: bool, cach
     dropped = _report(ann, findings, allow_size_mismatch)
     if cache is not None:
         text = json.dumps(findings)
-        write_cache(cache, lambda tmp: Path(tmp).write_text(text))
+        write_cache(cache, text)
     return dropped
 
 

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from trainer import checkpoint as ckpt
 from trainer import speed
+from trainer.backbone import norm_parameters
 from trainer.config import TrainConfig, config_to_dict, dump_config
 from trainer.data import StreamBatchSampler, build_datasets, collate, resized_area, start_workers, to_device_float
 from trainer.errors import CheckpointError, TrainerError
@@ -88,8 +89,7 @@ def init_distributed(runtime, rank: int, world: int, master: str, timeout_s: flo
 
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.SGD:
     """SGD with weight decay `optim.weight_decay_norm` (0, as in the paper) on norm parameters."""
-    norm_types = (torch.nn.GroupNorm, torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm)
-    norm_ids = {id(p) for m in model.modules() if isinstance(m, norm_types) for p in m.parameters(recurse=False)}
+    norm_ids = norm_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if id(p) not in norm_ids], "weight_decay": cfg.weight_decay},

@@ -6,6 +6,9 @@ of model outputs to COCO results (`predictions_to_coco`, re-exported here):
 * `score_coco`: COCO results -> a flat dict of floats ("bbox/AP", ..., "segm/APl") on pycocotools'
   [0, 1] scale, with pycocotools or, when it is installed and agrees with pycocotools on a built-in
   self-check, faster-coco-eval.
+* `RunScorer`: the "auto" backend of one training run, verified on the run's own detections: its
+  first scoring runs both pycocotools and faster-coco-eval, compares every AP to 1e-4 and logs the
+  result; later scorings use faster-coco-eval if they agreed, else pycocotools (with one warning).
 * `evaluate`: inference over a dataset without side effects on the model's train/eval modes or on
   the global RNG state (resumed training must draw the same numbers whether or not it evaluated).
   A torchvision Mask R-CNN is run under `roi_mask_outputs`, so its masks go from the mask head
@@ -39,12 +42,13 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from trainer.data import collate as collate_batch
 from trainer.data import to_device_float
 from trainer.evaluate_convert import EvaluationError, predictions_to_coco, roi_mask_outputs
 
 __all__ = ["EvaluationError", "predictions_to_coco", "score_coco", "resolve_backend", "evaluate", "shard_bounds",
            "to_device_float",
-           "faster_coco_eval_verified", "collate_batch", "IOU_TYPES", "BACKENDS", "METRIC_NAMES"]
+           "faster_coco_eval_verified", "collate_batch", "RunScorer", "IOU_TYPES", "BACKENDS", "METRIC_NAMES"]
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +63,57 @@ BACKEND_TOLERANCE = 1e-4
 # ----------------------------------------------------------------------------- scoring
 
 
+class RunScorer:
+    """The scoring backend of one run, chosen on the run's own detections (not on a synthetic case).
+
+    Passed as `backend` to `score_coco` / `evaluate`. With `requested` "auto" and faster-coco-eval
+    installed, the first non-empty scoring runs both backends on the same results and compares every
+    AP to `BACKEND_TOLERANCE`: `verdict` records the outcome (agreed, max |difference|, compared
+    keys), an INFO line (or one WARNING when they differ) says it, and from then on the run uses
+    faster-coco-eval if they agreed, else pycocotools. The metrics of that first scoring are
+    pycocotools'. Other `requested` values are used as they are, unchecked.
+    """
+
+    def __init__(self, requested: str = "auto"):
+        resolve_backend(requested)  # reject unknown / uninstalled choices up front
+        self.requested = requested
+        self.chosen: str | None = None if requested == "auto" else requested
+        self.verdict: dict[str, Any] | None = None
+        if requested == "auto" and not _faster_coco_eval_importable():
+            self.chosen = "pycocotools"
+
+    def score(self, coco_gt: COCO, results: Sequence[dict], iou_types: Sequence[str],
+              image_ids: Sequence[int] | None) -> dict[str, float]:
+        if self.chosen is not None or not results:
+            return score_coco(coco_gt, results, iou_types, self.chosen or "pycocotools", image_ids)
+        reference = score_coco(coco_gt, results, iou_types, "pycocotools", image_ids)
+        try:
+            fast = score_coco(coco_gt, results, iou_types, "faster_coco_eval", image_ids)
+            diff = max(abs(reference[k] - fast[k]) for k in reference)
+        except Exception as err:  # any failure of the optional backend means "do not use it"
+            fast, diff = {}, float("inf")
+            log.warning("faster-coco-eval failed on this run's detections (%s: %s)", type(err).__name__, err)
+        agreed = diff <= BACKEND_TOLERANCE
+        self.chosen = "faster_coco_eval" if agreed else "pycocotools"
+        self.verdict = {"agreed": agreed, "max_abs_diff": diff, "keys": sorted(reference),
+                        "detections": len(results)}
+        if agreed:
+            log.info("scorer check on this run's %d detections: faster-coco-eval matches pycocotools on all %d "
+                     "APs (max |diff| %.2e <= %.0e): faster-coco-eval scores the rest of the run",
+                     len(results), len(reference), diff, BACKEND_TOLERANCE)
+        else:
+            worst = max(reference, key=lambda k: abs(reference[k] - fast.get(k, float("inf"))))
+            log.warning("scorer check on this run's %d detections: faster-coco-eval differs from pycocotools "
+                        "(%s: %s vs %.6f, max |diff| %.2e > %.0e): pycocotools scores this whole run",
+                        len(results), worst, fast.get(worst), reference[worst], diff, BACKEND_TOLERANCE)
+        return reference
+
+
 def score_coco(
     coco_gt: COCO,
     results: Sequence[dict],
     iou_types: Sequence[str] = IOU_TYPES,
-    backend: str = "auto",
+    backend: "str | RunScorer" = "auto",
     image_ids: Sequence[int] | None = None,
 ) -> dict[str, float]:
     """Score COCO results against `coco_gt`: {"bbox/AP": ..., "segm/APl": ...} in [0, 1] (or -1.0).
@@ -76,6 +126,8 @@ def score_coco(
     unknown = [t for t in iou_types if t not in IOU_TYPES]
     if unknown:
         raise EvaluationError(f"unknown iou_types {unknown}; choose from {list(IOU_TYPES)}")
+    if isinstance(backend, RunScorer):
+        return backend.score(coco_gt, results, iou_types, image_ids)
     chosen = resolve_backend(backend)
     if not results:
         log.warning("no detections to score: every %s metric is 0.0", "/".join(iou_types))
@@ -102,8 +154,10 @@ def _results_for(iou_type: str, results: Sequence[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "bbox"} for r in results]
 
 
-def resolve_backend(backend: str) -> str:
+def resolve_backend(backend: "str | RunScorer") -> str:
     """Map "auto" to the backend actually used; reject unknown or unusable choices."""
+    if isinstance(backend, RunScorer):
+        return backend.chosen or "auto (verified at the first scoring)"
     if backend not in BACKENDS:
         raise EvaluationError(f"unknown eval backend {backend!r}; choose from {list(BACKENDS)}")
     if backend == "pycocotools":
@@ -242,18 +296,13 @@ def _self_check_case() -> tuple[COCO, list[dict]]:
 # ----------------------------------------------------------------------------- inference
 
 
-def collate_batch(batch: Sequence[tuple]) -> tuple:
-    """(image, target) pairs -> (images, targets); module-level so DataLoader workers can pickle it."""
-    return tuple(zip(*batch))
-
-
 def evaluate(
     model: torch.nn.Module,
     dataset: Any,
     *,
     batch_size: int = 2,
     device: torch.device | str = "cpu",
-    backend: str = "auto",
+    backend: "str | RunScorer" = "auto",
     num_workers: int = 0,
     rank: int = 0,
     world_size: int = 1,

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from trainer import checkpoint as ckpt
+from trainer.atomic import write_atomic
 from trainer.errors import NonFiniteLossError
 
 if TYPE_CHECKING:
@@ -71,7 +72,13 @@ class MetricsHook(Hook):
 
 
 class EvalHook(Hook):
-    """COCO bbox/segm AP on the val split every `eval.period` iterations and at the end."""
+    """COCO bbox/segm AP on the val split every `eval.period` iterations and at the end.
+
+    With `eval.backend` "auto" the run's first evaluation scores with both pycocotools and
+    faster-coco-eval and picks the scorer for the rest of the run (`trainer.evaluate.RunScorer`).
+    """
+
+    scorer = None  # this run's RunScorer, made at the first evaluation
 
     def before_train(self, trainer: "Trainer") -> None:
         st = trainer.state
@@ -97,9 +104,13 @@ class EvalHook(Hook):
         if st.iteration:
             CheckpointHook().save(trainer, notify=False)  # training so far survives a failing evaluation
         ec = trainer.cfg.eval
+        if self.scorer is None and ec.backend == "auto":
+            from trainer.evaluate import RunScorer
+
+            self.scorer = RunScorer(ec.backend)
         # Every rank infers on its slice of val; rank 0 gathers and scores (others get {}).
         metrics = evaluate(trainer.bare_model, trainer.val_set, batch_size=ec.batch_size, device=trainer.device,
-                           backend=ec.backend, num_workers=ec.num_workers, rank=trainer.rank,
+                           backend=self.scorer or ec.backend, num_workers=ec.num_workers, rank=trainer.rank,
                            world_size=trainer.world)
         trainer.barrier()
         st.last_eval = {"step": st.iteration, **metrics}
@@ -147,9 +158,7 @@ class FinalMetricsHook(Hook):
         final["iteration"] = float(st.iteration)
         safe = {k: (v if math.isfinite(v) else None) for k, v in final.items()}
         path = trainer.output_dir / "final_metrics.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(safe, indent=2, sort_keys=True))
-        tmp.replace(path)
+        write_atomic(path, json.dumps(safe, indent=2, sort_keys=True))
         trainer.final_metrics = final
 
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from trainer.atomic import write_atomic
+
 logger = logging.getLogger(__name__)
 
 
@@ -73,14 +75,14 @@ class ConsoleReporter(Reporter):
             rate = done / max(time.perf_counter() - self._t0, 1e-9)
             eta = (self._total - step) / rate if rate > 0 else math.inf
             logger.info("iter %d/%d  loss %.4f  lr %.5f  %.2f it/s  eta %s", step, self._total,
-                        metrics["train/loss"], metrics.get("train/lr", float("nan")), rate, _hms(eta))
+                        metrics["train/loss"], metrics.get("train/lr", float("nan")), rate, hms(eta))
         aps = {k: v for k, v in metrics.items() if k in ("bbox/AP", "segm/AP", "bbox/AP50", "segm/AP50",
                                                           "keypoints/AP", "keypoints/AP50", "voc/mAP")}
         if aps:
             logger.info("eval @ %d: %s", step, "  ".join(f"{k} {ap_percent(v)}" for k, v in sorted(aps.items())))
 
     def finish(self, status: str, error: BaseException | None = None) -> None:
-        logger.info("run %s after %s", status, _hms(time.perf_counter() - self._t0))
+        logger.info("run %s after %s", status, hms(time.perf_counter() - self._t0))
 
 
 class JsonlReporter(Reporter):
@@ -102,9 +104,7 @@ class JsonlReporter(Reporter):
             keep = [ln for ln in self.path.read_text().splitlines()
                     if ln.strip() and (_row_step(ln) < info.start_iter or (
                         _row_step(ln) == info.start_iter and (info.evaluated_at_start or not _is_eval_row(ln))))]
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(ln + "\n" for ln in keep))
-            tmp.replace(self.path)
+            write_atomic(self.path, "".join(ln + "\n" for ln in keep))
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         if self.path is None:
@@ -138,7 +138,8 @@ def ap_percent(value: float) -> str:
     return "n/a" if value < 0 or not math.isfinite(value) else f"{100 * value:.1f}%"
 
 
-def _hms(seconds: float) -> str:
+def hms(seconds: float) -> str:
+    """H:MM:SS of a duration ("?" when unknown): progress lines, sweep summaries, the live table."""
     if not math.isfinite(seconds):
         return "?"
     s = int(seconds)

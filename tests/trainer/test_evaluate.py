@@ -188,6 +188,68 @@ def test_faster_coco_eval_matches_pycocotools(coco_gt):
     assert ev.resolve_backend("auto") == "faster_coco_eval"
 
 
+def test_run_scorer_verifies_faster_coco_eval_on_the_runs_own_detections(coco_gt, caplog, monkeypatch):
+    pytest.importorskip("faster_coco_eval")
+    calls = []
+    for name in ("pycocotools", "faster_coco_eval"):
+        runner = ev._BACKEND_RUNNERS[name]
+        monkeypatch.setitem(ev._BACKEND_RUNNERS, name,
+                            lambda *a, _n=name, _r=runner, **k: calls.append(_n) or _r(*a, **k))
+    results = perturbed_results(coco_gt)
+    scorer = ev.RunScorer("auto")
+    assert scorer.chosen is None and ev.resolve_backend(scorer).startswith("auto")
+    with caplog.at_level(logging.INFO, logger="trainer.evaluate"):
+        first = ev.score_coco(coco_gt, results, backend=scorer)
+    assert first == ev.score_coco(coco_gt, results, backend="pycocotools")  # the first answer is pycocotools'
+    assert calls[:4] == ["pycocotools", "pycocotools", "faster_coco_eval", "faster_coco_eval"]  # bbox, segm each
+    assert scorer.chosen == "faster_coco_eval" and scorer.verdict["agreed"]
+    assert scorer.verdict["max_abs_diff"] <= ev.BACKEND_TOLERANCE and scorer.verdict["keys"] == sorted(KEYS)
+    assert any("matches pycocotools on all 12 APs" in r.getMessage() for r in caplog.records)
+    calls.clear()
+    later = ev.score_coco(coco_gt, results, backend=scorer)
+    assert calls == ["faster_coco_eval"] * 2
+    for key in KEYS:
+        assert later[key] == pytest.approx(first[key], abs=ev.BACKEND_TOLERANCE), key
+
+
+def test_run_scorer_keeps_pycocotools_for_the_run_when_the_backends_differ(coco_gt, caplog, monkeypatch):
+    pytest.importorskip("faster_coco_eval")
+    real_fast = ev._BACKEND_RUNNERS["faster_coco_eval"]
+    calls = []
+
+    def off_by_a_little(*args, **kwargs):  # a faster-coco-eval that drifts by 2e-4 on every AP
+        calls.append(1)
+        return real_fast(*args, **kwargs) + 2e-4
+
+    monkeypatch.setitem(ev._BACKEND_RUNNERS, "faster_coco_eval", off_by_a_little)
+    scorer = ev.RunScorer("auto")
+    results = perturbed_results(coco_gt)
+    outputs = perfect_outputs(coco_gt)
+    ev.score_coco(coco_gt, [], backend=scorer)  # nothing to compare on yet: still undecided
+    assert scorer.chosen is None and not calls
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="trainer.evaluate"):
+        first = ev.evaluate(OracleModel(outputs), TinyDataset(coco_gt), backend=scorer)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "pycocotools scores this whole run" in warnings[0].getMessage()
+    assert scorer.chosen == "pycocotools" and not scorer.verdict["agreed"]
+    assert scorer.verdict["max_abs_diff"] == pytest.approx(2e-4, abs=1e-9)
+    assert first == ev.evaluate(OracleModel(outputs), TinyDataset(coco_gt), backend="pycocotools")
+    calls.clear()
+    assert ev.score_coco(coco_gt, results, backend=scorer) == ev.score_coco(coco_gt, results, backend="pycocotools")
+    assert not calls  # the drifting backend is never asked again in this run
+
+
+def test_run_scorer_with_an_explicit_backend_does_not_check(coco_gt, monkeypatch):
+    scorer = ev.RunScorer("pycocotools")
+    assert scorer.chosen == "pycocotools"
+    monkeypatch.setitem(ev._BACKEND_RUNNERS, "faster_coco_eval", lambda *a, **k: pytest.fail("not asked"))
+    ev.score_coco(coco_gt, perturbed_results(coco_gt), backend=scorer)
+    assert scorer.verdict is None
+    monkeypatch.setattr(ev, "_faster_coco_eval_importable", lambda: False)
+    assert ev.RunScorer("auto").chosen == "pycocotools"  # not installed: nothing to verify
+
+
 def test_backend_resolution(monkeypatch):
     assert ev.resolve_backend("auto") in ("pycocotools", "faster_coco_eval")
     assert ev.resolve_backend("pycocotools") == "pycocotools"
@@ -493,3 +555,18 @@ def test_sharded_evaluation_equals_one_process(coco_gt, tmp_path):
     assert [proc.exitcode for proc in procs] == [0, 0]
     assert json.loads((tmp_path / "rank0.json").read_text()) == single
     assert json.loads((tmp_path / "rank1.json").read_text()) == {}
+
+
+def test_a_training_run_checks_its_scorer_once_on_its_first_evaluation(synth_root, tmp_path, caplog):
+    pytest.importorskip("faster_coco_eval")
+    from tests.conftest import tiny_config
+    from trainer.config import build_config
+    from trainer.engine import train
+    from trainer.report import JsonlReporter
+
+    with caplog.at_level(logging.INFO, logger="trainer.evaluate"):
+        train(build_config(tiny_config(synth_root, tmp_path / "run", eval={"period": 3})), reporters=[JsonlReporter()])
+    inferences = [r for r in caplog.records if r.getMessage().startswith("inference on")]
+    checks = [r.getMessage() for r in caplog.records if r.getMessage().startswith("scorer check")]
+    assert len(inferences) == 2 and len(checks) == 1, checks  # evaluations at 3 and 6; one check
+    assert "matches pycocotools on all 12 APs" in checks[0]
