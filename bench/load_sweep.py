@@ -16,8 +16,8 @@ then counts what arrived and prints one table:
                             `keep_checkpoints: none` (a finished trial drops its checkpoints; at
                             ~180 MB each, 200 kept final checkpoints would take 36 GB)
 Side by side on the same server it then times MLflow logging itself: 2,000 steps x 12 keys sent
-(a) one request per step (`MetricLogger.log`, what a trial did before buffering) and (b) through a
-`BufferedMetricLogger` (queue + batched sender, until drained); the final ratio is (b)/(a) rows/s.
+(a) one request per step (`MetricLogger.log`) and (b) in batches (`MetricLogger.log_rows`, what the
+driver's `MetricSync` sends); the final ratio is (b)/(a) rows/s.
 
     python bench/load_sweep.py                 # 200 trials
     python bench/load_sweep.py --trials 20     # a quick look
@@ -84,10 +84,10 @@ def run_sweep(tmp: Path, server: MlflowServer, trials: int) -> dict:
 
 
 def logging_rates(server: MlflowServer, steps: int = 2000, keys: int = 12) -> tuple[float, float]:
-    """Rows/s of per-step requests vs the buffered sender, on two fresh runs of the same server."""
+    """Rows/s of per-step requests vs batched ones (the driver's syncer), on two fresh runs of one server."""
     from mlflow import MlflowClient
 
-    from orchestrator.tracking import BufferedMetricLogger, MetricLogger
+    from orchestrator.tracking import MetricLogger
 
     client = MlflowClient(server.uri)
     exp = client.create_experiment("bench-logging")
@@ -97,14 +97,12 @@ def logging_rates(server: MlflowServer, steps: int = 2000, keys: int = 12) -> tu
     for step, metrics in rows:
         direct.log(step, metrics)
     direct_s = time.perf_counter() - t0
-    buffered = BufferedMetricLogger(MetricLogger(client, client.create_run(exp).info.run_id))
+    batched = MetricLogger(client, client.create_run(exp).info.run_id)
     t0 = time.perf_counter()
-    for step, metrics in rows:
-        buffered.log(step, metrics)
-    left = buffered.close(timeout=600)
-    buffered_s = time.perf_counter() - t0
-    assert left == 0 and buffered.sent == steps * keys
-    return steps * keys / direct_s, steps * keys / buffered_s
+    sent = batched.log_rows(rows)
+    batched_s = time.perf_counter() - t0
+    assert sent == steps * keys, sent
+    return steps * keys / direct_s, steps * keys / batched_s
 
 
 def main() -> int:

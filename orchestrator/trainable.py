@@ -35,6 +35,7 @@ from typing import Any, Iterator
 from orchestrator.errors import ForkError
 from orchestrator.state import recorded_divergence
 from orchestrator.trial_report import append_row, checkpoint_warnings, reporters_for
+from trainer.atomic import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -199,9 +200,7 @@ def run_pretrain_job(cfg: dict[str, Any]) -> str:
             if done.exists():
                 return json.loads(done.read_text())["backbone"]
             path = pretrain(PretrainConfig.model_validate(cfg), resume=True)
-            tmp = done.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"backbone": str(path), "time": time.time()}))
-            tmp.replace(done)
+            write_atomic(done, json.dumps({"backbone": str(path), "time": time.time()}))
             return str(path)
     finally:
         logging.getLogger().removeHandler(handler)
