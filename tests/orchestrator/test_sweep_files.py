@@ -24,16 +24,16 @@ def test_demo_has_every_axis_twice_and_the_pretrain_job():
 
 
 def test_demo_iteration_budget():
-    """What the 15-minute budget was sized for: 3,000 iterations planned, 2,600 with forking."""
+    """What the 15-minute budget was sized for: 2,000 iterations planned, 1,734 with forking."""
     exp = expand(load_spec(REPO / "sweeps" / "demo.yaml"))
     totals = sorted(resolve_schedule(t.config.schedule).total_iters for t in exp.trials)
-    assert totals == [300, 300, 300, 300, 900, 900]
+    assert totals == [200, 200, 200, 200, 600, 600]
     trunks = sum(tr.stop for tr in exp.forks.trunks)
     branches = sum(resolve_schedule(t.config.schedule).total_iters - exp.forks.branches[t.trial_id][1]
                    for t in exp.trials if t.trial_id in exp.forks.branches)
     alone = sum(resolve_schedule(t.config.schedule).total_iters for t in exp.trials
                 if t.trial_id not in exp.forks.branches)
-    assert (trunks, branches, alone) == (1600, 400, 600)
+    assert (trunks, branches, alone) == (1066, 268, 400)
 
 
 def test_laptop_paper_has_c3s_data_sizes_and_its_budget():
