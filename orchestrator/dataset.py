@@ -67,7 +67,7 @@ def generate(ds: Dataset) -> None:
         generate_detection(root, seed=g.seed, num_train=g.train, num_val=g.val, width=g.size, height=g.size)
     if g.classification:
         generate_classification(root, seed=g.seed, per_class_train=g.cls_train, per_class_val=g.cls_val,
-                                size=g.cls_size, classes=g.cls_classes)
+                                size=g.cls_size, classes=g.cls_classes, detection_shapes=g.cls_detection_shapes)
     (root / MARKER).write_text(json.dumps(g.model_dump()))
 
 

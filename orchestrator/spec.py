@@ -72,6 +72,16 @@ class Generate(_Strict):
     cls_val: int = Field(60, gt=0)
     cls_size: int = Field(32, gt=0)
     cls_classes: int = Field(16, ge=2, le=16)  # the classification set's classes (trainer.synthetic)
+    # False: the classification classes are shapes the detection set lacks (then at most 12), as a
+    # pre-training set whose categories are not the target task's.
+    cls_detection_shapes: bool = True
+
+    @model_validator(mode="after")
+    def _classes_exist(self) -> Generate:
+        if not self.cls_detection_shapes and self.cls_classes > 12:
+            raise ValueError(f"cls_classes is {self.cls_classes}, but without the detection shapes "
+                             "(cls_detection_shapes: false) the generator has 12 classification shapes")
+        return self
 
 
 class Dataset(_Strict):

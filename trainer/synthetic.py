@@ -11,7 +11,8 @@ get polygons, occluded ones compressed RLE, crowd clusters (iscrowd=1) uncompres
 
 Classification set, torchvision ImageFolder layout (backbone pretraining, the ImageNet stand-in):
     OUT/classification/{train,val}/<shape name>/<5-digit index>.png
-It has more classes than detection (16 by default: the 4 detection shapes and 12 more), one labelled
+It has more classes than detection (16 by default: the 4 detection shapes and 12 more; or only the 12
+shapes detection does not have, `--cls-no-detection-shapes`), one labelled
 shape per crop at varied scale over textured backgrounds and smaller distractor shapes, and is drawn
 from its own random streams: it never holds a detection image or label.
 
@@ -217,21 +218,25 @@ def generate_detection(
 
 def generate_classification(
     out: Path, *, seed: int = 0, per_class_train: int = 300, per_class_val: int = 60, size: int = 32,
-    classes: int = len(CLS_SHAPES),
+    classes: int = len(CLS_SHAPES), detection_shapes: bool = True,
 ) -> dict[str, Any]:
-    """Write OUT/classification/{train,val}/<class>/NNNNN.png for the first `classes` of CLS_SHAPES;
-    return {"root", "classes", "seconds", "splits": {split: {"dir", "per_class", "images"}}}. Raises
-    ConfigError on impossible arguments."""
+    """Write OUT/classification/{train,val}/<class>/NNNNN.png for the first `classes` of CLS_SHAPES, or
+    with `detection_shapes=False` of the classification-only shapes (none of the detection set's
+    categories, not even as clutter); return {"root", "classes", "seconds", "splits": {split: {"dir",
+    "per_class", "images"}}}. Raises ConfigError on impossible arguments."""
     out = _check_out(out)
     _check_count("seed", seed)
     _check_count("per_class_train (--cls-train)", per_class_train)
     _check_count("per_class_val (--cls-val)", per_class_val)
     _check_side("crop size (--cls-size)", size)
-    if not isinstance(classes, numbers.Integral) or not 2 <= classes <= len(CLS_SHAPES):
-        raise ConfigError(f"classes (--cls-classes) must be an integer in [2, {len(CLS_SHAPES)}], got {classes!r}")
+    first = 0 if detection_shapes else len(SHAPES)
+    most = len(CLS_SHAPES) - first
+    if not isinstance(classes, numbers.Integral) or not 2 <= classes <= most:
+        without = "" if detection_shapes else " without the detection shapes"
+        raise ConfigError(f"classes (--cls-classes) must be an integer in [2, {most}]{without}, got {classes!r}")
     start = time.perf_counter()
     root = out / "classification"
-    names_of = CLS_SHAPES[:classes]
+    names_of = CLS_SHAPES[first:first + classes]
     splits: dict[str, Any] = {}
     for split, per_class in (("train", per_class_train), ("val", per_class_val)):
         progress = _Progress(f"classification {split}", per_class * classes)
@@ -240,7 +245,7 @@ def generate_classification(
             class_dir = root / split / name
             _prepare_dir(class_dir, names, _CLS_NAME)
             for i in range(per_class):
-                crop = draw_crop(_rng(seed, ("cls", split), c, i), c, size, classes)
+                crop = draw_crop(_rng(seed, ("cls", split), c, i), first + c, size, classes, first)
                 _save_png(class_dir / f"{i:05d}.png", crop)
                 progress.tick(c * per_class + i + 1)
         _remove_stale_classes(root / split, set(names_of))
@@ -336,6 +341,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cls-size", type=int, default=32, help="classification crop side (default 32)")
     p.add_argument("--cls-classes", type=int, default=len(CLS_SHAPES),
                    help=f"classification classes, 2..{len(CLS_SHAPES)} (default {len(CLS_SHAPES)})")
+    p.add_argument("--cls-no-detection-shapes", action="store_true",
+                   help="classification classes from the shapes the detection set does not have (at most "
+                        f"{len(CLS_SHAPES) - len(SHAPES)})")
     p.add_argument("--keypoints", action="store_true",
                    help="write the person-keypoint set (person_keypoints_{train,val}.json) instead of shapes")
     p.add_argument("--voc", action="store_true",
@@ -377,7 +385,7 @@ def _run(args: argparse.Namespace) -> str:
     if args.classification:
         cls = generate_classification(
             args.out, seed=args.seed, per_class_train=args.cls_train, per_class_val=args.cls_val,
-            size=args.cls_size, classes=args.cls_classes,
+            size=args.cls_size, classes=args.cls_classes, detection_shapes=not args.cls_no_detection_shapes,
         )  # fmt: skip
         parts.append(f"{args.cls_classes}x{args.cls_train} train + {args.cls_classes}x{args.cls_val} val "
                      f"classification crops in {cls['seconds']:.1f}s")  # fmt: skip

@@ -287,15 +287,16 @@ def draw_scene(
     return _finish(rng, img), layers
 
 
-def draw_crop(rng: np.random.Generator, shape: int, size: int, classes: int = len(CLS_SHAPES)) -> np.ndarray:
+def draw_crop(rng: np.random.Generator, shape: int, size: int, classes: int = len(CLS_SHAPES),
+              first: int = 0) -> np.ndarray:
     """A classification crop (uint8 size x size x 3): one shape of class `shape` (index into CLS_SHAPES)
-    on a textured background, above up to MAX_CLUTTER smaller distractors of any of the first
-    `classes` classes (clutter, as in ImageNet photos: the label is the salient object)."""
+    on a textured background, above up to MAX_CLUTTER smaller distractors of any of the set's classes
+    CLS_SHAPES[first:first + classes] (clutter, as in ImageNet photos: the label is the salient object)."""
     bg = background(rng, size, size)
     avoid = bg.mean(axis=(0, 1))
     img = bg
     for _ in range(int(rng.integers(MAX_CLUTTER + 1))):
-        other = int(rng.integers(classes))
+        other = first + int(rng.integers(classes))
         poly = shape_polygon(rng, other, *_place(rng, size, size, CLUTTER_SCALE))
         img = np.where(rasterize([poly], size, size)[..., None], object_fill(rng, size, size, avoid), img)
     poly = shape_polygon(rng, shape, *_place(rng, size, size, CROP_SCALE))

@@ -35,6 +35,7 @@ def test_tiny_spec_loads(tmp_path):
     ({"name": "bad name!"}, "name"),
     ({"dataset__train_split": "train2017"}, "dataset.generate"),
     ({"tracking__metric_period": 0}, "tracking.metric_period"),
+    ({"dataset__generate__cls_detection_shapes": False}, "without the detection shapes"),
     ({"tracking__period": 10}, "tracking.period"),
 ])
 def test_bad_specs_name_the_field(tmp_path, change, needle):

@@ -145,6 +145,18 @@ def test_classification_loads_with_imagefolder(tmp_path: Path) -> None:
         generate_classification(tmp_path, classes=len(CLS_SHAPES) + 1)
 
 
+def test_classification_without_the_detection_shapes(tmp_path: Path) -> None:
+    """A pre-training set whose categories are not the target's: only the 12 classification-only shapes."""
+    from torchvision.datasets import ImageFolder
+
+    res = generate_classification(tmp_path, per_class_train=1, per_class_val=1, size=32, detection_shapes=False,
+                                  classes=12)
+    assert res["classes"] == list(CLS_SHAPES[len(SHAPES):])
+    assert ImageFolder(str(tmp_path / "classification" / "train")).classes == sorted(CLS_SHAPES[len(SHAPES):])
+    with pytest.raises(ConfigError, match="without the detection shapes"):
+        generate_classification(tmp_path, classes=13, detection_shapes=False)
+
+
 def test_classification_is_drawn_apart_from_detection(tmp_path: Path) -> None:
     """Same seed, same size: no classification crop is a detection image (separate random streams)."""
     generate_detection(tmp_path, seed=0, num_train=8, num_val=2, width=32, height=32)
