@@ -78,9 +78,14 @@ class Generate(_Strict):
 
     @model_validator(mode="after")
     def _classes_exist(self) -> Generate:
-        if not self.cls_detection_shapes and self.cls_classes > 12:
+        if self.cls_detection_shapes:
+            return self
+        from trainer.synthetic_draw import CLS_SHAPES, SHAPES  # the generator's own count, not a copy
+
+        most = len(CLS_SHAPES) - len(SHAPES)
+        if self.cls_classes > most:
             raise ValueError(f"cls_classes is {self.cls_classes}, but without the detection shapes "
-                             "(cls_detection_shapes: false) the generator has 12 classification shapes")
+                             f"(cls_detection_shapes: false) the generator has {most} classification shapes")
         return self
 
 
