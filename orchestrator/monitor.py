@@ -25,12 +25,13 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from orchestrator import state as st
-from orchestrator.view import render
+from orchestrator.view import render, total_line
 
 logger = logging.getLogger(__name__)
 
 # Keys a trial adds to every report (the rest are trainer metrics).
 K_ITER, K_TOTAL, K_ATTEMPT, K_EVENT, K_RUN = "trial/iteration", "trial/total", "trial/attempt", "trial/event", "trial/run_id"
+LOG_PERIOD = 60.0  # s between progress log lines when the table is not redrawn on a terminal
 
 
 class LiveView:
@@ -81,6 +82,7 @@ class SweepMonitor:
                 row["status"] = st.PENDING  # its process died with the previous driver
             self.trials[t["trial_id"]] = row
         self._dirty_at = 0.0
+        self._logged = 0.0
         self.save(force=True)
 
     # -- events (called from the Tune callback) ------------------------------------------------
@@ -162,11 +164,16 @@ class SweepMonitor:
 
     # -- output --------------------------------------------------------------------------------
     def rows(self) -> list[dict[str, Any]]:
-        return list(self.trials.values())
+        """The tasks, then the pretrain jobs (read from their folders: they report to no one)."""
+        jobs = [st.pretrain_row(self.sweep_dir, j["name"]) for j in self.record.get("pretrain", [])]
+        return list(self.trials.values()) + jobs
 
     def tick(self, force: bool = False) -> None:
-        self.view.show(render(f"sweep {self.record['name']} ({self.sweep_dir})", self.rows(),
-                              time.time() - self.started), force=force)
+        rows, elapsed = self.rows(), time.time() - self.started
+        self.view.show(render(f"sweep {self.record['name']} ({self.sweep_dir})", rows, elapsed), force=force)
+        if not (self.view.enabled and self.view.tty) and (force or time.monotonic() - self._logged >= LOG_PERIOD):
+            self._logged = time.monotonic()  # no table redrawn in place: a log line a minute says how far it got
+            logger.info("progress: %s", total_line(rows, elapsed))
         if self._dirty_at and time.monotonic() - self._dirty_at > 2.0:
             self.save(force=True)
 
