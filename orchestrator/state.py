@@ -301,7 +301,7 @@ def pretrain_row(sweep_dir: Path, name: str) -> dict[str, Any]:
     elif progress:
         row["status"] = RUNNING
         if progress.get("rate"):
-            row.update(rate=None, eta_s=(row["total"] - row["iteration"]) / progress["rate"])
+            row["eta_s"] = (row["total"] - row["iteration"]) / progress["rate"]
     return row
 
 
