@@ -10,6 +10,10 @@ A trial whose loss became non-finite records diverged.json in its folder (`state
 it is failed at once, with the iteration and loss as the reason in the table, state.json and its
 run's `failure_reason` tag, and never trained again.
 
+The table's rows are the tasks, then the pretrain jobs (read from their folders' progress.json). Where
+the table is not redrawn in place (no terminal, or `--no-view`), the driver logs its total line once a
+minute.
+
 Schedule forking: a trunk has no MLflow run of its own; while it trains, its branches' runs are
 RUNNING (the syncer puts the trunk's rows up to each fork point into each branch's run).
 """

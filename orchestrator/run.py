@@ -27,7 +27,7 @@ from orchestrator.fork import Trunk, checkpoint_file, priorities
 from orchestrator.monitor import LiveView, SweepMonitor
 from orchestrator.spec import SweepSpec, load_spec
 from trainer.config import config_to_dict, flatten
-from trainer.report import hms as _hms
+from orchestrator.view import duration
 
 logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -141,7 +141,7 @@ def run(spec_path: Path, *, storage: Path | None = None, must_exist: bool = Fals
     for name, why in failed.items():
         logger.error("pretrain job %s failed: %s; the trials on its backbone could not run", name, why)
     logger.info("sweep %s %s in %s; %d iterations trained (plan: %d)", spec.name, status.lower(),
-                _hms(time.time() - t0), st.trained_iterations(sweep_dir, [t["name"] for t in tasks]),
+                duration(time.time() - t0), st.trained_iterations(sweep_dir, [t["name"] for t in tasks]),
                 sum(t["total"] - (t.get("fork") or {}).get("at", 0) for t in tasks))
     return 0 if status == "FINISHED" else 1
 

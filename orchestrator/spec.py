@@ -1,6 +1,7 @@
 """The sweep spec: a YAML file validated by one strict pydantic model per level.
 
-Owns the schema (what a sweep may say), `${ENV}` interpolation, and the checks that need more than
+Owns the schema (what a sweep may say), `${ENV}` interpolation (a bare `$ENV` is warned about, not
+expanded), and the checks that need more than
 types: axis values, exclusion rules, overrides and dotted trainer keys. Everything here is pure: no
 Ray, no MLflow, no torch. A spec looks like
 

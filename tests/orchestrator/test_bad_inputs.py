@@ -249,6 +249,8 @@ def _trainer_cfg(data: Path, out: Path) -> dict[str, Any]:
 # (case id, change of the config dict or raw text, --set overrides, what the error line must say)
 TRAINER_CASES: list[tuple[str, Any, list[str], str]] = [
     ("yaml-syntax", "optim: {base_lr: 0.1\n", [], "line"),
+    ("duplicate-key", "optim: {base_lr: 0.1}\nschedule: 1x\noptim: {base_lr: 0.2}\n", [],
+     "line 3: duplicate key 'optim' (first at line 1)"),
     ("unknown-key", {"optim": {"lr": 0.1}}, [], "unknown key 'optim.lr'"),
     ("wrong-type", {"optim": {"base_lr": "fast"}}, [], "optim.base_lr"),
     ("bad-override", {}, ["optim.base_lr=-1"], "optim.base_lr"),

@@ -157,3 +157,23 @@ def test_status_json(tmp_path, capsys):
     first = data["rows"][0]
     assert first["status"] == "FINISHED" and first["bbox/AP"] == 0.25 and first["axes"]["data"] == "all"
     assert [r["name"] for r in data["rows"]] == [t.name for t in exp.trials]
+
+
+def test_live_table_has_pretrain_rows_and_logs_progress_without_a_tty(tmp_path, caplog):
+    import io
+
+    from orchestrator.monitor import LiveView, SweepMonitor
+
+    exp, sweep = _sweep(tmp_path, grid={"init": ["random", "pretrained:shapes"], "backbone": ["R18"]},
+                        pretrain={"shapes": {"config": {"backbone": "R18", "iters": 40, "batch_size": 8}}})
+    folder = pretrain_dir(sweep, "shapes")
+    folder.mkdir(parents=True)
+    write_json(folder / "progress.json", {"iteration": 8, "total": 40, "rate": None, "time": 0})
+    out = io.StringIO()  # not a terminal: the table every `period` s, and a log line a minute
+    monitor = SweepMonitor(sweep, json.loads((sweep / "sweep.json").read_text()), view=LiveView(out=out))
+    with caplog.at_level("INFO", logger="orchestrator.monitor"):
+        monitor.tick()
+        monitor.tick()  # within the minute: no second line
+    assert "pretrain:shapes" in out.getvalue() and "8/40" in out.getvalue()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress: ")]
+    assert len(lines) == 1 and "total: 2 trials (2 pending)" in lines[0] and "pretrain 0/1 done" in lines[0]
