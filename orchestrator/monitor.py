@@ -78,6 +78,8 @@ class SweepMonitor:
                    "iteration": prev.get("iteration", 0), "attempts": prev.get("attempts", 0)}
             if t.get("role") == "trunk":
                 row["role"] = "trunk"
+            if t.get("needs"):
+                row["needs"] = list(t["needs"])  # pretrain jobs it waits for (view.render)
             if t.get("fork"):
                 self.branches.setdefault(t["fork"]["trunk_id"], []).append((t["trial_id"], int(t["fork"]["at"])))
                 row.update(role="branch", start=int(t["fork"]["at"]))

@@ -30,6 +30,8 @@ def status_rows(sweep_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
                                "iteration": max(int(prev.get("iteration") or 0), int(disk.get("iteration") or 0))}
         if trunk:
             row["role"] = "trunk"
+        if t.get("needs"):
+            row["needs"] = list(t["needs"])  # pretrain jobs it waits for (view.render)
         if t.get("fork"):
             row.update(role="branch", start=int(t["fork"]["at"]))
         for key in ("bbox/AP", "segm/AP"):

@@ -3,7 +3,7 @@
 Pure text rendering, shared by the live terminal view of `run` and by `status` (which builds the
 rows from the stored state without Ray). AP is printed in percent, as the paper prints it (the row
 and MLflow hold COCO's fractions in [0, 1]). A row is a plain dict:
-    {"name", "status", "iteration", "total", "bbox/AP", "segm/AP", "eta_s", "attempts"}
+    {"name", "status", "iteration", "total", "bbox/AP", "segm/AP", "eta_s", "attempts", "needs"}
 a failed trial's one-line "reason" (printed under the table), and, with schedule forking, "role"
 ("trunk" | "branch") and a branch's "start" (its fork point): the
 total line counts the iterations each task trains itself, so it adds up to the forked plan. A pretrain
@@ -39,9 +39,10 @@ def render(title: str, rows: list[dict[str, Any]], elapsed_s: float | None = Non
     head = (f"{'#':>3}  {'trial':<{width}}  {'state':<11}  {'iter/total':>17}  {'box AP%':>7}  {'mask AP%':>8}  "
             f"{'ETA':>8}")
     lines = [title, head, "-" * len(head)]
+    done = {r["name"] for r in rows if r.get("role") == "pretrain" and r.get("status") == "FINISHED"}
     for i, r in enumerate(rows):
         retry = f"*{r['attempts']}" if r.get("attempts", 1) > 1 else ""
-        state, progress = _progress(r)
+        state, progress = _progress(r, done)
         lines.append(f"{i:>3}  {r['name']:<{width}}  {state + retry:<11}  {progress:>17}  {_ap(r.get('bbox/AP')):>7}  "
                      f"{_ap(r.get('segm/AP')):>8}  {duration(r.get('eta_s')):>8}")
     lines.append(total_line(rows, elapsed_s))
@@ -50,10 +51,14 @@ def render(title: str, rows: list[dict[str, Any]], elapsed_s: float | None = Non
     return "\n".join(lines)
 
 
-def _progress(r: dict[str, Any]) -> tuple[str, str]:
-    """(state, iter/total) of a row. A branch not started shows what it waits for, not its fork point
-    (which would read as progress): its trunk's checkpoint there, or, once that is on disk, a slot."""
+def _progress(r: dict[str, Any], jobs_done: set[str]) -> tuple[str, str]:
+    """(state, iter/total) of a row. A task not started shows what it waits for: a pretrain job (of the
+    rows' `pretrain:NAME` jobs, those not finished); a branch its trunk's checkpoint at its fork point
+    (shown instead of the fork point, which would read as progress), or, once that is on disk, a slot."""
     it, total, state = int(r.get("iteration") or 0), int(r.get("total") or 0), r.get("status") or "PENDING"
+    waits = [f"pretrain:{job}" for job in r.get("needs") or () if f"pretrain:{job}" not in jobs_done]
+    if state == "PENDING" and waits:
+        return "WAITING", f"for {waits[0]}"
     if r.get("role") == "branch" and state == "PENDING":
         start = int(r.get("start") or 0)
         return ("WAITING", f"for trunk @ {start}") if it < start else ("PENDING", f"ready @ {start}")

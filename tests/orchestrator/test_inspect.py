@@ -101,6 +101,10 @@ def test_plan_json_matches_the_table(tmp_path, capsys):
 # status: --json, pretrain rows, a waiting branch
 
 
+def _row(table: str, name: str) -> str:
+    return next(line for line in table.splitlines() if line.split()[1:2] == [name])
+
+
 def _sweep(tmp_path, **changes):
     exp = expand(parse_spec(tiny_spec(tmp_path, **changes)))
     sweep = tmp_path / "runs" / "tiny"
@@ -112,23 +116,29 @@ def test_status_shows_pretrain_jobs_with_their_own_progress(tmp_path, capsys):
     exp, sweep = _sweep(tmp_path, grid={"init": ["random", "pretrained:shapes"], "backbone": ["R18"]},
                         pretrain={"shapes": {"config": {"backbone": "R18", "iters": 40, "batch_size": 8}}})
     out = _out(capsys, ["status", str(sweep)])
-    row = next(line for line in out.splitlines() if "pretrain:shapes" in line)
+    row = _row(out, "pretrain:shapes")
     assert "PENDING" in row and "pretrain 0/1 done" in out
+    waiting = _row(out, "shapes-all-1x-R18")
+    assert "WAITING" in waiting and "for pretrain:shapes" in waiting  # not a bare PENDING
+    plain = _row(out, "random-all-1x-R18")
+    assert "PENDING" in plain and "0/6" in plain
     # What trainer.pretrain writes as it trains, then what the sweep's pretrain task writes when done.
     folder = pretrain_dir(sweep, "shapes")
     folder.mkdir(parents=True)
     write_json(folder / "progress.json", {"iteration": 20, "total": 40, "rate": 2.0, "time": 0})
     write_json(sweep / "state.json", {"driver": {"pid": 999999999, "host": "elsewhere-host-x", "started": 1.0,
                                                  "updated": 2.0}, "trials": {}})
-    row = next(line for line in _out(capsys, ["status", str(sweep)]).splitlines() if "pretrain:shapes" in line)
+    row = _row(_out(capsys, ["status", str(sweep)]), "pretrain:shapes")
     assert "RUNNING" in row and "20/40" in row and "0:00:10" in row  # ETA: 20 iterations at 2 it/s
     data = json.loads(_out(capsys, ["status", str(sweep), "--json"]))
     job = next(r for r in data["rows"] if r["name"] == "pretrain:shapes")
     assert job["role"] == "pretrain" and job["iteration"] == 20 and job["total"] == 40
     write_json(folder / "done.json", {"backbone": "x"})
     out = _out(capsys, ["status", str(sweep)])
-    row = next(line for line in out.splitlines() if "pretrain:shapes" in line)
+    row = _row(out, "pretrain:shapes")
     assert "FINISHED" in row and "40/40" in row and "pretrain 1/1 done" in out
+    waiting = _row(out, "shapes-all-1x-R18")
+    assert "PENDING" in waiting and "0/6" in waiting  # the backbone is there: it waits for a slot only
     assert "total: 2 trials" in out  # the job is not counted as a trial
 
 
