@@ -36,15 +36,16 @@ def _ap(value: Any) -> str:
 def render(title: str, rows: list[dict[str, Any]], elapsed_s: float | None = None) -> str:
     """The table and its total line, as text (no trailing newline)."""
     width = max([len(r["name"]) for r in rows] + [5])
-    head = (f"{'#':>3}  {'trial':<{width}}  {'state':<11}  {'iter/total':>17}  {'box AP%':>7}  {'mask AP%':>8}  "
+    done = {r["name"] for r in rows if r.get("role") == "pretrain" and r.get("status") == "FINISHED"}
+    shown = [_progress(r, done) for r in rows]
+    wide = max([len(p) for _, p in shown] + [17])
+    head = (f"{'#':>3}  {'trial':<{width}}  {'state':<11}  {'iter/total':>{wide}}  {'box AP%':>7}  {'mask AP%':>8}  "
             f"{'ETA':>8}")
     lines = [title, head, "-" * len(head)]
-    done = {r["name"] for r in rows if r.get("role") == "pretrain" and r.get("status") == "FINISHED"}
-    for i, r in enumerate(rows):
+    for i, (r, (state, progress)) in enumerate(zip(rows, shown)):
         retry = f"*{r['attempts']}" if r.get("attempts", 1) > 1 else ""
-        state, progress = _progress(r, done)
-        lines.append(f"{i:>3}  {r['name']:<{width}}  {state + retry:<11}  {progress:>17}  {_ap(r.get('bbox/AP')):>7}  "
-                     f"{_ap(r.get('segm/AP')):>8}  {duration(r.get('eta_s')):>8}")
+        lines.append(f"{i:>3}  {r['name']:<{width}}  {state + retry:<11}  {progress:>{wide}}  "
+                     f"{_ap(r.get('bbox/AP')):>7}  {_ap(r.get('segm/AP')):>8}  {duration(r.get('eta_s')):>8}")
     lines.append(total_line(rows, elapsed_s))
     # Why a trial failed (e.g. "diverged: loss nan at iteration 7"), one line each under the table.
     lines.extend(f"  ! {r['name']}: {r['reason']}" for r in rows if r.get("status") == "ERROR" and r.get("reason"))
