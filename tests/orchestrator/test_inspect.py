@@ -187,3 +187,19 @@ def test_live_table_has_pretrain_rows_and_logs_progress_without_a_tty(tmp_path, 
     assert "pretrain:shapes" in out.getvalue() and "8/40" in out.getvalue()
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress: ")]
     assert len(lines) == 1 and "total: 2 trials (2 pending)" in lines[0] and "pretrain 0/1 done" in lines[0]
+
+
+def test_status_reads_a_real_pretrain_jobs_progress(tmp_path, capsys, synth_cls_root):
+    """What trainer.pretrain itself writes in the sweep's pretrain folder is what `status` shows."""
+    from trainer.pretrain import load_pretrain_config, pretrain
+
+    exp, sweep = _sweep(tmp_path, grid={"init": ["random", "pretrained:shapes"], "backbone": ["R18"]},
+                        pretrain={"shapes": {"config": {"backbone": "R18", "iters": 6, "batch_size": 8}}})
+    cfg = load_pretrain_config(None, [f"data_root={synth_cls_root}", f"output_dir={pretrain_dir(sweep, 'shapes')}",
+                                      "backbone=R18", "norm=GN", "image_size=32", "iters=6", "batch_size=8",
+                                      "num_workers=0", "threads=1", "checkpoint_period=3", "log_period=3"])
+    pretrain(cfg, stop_after=3)  # a job cut short: its driver is gone
+    write_json(sweep / "state.json", {"driver": {"pid": 999999999, "host": "elsewhere-host-x", "started": 1.0,
+                                                 "updated": 2.0, "finished": 3.0, "status": "KILLED"}, "trials": {}})
+    row = _row(_out(capsys, ["status", str(sweep)]), "pretrain:shapes")
+    assert "INTERRUPTED" in row and "3/6" in row, row
