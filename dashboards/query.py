@@ -4,7 +4,8 @@
 its name plus a tracking URI) without touching MLflow; `load_sweep` reads its newest parent run and
 that run's child runs into two tidy tables:
 
-- `trials`: one row per child run (name, run id, status, the four axes, init kind, iterations);
+- `trials`: one row per child run (name, run id, status, the four axes, its replicate and runtime.seed,
+  init kind, iterations);
 - `metrics`: one row per (trial, metric, step) for the AP metrics (`bbox/*`, `segm/*`: every
   evaluation) and one per (trial, metric) for the cost (`seen/*`: its latest point).
 
@@ -29,7 +30,7 @@ logger = logging.getLogger(__name__)
 REPORT_PREFIXES = ("bbox/", "segm/", "seen/", "keypoints/", "voc/")  # keypoints/voc: dashboards.tasks
 LAST_ONLY = ("seen/",)  # read as the run's latest point, not a history (see _run_points)
 AXES = ("init", "data", "schedule", "backbone")
-TRIAL_COLUMNS = ["name", "run_id", "trial_id", "status", *AXES, "init_kind", "model_init", "total_iters", "norm",
+TRIAL_COLUMNS = ["name", "run_id", "trial_id", "status", *AXES, "replicate", "seed", "init_kind", "model_init", "total_iters", "norm",
                  "body_norm"]
 METRIC_COLUMNS = ["name", "metric", "step", "value"]
 
@@ -161,7 +162,8 @@ def _trial_row(run: Any) -> dict[str, Any]:
     tags, params = run.data.tags, run.data.params
     axes = {a: tags.get(f"axis.{a}", "") for a in AXES}
     return {"name": run.info.run_name, "run_id": run.info.run_id, "trial_id": tags.get("trial_id", ""),
-            "status": run.info.status, **axes, "init_kind": init_kind(axes["init"]),
+            "status": run.info.status, **axes, "replicate": tags.get("axis.replicate") or "0",
+            "seed": params.get("runtime.seed", "0"), "init_kind": init_kind(axes["init"]),
             "model_init": params.get("model.init", ""), "total_iters": _total_iters(params),
             "norm": params.get("model.norm", ""), "body_norm": _body_norm(tags, params)}
 
@@ -197,6 +199,7 @@ def log_claims(target: SweepTarget, parent_id: str, claims: dict[str, Any]) -> N
     `claim.C1` ... tag each, so the runs table shows them without opening the report."""
     client = _client(target.uri)
     client.log_dict(parent_id, claims, "claims.json")
-    for key, claim in claims.items():
-        client.set_tag(parent_id, f"claim.{key}", claim["verdict"])
-    logger.info("claims logged to run %s: %s", parent_id, ", ".join(f"{k} {c['verdict']}" for k, c in claims.items()))
+    verdicts = {key: c["verdict"] for key, c in claims.items() if "verdict" in c}  # not the noise floor
+    for key, verdict in verdicts.items():
+        client.set_tag(parent_id, f"claim.{key}", verdict)
+    logger.info("claims logged to run %s: %s", parent_id, ", ".join(f"{k} {v}" for k, v in verdicts.items()))

@@ -25,6 +25,7 @@ from dashboards import tables as T
 from dashboards import tasks as TK
 from dashboards.cost import figure2
 from dashboards.paper import load_paper, paper_numbers
+from dashboards.replicates import noise_floor
 from dashboards.query import SweepData, SweepTarget, load_sweep, log_claims, log_report
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,8 @@ def build_report(target: SweepTarget, out: Path | None = None, log_to_mlflow: bo
     cost = T.cost_table(sweep.trials, fin, target.sweep_dir)
     missing = T.missing(sweep.trials, fin, cost)
     claims = C.judge(sweep.trials, sweep.metrics)
-    (folder / "claims.json").write_text(json.dumps(C.to_json(claims), indent=2) + "\n")
+    noise = noise_floor(sweep.trials, sweep.metrics)
+    (folder / "claims.json").write_text(json.dumps(C.to_json(claims, noise), indent=2) + "\n")
     figs = draw_figures(sweep, fin, cost, folder)
     index = folder / "index.html"
     index.write_text(render(sweep, fin, cost, figs, missing, claims))
@@ -61,7 +63,7 @@ def build_report(target: SweepTarget, out: Path | None = None, log_to_mlflow: bo
                 ", ".join(f"{k} {c.verdict}" for k, c in claims.items()))
     if log_to_mlflow:
         log_report(target, sweep.parent_id, folder)
-        log_claims(target, sweep.parent_id, C.to_json(claims))
+        log_claims(target, sweep.parent_id, C.to_json(claims, noise))
     return Report(folder, index, figs, missing, log_to_mlflow, claims)
 
 
