@@ -7,7 +7,7 @@ that run's child runs into two tidy tables:
 - `trials`: one row per child run (name, run id, status, the four axes, its replicate and runtime.seed,
   init kind, iterations);
 - `metrics`: one row per (trial, metric, step) for the AP metrics (`bbox/*`, `segm/*`: every
-  evaluation) and one per (trial, metric) for the cost (`seen/*`: its latest point).
+  evaluation) and the train loss (`train/loss`, as often as the sweep logs it) and one per (trial, metric) for the cost (`seen/*`: its latest point).
 
 Nothing here writes to the store except `log_report` and `log_claims`, which attach a report folder
 and the claims' verdicts to the parent run.
@@ -28,6 +28,7 @@ from dashboards.paper import init_kind
 
 logger = logging.getLogger(__name__)
 REPORT_PREFIXES = ("bbox/", "segm/", "seen/", "keypoints/", "voc/")  # keypoints/voc: dashboards.tasks
+TRAIN_LOSS = "train/loss"  # the total train loss: the report's Figure 8 view (loss against AP)
 LAST_ONLY = ("seen/",)  # read as the run's latest point, not a history (see _run_points)
 AXES = ("init", "data", "schedule", "backbone")
 TRIAL_COLUMNS = ["name", "run_id", "trial_id", "status", *AXES, "replicate", "seed", "init_kind", "model_init", "total_iters", "norm",
@@ -140,7 +141,7 @@ def _run_points(client: Any, run: Any) -> list[tuple[str, str, int, float]]:
     the cost figure interpolates between 0 and it), taken from the run itself: no request per key."""
     latest = {m.key: m for m in getattr(run.data, "_metric_objs", None) or []}  # RunData.metrics: values only
     out = []
-    for key in sorted(k for k in run.data.metrics if k.startswith(REPORT_PREFIXES)):
+    for key in sorted(k for k in run.data.metrics if k.startswith(REPORT_PREFIXES) or k == TRAIN_LOSS):
         if key.startswith(LAST_ONLY) and key in latest:
             out.append((run.info.run_name, key, int(latest[key].step), float(latest[key].value)))
             continue

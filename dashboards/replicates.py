@@ -61,5 +61,17 @@ def noise_floor(trials: pd.DataFrame, metrics: pd.DataFrame) -> dict[str, Any]:
             "median_sd": sds[len(sds) // 2] if sds else None, "max_range": max((c["range"] for c in cells), default=None)}
 
 
+def noise_words(noise: dict[str, Any]) -> str:
+    """The noise floor in one paragraph, for the report."""
+    spread = [c for c in noise["cells"] if c["n"] > 1]
+    if not spread:
+        return ("Noise floor: every cell has one replicate, so the seed-to-seed spread of final AP is unknown and "
+                "no verdict has an interval (add grid.replicate: [0, 1, 2]).")
+    cells = "; ".join(f"{c['cell']}: {', '.join(f'{v:.1f}' for v in c['final_ap'].values())} (sd {c['sd']:.1f})"
+                      for c in spread)
+    return (f"Noise floor (seed-to-seed spread of final box AP within a cell, its replicates): median sd "
+            f"{noise['median_sd']:.1f} points, largest range {noise['max_range']:.1f}. {cells}.")
+
+
 def _r(x: float) -> float:
     return round(float(x), 2)
