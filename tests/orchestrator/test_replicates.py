@@ -9,6 +9,7 @@ from orchestrator.errors import DatasetMismatchError, SpecError
 from orchestrator.expand import bind_config, expand
 from orchestrator.plan import render_plan
 from orchestrator.spec import parse_spec
+from orchestrator.state import make_record
 from tests.orchestrator.specs import tiny_spec
 
 GRID = {"init": ["random"], "data": [8], "schedule": ["1x", "2x"], "backbone": ["R18"], "replicate": [0, 1]}
@@ -32,7 +33,11 @@ def test_replicates_are_named_seeded_and_fork_from_their_own_trunks(tmp_path):
         trunk = exp.forks.trunk(exp.forks.branches[trial.trial_id][0])
         assert trunk.name.endswith(trial.labels["replicate"])
         assert trunk.config.runtime.seed == trial.config.runtime.seed
-    assert "random-8-2x-R18-r1" in render_plan(exp)
+    record = make_record(exp, "", "test")  # sweep.json: the axes `status` shows and MLflow tags as axis.*
+    assert [t["axes"]["replicate"] for t in record["trials"]] == ["0", "1", "0", "1"]
+    assert [k["axes"]["replicate"] for k in record["trunks"]] == ["0", "1"]
+    plan = render_plan(exp)
+    assert "random-8-2x-R18-r1" in plan and "replicates: 2 (r0, r1), runtime.seed 0, 1 (base seed 0)" in plan
 
 
 def test_the_base_seed_shifts_every_replicate(tmp_path):
