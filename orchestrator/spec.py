@@ -6,10 +6,12 @@ types: axis values, exclusion rules, overrides and dotted trainer keys. Everythi
 Ray, no MLflow, no torch. A spec looks like
 
     name: demo
+    seed: 0                  # base seed: every trial's runtime.seed += 1000 x seed (+ its replicate)
     dataset: {root: "${DATA:-datasets/synth}", train_split: train, val_split: val}
     pretrain: {synthetic-r18: {config: {...}}}      # jobs whose output is an init
     grid: {init: [random, "pretrained:synthetic-r18"], data: [all, 150], schedule: [1x, 2x],
-           backbone: [R18, R34], optim.base_lr: [0.02]}   # any other trainer field by dotted key
+           backbone: [R18, R34], replicate: [0, 1, 2],      # replicates: init seed + batch order
+           optim.base_lr: [0.02]}   # any other trainer field by dotted key
     exclude: [{backbone: R34, schedule: 2x}]        # irregular grids
     overrides: [{when: {data: [150]}, set: {optim.base_lr: 0.04}}]
     base: {...}                                     # the trainer's base config (nested)
