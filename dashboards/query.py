@@ -60,9 +60,11 @@ def find_sweep(target: str | Path | None, tracking_uri: str | None = None) -> Sw
     """A spec file, a sweep folder or a sweep name -> its name, URI and folder; None: no sweep named.
 
     A spec's relative `sqlite:///` URI is relative to the directory `run` was started in (the sweep
-    record's `cwd`), else to the current one, like `run` itself.
+    record's `cwd`), else to the current one, like `run` itself; a `--set tracking_uri=...` that `run`
+    stored in the record counts, as it does for `resume`.
     """
     from orchestrator import state as st
+    from orchestrator.sets import apply_sets
     from orchestrator.tracking import resolve_uri
 
     if target is None:
@@ -71,7 +73,7 @@ def find_sweep(target: str | Path | None, tracking_uri: str | None = None) -> Sw
     if path.is_dir() or path.is_file():
         sweep_dir = st.find_sweep_dir(path)  # a folder without sweep.json / an unstarted spec: typed error
         record = st.read_record(sweep_dir) or {}
-        spec = yaml.safe_load((sweep_dir / "spec.yaml").read_text()) or {}
+        spec = apply_sets(yaml.safe_load((sweep_dir / "spec.yaml").read_text()) or {}, record.get("sets") or [])
         cwd = Path(record["cwd"]) if record.get("cwd") and Path(record["cwd"]).is_dir() else None
         uri = tracking_uri or resolve_uri(spec.get("tracking_uri"), cwd)
         return SweepTarget(record.get("name", sweep_dir.name), uri, sweep_dir)

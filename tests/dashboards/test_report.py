@@ -145,6 +145,21 @@ def test_report_folder_paper_table_and_missing(fake, tmp_path):
     assert parent.data.tags["report"] == "report/index.html"
 
 
+def test_a_sweep_folder_finds_the_store_a_set_named(tmp_path):
+    """`run --set tracking_uri=...` stores the set in sweep.json; `report FOLDER` then reads that store."""
+    import json
+
+    from dashboards.query import find_sweep
+
+    folder = tmp_path / "runs" / "demo-seed2"
+    folder.mkdir(parents=True)
+    (folder / "spec.yaml").write_text("name: demo\n")
+    (folder / "sweep.json").write_text(json.dumps({"name": "demo-seed2", "cwd": str(tmp_path), "sets": [
+        "seed=2", "name=demo-seed2", "tracking_uri=sqlite:///mlflow-seed2.db"]}))
+    target = find_sweep(folder)
+    assert target.name == "demo-seed2" and target.uri == f"sqlite:///{tmp_path / 'mlflow-seed2.db'}"
+
+
 def test_unknown_and_empty_sweeps_exit_2_with_one_line(fake, tmp_path, capsys):
     from orchestrator.tracking import SweepTracker
 
