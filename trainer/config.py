@@ -133,6 +133,14 @@ class DataConfig(_Strict):
     # A JSON width/height that differs from the image file is an error; true makes it a warning
     # with the count (masks of those images may then be off their boxes).
     allow_size_mismatch: bool = False
+    # The up-front check refuses these defects (exit 2, one line); each switch turns its kind into a
+    # logged drop, from training and from the evaluation ground truth alike: images that are missing
+    # or do not decode fully (with their annotations), annotations with a bad polygon or an RLE of
+    # another size, annotations whose bbox is not 4 finite numbers.
+    allow_unreadable_images: bool = False
+    allow_bad_segmentation: bool = False
+    allow_bad_boxes: bool = False
+    check_workers: int = Field(0, ge=0)  # processes decoding images in the check; 0 = one per CPU
     # Dataset check results and the train index, keyed by the annotation file's hash. None: a
     # `.trainer_cache` folder beside the annotation file (skipped with a warning if unwritable).
     cache_dir: Path | None = None
