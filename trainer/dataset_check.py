@@ -248,7 +248,7 @@ _WHAT = {
     "missing": "listed image files are missing or unreadable",
     "mismatch": "images differ in size between the JSON and the file",
     "crowd": "RLE masks (crowd regions or objects) differ in size from their image",
-    "polygon": "polygons have fewer than 3 points, an odd coordinate count or a non-number",
+    "polygon": "annotations have a polygon of fewer than 3 points, an odd coordinate count or a non-number",
     "bad_box": "annotations have a bbox that is not 4 finite numbers",
 }
 # kinds a data.allow_* switch turns into a logged drop: (switch, dropped unit)

@@ -36,6 +36,7 @@ def read_image(path: Path) -> torch.Tensor:
         return decode_image(data, mode=ImageReadMode.RGB)
     except (OSError, RuntimeError, ValueError) as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        reason = reason.rsplit(".cpp:", 1)[-1].split(", ", 1)[-1] if ".cpp:" in reason else reason  # torchvision's
         raise DatasetError(f"cannot read image {path}: {reason}") from None
 
 
