@@ -142,3 +142,47 @@ def _train_annotation_count(train) -> int:
     if hasattr(train, "index"):  # the mask task's TrainImages
         return len(train.index.labels)
     return sum(len(train._anns(i)) for i in train.coco.getImgIds())
+
+
+def _cocoeval_ap(gt_file: Path, dets: list[dict]) -> list[float]:
+    """Plain pycocotools on a JSON file: the reference scorer."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(gt_file))
+        ev = COCOeval(gt, gt.loadRes([dict(d) for d in dets]), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return [float(v) for v in ev.stats[:6]]
+
+
+@pytest.mark.parametrize("defect", ["nan_box_val", "odd_polygon"])
+def test_dropped_val_annotation_is_absent_from_what_cocoeval_scores(corpus, tmp_path, defect):
+    from trainer.evaluate import METRIC_NAMES, score_coco
+
+    folder, _ = corpus["mask"]
+    clean = json.loads((folder / "clean" / "labels" / "val.json").read_text())
+    damaged = json.loads((folder / defect / "labels" / "val.json").read_text())
+    (gone,) = [c["id"] for a, c in zip(damaged["annotations"], clean["annotations"]) if json.dumps(a) != json.dumps(c)]
+    # detections: every clean ground-truth box (the dropped one's included), shifted by a pixel, and
+    # two misses; scores fall with the annotation id, so the dropped one's detection ranks first
+    dets = [{"image_id": a["image_id"], "category_id": a["category_id"], "score": 1.0 - 0.01 * k,
+             "bbox": [a["bbox"][0] + 1, a["bbox"][1], a["bbox"][2], a["bbox"][3]]}
+            for k, a in enumerate(sorted(clean["annotations"], key=lambda a: a["id"]))]
+    dets += [{**dets[0], "bbox": [0, 0, 5, 5], "score": 0.5}, {**dets[1], "bbox": [50, 50, 9, 9], "score": 0.4}]
+    without = {**clean, "annotations": [a for a in clean["annotations"] if a["id"] != gone]}
+    (tmp_path / "without.json").write_text(json.dumps(without))
+    (tmp_path / "clean.json").write_text(json.dumps(clean))
+    reference = _cocoeval_ap(tmp_path / "without.json", dets)
+    assert reference != _cocoeval_ap(tmp_path / "clean.json", dets)  # the annotation matters to the AP
+
+    _, val, _ = _datasets("mask", folder / defect, **{DEFECTS[defect][1]: True})
+    assert gone not in val.coco.anns
+    for backend in ("pycocotools", "auto"):
+        ours = score_coco(val.coco, dets, iou_types=("bbox",), backend=backend, image_ids=val.image_ids)
+        assert [ours[f"bbox/{n}"] for n in METRIC_NAMES] == pytest.approx(reference, abs=1e-12)
