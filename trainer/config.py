@@ -43,6 +43,13 @@ class ModelConfig(_Strict):
     # ImageNet weights file: Detectron pickle (R-50-GN.pkl) or torchvision/timm/trainer.pretrain state
     # dict, told apart by content; unset: torchvision's BN file in the torch hub cache (BN bodies only).
     imagenet_weights: Path | None = None
+    # The input normalisation the body expects. auto: Detectron's (its PIXEL_MEANS, BGR 0-255, std 1)
+    # for a Detectron pickle, torchvision's otherwise; the built model fills it in, so a run's
+    # config.yaml always says which one it used. An explicit value must agree with the weights.
+    pixel_convention: Literal["auto", "torchvision", "detectron"] = "auto"
+    # sha256 of model.imagenet_weights: filled in when the model is built (config.yaml); set by
+    # hand, a file with another digest is refused.
+    imagenet_weights_sha256: str | None = None
     freeze_at: int = Field(0, ge=0, le=5)  # stages frozen from the stem: 0 = nothing (scratch)
     min_size: int = Field(800, gt=0)
     max_size: int = Field(1333, gt=0)
