@@ -351,11 +351,16 @@ def _allowed_keys(model: type[BaseModel], loc: Sequence[Any]) -> list[str]:
     return sorted(getattr(current, "model_fields", {}))
 
 
-def format_validation_error(err: ValidationError, model: type[BaseModel], prefix: str = "") -> str:
+def _clean_loc(e: Mapping[str, Any]) -> list[Any]:
+    return [p for p in e["loc"] if not (isinstance(p, str) and p in ("function-after", "function-before"))]
+
+
+def format_validation_error(err: ValidationError | Sequence[Mapping[str, Any]], model: type[BaseModel],
+                            prefix: str = "") -> str:
     """One line per problem, each naming the dotted key; unknown keys list what is allowed."""
     lines = []
-    for e in err.errors():
-        loc = [p for p in e["loc"] if not (isinstance(p, str) and p in ("function-after", "function-before"))]
+    for e in (err.errors() if isinstance(err, ValidationError) else err):
+        loc = _clean_loc(e)
         dotted = prefix + ".".join(str(p) for p in loc) if loc else prefix.rstrip(".") or "<root>"
         if e["type"] == "extra_forbidden":
             allowed = _allowed_keys(model, loc[:-1])
@@ -417,7 +422,19 @@ def build_config(data: Mapping[str, Any], overrides: Sequence[str] = (), source:
     try:
         return TrainConfig.model_validate(merged)
     except ValidationError as err:
-        raise ConfigError(f"{source}: {format_validation_error(err, TrainConfig)}") from None
+        raise ConfigError(_attributed(err, overrides, source)) from None
+
+
+def _attributed(err: ValidationError, overrides: Sequence[str], source: str) -> str:
+    """The errors of a config, each told against what set the key: an override (`--set KEY=VALUE`)
+    or the config file."""
+    keys = [(item, parse_override(item)[0]) for item in overrides]
+    by_source: dict[str, list] = {}
+    for e in err.errors():
+        loc = [str(p) for p in _clean_loc(e)]
+        item = next((item for item, key in reversed(keys) if loc[:len(key)] == key or key[:len(loc)] == loc), None)
+        by_source.setdefault(f"--set {item}" if item else source, []).append(e)
+    return "; ".join(f"{where}: {format_validation_error(errors, TrainConfig)}" for where, errors in by_source.items())
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:
