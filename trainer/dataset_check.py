@@ -18,8 +18,8 @@ Each kind of failure becomes one clause "N <what> (first: a, b, c)"; all clauses
 `allow_bad_segmentation` and `allow_bad_boxes` turn their kind into a logged drop instead. What is
 dropped (an annotation, or an image with its annotations) leaves `AnnotationFile.data` itself, so it
 is gone from training and from the evaluation ground truth alike. Findings (not verdicts) are cached
-in `cache_dir`, keyed by the annotation file's hash, the image folder and the stat fingerprint of its
-listed files, so a sweep's trials pay for the decode once and a repaired image is checked again.
+in `cache_dir`, keyed by the annotation file's hash, the image folder and the stat fingerprint of the
+files in it, so a sweep's trials pay for the decode once and a repaired image is checked again.
 """
 
 from __future__ import annotations
@@ -271,8 +271,7 @@ def check_split(ann: AnnotationFile, image_dir: Path, *, allow: Iterable[str] = 
         raise DatasetError(f"image folder not found: {image_dir} (the images of {ann.path.name} belong there)")
     cache = None
     if cache_dir is not None:
-        names = [str(img.get("file_name", "")) for img in ann.raw["images"]]
-        cache = cache_file(cache_dir, ann, "check", str(image_dir.resolve()), fingerprint(image_dir, names))
+        cache = cache_file(cache_dir, ann, "check", str(image_dir.resolve()), fingerprint(image_dir))
     with cache_lock(cache):
         findings = _findings(ann, image_dir, cache, workers)
     return _report(ann, findings, allowed)

@@ -4,8 +4,9 @@ Owns `read_image` (uint8 RGB pixels of a file, or a one-line DatasetError naming
 loader and the check call it, so what the check accepts the loaders can read) and `decode_findings`,
 which decodes every listed file fully, in a process pool, and reports the files that are missing or
 undecodable (a truncated PNG or JPEG whose header is intact included) and those whose decoded size
-differs from the JSON. `fingerprint` hashes every listed file's name, size and modification time:
-part of the check cache's key, so a replaced or repaired image file is checked again.
+differs from the JSON. `fingerprint` hashes the name, size and modification time of every file in
+the image folder: part of the check cache's key, so a replaced or repaired image file is checked
+again, while a warm check still reads neither an image nor the annotation JSON.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torchvision.io import ImageReadMode, decode_image
@@ -40,16 +41,28 @@ def read_image(path: Path) -> torch.Tensor:
         raise DatasetError(f"cannot read image {path}: {reason}") from None
 
 
-def fingerprint(image_dir: Path, names: Sequence[str]) -> str:
-    """sha256 of (name, size, mtime) of every listed file; a stat each, no file is read."""
-    h = hashlib.sha256()
-    for name in names:
+def _walk(folder: str) -> Iterator[os.DirEntry]:
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.name.startswith("."):  # hidden: e.g. a .trainer_cache kept beside the images
+                continue
+            if entry.is_dir():
+                yield from _walk(entry.path)
+            else:
+                yield entry
+
+
+def fingerprint(image_dir: Path) -> str:
+    """sha256 of (path, size, mtime) of every file under `image_dir` (links followed): a directory
+    listing and a stat each, no file read and no annotation file parsed."""
+    rows = []
+    for entry in _walk(str(image_dir)):
         try:
-            st = os.stat(Path(image_dir) / name)
-            h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        except OSError:
-            h.update(f"{name}\0-\n".encode())
-    return h.hexdigest()
+            st = entry.stat()
+            rows.append(f"{entry.path}\0{st.st_size}\0{st.st_mtime_ns}\n")
+        except OSError:  # a dangling link: unreadable, and so part of what is checked
+            rows.append(f"{entry.path}\0-\n")
+    return hashlib.sha256("".join(sorted(rows)).encode()).hexdigest()
 
 
 Entry = tuple[int, str, int, int]  # (position in 'images', file name, JSON width, JSON height)
