@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import tiny_config
 from tests.data.make_broken import DEFECTS, layout, make_corpus
@@ -94,6 +95,8 @@ def test_layout_fields_alone_train_and_evaluate(corpus, tmp_path, caplog, task, 
         result = train(cfg)
     metric = {"mask": "segm/AP", "box": "bbox/AP", "keypoints": "keypoints/AP"}[task]
     assert result.status == "finished" and metric in result.final_metrics
+    recorded = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
+    assert recorded["model"]["pixel_convention"] == "torchvision"  # resolved, never left at auto
     if variant == "allowed":
         assert f"dropped from training and evaluation (data.{DEFECTS[defect][1]} is set)" in caplog.text
 

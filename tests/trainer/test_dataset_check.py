@@ -184,3 +184,26 @@ def test_any_layout(root, tmp_path):
     assert image.shape[-2:] == (40, 48)
     with pytest.raises(ValueError, match="train_json and train_image_dir go together"):
         DataConfig(train_json=moved / "ann" / "mine.json")
+
+
+def test_pool_decode_finds_what_the_inline_decode_finds(root):
+    """More files than POOL_MIN go through the process pool; its findings equal one process's."""
+    from trainer.image_check import POOL_MIN, decode_findings
+
+    many = root / "many"
+    many.mkdir()
+    sources = sorted((root / "train").iterdir())
+    entries = []
+    for k in range(POOL_MIN + 40):
+        src = sources[k % len(sources)]
+        (many / f"{k:05d}.png").symlink_to(src)
+        with Image.open(src) as im:
+            w, h = im.size
+        entries.append((k, f"{k:05d}.png", w + (k == 7), h))  # entry 7: the JSON says 1 px wider
+    data = sources[0].read_bytes()
+    (many / "00100.png").unlink()
+    (many / "00100.png").write_bytes(data[: len(data) // 2])  # truncated, header intact
+    (many / "00200.png").unlink()  # missing
+    pooled = decode_findings(many, entries, workers=2)
+    assert sorted(pooled) == sorted(decode_findings(many, entries, workers=1))
+    assert [(p, kind) for p, kind, _ in sorted(pooled)] == [(7, "mismatch"), (100, "missing"), (200, "missing")]
