@@ -47,8 +47,9 @@ class ModelConfig(_Strict):
     # for a Detectron pickle, torchvision's otherwise; the built model fills it in, so a run's
     # config.yaml always says which one it used. An explicit value must agree with the weights.
     pixel_convention: Literal["auto", "torchvision", "detectron"] = "auto"
-    # sha256 of model.imagenet_weights: filled in when the model is built (config.yaml); set by
-    # hand, a file with another digest is refused.
+    # sha256 of model.imagenet_weights: filled in at validation where the file exists (so the sweep's
+    # MLflow params hold it) and when the model is built (config.yaml); a file with another digest
+    # than the one set is refused. Not part of a trial's identity.
     imagenet_weights_sha256: str | None = None
     freeze_at: int = Field(0, ge=0, le=5)  # stages frozen from the stem: 0 = nothing (scratch)
     min_size: int = Field(800, gt=0)
@@ -96,7 +97,34 @@ class ModelConfig(_Strict):
                 "set model.body_norm: FrozenBN to fine-tune torchvision's BN weights in a frozen-BN body "
                 "(detectron2's usual setup, not the paper's GN arm)")
         self.__dict__["body_norm"] = body
+        if self.init == "imagenet" and self.imagenet_weights is not None and self.imagenet_weights_sha256 is None:
+            self.__dict__["imagenet_weights_sha256"] = _weights_digest(Path(self.imagenet_weights))
         return self
+
+
+_DIGESTS: dict[tuple, str] = {}
+
+
+def _weights_digest(path: Path) -> str | None:
+    """sha256 of a weights file that exists here (None otherwise), once per file version and process:
+    filled in at validation, so the driver's MLflow params and every trial's config carry it."""
+    try:
+        st = path.expanduser().stat()
+    except OSError:
+        return None
+    key = (str(path.expanduser().resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = file_sha256(path.expanduser())
+    return _DIGESTS[key]
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 hex of a file's bytes, read in 1 MiB blocks (no torch import: `plan` stays light)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def check_layout_pairs(section: Any) -> None:
@@ -470,13 +498,14 @@ def config_identity(cfg: TrainConfig) -> dict[str, Any]:
     """What defines a run, for ids: the config without defaults and without its output folder.
 
     `model.body_norm` equal to `model.norm` counts as a default (validation fills it in), so ids of
-    runs made before it was a resolved field stay the same.
+    runs made before it was a resolved field stay the same; `model.imagenet_weights_sha256` never counts.
     """
     identity = cfg.model_dump(mode="json", exclude_defaults=True)
     identity.get("runtime", {}).pop("output_dir", None)
     model = identity.get("model", {})
     if cfg.model.body_norm == cfg.model.norm:
         model.pop("body_norm", None)
+    model.pop("imagenet_weights_sha256", None)  # a property of the file, recorded, not an identity
     if "model" in identity and not model:
         identity.pop("model")
     return identity

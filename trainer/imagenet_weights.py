@@ -18,7 +18,6 @@ classifier (`fc.*`, `pred_*`) and optimizer state (`*_momentum`) are dropped.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import pickle
@@ -32,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from trainer.config import DETECTRON_GN, gn_download_hint  # noqa: F401 - re-exported
+from trainer.config import file_sha256 as sha256
 from trainer.errors import InitError
 
 log = logging.getLogger(__name__)
@@ -67,14 +67,6 @@ class WeightsFile:
     tensors: dict[str, Tensor]
     convention: str  # "BGR255" (Detectron) or "RGB" (torchvision normalisation)
     dropped: int  # classifier / optimizer entries left out
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------

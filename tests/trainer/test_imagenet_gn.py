@@ -423,3 +423,16 @@ def test_syncbn_weights_in_a_two_process_gloo_group(tmp_path):
     r0, r1 = (torch.load(f"{out}.{r}", weights_only=True) for r in (0, 1))
     assert r0["feats"] == r1["feats"]
     assert len(r0["errors"]) == 2 and "GPU" in r0["errors"][0] and "GPU" in r0["errors"][1], r0["errors"]
+
+
+def test_sha256_is_filled_in_at_validation_and_is_not_identity(source, tmp_path):
+    from trainer.config import build_config, config_identity, config_to_dict, flatten
+
+    path = tmp_path / "R-50-GN.pkl"
+    write_detectron(path, detectron_blobs(source))
+    cfg = build_config({"model": {"init": "imagenet", "imagenet_weights": str(path)}})
+    assert flatten(config_to_dict(cfg))["model.imagenet_weights_sha256"] == sha256(path)  # the sweep's params
+    missing = build_config({"model": {"init": "imagenet", "imagenet_weights": str(tmp_path / "absent.pkl")}})
+    assert missing.model.imagenet_weights_sha256 is None
+    assert config_identity(cfg) == config_identity(missing.model_copy(update={"model": missing.model.model_copy(
+        update={"imagenet_weights": path})}))
