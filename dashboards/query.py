@@ -24,6 +24,7 @@ import yaml
 
 from dashboards.errors import SweepDataError
 from dashboards.paper import init_kind
+from orchestrator.run_notes import claims_note
 
 logger = logging.getLogger(__name__)
 REPORT_PREFIXES = ("bbox/", "segm/", "seen/", "keypoints/", "voc/")  # keypoints/voc: dashboards.tasks
@@ -193,10 +194,13 @@ def log_report(target: SweepTarget, parent_id: str, folder: Path, artifact_path:
 
 
 def log_claims(target: SweepTarget, parent_id: str, claims: dict[str, Any]) -> None:
-    """The claims' verdicts on the sweep's parent run: `claims.json` at the artifact root and a
-    `claim.C1` ... tag each, so the runs table shows them without opening the report."""
+    """The claims' verdicts on the sweep's parent run: `claims.json` at the artifact root, a `claim.C1`
+    ... tag each, so the runs table shows them without opening the report, and a line each in the
+    run's description."""
     client = _client(target.uri)
     client.log_dict(parent_id, claims, "claims.json")
     for key, claim in claims.items():
         client.set_tag(parent_id, f"claim.{key}", claim["verdict"])
+    note = client.get_run(parent_id).data.tags.get("mlflow.note.content", "")
+    client.set_tag(parent_id, "mlflow.note.content", claims_note(note, claims))  # the run page's description
     logger.info("claims logged to run %s: %s", parent_id, ", ".join(f"{k} {c['verdict']}" for k, c in claims.items()))

@@ -49,7 +49,7 @@ def sweep_note(record: Mapping[str, Any]) -> str:
 def claims_note(note: str, verdicts: Mapping[str, Mapping[str, Any]]) -> str:
     """`note` with its claims section replaced by the report's verdicts (one line per claim)."""
     head = note.split("\n\n## Claims", 1)[0]
-    lines = [f"- **{key}** {c.get('title', '')}: **{c['verdict']}**" + (f" ({c['reason']})" if c.get("reason") else "")
+    lines = [f"- **{key}** {c.get('claim', '')}: **{c['verdict']}**" + (f" ({c['reason']})" if c.get("reason") else "")
              for key, c in verdicts.items()]
     return head + "\n\n## Claims (from the report)\n" + "\n".join(lines)
 

@@ -89,7 +89,7 @@ def test_runs_read_at_a_glance(tmp_path):
 
 def test_claims_note_replaces_its_section():
     note = sweep_note(RECORD)
-    verdicts = {"C1": {"title": "random init catches up", "verdict": "holds", "reason": "within 1 AP"}}
+    verdicts = {"C1": {"claim": "random init catches up", "verdict": "holds", "reason": "within 1 AP"}}
     once = claims_note(note, verdicts)
     assert once.startswith(note) and "- **C1** random init catches up: **holds** (within 1 AP)" in once
     verdicts["C1"]["verdict"] = "does not hold"
