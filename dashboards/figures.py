@@ -8,16 +8,18 @@
   and AP against each of them (the paper's Figure 2).
 
 Colour is the schedule, line style the init (a body norm other than `norm` is an init of its own,
-e.g. 'ImageNet pre-trained, FrozenBN body'), in every figure. AP is drawn in percent, like the paper,
-and all panels of one figure share their y-limits (from 0): a panel with one short, noisy curve (a
-single R34 or 150-image trial) is drawn on the same scale as its neighbours.
+e.g. 'ImageNet pre-trained, FrozenBN body'), in every figure but `cost_ap`, whose curves of one
+schedule and init differ in data and backbone too: there each trial has a colour and marker of its
+own, named in the legend. AP is drawn in percent, like the paper, and all panels of one figure share
+their x- and y-limits (y from 0): a panel with one short, noisy curve (a single R34 or 150-image
+trial) is drawn on the same scale as its neighbours, not stretched across its axis.
 matplotlib runs on the Agg backend: the report is written without a display.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from typing import Any, Iterable
 
 import matplotlib
 
@@ -118,9 +120,11 @@ def _grid(n: int, title: str) -> tuple[Figure, list]:
     rows = -(-n // cols)
     # At least two panels wide: the title and the legend below must fit even with one panel.
     fig, axes = plt.subplots(rows, cols, figsize=(_PANEL[0] * max(cols, 2), _PANEL[1] * rows + 0.9), squeeze=False,
-                             layout="constrained", sharey="all")
+                             layout="constrained", sharex="all", sharey="all")
     fig.suptitle(title)
     flat = list(axes.flat)
+    for ax in flat:  # shared x: every panel keeps its own tick labels all the same
+        ax.xaxis.set_tick_params(labelbottom=True)
     for ax in flat[n:]:
         ax.set_visible(False)
     return fig, flat[:n]
@@ -241,8 +245,9 @@ def cost_bars(cost: pd.DataFrame) -> Figure:
 
 def cost_ap(trials: pd.DataFrame, metrics: pd.DataFrame, cost: pd.DataFrame, task: str = "bbox") -> Figure:
     """AP against images / instances / pixels seen, pre-training included (log axis)."""
-    style = Style(trials)
-    fig, axes = plt.subplots(1, 3, figsize=(15, _PANEL[1] + 1.0), layout="constrained", sharey=True)
+    style, looks = Style(trials), trial_looks(trials["name"])
+    fig, axes = plt.subplots(1, 3, figsize=(15, _PANEL[1] + 1.0 + 0.25 * -(-len(trials) // 4)), layout="constrained",
+                             sharey=True)
     fig.suptitle(f"{TASKS[task]} AP against samples seen (pre-training included)")
     pre = cost.set_index("name")
     for ax, kind in zip(axes, ("images", "instances", "pixels")):
@@ -254,15 +259,27 @@ def cost_ap(trials: pd.DataFrame, metrics: pd.DataFrame, cost: pd.DataFrame, tas
                 continue
             # seen/* comes as its latest point (dashboards.query): the count at each eval step, from 0 to it.
             x = np.interp(steps, np.concatenate([[0], s_steps]), np.concatenate([[0.0], seen])) + offset
-            ax.plot(x, ap * 100, color=style.color[t["schedule"]], linestyle=style.line[arm_of(t)], marker="o",
-                    markersize=3, label=t["name"])
+            color, marker = looks[t["name"]]
+            ax.plot(x, ap * 100, color=color, linestyle=style.line[arm_of(t)], marker=marker, markersize=4,
+                    label=t["name"])
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on short ranges
         ax.set_xlabel(f"{kind} seen (log scale)")
         ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel(f"{TASKS[task]} AP (%)")
-    style.legend(fig, trials["schedule"], arms(trials))
+    handles = [Line2D([], [], color=looks[t["name"]][0], marker=looks[t["name"]][1], linestyle=style.line[arm_of(t)],
+                      label=t["name"]) for _, t in trials.iterrows()]
+    handles += [Line2D([], [], color="0.3", linestyle=style.line[i], label=init_label(i))
+                for i in init_order(arms(trials))]
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4), frameon=False,
+               fontsize="small")
     return fig
+
+
+def trial_looks(names: Iterable[str]) -> dict[str, tuple[Any, str]]:
+    """(colour, marker) per trial, no two alike: tab20's colours, then its markers again in a new cycle."""
+    cmap, markers = plt.get_cmap("tab20"), "osD^vP*Xph"
+    return {name: (cmap(i % 20), markers[(i // 20 + i) % len(markers)]) for i, name in enumerate(names)}
 
 
 def curve_count(fig: Figure) -> int:

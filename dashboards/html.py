@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import html
+import os
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -28,19 +29,27 @@ figure{margin:14px 0} figure img{max-width:100%;border:1px solid #eee} figcaptio
 .meta td{border:none;padding:1px 10px 1px 0} td:first-child{white-space:nowrap}
 .v-holds{background:#e3f4e3;font-weight:bold} .v-fails{background:#fbe3e3;font-weight:bold}
 .v-na{background:#eee;color:#555} td ul{margin:0;padding-left:16px} .rule{color:#555;font-size:12px}
+table.claims{table-layout:fixed;width:100%} table.claims td{vertical-align:top;overflow-wrap:anywhere}
+table.claims td:first-child{white-space:normal} table.claims ul{font-size:12px} td p{margin:0 0 3px}
 """
+# The claims table's columns: the claim's sentence short, the numbers beside it wide (fixed layout, so
+# a long list of the paper's values wraps in its column instead of widening it or the page).
+CLAIM_COLUMNS = {"claim": 14, "verdict": 7, "this sweep (box AP %)": 29, "the paper (box AP %)": 26, "rule": 24}
 
 
 def esc(value: Any) -> str:
     return html.escape("" if value is None else str(value))
 
 
-def table(headers: Iterable[str], rows: Iterable[Iterable[str]], cls: str = "") -> str:
-    """Cells are HTML already (callers escape text)."""
+def table(headers: Iterable[str], rows: Iterable[Iterable[str]], cls: str = "",
+          widths: Iterable[int] = ()) -> str:
+    """Cells are HTML already (callers escape text); `widths`: the columns' widths in percent."""
     head = "".join(f"<th>{h}</th>" for h in headers)
     head = f"<thead><tr>{head}</tr></thead>" if head else ""
+    cols = "".join(f'<col style="width:{w}%">' for w in widths)
+    cols = f"<colgroup>{cols}</colgroup>" if cols else ""
     body = "\n".join("<tr>" + "".join(rows_cell(c) for c in row) + "</tr>" for row in rows)
-    return f'<table class="{cls}">{head}<tbody>\n{body}\n</tbody></table>'
+    return f'<table class="{cls}">{cols}{head}<tbody>\n{body}\n</tbody></table>'
 
 
 def rows_cell(cell: str) -> str:
@@ -63,11 +72,23 @@ def figure(path: Path, caption: str) -> str:
             f'<figcaption>{esc(caption)} (<a href="{esc(path.name)}">{esc(path.name)}</a>)</figcaption></figure>')
 
 
+def shareable(uri: str, sweep_dir: Path | None) -> str:
+    """A store's URI without the machine's path: a SQLite file relative to the sweep folder (or its name)."""
+    if not uri.startswith("sqlite:///"):
+        return uri  # a server's URL names no local path
+    db = Path(uri.removeprefix("sqlite:///"))
+    rel = os.path.relpath(db, sweep_dir) if sweep_dir is not None else db.name
+    return f"SQLite {rel}" + (" (from the sweep folder)" if sweep_dir is not None else "")
+
+
 def header(sweep: Any, n_finished: int, notes: list[str], missing: list[str]) -> str:
     t, tags = sweep.target, sweep.parent_tags
-    meta = [("tracking store", t.uri), ("experiment id", sweep.experiment_id), ("parent run", sweep.parent_id),
+    # No absolute path of this machine: the page is shared as is (the folder's name says which sweep).
+    meta = [("tracking store", shareable(t.uri, t.sweep_dir)), ("experiment id", sweep.experiment_id),
+            ("parent run", sweep.parent_id),
             ("spec hash", tags.get("spec_hash", "?")), ("code version", tags.get("code_version", "?")),
-            ("sweep folder", t.sweep_dir or "not given"), ("trials", f"{n_finished} of {len(sweep.trials)} finished"),
+            ("sweep folder", f"{t.sweep_dir.name}/ (this page is its report/index.html)" if t.sweep_dir else
+             "not given"), ("trials", f"{n_finished} of {len(sweep.trials)} finished"),
             ("written", time.strftime("%Y-%m-%d %H:%M:%S"))]
     out = [f"<h1>Sweep {esc(t.name)}</h1>",
            table([], [[f"<b>{esc(k)}</b>", esc(v)] for k, v in meta], "meta")]
@@ -127,8 +148,11 @@ def paper_table(comparison: list[dict[str, Any]]) -> str:
 _VERDICT_CLASS = {"holds": "v-holds", "does not hold": "v-fails", "not measurable": "v-na"}
 
 
-def _items(lines: list[str]) -> str:
-    return "<ul>" + "".join(f"<li>{esc(x)}</li>" for x in lines) + "</ul>" if lines else '<span class="na">none</span>'
+def _items(lines: list[str], empty: str = "") -> str:
+    """A list, or `empty` as a paragraph of its own (never glued to the text before it)."""
+    if not lines:
+        return f'<p class="na">{esc(empty)}</p>' if empty else ""
+    return "<ul>" + "".join(f"<li>{esc(x)}</li>" for x in lines) + "</ul>"
 
 
 def claims_table(claims: dict[str, Any]) -> str:
@@ -139,9 +163,9 @@ def claims_table(claims: dict[str, Any]) -> str:
     for key, c in claims.items():
         body.append([f"<b>{esc(key)}</b> {esc(c.title)}",
                      f'<td class="{_VERDICT_CLASS[c.verdict]}">{esc(c.verdict)}</td>',
-                     esc(c.reason) + _items(c.lines), _items(paper_lines(c)),
+                     f"<p>{esc(c.reason)}</p>" + _items(c.lines), _items(paper_lines(c), "none"),
                      f'<span class="rule">{esc(c.rule)}</span>'])
-    return table(["claim", "verdict", "this sweep (box AP %)", "the paper (box AP %)", "rule"], body)
+    return table(CLAIM_COLUMNS, body, "claims", CLAIM_COLUMNS.values())
 
 
 def paper_tables(comparison: list[dict[str, Any]]) -> str:
