@@ -12,8 +12,8 @@ Losses, LR and `seen/*` go at most once per `period` iterations (the first row p
 and the run's final row); evaluation metrics always go. Run status, tags and artifacts the monitor
 asks for (`post`) are sent by the same thread, after the run's rows that are on disk by then, so a
 run is FINISHED only once its curve is complete. A trial's run is made (`tracker.ensure_child`) at its
-first RUNNING post or rows, started at that post's time and ended at its last post's time, so the
-run's duration is the trial's own. MLflow may be away (a server restarting): a
+first RUNNING post or rows (a branch: its own rows, not its trunk's), started at that post's time and
+ended at its last post's time, so the run's duration is the trial's own. MLflow may be away (a server restarting): a
 failed pass keeps its place in each file, forgets what it believed the run holds (a request may
 have been written but never answered), and is retried with backoff; training never waits on it.
 """
@@ -108,9 +108,9 @@ class MetricSync:
         with self._cond:
             post = self._posts.setdefault(trial_id, {"status": None, "tags": {}, "artifacts": False,
                                                      "started": None, "at": None})
-            if status:  # when it happened, for the run's start and end times
+            if status:  # when it happened: the run's start (its latest RUNNING before the run is made) and end
                 post["at"] = time.time()
-                post["started"] = post["started"] or (post["at"] if status == "RUNNING" else None)
+                post["started"] = post["at"] if status == "RUNNING" else post["started"]
             post["status"] = status or post["status"]
             post["tags"].update(tags or {})
             post["artifacts"] |= artifacts
@@ -149,10 +149,13 @@ class MetricSync:
             post = self._posts.pop(trial_id, None)
         mlog = None
         try:
-            rows = [row for tail in self.tails[trial_id] for row in tail.read()]
+            reads = [tail.read() for tail in self.tails[trial_id]]
+            rows = [row for read in reads for row in read]
             if trial_id not in self.run_ids:
-                if not rows and not post:
-                    return True  # not started yet: no run
+                if not self._started(trial_id, reads[-1], post):
+                    if post:
+                        self._requeue(trial_id, post)
+                    return True  # no run before the trial starts
                 start = (post or {}).get("started") or time.time()
                 self.run_ids[trial_id] = self.tracker.ensure_child(trial_id, start_time=start)
             mlog = self.tracker.metric_logger(self.run_ids[trial_id])
@@ -175,6 +178,15 @@ class MetricSync:
             return False
         return True
 
+    def _started(self, trial_id: str, own_rows: list, post: dict[str, Any] | None) -> bool:
+        """Whether the trial's run is due: a plain trial once it is posted RUNNING (or has rows); a
+        branch once it trains itself (rows of its own), not while its trunk trains for it."""
+        if post and post["status"] in ("FINISHED", "FAILED", "KILLED"):
+            return True
+        if len(self.tails[trial_id]) > 1:
+            return bool(own_rows)
+        return bool(own_rows or post)
+
     def _requeue(self, trial_id: str, post: dict[str, Any]) -> None:
         """A post that failed goes back under anything posted meanwhile (a newer status wins)."""
         with self._cond:
@@ -183,7 +195,7 @@ class MetricSync:
                 post["status"] = newer["status"] or post["status"]
                 post["tags"].update(newer["tags"])
                 post["artifacts"] |= newer["artifacts"]
-                post["started"] = post["started"] or newer["started"]
+                post["started"] = newer["started"] or post["started"]
                 post["at"] = newer["at"] or post["at"]
             self._posts[trial_id] = post
 

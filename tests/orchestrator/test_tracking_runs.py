@@ -95,3 +95,31 @@ def test_claims_note_replaces_its_section():
     verdicts["C1"]["verdict"] = "does not hold"
     twice = claims_note(once, verdicts)
     assert twice.count("## Claims") == 1 and "**does not hold**" in twice and "**holds**" not in twice
+
+
+def test_a_branch_run_starts_with_the_branch_not_its_trunk(tmp_path):
+    record = {"name": "fork", "spec_hash": "e" * 64, "pretrain": [],
+              "trunks": [{"trial_id": "k", "name": "t-trunk", "total_iters": 4, "role": "trunk"}],
+              "trials": [{"trial_id": "c", "name": "t-branch", "total_iters": 8, "fork": {"trunk_id": "k", "at": 4},
+                          "axes": {"init": "random", "data": "all", "schedule": "2x", "backbone": "R18"}}]}
+    sweep = tmp_path / "sweep"
+    tracker = SweepTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "fork", record["spec_hash"], "src-0")
+    tracker.open_parent(None, sweep_params(record), sweep_note(record))
+    tracker.plan_child("c", "t-branch", record["trials"][0]["axes"], {})
+    sync = MetricSync(tracker, sweep, record, {}, period=1)
+    sync.post("c", status="RUNNING")  # what the monitor posts when the trunk starts
+    for name, steps in (("t-trunk", (2, 4)),):
+        (sweep / "trials" / name).mkdir(parents=True)
+        (sweep / "trials" / name / "metrics.jsonl").write_text(
+            "".join(json.dumps({"step": s, "train/loss": 1.0 / s}) + "\n" for s in steps))
+    assert sync.sync_all() and sync.run_ids == {}  # the trunk trains; the branch has not started
+    time.sleep(1.1)
+    t0 = time.time()
+    sync.post("c", status="RUNNING")  # the branch itself starts
+    (sweep / "trials" / "t-branch").mkdir(parents=True)
+    (sweep / "trials" / "t-branch" / "metrics.jsonl").write_text(json.dumps({"step": 6, "train/loss": 0.1}) + "\n")
+    assert sync.sync_all()
+    run = tracker.client.get_run(sync.run_ids["c"])
+    assert abs(run.info.start_time / 1000 - t0) < 0.5 and "mlflow.source.git.commit" not in run.data.tags
+    steps = [m.step for m in tracker.client.get_metric_history(run.info.run_id, "train/loss")]
+    assert steps == [2, 4, 6]  # the trunk's curve up to the fork point first
