@@ -103,7 +103,6 @@ def render(sweep: SweepData, fin, cost, figs: dict[str, Path], missing: list[str
     n_done = int((sweep.trials["status"] == "FINISHED").sum())
     paper = load_paper()
     sections = [
-        H.header(sweep, n_done, sweep.notes, missing),
         "<h2 id='claims'>The paper's claims, judged on this sweep</h2>",
         "<p>Each verdict follows the rule beside it (thresholds fixed in <code>dashboards/claims.py</code>, the "
         "same for every sweep); box AP in percent. Also in <a href=\"claims.json\">claims.json</a>.</p>",
@@ -135,4 +134,4 @@ def render(sweep: SweepData, fin, cost, figs: dict[str, Path], missing: list[str
         "~7 instances per image, 800x1333 pixels per image (an upper bound).</p>",
         H.figure2_table(figure2()),
     ]
-    return H.page(f"Sweep {sweep.target.name}", sections)
+    return H.page(sweep, n_done, missing, sections)
