@@ -3,7 +3,8 @@
 Reads the sweep's runs from MLflow (`dashboards.query`), judges the paper's claims C1..C4 on them
 (`dashboards.claims`), draws the figures (`dashboards.figures`), writes `OUT/index.html`
 (self-contained, opening with the claims), `OUT/claims.json` and one PNG per figure, and logs the
-folder as artifacts `report/` of the sweep's parent run (plus `claims.json` and a `claim.Cn` tag each).
+folder as artifacts `report/` of the sweep's parent run (plus `claims.json`, a `claim.Cn` tag each and
+the verdicts in the run's description).
 OUT defaults to SWEEP_FOLDER/report when the sweep's folder is known, else ./report-NAME. An
 incomplete sweep is reported as far as it got, with what is missing listed at the top; an unknown
 or empty sweep raises `SweepDataError` (exit 2 on the command line).

@@ -1,5 +1,7 @@
 """On a real small sweep (local Ray, SQLite MLflow): `report` from the command line, then a real headless
-Chromium (Playwright) on the MLflow UI started by `ui` and on the report's index.html.
+Chromium (Playwright) on the MLflow UI started by `ui` (the sweep's saved view: every trial a row with
+its axes; the parent run's params and summary metrics; the charts) and on the report's index.html
+(no element wider than its cell, no row grown past 400 px, no path of this machine in the page).
 
 Screenshots and the report are kept in `artifacts_dir` (reports/test-artifacts/dashboards, or
 $DASHBOARD_ARTIFACTS). Without Chromium or Playwright the browser test skips; `.ci/run` installs both.
