@@ -160,7 +160,7 @@ def _check_storage(exp: Expansion, sweep_dir: Path) -> None:
 
 
 def _open_tracking(p: Prepared, record: dict[str, Any]) -> tuple[Any, dict[str, str]]:
-    """The sweep's parent run and one child run per trial (existing ones are found, not duplicated)."""
+    """The sweep's parent run and the trials' runs it has already; the others are made as trials start."""
     from orchestrator.tracking import SweepTracker
 
     tracker = SweepTracker(p.tracking_uri, p.spec.name, p.exp.spec_hash, record["code_version"],

@@ -19,7 +19,7 @@ FINAL_KEYS = ("bbox/AP", "segm/AP", "keypoints/AP", "voc/mAP")  # the summary me
 
 
 def sweep_params(record: Mapping[str, Any]) -> dict[str, str]:
-    """The sweep's identity and shape: spec hash, the values of each axis, how many trials, trunks, jobs."""
+    """The sweep's identity and shape: spec hash, each axis's values, how many trials, trunks, jobs; --sets."""
     trials = record["trials"]
     axes: dict[str, list[str]] = {}
     for t in trials:
@@ -30,6 +30,8 @@ def sweep_params(record: Mapping[str, Any]) -> dict[str, str]:
               "trunks": str(len(record.get("trunks", []))), "pretrain_jobs": str(len(record.get("pretrain", []))),
               "iterations": str(sum(int(t["total_iters"]) for t in trials))}
     params.update({f"axis.{a}": ", ".join(values) for a, values in axes.items()})
+    if record.get("sets"):  # the command line's --set overrides, part of the sweep as much as its spec
+        params["set"] = "; ".join(record["sets"])
     return params
 
 

@@ -87,6 +87,12 @@ def test_runs_read_at_a_glance(tmp_path):
     assert "a seeded subset of 8 training images" in b.data.tags["mlflow.note.content"]
 
 
+def test_set_overrides_are_params_of_the_sweep():
+    params = sweep_params({**RECORD, "sets": ["optim.base_lr=0.01", "data.hflip=false"]})
+    assert params["set"] == "optim.base_lr=0.01; data.hflip=false"
+    assert "set" not in sweep_params(RECORD)
+
+
 def test_claims_note_replaces_its_section():
     note = sweep_note(RECORD)
     verdicts = {"C1": {"claim": "random init catches up", "verdict": "holds", "reason": "within 1 AP"}}
