@@ -147,11 +147,17 @@ def _draw_curves(ax, style: Style, trials: pd.DataFrame, metrics: pd.DataFrame, 
             drawn += 1
     ax.set_xlabel("iterations")
     ax.set_ylabel(f"{TASKS[metric.split('/')[0]]} AP (%)")
-    ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     if not drawn:
         ax.text(0.5, 0.5, "no evaluation yet", ha="center", va="center", transform=ax.transAxes, color="0.5")
     return drawn
+
+
+def _from_zero(axes: list) -> None:
+    """y from 0, once every panel is drawn: the shared top then fits every panel's curves (set per
+    panel while drawing, it froze at the first panel's top and cut off the later ones)."""
+    for ax in axes:
+        ax.set_ylim(bottom=0)
 
 
 def ap_curves(trials: pd.DataFrame, metrics: pd.DataFrame, task: str) -> Figure:
@@ -163,6 +169,7 @@ def ap_curves(trials: pd.DataFrame, metrics: pd.DataFrame, task: str) -> Figure:
     for ax, backbone in zip(axes, backbones):
         _draw_curves(ax, style, sub[sub["backbone"] == backbone], metrics, f"{task}/AP")
         ax.set_title(backbone)
+    _from_zero(axes)
     style.legend(fig, sub["schedule"], arms(sub))
     return fig
 
@@ -178,6 +185,7 @@ def small_data_curves(trials: pd.DataFrame, metrics: pd.DataFrame, task: str = "
     for ax, data in zip(axes, sizes):
         _draw_curves(ax, style, sub[sub["data"] == data], metrics, f"{task}/AP")
         ax.set_title(f"data: {data}" + (" images" if data != "all" else ""))
+    _from_zero(axes)
     style.legend(fig, sub["schedule"], arms(sub))
     return fig
 

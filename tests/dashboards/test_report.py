@@ -87,6 +87,10 @@ def test_panels_of_one_figure_share_their_x_and_y_limits(fake):
     small = F.small_data_curves(tr, me, "bbox")
     assert {ax.get_xlim() for ax in small.axes} == {small.axes[0].get_xlim()}
     assert small.axes[1].get_xlim()[1] > 55
+    # Every point inside the shared limits, whichever panel holds the highest one.
+    for fig in (small, F.ap_curves(tr, me, "bbox")):
+        top = fig.axes[0].get_ylim()[1]
+        assert all(max(line.get_ydata()) <= top for ax in fig.axes for line in ax.get_lines())
 
 
 def test_report_folder_paper_table_and_missing(fake, tmp_path):
@@ -142,3 +146,16 @@ def test_unknown_and_empty_sweeps_exit_2_with_one_line(fake, tmp_path, capsys):
     assert not (tmp_path / "none.db").exists()  # a read never creates a store
     assert main(["report", str(tmp_path)]) == 2
     assert "not a sweep folder" in capsys.readouterr().err
+
+
+def test_a_later_panel_with_the_highest_curve_is_not_cut_off():
+    import pandas as pd
+
+    trials = pd.DataFrame([{"name": n, "status": "FINISHED", "init": "random", "data": d, "schedule": "1x",
+                            "backbone": "R18", "norm": "GN", "body_norm": "GN"} for n, d in (("a", "all"), ("b", "8"))])
+    metrics = pd.DataFrame([(n, "bbox/AP", s, v) for n, top in (("a", 0.1), ("b", 0.5)) for s, v in ((5, top / 2),
+                                                                                                      (10, top))],
+                           columns=["name", "metric", "step", "value"])
+    fig = F.small_data_curves(trials, metrics, "bbox")
+    assert [ax.get_title() for ax in fig.axes] == ["data: all", "data: 8 images"]
+    assert {ax.get_ylim() for ax in fig.axes} == {fig.axes[1].get_ylim()} and fig.axes[1].get_ylim()[1] >= 50
