@@ -11,11 +11,12 @@ rows up to a branch's fork point go into that branch's run, before the branch's 
 Losses, LR and `seen/*` go at most once per `period` iterations (the first row past each multiple,
 and the run's final row); evaluation metrics always go. Run status, tags and artifacts the monitor
 asks for (`post`) are sent by the same thread, after the run's rows that are on disk by then, so a
-run is FINISHED only once its curve is complete. A trial's run is made (`tracker.ensure_child`) at its
-first RUNNING post or rows (a branch: its own rows, not its trunk's), started at that post's time and
-ended at its last post's time, so the run's duration is the trial's own. MLflow may be away (a server restarting): a
-failed pass keeps its place in each file, forgets what it believed the run holds (a request may
-have been written but never answered), and is retried with backoff; training never waits on it.
+run is FINISHED only once its curve is complete. A trial's run is made (`tracker.ensure_child`) at
+its first RUNNING post or rows (a branch: its own rows, not its trunk's), started at that post's time
+and ended at its last post's time, so the run's duration is the trial's own. MLflow may be away (a
+server restarting): a failed pass keeps its place in each file, forgets what it believed the run
+holds (a request may have been written but never answered), and is retried with backoff; training
+never waits on it.
 """
 
 from __future__ import annotations
