@@ -14,8 +14,8 @@ The table's rows are the tasks, then the pretrain jobs (read from their folders'
 the table is not redrawn in place (no terminal, or `--no-view`), the driver logs its total line once a
 minute.
 
-Schedule forking: a trunk has no MLflow run of its own; while it trains, its branches' runs are
-RUNNING (the syncer puts the trunk's rows up to each fork point into each branch's run).
+Schedule forking: a trunk has no MLflow run of its own; a branch's run is made when the branch itself
+starts, with the trunk's rows up to its fork point put first (`metric_sync`).
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from orchestrator.errors import DatasetMissingError, InputsMissingError, Orchest
 from orchestrator.expand import Expansion, backbone_file, bind_config, bind_pretrain, expand, missing_weight_files
 from orchestrator.fork import Trunk, checkpoint_file, priorities
 from orchestrator.monitor import LiveView, SweepMonitor
+from orchestrator.run_notes import sweep_note, sweep_params
 from orchestrator.spec import SweepSpec, load_spec
 from trainer.config import config_to_dict, flatten
 from orchestrator.view import duration
@@ -159,17 +160,18 @@ def _check_storage(exp: Expansion, sweep_dir: Path) -> None:
 
 
 def _open_tracking(p: Prepared, record: dict[str, Any]) -> tuple[Any, dict[str, str]]:
-    """The sweep's parent run and one child run per trial (existing ones are found, not duplicated)."""
+    """The sweep's parent run and the trials' runs it has already; the others are made as trials start."""
     from orchestrator.tracking import SweepTracker
 
-    tracker = SweepTracker(p.tracking_uri, p.spec.name, p.exp.spec_hash, record["code_version"])
-    tracker.open_parent(p.spec_text)
+    tracker = SweepTracker(p.tracking_uri, p.spec.name, p.exp.spec_hash, record["code_version"],
+                           source="python -m orchestrator run")
+    tracker.open_parent(p.spec_text, sweep_params(record), sweep_note(record))
     return tracker, _child_runs(tracker, p.exp, p.sweep_dir, record)
 
 
 def _child_runs(tracker: Any, exp: Expansion, sweep_dir: Path, record: dict[str, Any]) -> dict[str, str]:
+    """The runs a resumed sweep has; the others are planned, made as their trials start (`MetricSync`)."""
     axes = {t["trial_id"]: t["axes"] for t in record["trials"]}
-    run_ids = {}
     for trial in exp.trials:
         cfg = bind_config(trial, sweep_dir, {j.name: backbone_file(sweep_dir, j.name) for j in exp.pretrain})
         params = flatten(config_to_dict(cfg))
@@ -177,8 +179,8 @@ def _child_runs(tracker: Any, exp: Expansion, sweep_dir: Path, record: dict[str,
         if trial.trial_id in exp.forks.branches:  # the trunk its curve comes from up to the fork point
             trunk_id, at = exp.forks.branches[trial.trial_id]
             tags = {"fork.trunk": exp.forks.trunk(trunk_id).name, "fork.trunk_id": trunk_id, "fork.iteration": str(at)}
-        run_ids[trial.trial_id] = tracker.child_run(trial.trial_id, trial.name, axes[trial.trial_id], params, tags)
-    return run_ids
+        tracker.plan_child(trial.trial_id, trial.name, axes[trial.trial_id], params, tags)
+    return tracker.find_children()
 
 
 def _start_pretrain(exp: Expansion, sweep_dir: Path, retries: int) -> Any:
