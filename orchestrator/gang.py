@@ -15,6 +15,13 @@ Any rank failing (an exception, a lost node, a failed setup) kills the whole gan
 attempt; Tune then retries the trial (a fresh gang, wherever its placement group fits now) from the
 trial's newest checkpoint, and its placement group goes back to the cluster with the trial.
 Rank 0 reports through a Ray queue living with the trial's process (bundle 0).
+
+Preemption with notice (`trainer.preemption`): each worker takes a SIGTERM of its own as a notice
+(installed in the actor's `__init__`, its main thread; `run` runs in another); a notice to the
+trial's own process is passed on to every rank (`notice`). The ranks agree on the iteration, rank 0
+writes its checkpoint, and every rank ends with `PreemptedError`: then the trial waits for all of
+them (rank 0's last reports still come through the queue) and ends with that error, which the driver
+counts as a preemption, not a failure.
 """
 
 from __future__ import annotations
@@ -39,6 +46,17 @@ POLL_S = 0.5
 
 class GangWorker:
     """One rank of a DDP trial (a Ray actor in bundle rank + 1 of the trial's placement group)."""
+
+    def __init__(self) -> None:
+        from trainer.preemption import install
+
+        install(always=True)  # this process exists only to train: a SIGTERM is always a notice
+
+    def notice(self, reason: str) -> None:
+        """The trial's process got a preemption notice: stop at this rank's next step end too."""
+        from trainer.preemption import request
+
+        request(reason)
 
     def where(self) -> dict[str, Any]:
         """This worker's node, IP, assigned GPU ids and a free port (used if it is rank 0)."""
@@ -110,21 +128,34 @@ def run_gang(task: dict[str, Any], fn: Callable[[dict[str, Any], int], None], lo
             node_gpus.setdefault(w["node_id"], []).extend(w["gpu_ids"])
         refs = [w.run.remote(fn, config, rank, world, master, node_gpus[where[rank]["node_id"]])
                 for rank, w in enumerate(workers)]
-        _wait(refs, queue, report)
+        _wait(refs, workers, queue, report)
     finally:
         for w in workers:  # a rank blocked in a collective of a dead peer never returns by itself
             ray.kill(w, no_restart=True)
         queue.shutdown(force=True)
 
 
-def _wait(refs: list[Any], queue: Queue, report: Callable[..., None]) -> None:
-    pending = list(refs)
+def _wait(refs: list[Any], workers: list[Any], queue: Queue, report: Callable[..., None]) -> None:
+    from trainer.preemption import PreemptedError, requested
+
+    pending, preempted, told = list(refs), None, False
     while pending:
         _drain(queue, report)
+        if not told and requested():  # this process got the notice: so do the ranks
+            told = True
+            for w in workers:
+                w.notice.remote(f"the trial's {requested()['reason']}")
         done, pending = ray.wait(pending, num_returns=1, timeout=POLL_S)
         for ref in done:
-            ray.get(ref)  # raises the rank's error (or ActorDiedError for a lost node): the gang fails
+            try:
+                ray.get(ref)  # raises the rank's error (or ActorDiedError for a lost node): the gang fails
+            except ray.exceptions.RayTaskError as exc:
+                if not isinstance(exc.cause, PreemptedError):
+                    raise
+                preempted = preempted or exc.cause  # the other ranks stop at the same iteration
     _drain(queue, report)
+    if preempted is not None:
+        raise preempted
 
 
 def _drain(queue: Queue, report: Callable[..., None]) -> None:

@@ -18,6 +18,15 @@ A DDP trial's resources are its whole gang, one placement group (`trial_resource
 runs in `orchestrator.gang`); `max_concurrent` counts how many such gangs the alive nodes hold and
 refuses, in one line, a trial that never fits. `check_nodes` runs the shared-storage check
 (`orchestrator.storage`) as one task pinned to each alive node.
+
+A preempted attempt is no failure: Tune counts every error a trial raises against its
+`max_failures`, so an attempt stopped on a preemption notice first sends a result with event
+"preempted" (`orchestrator.trial_report`), and the callback, on that result, gives the trial one more
+allowed failure before its error arrives (Tune reports synchronously, so the result comes first).
+The error then reschedules the trial like any retry (from its newest checkpoint, into the same
+MLflow run) and the user's `retry.max_failures` is spent on real failures only. A node drained for
+preemption (`ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION`) kills its actors with errors Tune
+itself does not count.
 """
 
 from __future__ import annotations
@@ -34,8 +43,9 @@ from ray import tune
 from ray.tune.search import Searcher
 
 from orchestrator.errors import ClusterError, OrchestratorError
+from orchestrator.monitor import K_EVENT
 from orchestrator.spec import Resources
-from orchestrator.trial_report import K_WARNINGS
+from orchestrator.trial_report import K_WARNINGS, PREEMPTED
 
 logger = logging.getLogger(__name__)
 
@@ -374,6 +384,8 @@ class ForwardToMonitor(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if result.get(K_WARNINGS):  # e.g. a damaged checkpoint the attempt skipped: say so where it is watched
             logger.warning("trial %s: %s", _trial_name(trial), result[K_WARNINGS])
+        if result.get(K_EVENT) == PREEMPTED:
+            _forgive_next_failure(trial)
         if _MONITOR is not None:
             _MONITOR.on_result(self._tid(trial), result)
 
@@ -400,6 +412,12 @@ class ForwardToMonitor(tune.Callback):
     def on_step_end(self, iteration, trials, **info):
         if _MONITOR is not None:
             _MONITOR.tick()
+
+
+def _forgive_next_failure(trial) -> None:
+    """The error that follows a "preempted" result is a preemption: one more failure Tune allows."""
+    if trial.max_failures >= 0:
+        trial.max_failures += 1
 
 
 def _error_text(trial) -> str:

@@ -1,0 +1,163 @@
+"""Preemption with notice on a real local Ray node (3 CPUs, 2 declared GPUs; trials on CPU, gloo).
+
+One 2-worker gang trial (`gpus_per_trial: 2`) with `retry.max_failures: 0`: one of its gang workers
+gets SIGTERM mid-trial. The gang stops at one iteration with that iteration's checkpoint, the trial
+is rescheduled without spending the failure budget, resumes into the same MLflow run, and ends
+exactly where an uninterrupted 2-rank run of the same config ends (run here with the trainer alone).
+A driver SIGTERMed mid-sweep stops cleanly and `resume` finishes the sweep. What each test measured
+is printed as one `preemption:` line (pytest -s).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch.multiprocessing as mp
+import yaml
+
+from tests.orchestrator.conftest import auth_disabled, cli, start_node, stop_node, tiny_spec, write_spec
+from tests.orchestrator.sweep_utils import (attempts, check_children, duplicate_points, mlflow_contents,
+                                            start_driver, wait_for)
+from tests.plugins.faults import FAULTS
+from tests.trainer.test_ddp import _port
+from tests.trainer.test_preemption import _rank
+
+pytestmark = pytest.mark.slow
+
+TRIAL = "random-all-2x-R18"  # 12 iterations, evaluations and checkpoints every 3
+GRID = {"init": ["random"], "data": ["all"], "schedule": ["2x"], "backbone": ["R18"]}
+REFERENCE: dict = {}
+
+
+@pytest.fixture(scope="module")
+def gpu_node(tmp_path_factory):
+    """One Ray node with 3 CPUs and 2 logical GPUs: one 2-worker gang fits."""
+    logs = tmp_path_factory.mktemp("ray")
+    with auth_disabled():
+        head, address = start_node(logs / "head.log", num_cpus=3, num_gpus=2)
+        try:
+            yield address, head.pid
+        finally:
+            stop_node(head)
+
+
+def _spec(tmp: Path, name: str) -> Path:
+    spec = tiny_spec(tmp, name=name, grid=GRID, resources={"cpus_per_trial": 2, "gpus_per_trial": 2},
+                     retry={"max_failures": 0}, base__optim__batch_size=2, base__runtime__log_period=1)
+    return write_spec(tmp, spec, f"{name}.yaml")
+
+
+def _steps(folder: Path) -> list[int]:
+    path = folder / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    return [r["step"] for r in rows if "train/loss" in r]
+
+
+def _reference(trial: Path, tmp: Path) -> dict:
+    """The same trial config trained uninterrupted by 2 gloo ranks of the trainer alone (once per module)."""
+    if not REFERENCE:
+        cfg = yaml.safe_load((trial / "config.yaml").read_text())
+        cfg["runtime"]["output_dir"] = str(tmp / "reference")
+        mp.spawn(_rank, args=(2, _port(), cfg, False, False), nprocs=2, join=True)
+        out = tmp / "reference"
+        REFERENCE.update(final=json.loads((out / "final_metrics.json").read_text()),
+                         rows=(out / "metrics.jsonl").read_text().splitlines())
+    return REFERENCE
+
+
+def _gang_worker_pids(session: int) -> list[int]:
+    """The gang workers' processes of this test's node (its `ray start` session; other clusters may run here)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and os.getsid(int(entry.name)) == session \
+                    and b"ray::GangWorker" in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
+def _check_result(tmp: Path, name: str, trial: Path) -> dict:
+    """One FINISHED child run with every point once, and the uninterrupted run's final metrics and curve."""
+    ml = mlflow_contents(tmp, name)
+    check_children(ml, {TRIAL: [3, 6, 9, 12]})
+    assert duplicate_points(tmp) == []
+    assert ml["history"][TRIAL]["train/loss"] == list(range(1, 13))  # none missing, none twice
+    ref = _reference(trial, tmp)
+    final = json.loads((trial / "final_metrics.json").read_text())
+    assert final == ref["final"]
+    assert (trial / "metrics.jsonl").read_text().splitlines() == ref["rows"]
+    return final
+
+
+def test_sigterm_to_one_gang_worker_is_a_preemption_not_a_failure(tmp_path, gpu_node):
+    address, session = gpu_node
+    spec, log = _spec(tmp_path, "notice"), tmp_path / "driver.log"
+    trial = tmp_path / "runs" / "notice" / "trials" / TRIAL
+    driver = start_driver(["run", str(spec), "--no-view"], log,
+                          {"RAY_ADDRESS": address, **FAULTS, "ORCHESTRATOR_DELAY": f"{TRIAL}@0.3"})
+    try:
+        wait_for(driver, lambda: len(_steps(trial)) >= 4, log)
+        rank0 = attempts(trial.parents[1], TRIAL)[0]["pid"]
+        others = [p for p in _gang_worker_pids(session) if p != rank0]
+        assert len(others) == 1, others
+        seen = max(_steps(trial))
+        os.kill(others[0], signal.SIGTERM)  # rank 1 alone gets the notice
+        sent = time.time()
+        assert driver.wait(timeout=600) == 0, log.read_text()[-3000:]
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    rows = attempts(trial.parents[1], TRIAL)
+    cut = [r for r in rows if "preempted_at" in r]
+    starts = [r for r in rows if "start_iter" in r]
+    assert len(cut) == 1 and len(starts) == 2, rows
+    at = cut[0]["preempted_at"]
+    assert seen <= at <= seen + 1 and cut[0]["reason"] == f"preempted at iteration {at}", (seen, cut)
+    assert starts[1]["start_iter"] == at and starts[0]["run_id"] == starts[1]["run_id"], starts
+    took = cut[0]["time"] - sent
+    state = json.loads((trial.parents[1] / "state.json").read_text())["trials"]
+    row = next(r for r in state.values() if r["name"] == TRIAL)
+    assert row["status"] == "FINISHED" and row["preemptions"] == 1 and row["attempts"] == 2, row
+    status = cli("status", str(trial.parents[1]))
+    assert status.returncode == 0 and f"~ {TRIAL}: preempted 1x, last at iteration {at}" in status.stdout
+    final = _check_result(tmp_path, "notice", trial)
+    print(f"preemption: gang rank 1 SIGTERMed at iteration >= {seen}; both ranks stopped at {at} (checkpoint "
+          f"{took:.1f} s after the signal), 0 iterations lost; max_failures 0, trial resumed from {at} into the "
+          f"same MLflow run; box AP {final.get('bbox/AP')} equals the uninterrupted run's; duplicates 0")
+
+
+def test_driver_sigterm_stops_cleanly_and_resume_finishes(tmp_path, gpu_node):
+    address = gpu_node[0]
+    spec, log = _spec(tmp_path, "driver"), tmp_path / "driver.log"
+    trial = tmp_path / "runs" / "driver" / "trials" / TRIAL
+    driver = start_driver(["run", str(spec), "--no-view"], log,
+                          {"RAY_ADDRESS": address, **FAULTS, "ORCHESTRATOR_DELAY": f"{TRIAL}@0.3"})
+    try:
+        wait_for(driver, lambda: len(_steps(trial)) >= 4, log)
+        driver.send_signal(signal.SIGTERM)
+        sent = time.time()
+        code = driver.wait(timeout=300)
+        took = time.time() - sent
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    text = log.read_text()
+    assert code == 128 + signal.SIGTERM and "resume` continues the sweep" in text, text[-3000:]
+    status = cli("status", str(trial.parents[1]))
+    assert "driver not running (resume with" in status.stdout, status.stdout
+    again = cli("resume", str(spec), env={"RAY_ADDRESS": address}, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    final = _check_result(tmp_path, "driver", trial)
+    print(f"preemption: driver SIGTERMed at iteration {max(_steps(trial)[:4])}+; exit {code} after {took:.1f} s; "
+          f"resume finished the sweep; box AP {final.get('bbox/AP')} equals the uninterrupted run's")
