@@ -25,7 +25,8 @@ by `PreemptionNotice.setup`, which Tune runs in the actor's main thread, where P
 handlers; Tune runs `run_trial` itself in another thread). A single-worker trial's trainer stops at
 its step's end; a gang's trial passes the notice on to its ranks (`orchestrator.gang`), each of which
 also takes a SIGTERM of its own. The attempt then ends with `PreemptedError` after writing the
-checkpoint of the iteration reached.
+checkpoint of the iteration reached. A drain of the trial's node (`ray drain-node`) is the same notice
+(`_drain_watch` here, `orchestrator.gang` for a gang's nodes).
 """
 
 from __future__ import annotations
@@ -149,9 +150,36 @@ def _run_local(task: dict[str, Any], attempt: int, start_from: Path | None) -> N
     from trainer.engine import train
 
     cfg = build_config(task["config"], source=f"trial {task['name']}")
-    with checkpoint_warnings() as warnings:
+    with checkpoint_warnings() as warnings, _drain_watch():
         reporters = reporters_for(task, _tune_report, attempt, start_from, warnings=warnings, placement=_placement())
         train(cfg, reporters=reporters, **_train_args(task, start_from))
+
+
+@contextmanager
+def _drain_watch() -> Iterator[None]:
+    """While inside, a drain of this process's node asks the trainer here to stop (trainer.preemption)."""
+    import threading
+
+    import ray
+
+    from orchestrator.gang import DRAIN_POLL_S, drain_notice
+    from trainer.preemption import request
+
+    node, stop = ray.get_runtime_context().get_node_id(), threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(DRAIN_POLL_S):
+            why = drain_notice([node])
+            if why:
+                request(why)
+                return
+
+    thread = threading.Thread(target=watch, name="drain-watch", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
 
 
 def _placement() -> dict[str, Any]:

@@ -67,12 +67,6 @@ def requested() -> dict[str, Any] | None:
     return dict(_notice) if _notice else None
 
 
-def clear() -> None:
-    """Forget a notice (a process that outlives a preempted run, e.g. a reused worker)."""
-    with _lock:
-        _notice.clear()
-
-
 def _on_sigterm(signum: int, frame: Any) -> None:
     if _state["armed"] or _state["always"]:
         request(signal.Signals(signum).name)  # only a flag: the step in flight finishes first
@@ -102,7 +96,10 @@ def install(always: bool = False) -> bool:
 
 @contextmanager
 def armed() -> Iterator[None]:
-    """While inside, a SIGTERM asks this process's run to stop instead of ending the process."""
+    """While inside, a SIGTERM asks this process's run to stop instead of ending the process.
+
+    Leaving the outermost one forgets the notice: the run it was for has ended (a Ray worker that
+    Tune reuses for another trial must not stop that one at its first step)."""
     with _lock:
         _state["armed"] += 1
     try:
@@ -110,6 +107,8 @@ def armed() -> Iterator[None]:
     finally:
         with _lock:
             _state["armed"] -= 1
+            if not _state["armed"] and not _state["always"]:
+                _notice.clear()
 
 
 def ignore_in_worker(worker_id: int) -> None:

@@ -20,7 +20,7 @@ import pytest
 import torch.multiprocessing as mp
 import yaml
 
-from tests.orchestrator.conftest import auth_disabled, cli, start_node, stop_node, tiny_spec, write_spec
+from tests.orchestrator.conftest import auth_disabled, cli, kill_node, start_node, stop_node, tiny_spec, write_spec
 from tests.orchestrator.sweep_utils import (attempts, check_children, duplicate_points, mlflow_contents,
                                             start_driver, wait_for)
 from tests.plugins.faults import FAULTS
@@ -161,3 +161,74 @@ def test_driver_sigterm_stops_cleanly_and_resume_finishes(tmp_path, gpu_node):
     final = _check_result(tmp_path, "driver", trial)
     print(f"preemption: driver SIGTERMed at iteration {max(_steps(trial)[:4])}+; exit {code} after {took:.1f} s; "
           f"resume finished the sweep; box AP {final.get('bbox/AP')} equals the uninterrupted run's")
+
+
+def test_node_drained_for_preemption_gives_the_same_notice(tmp_path, gpu_node):
+    """The gang runs on a second node (the head's GPUs held by the test); that node is drained with
+    `ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION`: the gang stops at one iteration with its
+    checkpoint and the trial resumes on the head, without spending `max_failures: 0`."""
+    import ray
+
+    address, _ = gpu_node
+    spec, log = _spec(tmp_path, "drain"), tmp_path / "driver.log"
+    trial = tmp_path / "runs" / "drain" / "trials" / TRIAL
+    with auth_disabled():
+        worker = start_node(tmp_path / "worker.log", head=address, num_cpus=3, num_gpus=2)[0]
+        ray.init(address=address, log_to_driver=False, configure_logging=False, namespace="drain-test")
+        try:
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            head = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and "node:__internal_head__" in n["Resources"])
+            hold = ray.remote(num_cpus=0, num_gpus=2)(_Hold).options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(head, soft=False)).remote()
+            ray.get(hold.ready.remote(), timeout=120)
+            driver = start_driver(["run", str(spec), "--no-view"], log,
+                                  {"RAY_ADDRESS": address, **FAULTS, "ORCHESTRATOR_DELAY": f"{TRIAL}@0.3"})
+            try:
+                wait_for(driver, lambda: len(_steps(trial)) >= 4, log)
+                gang = json.loads((trial / "gang.jsonl").read_text().splitlines()[0])
+                seen, sent = max(_steps(trial)), time.time()
+                drained = cli_ray("drain-node", "--address", address, "--node-id", gang["nodes"][0], "--reason",
+                                  "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "test: spot reclaim",
+                                  "--deadline-remaining-seconds", "60")
+                assert drained.returncode == 0, drained.stdout + drained.stderr
+                wait_for(driver, lambda: any("preempted_at" in r for r in attempts(trial.parents[1], TRIAL)), log)
+                ray.kill(hold)  # the head's GPUs go back: the gang fits there now
+                assert driver.wait(timeout=600) == 0, log.read_text()[-3000:]
+            finally:
+                if driver.poll() is None:
+                    driver.kill()
+                    driver.wait()
+        finally:
+            ray.shutdown()
+            kill_node(worker)
+    rows = attempts(trial.parents[1], TRIAL)
+    cut = [r for r in rows if "preempted_at" in r]
+    starts = [r for r in rows if "start_iter" in r]
+    assert len(cut) == 1 and "drained" in cut[0]["notice"] and len(starts) == 2, rows
+    at = cut[0]["preempted_at"]
+    # No finished step lost (it resumes where it stopped); the notice (`ray drain-node` itself takes seconds
+    # to run here, then a 2 s poll) and the checkpoint came well within the drain's 60 s deadline.
+    assert seen <= at and starts[1]["start_iter"] == at, (seen, rows)
+    took = cut[0]["time"] - sent
+    assert took < 60, took
+    gangs = [json.loads(x) for x in (trial / "gang.jsonl").read_text().splitlines() if "gang_start" in x]
+    assert gangs[0]["nodes"] != gangs[-1]["nodes"], gangs  # resumed on the head
+    final = _check_result(tmp_path, "drain", trial)
+    print(f"preemption: node drained (PREEMPTION, 60 s deadline) at iteration >= {seen}; gang stopped at {at} "
+          f"{took:.1f} s after `ray drain-node` started ({cut[0]['notice']}); resumed on the head from {at}; box AP {final.get('bbox/AP')} equals the "
+          "uninterrupted run's")
+
+
+class _Hold:
+    def ready(self) -> bool:
+        return True
+
+
+def cli_ray(*args: str):
+    import subprocess
+
+    from tests.orchestrator.conftest import PYTHON
+
+    return subprocess.run([str(Path(PYTHON).parent / "ray"), *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "RAY_AUTH_MODE": "disabled"})
