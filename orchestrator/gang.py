@@ -177,7 +177,6 @@ def _drain(queue: Queue, report: Callable[..., None]) -> None:
         report(metrics, pointer)
 
 
-
 def drain_notice(nodes: Any) -> str | None:
     """"node X drained, deadline in N s" if one of `nodes` (hex ids) is being drained, else None."""
     from ray._private.state import state  # Ray's drain table: {node id: deadline in ms, 0 = none}
