@@ -19,14 +19,10 @@ runs in `orchestrator.gang`); `max_concurrent` counts how many such gangs the al
 refuses, in one line, a trial that never fits. `check_nodes` runs the shared-storage check
 (`orchestrator.storage`) as one task pinned to each alive node.
 
-A preempted attempt is no failure: Tune counts every error a trial raises against its
-`max_failures`, so an attempt stopped on a preemption notice first sends a result with event
-"preempted" (`orchestrator.trial_report`), and the callback, on that result, gives the trial one more
-allowed failure before its error arrives (Tune reports synchronously, so the result comes first).
-The error then reschedules the trial like any retry (from its newest checkpoint, into the same
-MLflow run) and the user's `retry.max_failures` is spent on real failures only. A node drained for
-preemption (`ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION`) kills its actors with errors Tune
-itself does not count.
+A preempted attempt is no failure: it first reports event "preempted" (`orchestrator.trial_report`;
+Tune takes reports synchronously), on which the callback allows the trial one more failure, so its
+error reschedules it like a retry (newest checkpoint, same MLflow run) and `retry.max_failures` is
+spent on real failures only.
 """
 
 from __future__ import annotations
@@ -384,8 +380,8 @@ class ForwardToMonitor(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if result.get(K_WARNINGS):  # e.g. a damaged checkpoint the attempt skipped: say so where it is watched
             logger.warning("trial %s: %s", _trial_name(trial), result[K_WARNINGS])
-        if result.get(K_EVENT) == PREEMPTED:
-            _forgive_next_failure(trial)
+        if result.get(K_EVENT) == PREEMPTED and trial.max_failures >= 0:
+            trial.max_failures += 1  # the error that follows is this preemption's (see module docstring)
         if _MONITOR is not None:
             _MONITOR.on_result(self._tid(trial), result)
 
@@ -412,12 +408,6 @@ class ForwardToMonitor(tune.Callback):
     def on_step_end(self, iteration, trials, **info):
         if _MONITOR is not None:
             _MONITOR.tick()
-
-
-def _forgive_next_failure(trial) -> None:
-    """The error that follows a "preempted" result is a preemption: one more failure Tune allows."""
-    if trial.max_failures >= 0:
-        trial.max_failures += 1
 
 
 def _error_text(trial) -> str:
