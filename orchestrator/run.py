@@ -7,21 +7,27 @@ their backbone, while those that do wait in the queue), the MLflow parent run an
 trial, and the Tune run of the trials, longest first (it keeps the tail short).
 With schedule forking the trunks run as tasks too (no MLflow run of their own), and each branch is
 released to Tune once its trunk's checkpoint at its fork point is on disk (`orchestrator.fork`).
+A SIGTERM to the driver (its own node preempted, a SLURM job's end, `kill`) stops it as Ctrl-C does
+(Tune saves its state and stops the trials), then it ends with `SweepInterrupted`: `resume` continues.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from orchestrator import state as st
 from orchestrator.dataset import check_defects, generate, needs_generation
 from orchestrator.driver_log import sweep_log
-from orchestrator.errors import DatasetMissingError, InputsMissingError, OrchestratorError, SweepNotFoundError
+from orchestrator.errors import (DatasetMissingError, InputsMissingError, OrchestratorError, SweepInterrupted,
+                                 SweepNotFoundError)
 from orchestrator.expand import Expansion, backbone_file, bind_config, bind_pretrain, expand, missing_weight_files
 from orchestrator.fork import Trunk, checkpoint_file, priorities
 from orchestrator.monitor import LiveView, SweepMonitor
@@ -131,9 +137,11 @@ def run(spec_path: Path, *, storage: Path | None = None, must_exist: bool = Fals
                 p.tracking_uri, spec.name)
     finished = False
     try:
-        with sweep_log(sweep_dir):  # Ray/Tune: full text in SWEEP/driver.log, one line each in the terminal
+        with sweep_log(sweep_dir), _sigterm_as_ctrl_c() as stopped:  # Ray/Tune: full text in SWEEP/driver.log
             rb.run_tune(sweep_dir, tasks, spec.resources, spec.retry.max_failures, concurrent, monitor,
                         pretrain=jobs)
+            if stopped:
+                raise SweepInterrupted(stopped[0])
             failed = jobs.wait() if jobs is not None else {}
         finished = True
     finally:
@@ -145,6 +153,26 @@ def run(spec_path: Path, *, storage: Path | None = None, must_exist: bool = Fals
                 duration(time.time() - t0), st.trained_iterations(sweep_dir, [t["name"] for t in tasks]),
                 sum(t["total"] - (t.get("fork") or {}).get("at", 0) for t in tasks))
     return 0 if status == "FINISHED" else 1
+
+
+@contextmanager
+def _sigterm_as_ctrl_c() -> Iterator[list[int]]:
+    """While inside, SIGTERM becomes SIGINT, which Tune takes as "stop: save the experiment and end the
+    trials" (ray.init installed a SIGTERM handler that would just exit). Yields the signals seen."""
+    seen: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield seen
+        return
+
+    def to_sigint(signum: int, frame: Any) -> None:
+        seen.append(signum)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    previous = signal.signal(signal.SIGTERM, to_sigint)
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _check_storage(exp: Expansion, sweep_dir: Path) -> None:

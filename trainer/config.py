@@ -285,6 +285,10 @@ class RuntimeConfig(_Strict):
     compile_backbone: bool = False  # torch.compile the ResNet-FPN backbone in place
     # DDP process-group backend: auto = NCCL when the run's device is CUDA, gloo otherwise.
     dist_backend: Literal["auto", "gloo", "nccl"] = "auto"
+    # Seconds between a preemption notice (SIGTERM) and the hard kill, as this run assumes them: the
+    # run stops at the end of the step in flight and writes its checkpoint (trainer.preemption); a
+    # checkpoint that took longer is warned about (the platform's grace is what really counts).
+    preemption_grace_s: float = Field(20.0, gt=0)
 
 
 class PretrainConfig(_Strict):
