@@ -7,7 +7,8 @@ that run's child runs into two tidy tables:
 - `trials`: one row per child run (name, run id, status, the four axes, its replicate and runtime.seed,
   init kind, iterations);
 - `metrics`: one row per (trial, metric, step) for the AP metrics (`bbox/*`, `segm/*`: every
-  evaluation) and the train loss (`train/loss`, as often as the sweep logs it) and one per (trial, metric) for the cost (`seen/*`: its latest point).
+  evaluation) and the train loss (`train/loss`, as often as the sweep logs it), and one per (trial,
+  metric) for the cost (`seen/*`: its latest point).
 
 Nothing here writes to the store except `log_report` and `log_claims`, which attach a report folder
 and the claims' verdicts to the parent run.
@@ -33,8 +34,8 @@ REPORT_PREFIXES = ("bbox/", "segm/", "seen/", "keypoints/", "voc/")  # keypoints
 TRAIN_LOSS = "train/loss"  # the total train loss: the report's Figure 8 view (loss against AP)
 LAST_ONLY = ("seen/",)  # read as the run's latest point, not a history (see _run_points)
 AXES = ("init", "data", "schedule", "backbone")
-TRIAL_COLUMNS = ["name", "run_id", "trial_id", "status", *AXES, "replicate", "seed", "init_kind", "model_init", "total_iters", "norm",
-                 "body_norm"]
+TRIAL_COLUMNS = ["name", "run_id", "trial_id", "status", *AXES, "replicate", "seed", "init_kind", "model_init",
+                 "total_iters", "norm", "body_norm"]
 METRIC_COLUMNS = ["name", "metric", "step", "value"]
 
 

@@ -58,7 +58,8 @@ def noise_floor(trials: pd.DataFrame, metrics: pd.DataFrame) -> dict[str, Any]:
                       "range": _r(max(finals.values()) - min(finals.values()))})
     sds = sorted(c["sd"] for c in cells if c["sd"] is not None)
     return {"metric": "final box AP, percent", "cells": cells,
-            "median_sd": sds[len(sds) // 2] if sds else None, "max_range": max((c["range"] for c in cells), default=None)}
+            "median_sd": sds[len(sds) // 2] if sds else None,  # the upper median of an even count
+            "max_range": max((c["range"] for c in cells), default=None)}
 
 
 def noise_words(noise: dict[str, Any]) -> str:

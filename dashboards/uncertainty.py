@@ -81,7 +81,8 @@ class Condition:
 
     def to_json(self) -> dict[str, Any]:
         iv = self.interval
-        return {"what": self.what, "failure": self.failure, "per_replicate": {k: round(v, 3) for k, v in self.values.items()},
+        return {"what": self.what, "failure": self.failure,
+                "per_replicate": {k: round(v, 3) for k, v in self.values.items()},
                 "n": iv.n, "mean": round(iv.mean, 3), "interval": None if iv.low is None else
                 [round(iv.low, 3), round(iv.high, 3)], "threshold": round(self.threshold, 3),
                 "claim_side": "above" if self.above else "below", "verdict": self.verdict}
