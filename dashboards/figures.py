@@ -3,11 +3,14 @@
 - `ap_curves`: AP vs iterations, one panel per backbone, one curve per (init, schedule) on the full
   data (the paper's Figures 1 and 3);
 - `final_bars`: final AP per (init, schedule), a panel per (task, backbone);
+- `overfitting`: val AP against train loss, a panel per data size (the paper's Figure 8);
 - `small_data_curves`: AP vs iterations, one panel per data size (the paper's Figures 7-8);
 - `cost_bars` / `cost_ap`: images, instances and pixels seen, pre-training stacked under detection,
   and AP against each of them (the paper's Figure 2).
 
-Colour is the schedule, line style the init (a body norm other than `norm` is an init of its own,
+A cell's replicates (trials that differ only in `replicate`) are drawn as one: curves as the mean over
+the replicates with a band spanning them (min to max), bars as the mean with each replicate's value
+as a dot. Colour is the schedule, line style the init (a body norm other than `norm` is an init of its own,
 e.g. 'ImageNet pre-trained, FrozenBN body'), in every figure but `cost_ap`, whose curves of one
 schedule and init differ in data and backbone too: there each trial has a colour and marker of its
 own, named in the legend. AP is drawn in percent, like the paper, and all panels of one figure share
@@ -135,15 +138,47 @@ def full_data(trials: pd.DataFrame) -> str:
     return data_order(trials["data"])[0]
 
 
+def cell_of(trial: pd.Series) -> str:
+    """A trial's name without its replicate label: the key its replicates share."""
+    rep = trial.get("replicate")
+    suffix = f"-r{rep}"
+    tagged = isinstance(rep, str) and rep != "" and trial["name"].endswith(suffix)
+    return trial["name"][: -len(suffix)] if tagged else trial["name"]
+
+
+def cells(trials: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """(cell, its trials) in first-seen order; a sweep without replicates has one trial per cell."""
+    if not len(trials):
+        return []
+    keys = trials.apply(cell_of, axis=1)
+    return [(k, trials[keys == k]) for k in dict.fromkeys(keys)]
+
+
+def replicate_band(metrics: pd.DataFrame, names: Iterable[str], metric: str
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(steps, mean, min, max) over the replicates at the steps every one of them has."""
+    runs = [dict(zip(*series(metrics, n, metric))) for n in names]
+    runs = [r for r in runs if r]
+    steps = np.array(sorted(set.intersection(*(set(r) for r in runs)))) if runs else np.array([])
+    values = np.array([[r[s] for s in steps] for r in runs], dtype=float).reshape(len(runs), len(steps))
+    if not len(steps):
+        return steps, steps, steps, steps
+    return steps, values.mean(axis=0), values.min(axis=0), values.max(axis=0)
+
+
 def _draw_curves(ax, style: Style, trials: pd.DataFrame, metrics: pd.DataFrame, metric: str) -> int:
     drawn = 0
     # Longest schedules first: a shorter one follows the same path until its LR drops, so it goes on top.
     order = {s: i for i, s in enumerate(schedule_order(trials["schedule"]))}
-    for _, t in trials.sort_values("schedule", key=lambda c: -c.map(order)).iterrows():
-        steps, values = series(metrics, t["name"], metric)
+    for cell, group in cells(trials.sort_values("schedule", key=lambda c: -c.map(order), kind="stable")):
+        t = group.iloc[0]
+        steps, mean, low, high = replicate_band(metrics, group["name"], metric)
         if len(steps):
-            ax.plot(steps, values * 100, color=style.color[t["schedule"]], linestyle=style.line[arm_of(t)],
-                    marker="o", markersize=3, label=t["name"])
+            n = len(group)
+            ax.plot(steps, mean * 100, color=style.color[t["schedule"]], linestyle=style.line[arm_of(t)],
+                    marker="o", markersize=3, label=cell if n == 1 else f"{cell} (mean of {n})")
+            if n > 1:
+                ax.fill_between(steps, low * 100, high * 100, color=style.color[t["schedule"]], alpha=0.15, lw=0)
             drawn += 1
     ax.set_xlabel("iterations")
     ax.set_ylabel(f"{TASKS[metric.split('/')[0]]} AP (%)")
@@ -211,18 +246,59 @@ def final_bars(trials: pd.DataFrame, finals: pd.DataFrame) -> Figure:
                     hit = rows[(rows["arm"] == init) & (rows["schedule"] == sched)].dropna(subset=[f"{task}/AP"])
                     if hit.empty:
                         continue
-                    x, y = j + (i - (len(inits) - 1) / 2) * width, float(hit[f"{task}/AP"].iloc[0]) * 100
-                    done = hit["status"].iloc[0] == "FINISHED"  # an unfinished trial's last AP is not final
+                    points = hit[f"{task}/AP"].to_numpy(float) * 100  # one per replicate
+                    x, y = j + (i - (len(inits) - 1) / 2) * width, float(points.mean())
+                    done = (hit["status"] == "FINISHED").all()  # an unfinished trial's last AP is not final
                     ax.bar(x, y, width, color=style.color[sched], hatch="//" if i else None, edgecolor="0.2",
                            alpha=1.0 if done else 0.4)
-                    ax.annotate(f"{y:.1f}" + ("" if done else " (unfinished)"), (x, y), ha="center", va="bottom",
-                                fontsize="x-small")
+                    if len(points) > 1:
+                        ax.plot(np.full(len(points), x), points, "o", color="0.1", markersize=3, zorder=3)
+                    label = f"{y:.1f}" if len(points) == 1 else f"{y:.1f} (mean of {len(points)})"
+                    ax.annotate(label + ("" if done else " (unfinished)"), (x, max(y, points.max())), ha="center",
+                                va="bottom", fontsize="x-small")
             ax.set_xticks(range(len(scheds)), [f"schedule {s}" for s in scheds])
             ax.set_ylabel(f"final {TASKS[task]} AP (%)")
             ax.set_xlabel("schedule")
             ax.set_title(f"{backbone}: {TASKS[task]} AP")
             ax.grid(axis="y", alpha=0.3)
     style.legend(fig, sub["schedule"], sub["arm"], bars=True)
+    return fig
+
+
+def overfitting(trials: pd.DataFrame, metrics: pd.DataFrame) -> Figure:
+    """Box AP against train loss, a panel per data size (the paper's Figure 8): on little data the train
+    loss keeps falling while val AP stalls. Each point is an evaluation, its x the train loss logged last
+    at or before it; a cell's replicates as their mean (the band spans their APs)."""
+    style = Style(trials)
+    sizes = data_order(trials["data"])
+    fig, axes = _grid(len(sizes), "box AP against train loss by training-set size (paper Figure 8)")
+    for ax, data in zip(axes, sizes):
+        drawn = 0
+        for cell, group in cells(trials[trials["data"] == data]):
+            t = group.iloc[0]
+            steps, mean, low, high = replicate_band(metrics, group["name"], "bbox/AP")
+            l_steps, l_mean, _, _ = replicate_band(metrics, group["name"], "train/loss")
+            if not len(steps) or not len(l_steps):
+                continue
+            at = np.searchsorted(l_steps, steps, side="right") - 1  # the loss logged last at or before
+            keep = at >= 0
+            loss = l_mean[at[keep]]
+            ax.plot(loss, mean[keep] * 100, color=style.color[t["schedule"]], linestyle=style.line[arm_of(t)],
+                    marker="o", markersize=3, label=cell)
+            if len(group) > 1:
+                ax.fill_between(loss, low[keep] * 100, high[keep] * 100, color=style.color[t["schedule"]],
+                                alpha=0.15, lw=0)
+            drawn += 1
+        ax.set_title(f"data: {data}" + (" images" if data != "all" else ""))
+        ax.set_xlabel("train loss (falls to the right)")
+        ax.set_ylabel("box AP (%)")
+        ax.grid(alpha=0.3)
+        if not drawn:
+            ax.text(0.5, 0.5, "no train loss or evaluation", ha="center", va="center", transform=ax.transAxes,
+                    color="0.5")
+    axes[0].invert_xaxis()  # once: the panels share x, and each call would flip them all again
+    _from_zero(axes)
+    style.legend(fig, trials["schedule"], arms(trials))
     return fig
 
 

@@ -139,7 +139,8 @@ def paper_table(comparison: list[dict[str, Any]]) -> str:
     return table(headers, body)
 
 
-_VERDICT_CLASS = {"holds": "v-holds", "does not hold": "v-fails", "not measurable": "v-na"}
+_VERDICT_CLASS = {"holds": "v-holds", "does not hold": "v-fails", "not measurable": "v-na", "inconclusive": "v-na",
+                  "single run: no interval": "v-na"}
 
 
 def claims_table(claims: dict[str, Any]) -> str:

@@ -4,9 +4,11 @@
 its name plus a tracking URI) without touching MLflow; `load_sweep` reads its newest parent run and
 that run's child runs into two tidy tables:
 
-- `trials`: one row per child run (name, run id, status, the four axes, init kind, iterations);
+- `trials`: one row per child run (name, run id, status, the four axes, its replicate and runtime.seed,
+  init kind, iterations);
 - `metrics`: one row per (trial, metric, step) for the AP metrics (`bbox/*`, `segm/*`: every
-  evaluation) and one per (trial, metric) for the cost (`seen/*`: its latest point).
+  evaluation) and the train loss (`train/loss`, as often as the sweep logs it), and one per (trial,
+  metric) for the cost (`seen/*`: its latest point).
 
 Nothing here writes to the store except `log_report` and `log_claims`, which attach a report folder
 and the claims' verdicts to the parent run.
@@ -29,10 +31,11 @@ from orchestrator.run_notes import claims_note
 
 logger = logging.getLogger(__name__)
 REPORT_PREFIXES = ("bbox/", "segm/", "seen/", "keypoints/", "voc/")  # keypoints/voc: dashboards.tasks
+TRAIN_LOSS = "train/loss"  # the total train loss: the report's Figure 8 view (loss against AP)
 LAST_ONLY = ("seen/",)  # read as the run's latest point, not a history (see _run_points)
 AXES = ("init", "data", "schedule", "backbone")
-TRIAL_COLUMNS = ["name", "run_id", "trial_id", "status", *AXES, "init_kind", "model_init", "total_iters", "norm",
-                 "body_norm"]
+TRIAL_COLUMNS = ["name", "run_id", "trial_id", "status", *AXES, "replicate", "seed", "init_kind", "model_init",
+                 "total_iters", "norm", "body_norm"]
 METRIC_COLUMNS = ["name", "metric", "step", "value"]
 
 
@@ -60,9 +63,11 @@ def find_sweep(target: str | Path | None, tracking_uri: str | None = None) -> Sw
     """A spec file, a sweep folder or a sweep name -> its name, URI and folder; None: no sweep named.
 
     A spec's relative `sqlite:///` URI is relative to the directory `run` was started in (the sweep
-    record's `cwd`), else to the current one, like `run` itself.
+    record's `cwd`), else to the current one, like `run` itself; a `--set tracking_uri=...` that `run`
+    stored in the record counts, as it does for `resume`.
     """
     from orchestrator import state as st
+    from orchestrator.sets import apply_sets
     from orchestrator.tracking import resolve_uri
 
     if target is None:
@@ -71,7 +76,7 @@ def find_sweep(target: str | Path | None, tracking_uri: str | None = None) -> Sw
     if path.is_dir() or path.is_file():
         sweep_dir = st.find_sweep_dir(path)  # a folder without sweep.json / an unstarted spec: typed error
         record = st.read_record(sweep_dir) or {}
-        spec = yaml.safe_load((sweep_dir / "spec.yaml").read_text()) or {}
+        spec = apply_sets(yaml.safe_load((sweep_dir / "spec.yaml").read_text()) or {}, record.get("sets") or [])
         cwd = Path(record["cwd"]) if record.get("cwd") and Path(record["cwd"]).is_dir() else None
         uri = tracking_uri or resolve_uri(spec.get("tracking_uri"), cwd)
         return SweepTarget(record.get("name", sweep_dir.name), uri, sweep_dir)
@@ -141,7 +146,7 @@ def _run_points(client: Any, run: Any) -> list[tuple[str, str, int, float]]:
     the cost figure interpolates between 0 and it), taken from the run itself: no request per key."""
     latest = {m.key: m for m in getattr(run.data, "_metric_objs", None) or []}  # RunData.metrics: values only
     out = []
-    for key in sorted(k for k in run.data.metrics if k.startswith(REPORT_PREFIXES)):
+    for key in sorted(k for k in run.data.metrics if k.startswith(REPORT_PREFIXES) or k == TRAIN_LOSS):
         if key.startswith(LAST_ONLY) and key in latest:
             out.append((run.info.run_name, key, int(latest[key].step), float(latest[key].value)))
             continue
@@ -163,7 +168,8 @@ def _trial_row(run: Any) -> dict[str, Any]:
     tags, params = run.data.tags, run.data.params
     axes = {a: tags.get(f"axis.{a}", "") for a in AXES}
     return {"name": run.info.run_name, "run_id": run.info.run_id, "trial_id": tags.get("trial_id", ""),
-            "status": run.info.status, **axes, "init_kind": init_kind(axes["init"]),
+            "status": run.info.status, **axes, "replicate": tags.get("axis.replicate") or "0",
+            "seed": params.get("runtime.seed", "0"), "init_kind": init_kind(axes["init"]),
             "model_init": params.get("model.init", ""), "total_iters": _total_iters(params),
             "norm": params.get("model.norm", ""), "body_norm": _body_norm(tags, params)}
 
@@ -200,11 +206,12 @@ def log_claims(target: SweepTarget, parent_id: str, claims: dict[str, Any]) -> N
     run's description."""
     client = _client(target.uri)
     client.log_dict(parent_id, claims, "claims.json")
-    for key, claim in claims.items():
+    verdicts = {key: c for key, c in claims.items() if "verdict" in c}  # not the noise floor
+    for key, claim in verdicts.items():
         client.set_tag(parent_id, f"claim.{key}", claim["verdict"])
     note = client.get_run(parent_id).data.tags.get("mlflow.note.content", "")
-    client.set_tag(parent_id, "mlflow.note.content", claims_note(note, claims))  # the run page's description
-    logger.info("claims logged to run %s: %s", parent_id, ", ".join(f"{k} {c['verdict']}" for k, c in claims.items()))
+    client.set_tag(parent_id, "mlflow.note.content", claims_note(note, verdicts))  # the run page's description
+    logger.info("claims logged to run %s: %s", parent_id, ", ".join(f"{k} {c['verdict']}" for k, c in verdicts.items()))
 
 
 VIEW_TAG = "mlflow.sharedViewState."  # an experiment tag the MLflow UI opens with ?viewStateShareKey=KEY

@@ -26,6 +26,7 @@ from dashboards import tables as T
 from dashboards import tasks as TK
 from dashboards.cost import figure2
 from dashboards.paper import load_paper, paper_numbers
+from dashboards.replicates import noise_floor, noise_words
 from dashboards.query import SweepData, SweepTarget, load_sweep, log_claims, log_report
 
 logger = logging.getLogger(__name__)
@@ -53,16 +54,17 @@ def build_report(target: SweepTarget, out: Path | None = None, log_to_mlflow: bo
     cost = T.cost_table(sweep.trials, fin, target.sweep_dir)
     missing = T.missing(sweep.trials, fin, cost)
     claims = C.judge(sweep.trials, sweep.metrics)
-    (folder / "claims.json").write_text(json.dumps(C.to_json(claims), indent=2) + "\n")
+    noise = noise_floor(sweep.trials, sweep.metrics)
+    (folder / "claims.json").write_text(json.dumps(C.to_json(claims, noise), indent=2) + "\n")
     figs = draw_figures(sweep, fin, cost, folder)
     index = folder / "index.html"
-    index.write_text(render(sweep, fin, cost, figs, missing, claims))
+    index.write_text(render(sweep, fin, cost, figs, missing, claims, noise))
     logger.info("report of sweep %s written to %s (%d figures%s); claims: %s", target.name, index, len(figs),
                 f"; {len(missing)} things missing" if missing else "",
                 ", ".join(f"{k} {c.verdict}" for k, c in claims.items()))
     if log_to_mlflow:
         log_report(target, sweep.parent_id, folder)
-        log_claims(target, sweep.parent_id, C.to_json(claims))
+        log_claims(target, sweep.parent_id, C.to_json(claims, noise))
     return Report(folder, index, figs, missing, log_to_mlflow, claims)
 
 
@@ -78,6 +80,8 @@ def figure_specs(sweep: SweepData, fin, cost) -> dict[str, tuple[str, object]]:
                             lambda: F.small_data_curves(tr, me, "bbox")),
         "small_data_segm": ("Mask AP vs iterations for each training-set size",
                             lambda: F.small_data_curves(tr, me, "segm")),
+        "overfitting": ("Box AP against train loss for each training-set size: the paper's Figure 8 view "
+                        "(with little data the loss keeps falling while AP stalls)", lambda: F.overfitting(tr, me)),
         "cost_seen": ("Images, instances and pixels seen per trial, pre-training included (paper Figure 2)",
                       lambda: F.cost_bars(cost)),
         "cost_ap": ("Box AP against images, instances and pixels seen, pre-training included",
@@ -98,7 +102,7 @@ def draw_figures(sweep: SweepData, fin, cost, folder: Path) -> dict[str, Path]:
 
 
 def render(sweep: SweepData, fin, cost, figs: dict[str, Path], missing: list[str],
-           claims: dict[str, C.Claim]) -> str:
+           claims: dict[str, C.Claim], noise: dict | None = None) -> str:
     numbers = paper_numbers()
     captions = {name: spec[0] for name, spec in figure_specs(sweep, fin, cost).items()}
     n_done = int((sweep.trials["status"] == "FINISHED").sum())
@@ -108,11 +112,13 @@ def render(sweep: SweepData, fin, cost, figs: dict[str, Path], missing: list[str
         "<p>Each verdict follows the rule beside it (thresholds fixed in <code>dashboards/claims.py</code>, the "
         "same for every sweep); box AP in percent. Also in <a href=\"claims.json\">claims.json</a>.</p>",
         H.claims_table(claims),
+        f"<p id='noise-floor'>{H.esc(noise_words(noise))}</p>" if noise else "",
         "<h2>AP vs iterations</h2>", H.figure(figs["ap_bbox"], captions["ap_bbox"]),
         H.figure(figs["ap_segm"], captions["ap_segm"]),
         "<h2>Final AP</h2>", H.figure(figs["final_ap"], captions["final_ap"]),
         "<h2>Less data</h2>", H.figure(figs["small_data_bbox"], captions["small_data_bbox"]),
         H.figure(figs["small_data_segm"], captions["small_data_segm"]),
+        H.figure(figs["overfitting"], captions["overfitting"]),
         "<h2 id='final-table'>Final AP per trial, beside the paper</h2>",
         "<p>AP in percent at each trial's last evaluation. Where the paper reports the same cell (backbone, init, "
         "data, schedule, metric in its standard recipe) its number, source and our difference are given below "

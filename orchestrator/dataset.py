@@ -2,7 +2,9 @@
 
 Checked before anything is launched: a missing COCO stops `run` with where to put it. A generated
 set is marked done by ROOT/.generated.json (written last, holding the generator's arguments), so an
-interrupted generation is redone and a finished one never is.
+interrupted generation is redone and a finished one never is. A root whose marker holds other
+arguments is refused, never regenerated: it is another spec's data, and writing over it would change
+that sweep's inputs under its spec hash.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from orchestrator.errors import DatasetMissingError
+from orchestrator.errors import DatasetMismatchError, DatasetMissingError
 from orchestrator.spec import Dataset
 
 logger = logging.getLogger(__name__)
@@ -30,11 +32,17 @@ def missing_files(ds: Dataset, need_classification: bool = False) -> list[Path]:
 def needs_generation(ds: Dataset, need_classification: bool = False) -> bool:
     """True if the set must be generated; raises DatasetMissingError if it is missing for good."""
     if ds.generate is not None:
-        marker = Path(ds.root) / MARKER
-        try:
-            return json.loads(marker.read_text()) != ds.generate.model_dump()
-        except (FileNotFoundError, json.JSONDecodeError):
+        made = generated_with(Path(ds.root))
+        if made is None:
             return True
+        want = ds.generate.model_dump(mode="json")
+        made = {**want, **made}  # a marker from before a field existed: that field at its default
+        if made != want:
+            differ = ", ".join(f"{k} {made.get(k)!r} (spec: {v!r})" for k, v in want.items() if made.get(k) != v)
+            raise DatasetMismatchError(
+                f"dataset.root {ds.root} holds a set generated with other settings ({differ}): point dataset.root "
+                f"at a folder of its own (e.g. {ds.root}-seed{ds.generate.seed}), or delete the folder")
+        return False
     missing = missing_files(ds, need_classification)
     if missing and ds.format == "voc":
         raise DatasetMissingError(
@@ -47,6 +55,14 @@ def needs_generation(ds: Dataset, need_classification: bool = False) -> bool:
             f"(annotations/instances_{ds.train_split}.json, annotations/instances_{ds.val_split}.json, "
             f"{ds.train_split}/, {ds.val_split}/) or point dataset.root there (paper_grid.yaml reads $COCO_ROOT)")
     return False
+
+
+def generated_with(root: Path) -> dict[str, Any] | None:
+    """The generator arguments a finished generation under `root` recorded, or None (none finished)."""
+    try:
+        return json.loads((root / MARKER).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
 
 
 def generate(ds: Dataset) -> None:
@@ -68,7 +84,7 @@ def generate(ds: Dataset) -> None:
     if g.classification:
         generate_classification(root, seed=g.seed, per_class_train=g.cls_train, per_class_val=g.cls_val,
                                 size=g.cls_size, classes=g.cls_classes, detection_shapes=g.cls_detection_shapes)
-    (root / MARKER).write_text(json.dumps(g.model_dump()))
+    (root / MARKER).write_text(json.dumps(g.model_dump(mode="json")))
 
 
 def check_defects(trials: list[Any]) -> None:

@@ -17,6 +17,10 @@ class DatasetMissingError(OrchestratorError):
     """The spec's dataset is not on disk (and the spec does not say how to generate it)."""
 
 
+class DatasetMismatchError(DatasetMissingError):
+    """dataset.root holds a set generated with other settings: it is another sweep's data, not this one's."""
+
+
 class InputsMissingError(OrchestratorError):
     """Inputs the sweep reads are not on disk: the dataset, weight files (all named in one refusal)."""
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from orchestrator.errors import SpecError
 from orchestrator.fork import ForkPlan, Trunk, plan_forks, trunk_identity
-from orchestrator.spec import AXES, Resources, SweepSpec, matches, normalize_axis_value
+from orchestrator.spec import AXES, SEED_STRIDE, Resources, SweepSpec, matches, normalize_axis_value, task_name
 from trainer.config import ModelConfig, TrainConfig, build_config, config_identity, config_to_dict, flatten
 from trainer.config import digest as _digest
 from trainer.errors import ConfigError
@@ -100,6 +100,8 @@ def expand(spec: SweepSpec) -> Expansion:
                               "trials": sorted(t.trial_id for t in trials)}
     if forks.trunks:  # absent otherwise: a sweep with nothing to fork keeps its hash
         hashed["trunks"] = sorted(k.trunk_id for k in forks.trunks)
+    if spec.dataset.generate is not None:  # the trials read the data by path only: its making is identity too
+        hashed["generate"] = spec.dataset.generate.model_dump(mode="json")
     named = {t.name: identities[t.trial_id] for t in trials}
     named.update({k.name: trunk_identity(k) for k in forks.trunks})
     return Expansion(spec, jobs, trials, _digest(hashed)[:12], named, forks)
@@ -118,6 +120,8 @@ def _make_trial(spec: SweepSpec, point: dict[str, Any], index: int,
         data["format"] = spec.dataset.format
     for axis, value in point.items():
         key = AXES.get(axis, axis)
+        if axis == "replicate":
+            continue  # set after the overrides: an override's runtime.seed is the base it shifts
         if axis == "init" and value.startswith(PRETRAINED_PREFIX):
             value = _PLACEHOLDER_INIT + value.removeprefix(PRETRAINED_PREFIX)
         set_key(tree, key, value)
@@ -125,13 +129,15 @@ def _make_trial(spec: SweepSpec, point: dict[str, Any], index: int,
         if matches(spec, ov.when, point):
             for key, value in flat_items(ov.set):
                 set_key(tree, key, value)
+    seed = replicate_seed(tree.get("runtime", {}).get("seed", 0), spec.seed, point.get("replicate", 0))
+    if seed or "seed" in tree.get("runtime", {}):  # absent at seed 0: sweeps without replicates keep their hash
+        set_key(tree, "runtime.seed", seed)
     init_value = point.get("init", tree.get("model", {}).get("init", "random"))
     labels = _labels(spec, point, init_value)
     body_norm = _body_norm_label(tree)
     if body_norm:  # e.g. imagenet-frozenbn-all-2x-R50: a body norm other than `norm` is part of the name
         labels["init"] = f"{labels['init']}-{body_norm}"
-    name = "-".join(labels[k] for k in ("init", "data", "schedule", "backbone"))
-    name = "-".join([name] + [labels[a] for a in point if a not in AXES])
+    name = task_name(labels, point)
     set_key(tree, "runtime.output_dir", f"trials/{name}")
     try:
         cfg = build_config(tree, source=f"trial {name}")
@@ -155,10 +161,19 @@ def _labels(spec: SweepSpec, point: dict[str, Any], init_value: str) -> dict[str
     }
     data = point.get("data", spec.base.get("data", {}).get("train_images", "all"))
     out["data"] = _count_label(data)
+    if "replicate" in point:
+        out["replicate"] = f"r{point['replicate']}"
     for axis, value in point.items():
         if axis not in AXES:
             out[axis] = _safe(f"{axis.rsplit('.', 1)[-1]}{_scalar_label(value)}")
     return out
+
+
+def replicate_seed(base: int, spec_seed: int, replicate: int) -> int:
+    """A trial's runtime.seed: the base config's, shifted by the spec's base seed and the replicate.
+    It seeds the weights the init leaves random and the batch order; the subset has its own seed
+    (data.subset_seed), so replicates of a cell train on the same images."""
+    return int(base) + SEED_STRIDE * int(spec_seed) + int(replicate)
 
 
 def _body_norm_label(tree: dict[str, Any]) -> str:

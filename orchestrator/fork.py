@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from orchestrator.spec import AXES
+from orchestrator.spec import task_name
 from trainer.config import TrainConfig, build_config, config_identity, config_to_dict
 from trainer.config import digest as _digest
 from trainer.schedule import resolve_schedule
@@ -118,8 +118,7 @@ def _make_trunk(members: list[tuple[Any, int]], index: int, job_ids: dict[str, s
     stop = max(forks.values())
     longest = max(resolve_schedule(t.config.schedule).total_iters for t, _ in members)
     labels = {**first.labels, "schedule": TRUNK_LABEL}
-    name = "-".join([labels[k] for k in ("init", "data", "schedule", "backbone")]
-                    + [labels[a] for a in first.axes if a not in AXES])
+    name = task_name(labels, first.axes)
     tree = config_to_dict(first.config)
     sched = {k: v for k, v in tree["schedule"].items() if k not in _SCHEDULE_KEYS}
     # The base LR throughout; the total only has to lie past the last fork (the trunk stops there, so

@@ -185,6 +185,11 @@ def _totals(spec: SweepSpec, exp: Expansion, rows: list[PlanRow], trunks: list[P
     longest = max(rows, key=lambda r: r.gpu_hours)
     lines = [f"total: {len(rows)} trials, {iters:,} iterations, {images:,} images ({_si(images)}), "
              f"{_si(pixels)} pixels seen"]
+    reps = sorted({t.axes["replicate"] for t in exp.trials if "replicate" in t.axes})
+    if reps:  # the seeds say which draw this is: `--set seed=N` moves every one of them
+        seeds = sorted({t.config.runtime.seed for t in exp.trials})
+        lines.append(f"replicates: {len(reps)} ({', '.join(f'r{r}' for r in reps)}), runtime.seed "
+                     f"{', '.join(map(str, seeds))} (base seed {spec.seed}); one pretrain job serves them all")
     hours = f"{_hours(gpu_h)} GPU-hours"
     if trunks:
         lines.append(_forking_line(rows, trunks))

@@ -6,10 +6,12 @@ types: axis values, exclusion rules, overrides and dotted trainer keys. Everythi
 Ray, no MLflow, no torch. A spec looks like
 
     name: demo
+    seed: 0                  # base seed: every trial's runtime.seed += 1000 x seed (+ its replicate)
     dataset: {root: "${DATA:-datasets/synth}", train_split: train, val_split: val}
     pretrain: {synthetic-r18: {config: {...}}}      # jobs whose output is an init
     grid: {init: [random, "pretrained:synthetic-r18"], data: [all, 150], schedule: [1x, 2x],
-           backbone: [R18, R34], optim.base_lr: [0.02]}   # any other trainer field by dotted key
+           backbone: [R18, R34], replicate: [0, 1, 2],      # replicates: init seed + batch order
+           optim.base_lr: [0.02]}   # any other trainer field by dotted key
     exclude: [{backbone: R34, schedule: 2x}]        # irregular grids
     overrides: [{when: {data: [150]}, set: {optim.base_lr: 0.04}}]
     base: {...}                                     # the trainer's base config (nested)
@@ -45,6 +47,7 @@ AXES: dict[str, str] = {
     "data": "data.train_images",
     "schedule": "schedule",
     "backbone": "model.backbone",
+    "replicate": "runtime.seed",  # the init seed and the batch order, never the data subset (expand.replicate_seed)
 }
 BACKBONES: tuple[str, ...] = get_args(ModelConfig.model_fields["backbone"].annotation)
 # The dataset section owns these; a base config that sets them would be silently overridden.
@@ -52,11 +55,14 @@ DATASET_KEYS = ("data.root", "data.train_split", "data.val_split", "data.train_j
                 "data.val_json", "data.val_image_dir", "data.format")
 # Dotted keys a grid may not use as axes of their own, with the named axis that owns them.
 NAMED_KEYS = {"model.init": "init", "data.train_images": "data", "model.backbone": "backbone",
-               "schedule.length": "schedule", "schedule.iters": "schedule", "schedule.drops": "schedule"}
+               "schedule.length": "schedule", "schedule.iters": "schedule", "schedule.drops": "schedule",
+               "runtime.seed": "replicate"}
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _BARE_ENV = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")  # $VAR: not interpolated, warned
 _COUNT = re.compile(r"^(\d+(?:\.\d+)?)k$")
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+SEED_STRIDE = 1000  # runtime.seed = base runtime.seed + SEED_STRIDE x spec seed + replicate
+NAME_AXES = ("init", "data", "schedule", "backbone")  # the first parts of a trial's name, in this order
 
 
 class _Strict(BaseModel):
@@ -193,6 +199,9 @@ class Override(_Strict):
 
 class SweepSpec(_Strict):
     name: str = Field(pattern=_NAME, max_length=80)
+    # The base seed: shifts every trial's runtime.seed (init and batch order, not the data subset) by
+    # SEED_STRIDE x seed, so replicate r of base seed s is a run no other (s, r) repeats.
+    seed: int = Field(0, ge=0)
     dataset: Dataset
     pretrain: dict[str, PretrainJob] = Field(default_factory=dict)
     grid: dict[str, list[Any]]
@@ -221,6 +230,13 @@ class SweepSpec(_Strict):
         """Named axes first (fixed order, as in trial names), then the others as written."""
         named = [a for a in AXES if a in self.grid]
         return named + [a for a in self.grid if a not in AXES]
+
+
+def task_name(labels: dict[str, str], axes: Any) -> str:
+    """A trial's (or trunk's) name: the four named labels, the other axes as written, the replicate last
+    (random-all-2x-R18-r1), so a cell's replicates sort together."""
+    parts = [labels[k] for k in NAME_AXES] + [labels[a] for a in axes if a not in AXES]
+    return "-".join(parts + ([labels["replicate"]] if "replicate" in axes else []))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -380,6 +396,10 @@ def normalize_axis_value(spec: SweepSpec, axis: str, value: Any, where: str) -> 
         if value in ("random", "imagenet") or (value.startswith("checkpoint:") and len(value) > 11):
             return value
         raise SpecError(f"{where}: unknown init {value!r} (random, imagenet, pretrained:NAME, checkpoint:PATH)")
+    if axis == "replicate":
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < SEED_STRIDE:
+            raise SpecError(f"{where}: a replicate is an index 0..{SEED_STRIDE - 1}, got {value!r}")
+        return value
     if axis == "schedule":
         if isinstance(value, str) and re.match(r"^\s*\d+(\.\d+)?\s*x\s*$", value):
             return value.strip()

@@ -75,6 +75,36 @@ def test_figures_have_both_inits_labelled_axes_and_one_curve_per_trial(fake):
     assert [ax.get_xlabel() for ax in F.cost_bars(cost).axes] == ["images seen", "instances seen", "pixels seen"]
 
 
+def test_replicates_are_drawn_as_a_mean_with_a_band_and_bars_with_points(tmp_path):
+    """Three replicates per cell, moved by SHARED AP points: one curve per cell at their mean, a band
+    from their lowest to their highest, bars at the mean with a dot per replicate; Figure 8's view."""
+    import numpy as np
+
+    from tests.dashboards.test_claims import PAPER_LIKE, SHARED, _rise, replicated, write_sweep
+
+    sweep = load_sweep(write_sweep(tmp_path, "reps", replicated(PAPER_LIKE, SHARED)))
+    tr, me = sweep.trials, sweep.metrics
+    ax = F.ap_curves(tr, me, "bbox").axes[0]
+    assert len(ax.get_lines()) == 4 and len(ax.collections) == 4  # 2 inits x 2 schedules, not 12 curves
+    line = next(x for x in ax.get_lines() if x.get_label() == "random-all-1x-R18 (mean of 3)")
+    base = [100 * _rise(0.40, 20.0)(s) for s in (10, 20)]
+    assert line.get_ydata() == pytest.approx([b + np.mean(SHARED) for b in base], abs=1e-6)
+    band = ax.collections[ax.get_lines().index(line)].get_paths()[0].vertices  # each curve's band follows it
+    assert band[:, 1].min() == pytest.approx(min(base) + min(SHARED), abs=1e-6)
+    assert band[:, 1].max() == pytest.approx(max(base) + max(SHARED), abs=1e-6)
+    bars = F.final_bars(tr, T.finals(tr, me))
+    box = bars.axes[0]
+    assert len(box.patches) == 4  # one bar per (init, schedule) ...
+    dots = [x.get_ydata() for x in box.get_lines()]
+    assert len(dots) == 4 and all(len(d) == 3 for d in dots)  # ... and a dot per replicate
+    assert sorted(p.get_height() for p in box.patches)[0] == pytest.approx(
+        np.mean(sorted(dots, key=np.mean)[0]), abs=1e-6)
+    overfit = F.overfitting(tr, me)
+    assert [ax.get_title() for ax in overfit.axes if ax.get_visible()] == ["data: all", "data: 150 images"]
+    assert [len(ax.get_lines()) for ax in overfit.axes if ax.get_visible()] == [4, 2]
+    _check_axes(overfit)
+
+
 def test_panels_of_one_figure_share_their_x_and_y_limits(fake):
     """The 10k panel's two short curves (2x: 20 iterations) are drawn on the full-data panel's scale,
     y from 0 and x to 60 iterations: they do not fill their panel alone."""
@@ -101,12 +131,12 @@ def test_report_folder_paper_table_and_missing(fake, tmp_path):
     target, _ = fake
     report = build_report(target, tmp_path / "rep")
     assert report.index.is_file() and sorted(p.name for p in report.folder.glob("*.png")) == sorted(
-        f"{n}.png" for n in ("ap_bbox", "ap_segm", "final_ap", "small_data_bbox", "small_data_segm", "cost_seen",
-                             "cost_ap"))
+        f"{n}.png" for n in ("ap_bbox", "ap_segm", "final_ap", "small_data_bbox", "small_data_segm", "overfitting",
+                             "cost_seen", "cost_ap"))
     page = report.index.read_text()
     # Self-contained: every image inline, no stylesheet or script fetched.
     srcs = re.findall(r'src="([^"]*)"', page)
-    assert len(srcs) == 7 and all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert len(srcs) == 8 and all(s.startswith("data:image/png;base64,") for s in srcs)
     assert "<link" not in page and "<script" not in page
     # Every paper number with its source: the cells a trial reports first (with ours and the
     # difference), the rest in a collapsed section.
@@ -126,6 +156,21 @@ def test_report_folder_paper_table_and_missing(fake, tmp_path):
     parent = client.search_runs(["1"], "tags.role = 'sweep'")[0]
     assert "report/index.html" in [a.path for a in client.list_artifacts(parent.info.run_id, "report")]
     assert parent.data.tags["report"] == "report/index.html"
+
+
+def test_a_sweep_folder_finds_the_store_a_set_named(tmp_path):
+    """`run --set tracking_uri=...` stores the set in sweep.json; `report FOLDER` then reads that store."""
+    import json
+
+    from dashboards.query import find_sweep
+
+    folder = tmp_path / "runs" / "demo-seed2"
+    folder.mkdir(parents=True)
+    (folder / "spec.yaml").write_text("name: demo\n")
+    (folder / "sweep.json").write_text(json.dumps({"name": "demo-seed2", "cwd": str(tmp_path), "sets": [
+        "seed=2", "name=demo-seed2", "tracking_uri=sqlite:///mlflow-seed2.db"]}))
+    target = find_sweep(folder)
+    assert target.name == "demo-seed2" and target.uri == f"sqlite:///{tmp_path / 'mlflow-seed2.db'}"
 
 
 def test_unknown_and_empty_sweeps_exit_2_with_one_line(fake, tmp_path, capsys):

@@ -23,7 +23,8 @@ from tests.orchestrator.conftest import PYTHON, REPO, cli
 pytestmark = pytest.mark.slow
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-FIGURES = ["ap_bbox", "ap_segm", "final_ap", "small_data_bbox", "small_data_segm", "cost_seen", "cost_ap"]
+FIGURES = ["ap_bbox", "ap_segm", "final_ap", "small_data_bbox", "small_data_segm", "overfitting", "cost_seen",
+           "cost_ap"]
 TRIALS = ["random-all-1x-R18", "random-all-2x-R18", "random-8-1x-R18", "tiny-r18-all-1x-R18",
           "tiny-r18-all-2x-R18", "tiny-r18-8-1x-R18"]
 

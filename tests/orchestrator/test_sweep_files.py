@@ -1,4 +1,4 @@
-"""The shipped sweep files: the demo keeps the paper's four axes at two values each, and its size."""
+"""The shipped sweep files: the demo's replicated init x schedule cells and its size; the laptop sweep's."""
 
 from __future__ import annotations
 
@@ -11,10 +11,14 @@ from trainer.schedule import resolve_schedule
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_demo_has_every_axis_twice_and_the_pretrain_job():
+def test_demo_replicates_the_cells_its_claims_read_and_has_the_pretrain_job():
     exp = expand(load_spec(REPO / "sweeps" / "demo.yaml"))
-    for axis in ("init", "data", "schedule", "backbone"):
-        assert len({t.axes[axis] for t in exp.trials}) >= 2, axis
+    for axis in ("init", "schedule"):  # C1, C2, C4: both inits at two schedules, on all the data
+        assert len({t.axes[axis] for t in exp.trials}) == 2, axis
+    cells = {}
+    for t in exp.trials:
+        cells.setdefault((t.axes["init"], t.axes["schedule"]), []).append(t.config.runtime.seed)
+    assert all(sorted(seeds) == [1000, 1001, 1002] for seeds in cells.values())  # base seed 1, three replicates
     assert [j.name for j in exp.pretrain] == ["synthetic-r18"]
     assert any(t.init == "pretrained:synthetic-r18" for t in exp.trials)
     # Every trial is CPU-sized: one thread, the images' own 64 px.
@@ -24,26 +28,27 @@ def test_demo_has_every_axis_twice_and_the_pretrain_job():
 
 
 def test_demo_iteration_budget():
-    """What the 15-minute budget was sized for: 2,000 iterations planned, 1,734 with forking."""
+    """What the 15-minute budget was sized for: 2,400 iterations planned, 1,998 with forking."""
     exp = expand(load_spec(REPO / "sweeps" / "demo.yaml"))
     totals = sorted(resolve_schedule(t.config.schedule).total_iters for t in exp.trials)
-    assert totals == [200, 200, 200, 200, 600, 600]
+    assert totals == [100] * 6 + [300] * 6
     trunks = sum(tr.stop for tr in exp.forks.trunks)
     branches = sum(resolve_schedule(t.config.schedule).total_iters - exp.forks.branches[t.trial_id][1]
                    for t in exp.trials if t.trial_id in exp.forks.branches)
     alone = sum(resolve_schedule(t.config.schedule).total_iters for t in exp.trials
                 if t.trial_id not in exp.forks.branches)
-    assert (trunks, branches, alone) == (1066, 268, 400)
+    assert (trunks, branches, alone) == (6 * 267, 12 * 33, 0)
 
 
 def test_laptop_paper_has_c3s_data_sizes_and_its_budget():
-    """Both inits at two data sizes and two schedules (for C1..C4); ~5,300 forked iterations."""
+    """Both inits at two data sizes and two schedules (for C1..C4), three replicates: ~16,000 forked iterations."""
     exp = expand(load_spec(REPO / "sweeps" / "laptop_paper.yaml"))
     cells = {(t.axes["init"], t.axes["data"], t.axes["schedule"]) for t in exp.trials}
-    assert len(cells) == len(exp.trials) == 8
+    assert len(cells) == 8 and len(exp.trials) == 24
+    assert {t.axes["replicate"] for t in exp.trials} == {0, 1, 2}
     assert {str(t.axes["data"]) for t in exp.trials} == {"all", "100"}
     trunks = sum(tr.stop for tr in exp.forks.trunks)
     branches = sum(resolve_schedule(t.config.schedule).total_iters - exp.forks.branches[t.trial_id][1]
                    for t in exp.trials if t.trial_id in exp.forks.branches)
-    assert (len(exp.forks.trunks), trunks + branches) == (4, 5332)
+    assert (len(exp.forks.trunks), trunks + branches) == (12, 3 * 5332)
     assert all(t.config.runtime.threads == 1 and t.config.model.min_size == 64 for t in exp.trials)
