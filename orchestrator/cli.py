@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("spec", type=Path)
     sp.add_argument("--gpus", type=int, metavar="N", help="cluster size for trials at once and the makespan bound "
                     "(default: enough for every task that can start at once)")
+    sp.add_argument("--node", metavar="GPUS,CPUS", help="with --gpus: the shape of one node, so trials at once "
+                    "count CPUs too, as `run` does (default: GPUs alone)")
     for name, help_text in (("run", "start the sweep (or resume it if it exists)"),
                             ("resume", "resume an existing sweep (SPEC or its folder)")):
         sp = sub.add_parser(name, help=help_text)
@@ -96,7 +98,10 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         if args.gpus is not None and args.gpus < 1:
             raise SpecError(f"--gpus {args.gpus}: a cluster has at least 1 GPU")
-        sys.stdout.write(render_plan(expand(load_spec(args.spec)), args.gpus) + "\n")
+        node = _node_shape(args.node) if args.node else None
+        if node is not None and args.gpus is None:
+            raise SpecError("--node needs --gpus (the cluster's size)")
+        sys.stdout.write(render_plan(expand(load_spec(args.spec)), args.gpus, node) + "\n")
         return 0
     if args.command == "status":
         from orchestrator.state import find_sweep_dir
@@ -126,3 +131,15 @@ def _spec_of_folder(folder: Path) -> tuple[Path, Path]:
     if record.get("cwd") and Path(record["cwd"]).is_dir():
         os.chdir(record["cwd"])  # the spec's relative paths (dataset root, mlflow.db) are relative to it
     return folder / "spec.yaml", folder.parent
+
+
+def _node_shape(text: str) -> tuple[int, float]:
+    """`--node 8,64`: (GPUs, CPUs) of one node."""
+    try:
+        gpus, cpus = text.split(",")
+        shape = int(gpus), float(cpus)
+    except ValueError:
+        raise SpecError(f"--node {text}: expected GPUS,CPUS (e.g. 8,64)") from None
+    if shape[0] < 1 or shape[1] <= 0:
+        raise SpecError(f"--node {text}: a node has at least 1 GPU and some CPUs")
+    return shape
