@@ -1,4 +1,4 @@
-"""Ray adapter for a cluster with an autoscaler: its node types, the demand the sweep shows it, free nodes.
+"""Ray adapter for what the sweep may use: the autoscaler's node types and the demand shown it, free resources.
 
 Demand is made visible with `ray.autoscaler.sdk.request_resources` (not by releasing trials whose
 placement groups wait): the queue still releases a trial only onto free resources of nodes that
@@ -118,12 +118,26 @@ def running_by_type(types: tuple[NodeType, ...], nodes: list[dict[str, float]]) 
 
 
 def free_resources() -> dict[str, dict[str, float]]:
-    """Per alive node id: the CPUs and GPUs nobody holds now (other jobs, pretrain tasks and placed gangs
-    excluded). Private API: `ray.available_resources()` only gives the cluster-wide sum."""
+    """Per alive node id: the CPUs and GPUs this driver could give a gang now: what nobody holds, plus
+    what this job's placement groups hold (its trials' gangs, running or kept by Tune for reuse). Other
+    jobs' and the pretrain tasks' resources are not free.
+
+    Private API: `ray.available_resources()` only gives the cluster-wide sum, and the placement-group
+    table names no job; a group's id ends with its job's id (Ray's PlacementGroupID layout).
+    """
     import ray._private.state as state
 
-    return {nid: {k: float(r.get(k, 0.0)) for k in ("CPU", "GPU")}
+    job = ray.get_runtime_context().get_job_id()
+    free = {nid: {k: float(r.get(k, 0.0)) for k in ("CPU", "GPU")}
             for nid, r in state.available_resources_per_node().items()}
+    for pg_id, group in ray.util.placement_group_table().items():
+        if group["state"] != "CREATED" or not pg_id.endswith(job):
+            continue
+        for index, bundle in group["bundles"].items():
+            node = free.get(group["bundles_to_node_id"].get(index, ""))
+            for k in ("CPU", "GPU") if node is not None else ():
+                node[k] += float(bundle.get(k, 0.0))
+    return free
 
 
 def request(bundles: list[dict[str, float]]) -> None:

@@ -1,10 +1,10 @@
 """The driver's live view of the cluster (a Ray adapter): how many trials may run or wait now, which
 nodes passed the shared-storage check, and, with an autoscaler, the demand the sweep shows it.
 
-Re-read every `LIMIT_TTL_S` and whenever the number of running trials changed, so nodes that join or
-leave count at once, forked or unforked, without a `resume`. The count is the trials running plus
-the gangs that the *free* resources of checked nodes hold (`fit.trials_at_once`): GPUs another job
-or a pretrain task holds are not free, and the resources of a placed gang are not counted twice.
+Re-read every `LIMIT_TTL_S`, so nodes that join or leave count at once, forked or unforked, without
+a `resume`. The count is the gangs that the checked nodes hold with what is free for this sweep
+(`autoscale.free_resources`: unheld, or held by this sweep's own gangs, running or kept by Tune for
+its next trial) by `fit.trials_at_once`: GPUs another job or a pretrain task holds do not count.
 A node seen for the first time is storage-checked first (`ray_backend.check_nodes`); one that fails
 is named in one error line and never counted, so no trial is released for it. (Ray may still place
 a gang released for another node's free resources there; the check's window is one re-read.)
@@ -44,26 +44,24 @@ class Capacity:
         self.refused: set[str] = set()  # nodes that failed it: never counted
         self.value: int | None = None
         self.at: float | None = None
-        self.running = -1  # running trials at the last count
         self.asked = -1  # gangs in the autoscaler request now (-1: not set by this driver yet)
 
-    def limit(self, running: int) -> int:
-        """How many trials may run or wait now: those running plus what the free checked nodes hold."""
+    def limit(self) -> int:
+        """How many trials may run or wait now: the gangs that the checked nodes' resources hold, less
+        what others hold (this sweep's own gangs count as its own: they run or wait for reuse)."""
         from orchestrator.ray_backend import alive_nodes
 
         if self.pretrain is not None:
             self.pretrain.poll()  # a job that ended frees its resources and readies its trials
-        fresh = self.at is not None and time.monotonic() - self.at < LIMIT_TTL_S
-        if fresh and running == self.running and self.value is not None:
+        if self.at is not None and time.monotonic() - self.at < LIMIT_TTL_S and self.value is not None:
             return self.value
-        self.at, self.running = time.monotonic(), running
+        self.at = time.monotonic()
         alive = alive_nodes()
         self._check_new([n for n in alive if n not in self.checked and n not in self.refused])
         free = autoscale.free_resources()
-        nodes = [free[n] for n in alive if n in self.checked and n in free]
-        n = running + trials_at_once(self.res, nodes)
+        n = trials_at_once(self.res, [free[x] for x in alive if x in self.checked and x in free])
         if n != self.value:
-            logger.info("at most %d trial(s) at a time now (%d running; %d checked node(s) alive)", n, running,
+            logger.info("at most %d trial(s) at a time now (%d checked node(s) alive)", n,
                         sum(1 for x in alive if x in self.checked))
             self.value = n
         return n

@@ -223,7 +223,7 @@ def run_tune(sweep_dir: Path, tasks: list[dict[str, Any]], res: Resources, max_f
     # Every task goes through the queue, forked or not: it releases a task when the cluster has room
     # for it now (nodes that join count at once) and when it is ready (a trunk's checkpoint, a backbone).
     _QUEUE = ForkQueue(tasks)
-    _QUEUE.limit = _LIMIT.limit(0)
+    _QUEUE.limit = _LIMIT.limit()
     trainable = tune.with_resources(trainable or run_trial, trial_resources(res))
     exp_dir = Path(sweep_dir) / "tune"
     try:
@@ -264,6 +264,9 @@ class ForkSearcher(Searcher):
 
         if _QUEUE is None:
             return None
+        # With no trial at all Tune asks here once a second, without steps, for up to 10 minutes:
+        # the cluster is re-read here too, or nodes the autoscaler launched would go unseen that long.
+        _refresh(None)
         task = _QUEUE.next()
         if task == FINISHED:
             return Searcher.FINISHED
@@ -310,19 +313,25 @@ class ForwardToMonitor(tune.Callback):
             _MONITOR.on_error(self._tid(trial), final=True, error=_error_text(trial))
 
     def on_step_begin(self, iteration, trials, **info):
-        if _QUEUE is None or _LIMIT is None:
-            return
-        # Before Tune asks the searcher for more trials, in the same step.
-        _QUEUE.sync((t.config["trial"]["trial_id"], t.status) for t in trials if "trial" in t.config)
-        _QUEUE.limit = _LIMIT.limit(_QUEUE.running)  # logs when the cluster changed
-        if _LIMIT.pretrain is not None:
-            _QUEUE.failed_jobs = set(_LIMIT.pretrain.failed)
-        if _LIMIT.auto is not None:
-            _LIMIT.demand(_QUEUE.running, _QUEUE.active - _QUEUE.running + _QUEUE.waiting())
+        _refresh(trials)  # before Tune asks the searcher for more trials, in the same step
 
     def on_step_end(self, iteration, trials, **info):
         if _MONITOR is not None:
             _MONITOR.tick()
+
+
+def _refresh(trials: list | None) -> None:
+    """Tell the queue Tune's trials (if given) and the room on the cluster now; show the autoscaler
+    the gangs that wait."""
+    if _QUEUE is None or _LIMIT is None:
+        return
+    if trials is not None:
+        _QUEUE.sync((t.config["trial"]["trial_id"], t.status) for t in trials if "trial" in t.config)
+    _QUEUE.limit = _LIMIT.limit()  # logs when the cluster changed
+    if _LIMIT.pretrain is not None:
+        _QUEUE.failed_jobs = set(_LIMIT.pretrain.failed)
+    if _LIMIT.auto is not None:
+        _LIMIT.demand(_QUEUE.running, _QUEUE.active - _QUEUE.running + _QUEUE.waiting())
 
 
 def _error_text(trial) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -69,7 +70,7 @@ class _Cluster:
 def test_the_queue_counts_free_resources_and_checks_nodes_that_join(monkeypatch):
     res = Resources(gpus_per_trial=2, cpus_per_trial=2)
     node = {"CPU": 3.0, "GPU": 2.0}
-    # Node b's GPUs are held by another job: only a's gang is free.
+    # Node b's GPUs are held by another job: only a's gang is free (a's may hold this sweep's own gang).
     cluster = _Cluster(monkeypatch, {"a": node, "b": node}, {"a": node, "b": {"CPU": 3.0, "GPU": 0.0}})
     checks: list[list[str]] = []
 
@@ -78,15 +79,44 @@ def test_the_queue_counts_free_resources_and_checks_nodes_that_join(monkeypatch)
         return {"d": ("host-d", ["the dataset root /data"])} if "d" in nodes else {}
 
     cap = Capacity(res, {"a", "b"}, check)
-    assert cap.limit(running=0) == 1
-    cluster.free["a"] = {"CPU": 0.99, "GPU": 0.0}  # our trial runs on a: its gang is not free, and counted once
-    assert cap.limit(running=1) == 1
+    assert cap.limit() == 1
     cluster.total.update(c=node, d=node)  # two nodes join; d does not see the dataset
     cluster.free.update(c=node, d=node)
-    assert cap.limit(running=1) == 2 and checks == [["c", "d"]]
+    assert cap.limit() == 2 and checks == [["c", "d"]]
     assert cap.refused == {"d"} and "c" in cap.checked
     del cluster.total["c"], cluster.free["c"]  # c leaves
-    assert cap.limit(running=1) == 1 and checks == [["c", "d"]]  # nobody checked twice
+    assert cap.limit() == 1 and checks == [["c", "d"]]  # nobody checked twice
+
+
+def test_free_resources_count_this_jobs_groups_as_its_own(tmp_path, ray_cluster):
+    """On a real 2-CPU node: another job's task holds a CPU, this job's placement group holds one."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from tests.orchestrator.conftest import auth_disabled
+
+    with auth_disabled():
+        ray.init(address=ray_cluster, log_to_driver=False, configure_logging=False)
+        try:
+            group = placement_group([{"CPU": 1.0}])
+            ray.get(group.ready(), timeout=60)
+            (free,) = autoscale.free_resources().values()
+            assert free["CPU"] == 2.0  # this job's group is its own to give
+            remove_placement_group(group)
+            blocker = ray.remote(num_cpus=1)(_hold).remote()  # as another job would: not free
+            for _ in range(50):
+                (free,) = autoscale.free_resources().values()
+                if free["CPU"] == 1.0:
+                    break
+                time.sleep(0.2)
+            assert free["CPU"] == 1.0
+            ray.cancel(blocker, force=True)
+        finally:
+            ray.shutdown()
+
+
+def _hold() -> None:
+    time.sleep(60)
 
 
 def test_demand_asks_for_the_waiting_gangs_and_drops_when_none_wait(monkeypatch):
