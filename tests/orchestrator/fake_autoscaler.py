@@ -41,8 +41,9 @@ def _config(gcs: str, head_cpus: float, types: dict[str, dict], max_workers: int
 
 @contextmanager
 def fake_cluster(folder: Path, types: dict[str, dict], head_cpus: float = 1, max_workers: int = 2,
-                 idle_min: float = 0.1, timeout: float = 300) -> Iterator[str]:
-    """A head without GPUs and an autoscaler for `types` ({name: {resources, max_workers}}); yields its address."""
+                 idle_min: float = 0.1, timeout: float = 300) -> Iterator[tuple[str, int]]:
+    """A head without GPUs and an autoscaler for `types` ({name: {resources, max_workers}}); yields its
+    address and its session id (every process of the cluster, launched nodes included, is in it)."""
     import ray._private.services as services
 
     with auth_disabled():
@@ -65,7 +66,7 @@ def fake_cluster(folder: Path, types: dict[str, dict], head_cpus: float = 1, max
             while "Ray runtime started" not in log.read_text():
                 assert head.poll() is None and time.time() < deadline, log.read_text()[-2000:]
                 time.sleep(1)
-            yield f"{ip}:{port}"
+            yield f"{ip}:{port}", head.pid
         finally:
             kill_session(head.pid)
             head.wait()

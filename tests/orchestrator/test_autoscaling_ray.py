@@ -10,25 +10,32 @@ as `autoscaling:` lines (pytest -s): the closing note of issue 24 quotes it.
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import time
 
 import pytest
 
 from tests.orchestrator.conftest import tiny_spec, write_spec
-from tests.orchestrator.fake_autoscaler import HEAD_ID, Timeline, fake_cluster
-from tests.orchestrator.sweep_utils import check_children, duplicate_points, mlflow_contents, start_driver
-from tests.orchestrator.test_gangs_ray import EVALS, GRID, _gang_rows, _intervals, _peak, _release_groups
+from tests.orchestrator.fake_autoscaler import HEAD_ID, Timeline, fake_cluster, node_pids
+from tests.orchestrator.sweep_utils import (check_children, duplicate_points, mlflow_contents, start_driver,
+                                            wait_for)
+from tests.orchestrator.test_gangs_ray import (EVALS, GRID, LOST, _checkpointed, _curve, _gang_rows, _intervals,
+                                               _peak, _release_groups)
+from tests.plugins.faults import FAULTS
 
 pytestmark = pytest.mark.slow
 
 GPU2 = {"gpu2": {"resources": {"CPU": 2, "GPU": 2}, "max_workers": 2}}
+GANG = {"cpus_per_trial": 1, "gpus_per_trial": 2}
+REFERENCE: dict = {}  # the uninterrupted run of LOST (a branch of the first test's sweep)
 
 
 @pytest.fixture(scope="module")
 def autoscaling_cluster(tmp_path_factory):
-    with fake_cluster(tmp_path_factory.mktemp("fake"), GPU2, head_cpus=1, max_workers=2) as address:
-        yield address
+    with fake_cluster(tmp_path_factory.mktemp("fake"), GPU2, head_cpus=1, max_workers=2) as cluster:
+        yield cluster
 
 
 def _gangs_on(rows: dict[str, list[dict]]) -> list[tuple[float, float, str, str]]:
@@ -41,10 +48,9 @@ def _gangs_on(rows: dict[str, list[dict]]) -> list[tuple[float, float, str, str]
 
 
 def test_sweep_grows_from_no_gpu_node_and_lets_the_nodes_go(tmp_path, autoscaling_cluster):
-    address = autoscaling_cluster
-    spec = tiny_spec(tmp_path, name="auto", grid=GRID, fork_schedules=True,
-                     resources={"cpus_per_trial": 1, "gpus_per_trial": 2}, base__optim__batch_size=2,
-                     base__runtime__log_period=1)
+    address, _ = autoscaling_cluster
+    spec = tiny_spec(tmp_path, name="auto", grid=GRID, fork_schedules=True, resources=GANG,
+                     base__optim__batch_size=2, base__runtime__log_period=1)
     log = tmp_path / "driver.log"
     with Timeline(address) as timeline:
         assert timeline.rows[0][1] == ()  # no GPU node when the sweep starts
@@ -80,8 +86,69 @@ def test_sweep_grows_from_no_gpu_node_and_lets_the_nodes_go(tmp_path, autoscalin
     assert last[1] == (), timeline.render()
     check_children(mlflow_contents(tmp_path, "auto"), EVALS)
     assert duplicate_points(tmp_path) == []
+    REFERENCE.update(final=(tmp_path / "runs" / "auto" / "trials" / LOST / "final_metrics.json").read_text(),
+                     curve=_curve(tmp_path, "auto", LOST))
     launched = sorted({n for row in timeline.rows for n in row[1]})
     print(f"autoscaling: sweep of 6 tasks in {ended - t0:.0f}s; GPU nodes launched {launched}; peak 2 gangs at "
           f"once; queue order {[n for _, n, _ in released]}")
     print("autoscaling: gangs " + "; ".join(f"{n} on {nodes} {s - t0:.0f}-{e - t0:.0f}s" for s, e, n, nodes in gangs))
     print("autoscaling: cluster timeline\n" + timeline.render())
+
+
+def test_node_killed_without_notice_resumes_on_a_launched_node(tmp_path, autoscaling_cluster):
+    """One 2-GPU trial (12 iterations, slowed to 0.5 s each); once it has a checkpoint, every process of
+    its node is SIGKILLed (a spot node gone without notice). The gang restarts whole from the newest
+    checkpoint on a node the autoscaler provides, into the same MLflow run, and ends as the uninterrupted
+    run of the first test did."""
+    import json
+
+    address, sid = autoscaling_cluster
+    spec = tiny_spec(tmp_path, name="lost", grid={**GRID, "data": ["all"], "schedule": ["2x"]}, resources=GANG,
+                     base__optim__batch_size=2, base__runtime__log_period=1)
+    sweep, log = tmp_path / "runs" / "lost", tmp_path / "driver.log"
+    with Timeline(address) as timeline:
+        driver = start_driver(["run", str(write_spec(tmp_path, spec)), "--no-view"], log,
+                              env={"RAY_ADDRESS": address, "RAY_AUTH_MODE": "disabled", **FAULTS,
+                                   "ORCHESTRATOR_DELAY": f"{LOST}@0.5"})
+        try:
+            wait_for(driver, lambda: _checkpointed(sweep, 3), log)
+            first = _gang_rows(sweep)[LOST][0]
+            (node,) = set(first["nodes"])
+            newest = max(int(p.stem.split("_")[1]) for p in (sweep / "trials" / LOST / "checkpoints").glob("ckpt_*.pt"))
+            killed_at = time.time()
+            reached = _reached(sweep / "trials" / LOST / "metrics.jsonl")
+            pids = node_pids(sid, node)
+            assert pids, node
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+            assert driver.wait(timeout=900) == 0, log.read_text()[-4000:]
+        finally:
+            driver.kill()
+    rows = _gang_rows(sweep)[LOST]
+    again = [r for r in rows if "gang_start" in r and r["gang_start"] > killed_at]
+    assert len(again) == 1 and node not in again[0]["nodes"], rows
+    tries = [json.loads(x) for x in (sweep / "trials" / LOST / "attempts.jsonl").read_text().splitlines()]
+    tries = [a for a in tries if "start_iter" in a]
+    assert tries[-1]["start_iter"] == newest or tries[-1]["start_iter"] >= 3, (newest, tries)
+    assert len({a["run_id"] for a in tries}) == 1, tries
+    check_children(mlflow_contents(tmp_path, "lost"), {LOST: EVALS[LOST]})
+    assert duplicate_points(tmp_path) == []
+    final = (sweep / "trials" / LOST / "final_metrics.json").read_text()
+    if REFERENCE:
+        assert json.loads(final) == json.loads(REFERENCE["final"])
+        assert _curve(tmp_path, "lost", LOST) == REFERENCE["curve"]
+    t0 = timeline.t0
+    print(f"autoscaling: node {node[-5:]} killed at {killed_at - t0:.0f}s with the trial's newest checkpoint at "
+          f"{newest}; the gang restarted on {'+'.join(n[-5:] for n in again[0]['nodes'])} from iteration "
+          f"{tries[-1]['start_iter']}: {reached - tries[-1]['start_iter']} iteration(s) lost (it had logged "
+          f"{reached}); "
+          f"final equals the uninterrupted run: {bool(REFERENCE)}")
+    print("autoscaling: cluster timeline (node killed)\n" + timeline.render())
+
+
+def _reached(path) -> int:
+    """The newest iteration a trial logged (metrics.jsonl rows: {"step": i, ...})."""
+    import json
+
+    steps = [json.loads(x).get("step", 0) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+    return max(steps, default=0)
