@@ -9,8 +9,8 @@ checkpoints its progress every `--ckpt` planned iterations (a file; a retried at
 it) and notes the step it reached, so the work a preemption costs is measured, not assumed.
 
 Preemptions arrive at `--rate` per node-hour of the plan's scaled schedule (their count is
-rate x nodes x bound hours, at seeded random times in the first 80% of the bound), each on a GPU
-node running a task:
+rate x nodes x bound hours, at seeded random times from 10% to 80% of the bound after the first gang
+is placed), each on a GPU node running a task:
   without notice   every process of the node is killed (SIGKILL): the node is gone, its gangs fail
                    and are retried from their newest checkpoint on capacity the autoscaler provides;
   with notice      SIGTERM to the node's trial processes (what a platform sends before its hard kill).
@@ -21,7 +21,7 @@ Printed per arm: makespan beside the bound, preemptions, planned iterations and 
 preemption, GPU nodes launched and removed. MLflow is not in this loop (the stand-in trials log no
 metrics), so duplicate MLflow points are not measured here; the Ray tests check them on real trials.
 
-    python bench/spot_sim.py                 # 32 GPUs (2 nodes x 16), bound 60 s, ckpt 5k and 20k iters
+    python bench/spot_sim.py                 # 32 GPUs (2 nodes x 16), bound 30 s, ckpt 5k and 20k iters
 """
 
 from __future__ import annotations
@@ -99,13 +99,14 @@ class Injector(threading.Thread):
 
         from tests.orchestrator.fake_autoscaler import node_pids
 
+        while not _busy_nodes():  # the times count from the first gang placed (nodes take a while to come)
+            if self.stop.wait(0.5):
+                return
         t0 = time.time()
         for at in self.times:
             if self.stop.wait(max(0.0, t0 + at - time.time())):
                 return
-            busy = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU")
-                    and n["Resources"].get("GPU") > ray._private.state.available_resources_per_node()
-                    .get(n["NodeID"], {}).get("GPU", 0.0)]
+            busy = _busy_nodes()
             if not busy:
                 continue
             node = self.rng.choice(busy)
@@ -117,6 +118,15 @@ class Injector(threading.Thread):
                 except ProcessLookupError:
                     pass
             self.done.append((time.time() - t0, node[-5:]))
+
+
+def _busy_nodes() -> list[str]:
+    """Alive GPU nodes where some GPU is held (a gang runs there)."""
+    import ray
+
+    free = ray._private.state.available_resources_per_node()
+    return [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU", 0.0)
+            > free.get(n["NodeID"], {}).get("GPU", 0.0)]
 
 
 def _is_worker(pid: int) -> bool:
@@ -176,8 +186,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nodes", type=int, default=2, help="max GPU nodes the autoscaler may launch")
     ap.add_argument("--node-gpus", type=int, default=16)
-    ap.add_argument("--bound-s", type=float, default=60.0)
-    ap.add_argument("--rate", type=float, default=0.01, help="preemptions per node-hour of the plan's schedule")
+    ap.add_argument("--bound-s", type=float, default=30.0)
+    ap.add_argument("--rate", type=float, default=0.002, help="preemptions per node-hour of the plan's schedule")
     ap.add_argument("--ckpt", type=int, nargs=2, default=[5000, 20000], help="two checkpoint periods (iterations)")
     ap.add_argument("--max-failures", type=int, default=20)
     ap.add_argument("--idle-wait", type=float, default=20.0)
