@@ -1,9 +1,13 @@
 """`python -m orchestrator {plan,run,resume,status}`: the command line of the sweep orchestrator.
 
-    plan SPEC            the trial table and the sweep's totals (no dataset, no Ray)
+    plan SPEC            the trial table and the sweep's totals (no dataset, no Ray); --show TRIAL
+                         prints one trial's resolved trainer config, --json the plan as data
     run SPEC             start the sweep, or resume it if it exists with the same spec
     resume SPEC|FOLDER   resume an existing sweep (by its spec, or its folder on the storage path)
-    status SPEC|FOLDER   the trial table from the stored state (no Ray)
+    status SPEC|FOLDER   the trial table from the stored state (no Ray); --json as data
+
+`plan`, `run` and `resume` take `--set KEY=VALUE` (or `--set KEY VALUE`) overrides of the spec
+(`orchestrator.sets`).
 
 Other packages add subcommands as plugins: an entry point in the group `rethink_sweeps.commands`
 names a module with `COMMANDS`, `add_commands(subparsers)` and `dispatch(args)`. The dashboards add
@@ -46,20 +50,33 @@ def _parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("plan", help="print the trial table and the sweep's cost")
     sp.add_argument("spec", type=Path)
     sp.add_argument("--gpus", type=int, metavar="N", help="cluster size for trials at once and the makespan bound "
-                    "(default: enough for every task that can start at once)")
+                    "(default: enough for every task that can start at once); exit 2 if a trial cannot fit")
     sp.add_argument("--node", metavar="GPUS,CPUS", help="with --gpus: the shape of one node, so trials at once "
                     "count CPUs too, as `run` does (default: GPUs alone)")
+    sp.add_argument("--show", metavar="TRIAL", help="print one trial's resolved trainer config (YAML) instead: "
+                    "its name, id or row number (3, T0)")
+    _add_sets(sp)
+    sp.add_argument("--json", action="store_true", help="the plan as JSON")
     for name, help_text in (("run", "start the sweep (or resume it if it exists)"),
                             ("resume", "resume an existing sweep (SPEC or its folder)")):
         sp = sub.add_parser(name, help=help_text)
         sp.add_argument("spec", type=Path, metavar="SPEC" if name == "run" else "SPEC|FOLDER")
         sp.add_argument("--storage", type=Path, help="override the spec's storage_path")
-        sp.add_argument("--no-view", action="store_true", help="no live table (log lines only)")
+        sp.add_argument("--no-view", action="store_true", help="no live table (a progress log line a minute)")
+        _add_sets(sp)
     sp = sub.add_parser("status", help="the trial table from the stored state (no Ray)")
     sp.add_argument("target", type=Path, metavar="SPEC|FOLDER")
+    sp.add_argument("--json", action="store_true", help="the table as JSON")
     for plugin in _plugins():
         plugin.add_commands(sub)
     return p
+
+
+def _add_sets(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--set", dest="sets", action="append", nargs="+", metavar="KEY=VALUE",
+                    help="override the spec: a trainer key for every trial (optim.base_lr=0.01) or a spec field "
+                    "(resources.gpus_per_trial=1, grid.optim.base_lr=[0.01,0.02]); also KEY VALUE pairs; "
+                    "repeatable; run stores them and resume reapplies them")
 
 
 @cache
@@ -92,36 +109,55 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "plan":
-        from orchestrator.expand import expand
-        from orchestrator.plan import render_plan
-        from orchestrator.spec import load_spec
-
-        if args.gpus is not None and args.gpus < 1:
-            raise SpecError(f"--gpus {args.gpus}: a cluster has at least 1 GPU")
-        node = _node_shape(args.node) if args.node else None
-        if node is not None and args.gpus is None:
-            raise SpecError("--node needs --gpus (the cluster's size)")
-        sys.stdout.write(render_plan(expand(load_spec(args.spec)), args.gpus, node) + "\n")
-        return 0
+        return _plan(args)
     if args.command == "status":
         from orchestrator.state import find_sweep_dir
-        from orchestrator.status import render_status
+        from orchestrator.status import render_status, status_json
 
-        sys.stdout.write(render_status(find_sweep_dir(args.target)) + "\n")
+        folder = find_sweep_dir(args.target)
+        sys.stdout.write((_json(status_json(folder)) if args.json else render_status(folder)) + "\n")
         return 0
     for plugin in _plugins():
         if args.command in plugin.COMMANDS:
             return plugin.dispatch(args)
     from orchestrator.run import run
+    from orchestrator.sets import pair_tokens
 
-    spec, storage = args.spec, args.storage
+    spec, storage, sets = args.spec, args.storage, pair_tokens(args.sets)
     if args.command == "resume" and args.spec.is_dir():
-        spec, storage = _spec_of_folder(args.spec)
-    return run(spec, storage=storage, must_exist=args.command == "resume", view=not args.no_view)
+        spec, storage, stored = _spec_of_folder(args.spec)
+        sets = sets or stored
+    return run(spec, storage=storage, must_exist=args.command == "resume", view=not args.no_view, sets=sets)
 
 
-def _spec_of_folder(folder: Path) -> tuple[Path, Path]:
-    """A sweep folder's stored spec, read from the working directory the sweep was started in."""
+def _plan(args: argparse.Namespace) -> int:
+    from orchestrator.expand import expand
+    from orchestrator.plan import plan_json, render_plan, show_task
+    from orchestrator.sets import pair_tokens
+    from orchestrator.spec import load_spec
+
+    if args.gpus is not None and args.gpus < 1:
+        raise SpecError(f"--gpus {args.gpus}: a cluster has at least 1 GPU")
+    node = _node_shape(args.node) if args.node else None
+    if node is not None and args.gpus is None:
+        raise SpecError("--node needs --gpus (the cluster's size)")
+    exp = expand(load_spec(args.spec, pair_tokens(args.sets)))
+    if args.show:
+        text = show_task(exp, args.show)
+    else:
+        text = _json(plan_json(exp, args.gpus, node)) if args.json else render_plan(exp, args.gpus, node)
+    sys.stdout.write(text + "\n")
+    return 0
+
+
+def _json(data: object) -> str:
+    import json
+
+    return json.dumps(data, indent=1, default=str)
+
+
+def _spec_of_folder(folder: Path) -> tuple[Path, Path, list[str]]:
+    """A sweep folder's stored spec and `--set`s, read from the working directory the sweep was started in."""
     from orchestrator.state import read_record
 
     folder = folder.resolve()
@@ -130,7 +166,7 @@ def _spec_of_folder(folder: Path) -> tuple[Path, Path]:
         raise SweepNotFoundError(f"{folder}: not a sweep folder (no sweep.json)")
     if record.get("cwd") and Path(record["cwd"]).is_dir():
         os.chdir(record["cwd"])  # the spec's relative paths (dataset root, mlflow.db) are relative to it
-    return folder / "spec.yaml", folder.parent
+    return folder / "spec.yaml", folder.parent, list(record.get("sets") or [])
 
 
 def _node_shape(text: str) -> tuple[int, float]:

@@ -17,6 +17,10 @@ class DatasetMissingError(OrchestratorError):
     """The spec's dataset is not on disk (and the spec does not say how to generate it)."""
 
 
+class InputsMissingError(OrchestratorError):
+    """Inputs the sweep reads are not on disk: the dataset, weight files (all named in one refusal)."""
+
+
 class SpecChangedError(OrchestratorError):
     """`run` on an existing sweep whose stored spec differs from the one given."""
 

@@ -285,9 +285,10 @@ def bind_config(trial: Trial | Trunk, sweep_dir: Path, backbone_files: dict[str,
     return build_config(tree, source=f"trial {trial.name}")
 
 
-def check_weight_files(trials: list[Trial]) -> None:
-    """Refuse (SpecError) when a trial's `model.imagenet_weights` file is absent: `run` calls this
-    before anything is launched; `plan` does not, so a grid can be costed without the files."""
+def missing_weight_files(trials: list[Trial]) -> list[str]:
+    """One line per absent `model.imagenet_weights` file, with where to get it: `run` refuses on them
+    (with the dataset, all at once) before anything is launched; `plan` does not, so a grid can be
+    costed without the files."""
     from trainer.config import gn_download_hint
 
     users: dict[Path, list[Trial]] = {}
@@ -295,6 +296,7 @@ def check_weight_files(trials: list[Trial]) -> None:
         m = trial.config.model
         if m.init == "imagenet" and m.imagenet_weights is not None:
             users.setdefault(Path(m.imagenet_weights).expanduser(), []).append(trial)
+    lines = []
     for path, group in users.items():
         if path.is_file():
             continue
@@ -302,8 +304,9 @@ def check_weight_files(trials: list[Trial]) -> None:
         where = (gn_download_hint(m.backbone) if m.body_norm == "GN"
                  else f"torchvision's IMAGENET1K_V1 {m.backbone} file from download.pytorch.org/models")
         more = f" (and {len(group) - 1} more trials)" if len(group) > 1 else ""
-        raise SpecError(f"trial {group[0].name}{more}: model.imagenet_weights file not found: {path} (from "
-                        f"{Path.cwd()}); get {where}")
+        lines.append(f"trial {group[0].name}{more}: model.imagenet_weights file not found: {path} (from "
+                     f"{Path.cwd()}); get {where}")
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------

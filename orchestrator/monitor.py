@@ -10,6 +10,10 @@ A trial whose loss became non-finite records diverged.json in its folder (`state
 it is failed at once, with the iteration and loss as the reason in the table, state.json and its
 run's `failure_reason` tag, and never trained again.
 
+The table's rows are the tasks, then the pretrain jobs (read from their folders' progress.json). Where
+the table is not redrawn in place (no terminal, or `--no-view`), the driver logs its total line once a
+minute.
+
 Schedule forking: a trunk has no MLflow run of its own; while it trains, its branches' runs are
 RUNNING (the syncer puts the trunk's rows up to each fork point into each branch's run).
 """
@@ -25,12 +29,13 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from orchestrator import state as st
-from orchestrator.view import render
+from orchestrator.view import render, total_line
 
 logger = logging.getLogger(__name__)
 
 # Keys a trial adds to every report (the rest are trainer metrics).
 K_ITER, K_TOTAL, K_ATTEMPT, K_EVENT, K_RUN = "trial/iteration", "trial/total", "trial/attempt", "trial/event", "trial/run_id"
+LOG_PERIOD = 60.0  # s between progress log lines when the table is not redrawn on a terminal
 
 
 class LiveView:
@@ -73,6 +78,8 @@ class SweepMonitor:
                    "iteration": prev.get("iteration", 0), "attempts": prev.get("attempts", 0)}
             if t.get("role") == "trunk":
                 row["role"] = "trunk"
+            if t.get("needs"):
+                row["needs"] = list(t["needs"])  # pretrain jobs it waits for (view.render)
             if t.get("fork"):
                 self.branches.setdefault(t["fork"]["trunk_id"], []).append((t["trial_id"], int(t["fork"]["at"])))
                 row.update(role="branch", start=int(t["fork"]["at"]))
@@ -81,6 +88,7 @@ class SweepMonitor:
                 row["status"] = st.PENDING  # its process died with the previous driver
             self.trials[t["trial_id"]] = row
         self._dirty_at = 0.0
+        self._logged = 0.0
         self.save(force=True)
 
     # -- events (called from the Tune callback) ------------------------------------------------
@@ -162,11 +170,16 @@ class SweepMonitor:
 
     # -- output --------------------------------------------------------------------------------
     def rows(self) -> list[dict[str, Any]]:
-        return list(self.trials.values())
+        """The tasks, then the pretrain jobs (read from their folders: they report to no one)."""
+        jobs = [st.pretrain_row(self.sweep_dir, j["name"]) for j in self.record.get("pretrain", [])]
+        return list(self.trials.values()) + jobs
 
     def tick(self, force: bool = False) -> None:
-        self.view.show(render(f"sweep {self.record['name']} ({self.sweep_dir})", self.rows(),
-                              time.time() - self.started), force=force)
+        rows, elapsed = self.rows(), time.time() - self.started
+        self.view.show(render(f"sweep {self.record['name']} ({self.sweep_dir})", rows, elapsed), force=force)
+        if not (self.view.enabled and self.view.tty) and (force or time.monotonic() - self._logged >= LOG_PERIOD):
+            self._logged = time.monotonic()  # no table redrawn in place: a log line a minute says how far it got
+            logger.info("progress: %s", total_line(rows, elapsed))
         if self._dirty_at and time.monotonic() - self._dirty_at > 2.0:
             self.save(force=True)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from orchestrator.errors import SpecError
 from orchestrator.expand import Expansion, Trial
 from orchestrator.fit import nodes_of_shape, trials_at_once
 from orchestrator.fork import Trunk, trained_iters
@@ -135,7 +136,8 @@ def render_makespan(exp: Expansion, gpus: int | None = None, node: tuple[int, fl
                 f"makespan >= critical path {_hours(m.critical_h)} device-h")
     shape = f" ({m.gpus // node[0]} nodes of {node[0]} GPUs, {node[1]:g} CPUs)" if node else ""
     if m.slots < 1:
-        return f"cluster of {m.gpus} GPUs{shape}: cannot hold one trial ({g:g} GPUs)"
+        raise SpecError(f"--gpus {m.gpus}: a cluster of {m.gpus} GPUs{shape} cannot hold one trial ({g:g} GPUs "
+                        f"per trial, whole gangs)")
     return (f"cluster of {m.gpus} GPUs{shape}: at most {m.slots} trial(s) at a time ({g:g} GPUs each, whole gangs); "
             f"makespan >= {_hours(m.bound_h)} h = max(critical path {_hours(m.critical_h)} h, "
             f"{_hours(m.gpu_h)} GPU-h / {m.slots * (g or 1):g} GPUs)")
@@ -221,3 +223,53 @@ def _forking_line(rows: list[PlanRow], trunks: list[PlanRow]) -> str:
 def h_w(spec: SweepSpec) -> str:
     h, w = spec.estimate.image_size
     return f"{h}x{w}"
+
+
+# ----------------------------------------------------------------------------------------------
+# `plan --json` and `plan --show TRIAL`
+
+
+def plan_json(exp: Expansion, gpus: int | None = None, node: tuple[int, float] | None = None) -> dict[str, Any]:
+    """What `plan` prints, as data: one dict per trial and trunk, the totals and the makespan bound."""
+    rows, trunks = plan_rows(exp), trunk_rows(exp)
+    m = makespan_bound(exp, gpus, node)
+    naive, forked = forked_totals(rows, trunks)
+
+    def row(r: PlanRow) -> dict[str, Any]:
+        out = {"name": r.trial.name, "id": r.trial.trial_id, "iters": r.iters, "drops": list(r.drops),
+               "images": r.images, "epochs": r.epochs, "pixels": r.pixels, "gpu_hours": r.gpu_hours,
+               "fork": r.fork, "trains": r.trains, "trains_gpu_hours": r.trains_hours}
+        if isinstance(r.trial, Trial):
+            out["axes"] = {a: str(v) for a, v in r.trial.axes.items()}
+        return out
+
+    spec = exp.spec
+    return {"name": spec.name, "spec_hash": exp.spec_hash, "gpus_per_trial": spec.resources.gpus_per_trial,
+            "workers_per_trial": spec.resources.workers, "trials": [row(r) for r in rows],
+            "trunks": [row(r) for r in trunks], "pretrain": [{"name": j.name, "id": j.job_id} for j in exp.pretrain],
+            "totals": {"iterations": naive, "iterations_with_forking": forked,
+                       "gpu_hours": sum(r.gpu_hours for r in rows),
+                       "gpu_hours_with_forking": sum(r.trains_hours for r in rows + trunks)},
+            "makespan": {"gpus": m.gpus, "trials_at_once": m.slots, "critical_path_h": m.critical_h,
+                         "gpu_hours": m.gpu_h, "bound_h": m.bound_h}}
+
+
+def show_task(exp: Expansion, which: str) -> str:
+    """The resolved trainer config (YAML) a trial or trunk runs, as `run` would launch it here; `which`
+    is its name, id, or row number in the plan (`3`, `T0`)."""
+    import yaml
+
+    from orchestrator.expand import backbone_file, bind_config
+    from orchestrator.state import sweep_dir_for
+    from trainer.config import config_to_dict
+
+    tasks: list[Trial | Trunk] = [*exp.trials, *exp.forks.trunks]
+    numbers = {str(i): t for i, t in enumerate(exp.trials)} | {f"T{i}": k for i, k in enumerate(exp.forks.trunks)}
+    found = numbers.get(which) or next((t for t in tasks if which in (t.name, t.trial_id)), None)
+    if found is None:
+        names = ", ".join(t.name for t in tasks[:6]) + (", ..." if len(tasks) > 6 else "")
+        raise SpecError(f"--show {which}: no such trial (give a name, an id or a row number of the plan: {names})")
+    sweep_dir = sweep_dir_for(exp.spec.storage_path, exp.spec.name)
+    cfg = bind_config(found, sweep_dir, {j.name: backbone_file(sweep_dir, j.name) for j in exp.pretrain})
+    head = f"# {found.name} ({found.trial_id}) of sweep {exp.spec.name}, spec hash {exp.spec_hash}\n"
+    return head + yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip("\n")

@@ -23,13 +23,13 @@ from typing import Any
 from orchestrator import state as st
 from orchestrator.dataset import check_defects, generate, needs_generation
 from orchestrator.driver_log import sweep_log
-from orchestrator.errors import OrchestratorError, SweepNotFoundError
-from orchestrator.expand import Expansion, backbone_file, bind_config, bind_pretrain, check_weight_files, expand
+from orchestrator.errors import DatasetMissingError, InputsMissingError, OrchestratorError, SweepNotFoundError
+from orchestrator.expand import Expansion, backbone_file, bind_config, bind_pretrain, expand, missing_weight_files
 from orchestrator.fork import Trunk, checkpoint_file, priorities
 from orchestrator.monitor import LiveView, SweepMonitor
 from orchestrator.spec import SweepSpec, load_spec
 from trainer.config import config_to_dict, flatten
-from trainer.report import hms as _hms
+from orchestrator.view import duration
 
 logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -45,42 +45,66 @@ class Prepared:
     spec_text: str
     tracking_uri: str
     address: str | None
+    sets: list[str]
 
 
-def prepare(spec_path: Path, storage: Path | None = None) -> Prepared:
-    """All refusals, nothing created: spec, trials, identity, dataset, MLflow, Ray address."""
+def prepare(spec_path: Path, storage: Path | None = None, sets: list[str] | None = None) -> Prepared:
+    """All refusals, nothing created: spec, trials, identity, inputs, MLflow, Ray address.
+
+    Without `sets`, an existing sweep's stored ones are reapplied (`orchestrator.sets`)."""
     from orchestrator.ray_backend import check_address, resolve_address
     from orchestrator.tracking import check_reachable, resolve_uri
 
-    spec = load_spec(spec_path)
-    if storage is not None:
-        spec = spec.model_copy(update={"storage_path": storage})
-    exp = expand(spec)
-    check_weight_files(exp.trials)  # ImageNet weight files: plan costs a grid without them, run refuses
+    spec = _load(spec_path, storage, sets or [])
     sweep_dir = st.sweep_dir_for(spec.storage_path, spec.name)
     record = st.read_record(sweep_dir)
+    if not sets and record is not None and record.get("sets"):
+        sets = list(record["sets"])
+        spec = _load(spec_path, storage, sets)
+        logger.info("reapplying the sweep's --set %s", " ".join(sets))
+    exp = expand(spec)
     if record is not None:
         st.ensure_same_spec(sweep_dir, record, exp)
         driver = st.read_state(sweep_dir).get("driver", {})
         if st.driver_alive(driver):
             raise OrchestratorError(f"sweep {spec.name!r} is being run by pid {driver['pid']} on {driver['host']}; "
                                     f"watch it with: python -m orchestrator status {sweep_dir}")
-    needs_generation(spec.dataset, need_classification=bool(exp.pretrain))
+    _check_inputs(exp)
     uri = resolve_uri(spec.tracking_uri)
     check_reachable(uri)
     address = resolve_address(spec.ray_address)
     check_address(address)
-    return Prepared(spec, exp, sweep_dir, record, Path(spec_path).read_text(), uri, address)
+    return Prepared(spec, exp, sweep_dir, record, Path(spec_path).read_text(), uri, address, list(sets or []))
 
 
-def run(spec_path: Path, *, storage: Path | None = None, must_exist: bool = False, view: bool = True) -> int:
+def _load(spec_path: Path, storage: Path | None, sets: list[str]) -> SweepSpec:
+    spec = load_spec(spec_path, sets)
+    return spec if storage is None else spec.model_copy(update={"storage_path": storage})
+
+
+def _check_inputs(exp: Expansion) -> None:
+    """The dataset and every weights file, named in one refusal (fixing one should not reveal the next)."""
+    missing = missing_weight_files(exp.trials)
+    try:
+        needs_generation(exp.spec.dataset, need_classification=bool(exp.pretrain))
+    except DatasetMissingError as exc:
+        missing.insert(0, str(exc))
+    if len(missing) == 1:
+        raise InputsMissingError(missing[0])
+    if missing:
+        raise InputsMissingError(f"{len(missing)} inputs missing: " + " | ".join(
+            f"({i}) {line}" for i, line in enumerate(missing, 1)))
+
+
+def run(spec_path: Path, *, storage: Path | None = None, must_exist: bool = False, view: bool = True,
+        sets: list[str] | None = None) -> int:
     """Start or resume a sweep; returns 0 when every trial finished, 1 otherwise."""
     from orchestrator import autoscale
     from orchestrator import ray_backend as rb
     from orchestrator.capacity import Capacity, most_at_once
     from orchestrator.metric_sync import MetricSync
 
-    p = prepare(spec_path, storage)
+    p = prepare(spec_path, storage, sets)
     if must_exist and p.record is None:
         raise SweepNotFoundError(f"sweep {p.spec.name!r} has not been started; use: python -m orchestrator run "
                                  f"{spec_path}")
@@ -92,7 +116,7 @@ def run(spec_path: Path, *, storage: Path | None = None, must_exist: bool = Fals
     auto = autoscale.node_types()  # None: no autoscaler, the alive nodes are the cluster
     # A trial that never fits (on any node the autoscaler could launch) is refused here.
     concurrent = most_at_once(spec.resources, auto, rb.node_resources())
-    record = p.record or st.create_sweep(sweep_dir, exp, p.spec_text, st.code_version())
+    record = p.record or st.create_sweep(sweep_dir, exp, p.spec_text, st.code_version(), p.sets)
     logger.info("%s sweep %s (%d trials, spec hash %s) in %s", "resuming" if p.record else "starting", spec.name,
                 len(exp.trials), exp.spec_hash, sweep_dir)
     if needs_generation(spec.dataset, need_classification=bool(exp.pretrain)):
@@ -125,7 +149,7 @@ def run(spec_path: Path, *, storage: Path | None = None, must_exist: bool = Fals
     for name, why in failed.items():
         logger.error("pretrain job %s failed: %s; the trials on its backbone could not run", name, why)
     logger.info("sweep %s %s in %s; %d iterations trained (plan: %d)", spec.name, status.lower(),
-                _hms(time.time() - t0), st.trained_iterations(sweep_dir, [t["name"] for t in tasks]),
+                duration(time.time() - t0), st.trained_iterations(sweep_dir, [t["name"] for t in tasks]),
                 sum(t["total"] - (t.get("fork") or {}).get("at", 0) for t in tasks))
     return 0 if status == "FINISHED" else 1
 

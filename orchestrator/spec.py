@@ -1,6 +1,7 @@
 """The sweep spec: a YAML file validated by one strict pydantic model per level.
 
-Owns the schema (what a sweep may say), `${ENV}` interpolation, and the checks that need more than
+Owns the schema (what a sweep may say), `${ENV}` interpolation (a bare `$ENV` is warned about, not
+expanded), and the checks that need more than
 types: axis values, exclusion rules, overrides and dotted trainer keys. Everything here is pure: no
 Ray, no MLflow, no torch. A spec looks like
 
@@ -24,16 +25,19 @@ Ray, no MLflow, no torch. A spec looks like
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, Sequence, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from orchestrator.errors import SpecError
 from orchestrator.retention import KeepCheckpoints
 from trainer.config import ModelConfig, TrainConfig, check_layout_pairs, flatten, format_validation_error
+
+logger = logging.getLogger(__name__)
 
 # Named axes and the trainer key each one sets. Other axes are dotted trainer keys themselves.
 AXES: dict[str, str] = {
@@ -47,9 +51,10 @@ BACKBONES: tuple[str, ...] = get_args(ModelConfig.model_fields["backbone"].annot
 DATASET_KEYS = ("data.root", "data.train_split", "data.val_split", "data.train_json", "data.train_image_dir",
                 "data.val_json", "data.val_image_dir", "data.format")
 # Dotted keys a grid may not use as axes of their own, with the named axis that owns them.
-_NAMED_KEYS = {"model.init": "init", "data.train_images": "data", "model.backbone": "backbone",
+NAMED_KEYS = {"model.init": "init", "data.train_images": "data", "model.backbone": "backbone",
                "schedule.length": "schedule", "schedule.iters": "schedule", "schedule.drops": "schedule"}
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_BARE_ENV = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")  # $VAR: not interpolated, warned
 _COUNT = re.compile(r"^(\d+(?:\.\d+)?)k$")
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
@@ -222,19 +227,23 @@ class SweepSpec(_Strict):
 # Loading
 
 
-def load_spec(path: str | Path) -> SweepSpec:
-    """Read, interpolate and validate a spec file; raise a one-line SpecError naming the field."""
+def load_spec(path: str | Path, sets: Sequence[str] = ()) -> SweepSpec:
+    """Read, interpolate and validate a spec file (plus `--set` overrides, `orchestrator.sets`);
+    raise a one-line SpecError naming the field."""
+    from orchestrator.sets import apply_sets
     from trainer.config import read_yaml
     from trainer.errors import ConfigError
 
     path = Path(path)
+    if path.is_dir():
+        raise SpecError(f"{path} is a directory, not a spec file (e.g. sweeps/demo.yaml)")
     if not path.is_file():
         raise SpecError(f"spec file not found: {path}")
     try:
-        data = read_yaml(path)  # the trainer's safe YAML reading, with the line of a syntax error
+        data = read_yaml(path)  # the trainer's safe YAML reading: the line of a syntax error or a repeated key
     except ConfigError as exc:
         raise SpecError(str(exc)) from None
-    return parse_spec(data, source=str(path))
+    return parse_spec(apply_sets(data, sets), source=str(path))
 
 
 def parse_spec(data: dict[str, Any], source: str = "spec") -> SweepSpec:
@@ -256,6 +265,10 @@ def interpolate(node: Any, environ: dict[str, str], where: str = "") -> Any:
         return {k: interpolate(v, environ, f"{where}{k}.") for k, v in node.items()}
     if isinstance(node, list):
         return [interpolate(v, environ, f"{where}{i}.") for i, v in enumerate(node)]
+    if isinstance(node, str) and (bare := _BARE_ENV.search(node)):
+        # Warned, not expanded: only ${VAR} is interpolation, so a spec means one thing on every machine.
+        logger.warning("%s: %r has $%s without braces: not expanded (write ${%s})", where.rstrip(".") or "spec",
+                       node, bare.group(1), bare.group(1))
     if not isinstance(node, str) or "${" not in node:
         return node
 
@@ -328,8 +341,8 @@ def check_axis(spec: SweepSpec, axis: str, values: list[Any]) -> None:
         if not trainer_key_exists(axis):
             raise SpecError(f"{where}: unknown axis (named axes: {', '.join(AXES)}; others must be "
                             "dotted trainer keys such as optim.base_lr)")
-        if axis in _NAMED_KEYS:
-            raise SpecError(f"{where}: set by a named axis ({_NAMED_KEYS[axis]}); use that axis instead")
+        if axis in NAMED_KEYS:
+            raise SpecError(f"{where}: set by a named axis ({NAMED_KEYS[axis]}); use that axis instead")
         if axis in DATASET_KEYS:
             raise SpecError(f"{where}: set by the dataset section")
     if not values:

@@ -100,8 +100,11 @@ def _axes_labels(trial) -> dict[str, str]:
     return out
 
 
-def create_sweep(sweep_dir: Path, exp: Expansion, spec_text: str, code_version: str) -> dict[str, Any]:
+def create_sweep(sweep_dir: Path, exp: Expansion, spec_text: str, code_version: str,
+                 sets: list[str] | None = None) -> dict[str, Any]:
     record = make_record(exp, spec_text, code_version)
+    if sets:  # the command line's `--set`s, which `resume` reapplies (orchestrator.sets)
+        record["sets"] = list(sets)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / "spec.yaml").write_text(spec_text)
     write_json(sweep_dir / "identity.json", exp.identities)
@@ -283,6 +286,23 @@ def disk_progress(sweep_dir: Path, name: str, trunk_stop: int | None = None) -> 
     out.update(aps)
     out["iteration"] = last_step
     return out
+
+
+def pretrain_row(sweep_dir: Path, name: str) -> dict[str, Any]:
+    """A pretrain job as a table row, from its folder: progress.json (`trainer.pretrain`), done.json."""
+    from orchestrator.expand import pretrain_dir
+
+    folder = pretrain_dir(sweep_dir, name)
+    progress = read_json(folder / "progress.json", {})
+    row: dict[str, Any] = {"name": f"pretrain:{name}", "role": "pretrain", "total": int(progress.get("total") or 0),
+                           "iteration": int(progress.get("iteration") or 0), "status": PENDING}
+    if (folder / "done.json").exists():
+        row.update(status=FINISHED, iteration=row["total"])
+    elif progress:
+        row["status"] = RUNNING
+        if progress.get("rate"):
+            row["eta_s"] = (row["total"] - row["iteration"]) / progress["rate"]
+    return row
 
 
 def driver_alive(driver: dict[str, Any]) -> bool:

@@ -30,6 +30,8 @@ def status_rows(sweep_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
                                "iteration": max(int(prev.get("iteration") or 0), int(disk.get("iteration") or 0))}
         if trunk:
             row["role"] = "trunk"
+        if t.get("needs"):
+            row["needs"] = list(t["needs"])  # pretrain jobs it waits for (view.render)
         if t.get("fork"):
             row.update(role="branch", start=int(t["fork"]["at"]))
         for key in ("bbox/AP", "segm/AP"):
@@ -43,7 +45,25 @@ def status_rows(sweep_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
             row["eta_s"] = prev["eta_s"]
             row["rate"] = prev.get("rate")
         rows.append(row)
+    for job in record.get("pretrain", []):  # after the tasks, so their numbers are the plan's
+        row = st.pretrain_row(sweep_dir, job["name"])
+        if row["status"] == st.RUNNING and not alive:
+            row.update(status="INTERRUPTED", eta_s=None)
+        rows.append(row)
     return saved, rows
+
+
+def status_json(sweep_dir: Path) -> dict[str, Any]:
+    """`status --json`: the sweep's identity, the driver's state and one dict per row (AP as fractions)."""
+    record = st.read_record(sweep_dir) or {}
+    saved, rows = status_rows(sweep_dir)
+    axes = {t["name"]: t.get("axes", {}) for t in st.task_rows(record)}
+    for row in rows:
+        if row["name"] in axes:
+            row["axes"] = axes[row["name"]]
+    return {"name": record.get("name"), "spec_hash": record.get("spec_hash"), "code_version": record.get("code_version"),
+            "sets": record.get("sets", []), "sweep_dir": str(sweep_dir), "driver": saved.get("driver", {}),
+            "rows": rows}
 
 
 def _status(saved: str | None, disk: dict[str, Any], alive: bool, iteration: int) -> str:

@@ -3,10 +3,11 @@
 Pure text rendering, shared by the live terminal view of `run` and by `status` (which builds the
 rows from the stored state without Ray). AP is printed in percent, as the paper prints it (the row
 and MLflow hold COCO's fractions in [0, 1]). A row is a plain dict:
-    {"name", "status", "iteration", "total", "bbox/AP", "segm/AP", "eta_s", "attempts"}
+    {"name", "status", "iteration", "total", "bbox/AP", "segm/AP", "eta_s", "attempts", "needs"}
 a failed trial's one-line "reason" (printed under the table), and, with schedule forking, "role"
 ("trunk" | "branch") and a branch's "start" (its fork point): the
-total line counts the iterations each task trains itself, so it adds up to the forked plan.
+total line counts the iterations each task trains itself, so it adds up to the forked plan. A pretrain
+job is a row of role "pretrain" with its own iterations, counted apart from the trials'.
 """
 
 from __future__ import annotations
@@ -35,23 +36,40 @@ def _ap(value: Any) -> str:
 def render(title: str, rows: list[dict[str, Any]], elapsed_s: float | None = None) -> str:
     """The table and its total line, as text (no trailing newline)."""
     width = max([len(r["name"]) for r in rows] + [5])
-    head = (f"{'#':>3}  {'trial':<{width}}  {'state':<11}  {'iter/total':>17}  {'box AP%':>7}  {'mask AP%':>8}  "
+    done = {r["name"] for r in rows if r.get("role") == "pretrain" and r.get("status") == "FINISHED"}
+    shown = [_progress(r, done) for r in rows]
+    wide = max([len(p) for _, p in shown] + [17])
+    head = (f"{'#':>3}  {'trial':<{width}}  {'state':<11}  {'iter/total':>{wide}}  {'box AP%':>7}  {'mask AP%':>8}  "
             f"{'ETA':>8}")
     lines = [title, head, "-" * len(head)]
-    for i, r in enumerate(rows):
-        it, total = int(r.get("iteration") or 0), int(r.get("total") or 0)
+    for i, (r, (state, progress)) in enumerate(zip(rows, shown)):
         retry = f"*{r['attempts']}" if r.get("attempts", 1) > 1 else ""
-        state = (r.get("status") or "PENDING") + retry
-        lines.append(f"{i:>3}  {r['name']:<{width}}  {state:<11}  {f'{it}/{total}':>17}  {_ap(r.get('bbox/AP')):>7}  "
-                     f"{_ap(r.get('segm/AP')):>8}  {duration(r.get('eta_s')):>8}")
+        lines.append(f"{i:>3}  {r['name']:<{width}}  {state + retry:<11}  {progress:>{wide}}  "
+                     f"{_ap(r.get('bbox/AP')):>7}  {_ap(r.get('segm/AP')):>8}  {duration(r.get('eta_s')):>8}")
     lines.append(total_line(rows, elapsed_s))
     # Why a trial failed (e.g. "diverged: loss nan at iteration 7"), one line each under the table.
     lines.extend(f"  ! {r['name']}: {r['reason']}" for r in rows if r.get("status") == "ERROR" and r.get("reason"))
     return "\n".join(lines)
 
 
+def _progress(r: dict[str, Any], jobs_done: set[str]) -> tuple[str, str]:
+    """(state, iter/total) of a row. A task not started shows what it waits for: a pretrain job (of the
+    rows' `pretrain:NAME` jobs, those not finished); a branch its trunk's checkpoint at its fork point
+    (shown instead of the fork point, which would read as progress), or, once that is on disk, a slot."""
+    it, total, state = int(r.get("iteration") or 0), int(r.get("total") or 0), r.get("status") or "PENDING"
+    waits = [f"pretrain:{job}" for job in r.get("needs") or () if f"pretrain:{job}" not in jobs_done]
+    if state == "PENDING" and waits:
+        return "WAITING", f"for {waits[0]}"
+    if r.get("role") == "branch" and state == "PENDING":
+        start = int(r.get("start") or 0)
+        return ("WAITING", f"for trunk @ {start}") if it < start else ("PENDING", f"ready @ {start}")
+    return state, f"{it}/{total}" if total else "-"
+
+
 def total_line(rows: Iterable[dict[str, Any]], elapsed_s: float | None = None) -> str:
     rows = list(rows)
+    jobs = [r for r in rows if r.get("role") == "pretrain"]  # their iterations are not the trials' kind
+    rows = [r for r in rows if r.get("role") != "pretrain"]
     counts = {s: sum(1 for r in rows if (r.get("status") or "PENDING") == s) for s in STATUS_ORDER}
     start = [int(r.get("start") or 0) for r in rows]
     done = sum(max(min(int(r.get("iteration") or 0), int(r.get("total") or 0)) - s, 0) for r, s in zip(rows, start))
@@ -64,6 +82,8 @@ def total_line(rows: Iterable[dict[str, Any]], elapsed_s: float | None = None) -
     pct = 100 * done / total if total else 0.0
     tasks = f"{len(rows) - trunks} trials + {trunks} trunks" if trunks else f"{len(rows)} trials"
     parts = [f"total: {tasks} ({state})", f"iterations {done}/{total} ({pct:.0f}%)"]
+    if jobs:
+        parts.insert(1, f"pretrain {sum(r.get('status') == 'FINISHED' for r in jobs)}/{len(jobs)} done")
     if best is not None:
         parts.append(f"best box AP {100 * best:.1f}%")
     if elapsed_s is not None:

@@ -138,6 +138,7 @@ def _pretrain(cfg: PretrainConfig, group: Group, resume: bool, stop_after: int |
     end = min(total, stop_after) if stop_after else total
     if group.main:
         dump_config(cfg, out / "pretrain_config.yaml")
+        _progress(out, state["iteration"], total, None)
         logger.info("pretrain %s-%s: %d iterations (%d per epoch over %d images) x batch %d on %d process(es); "
                     "warm-up %d, LR steps %s", cfg.backbone, cfg.norm, total, sched_plan.iters_per_epoch,
                     len(train_set), cfg.batch_size, group.world, sched_plan.warmup, list(sched_plan.drops))
@@ -165,8 +166,10 @@ def _pretrain(cfg: PretrainConfig, group: Group, resume: bool, stop_after: int |
             if not math.isfinite(mean):
                 raise NonFiniteLossError(it, mean)
             if group.main:
+                rate = (it - it0) / (time.perf_counter() - t0)
                 logger.info("pretrain iter %d/%d  loss %.4f  lr %.4f  %.1f it/s", it, total, mean,
-                            opt.param_groups[0]["lr"], (it - it0) / (time.perf_counter() - t0))
+                            opt.param_groups[0]["lr"], rate)
+                _progress(out, it, total, rate)
             window.clear()
         if (cfg.checkpoint_period and it % cfg.checkpoint_period == 0) or it == end:
             state["pixels"] += int(group.sum([pixels])[0])
@@ -180,6 +183,14 @@ def _pretrain(cfg: PretrainConfig, group: Group, resume: bool, stop_after: int |
     path = _write_backbone(cfg, net, state, device) if group.main else out / "backbone.pt"
     group.barrier()
     return path
+
+
+def _progress(out: Path, iteration: int, total: int, rate: float | None) -> None:
+    """OUTPUT/progress.json, rewritten at each log line: what a sweep's `status` and live table show."""
+    from trainer.atomic import write_atomic
+
+    write_atomic(out / "progress.json", json.dumps({"iteration": iteration, "total": total, "rate": rate,
+                                                    "time": time.time()}))
 
 
 def _restore(out: Path, net, opt, sched) -> dict[str, int]:

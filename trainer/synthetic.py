@@ -74,14 +74,33 @@ def _prepare_dir(path: Path, keep: set[str], pattern: re.Pattern[str]) -> None:
 
 
 class _Progress:
-    """Logs every ~10% of a long loop, so big runs show life without flooding small ones."""
+    """A progress bar on a terminal (rich, on stderr); elsewhere a log line every ~10% of a long loop,
+    so big runs show life in a log file without flooding small ones. A context manager: the bar is
+    closed even when drawing fails."""
 
     def __init__(self, what: str, total: int):
         self.what, self.total = what, total
         self.step = max(1, total // 10) if total >= 500 else 0
+        self.bar: Any = None
+
+    def __enter__(self) -> "_Progress":
+        if sys.stderr.isatty() and self.total:
+            from rich.console import Console
+            from rich.progress import Progress
+
+            self.bar = Progress(console=Console(stderr=True))
+            self.task = self.bar.add_task(self.what, total=self.total)
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.stop()
 
     def tick(self, done: int) -> None:
-        if self.step and (done % self.step == 0 or done == self.total):
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done)
+        elif self.step and (done % self.step == 0 or done == self.total):
             log.info("%s: %d/%d", self.what, done, self.total)
 
 
@@ -129,20 +148,20 @@ def _write_split(
     stats = {"images": count, "annotations": 0, "crowd": 0, "polygon": 0, "rle": 0, "empty_images": 0}
     names = {f"{i + 1:012d}.png" for i in range(count)}
     _prepare_dir(image_dir, names, _DET_NAME)
-    progress = _Progress(f"detection {split}", count)
-    for i in range(count):
-        image_id = i + 1
-        img, layers = draw_scene(_rng(seed, ("det", split), i), height, width, **scene)
-        file_name = f"{image_id:012d}.png"
-        _save_png(image_dir / file_name, img)
-        images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
-        for layer in layers:
-            ann = _annotation(layer, len(annotations) + 1, image_id)
-            annotations.append(ann)
-            polygon = isinstance(ann["segmentation"], list)
-            stats["crowd" if ann["iscrowd"] else "polygon" if polygon else "rle"] += 1
-        stats["empty_images"] += not layers
-        progress.tick(i + 1)
+    with _Progress(f"detection {split}", count) as progress:
+        for i in range(count):
+            image_id = i + 1
+            img, layers = draw_scene(_rng(seed, ("det", split), i), height, width, **scene)
+            file_name = f"{image_id:012d}.png"
+            _save_png(image_dir / file_name, img)
+            images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
+            for layer in layers:
+                ann = _annotation(layer, len(annotations) + 1, image_id)
+                annotations.append(ann)
+                polygon = isinstance(ann["segmentation"], list)
+                stats["crowd" if ann["iscrowd"] else "polygon" if polygon else "rle"] += 1
+            stats["empty_images"] += not layers
+            progress.tick(i + 1)
     stats["annotations"] = len(annotations)
     doc = {
         "info": {"description": "trainer.synthetic shapes", "version": "1", "seed": seed, **scene},
@@ -239,15 +258,15 @@ def generate_classification(
     names_of = CLS_SHAPES[first:first + classes]
     splits: dict[str, Any] = {}
     for split, per_class in (("train", per_class_train), ("val", per_class_val)):
-        progress = _Progress(f"classification {split}", per_class * classes)
         names = {f"{i:05d}.png" for i in range(per_class)}
-        for c, name in enumerate(names_of):
-            class_dir = root / split / name
-            _prepare_dir(class_dir, names, _CLS_NAME)
-            for i in range(per_class):
-                crop = draw_crop(_rng(seed, ("cls", split), c, i), first + c, size, classes, first)
-                _save_png(class_dir / f"{i:05d}.png", crop)
-                progress.tick(c * per_class + i + 1)
+        with _Progress(f"classification {split}", per_class * classes) as progress:
+            for c, name in enumerate(names_of):
+                class_dir = root / split / name
+                _prepare_dir(class_dir, names, _CLS_NAME)
+                for i in range(per_class):
+                    crop = draw_crop(_rng(seed, ("cls", split), c, i), first + c, size, classes, first)
+                    _save_png(class_dir / f"{i:05d}.png", crop)
+                    progress.tick(c * per_class + i + 1)
         _remove_stale_classes(root / split, set(names_of))
         splits[split] = {"dir": root / split, "per_class": per_class, "images": per_class * classes}
     return {"root": root, "classes": list(names_of), "splits": splits, "seconds": time.perf_counter() - start}

@@ -90,6 +90,11 @@ SPEC_CASES: list[tuple[str, Edit, str]] = [
     ("imagenet-gn-without-gn-weights", _set("grid.init", ["random", "imagenet"]), "model.body_norm: FrozenBN"),
     ("imagenet-gn-weights-file-missing", _imagenet_r50("/nonexistent/h13/R-50-GN.pkl"),
      "model.imagenet_weights file not found: /nonexistent/h13/R-50-GN.pkl"),
+    # PyYAML keeps the last of two keys silently: a second resources block once made 8 GPUs per trial 1.
+    ("duplicate-key", lambda spec, tmp: yaml.safe_dump(spec, sort_keys=False) + "resources: {cpus_per_trial: 2}\n",
+     "duplicate key 'resources' (first at line"),
+    ("duplicate-nested-key", _raw("name: tiny\ndataset:\n  root: a\n  root: b\ngrid: {data: [all]}\n"),
+     "line 4: duplicate key 'root' (first at line 3)"),
 ]
 
 
@@ -141,6 +146,54 @@ def test_paper_grid_plans_without_weights_and_run_refuses_with_the_url(tmp_path,
     assert len(err) == 1 and "weights/R-50-GN.pkl" in err[0], err
     assert "https://dl.fbaipublicfiles.com/detectron/ImageNetPretrained/47261647/R-50-GN.pkl" in err[0]
     _nothing_started(tmp_path)
+
+
+def test_paper_grid_run_names_every_missing_input_at_once(tmp_path, capsys, monkeypatch):
+    """Neither COCO nor the GN weights: one refusal names the dataset and each weights file."""
+    spec = Path(__file__).resolve().parents[2] / "sweeps" / "paper_grid.yaml"
+    monkeypatch.chdir(tmp_path)
+    for var in ("IMAGENET_GN_R50", "IMAGENET_GN_R101", "COCO_ROOT"):
+        monkeypatch.delenv(var, raising=False)
+    assert orchestrator_main(["run", str(spec), "--no-view"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1, err
+    assert "3 inputs missing" in err[0] and "dataset not found" in err[0], err[0]
+    assert "weights/R-50-GN.pkl" in err[0] and "weights/R-101-GN.pkl" in err[0], err[0]
+    _nothing_started(tmp_path)
+    (tmp_path / "weights").mkdir()  # with the weights in place, the dataset alone is named
+    for name in ("R-50-GN.pkl", "R-101-GN.pkl"):
+        (tmp_path / "weights" / name).write_bytes(b"x")
+    assert orchestrator_main(["run", str(spec), "--no-view"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("python -m orchestrator run: error: dataset not found"), err
+
+
+def test_directory_as_spec_is_named_a_directory(tmp_path, capsys):
+    for command in ("plan", "run"):
+        assert orchestrator_main([command, str(tmp_path)]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(err) == 1 and f"{tmp_path} is a directory, not a spec file" in err[0], err
+    _nothing_started(tmp_path)
+
+
+def test_plan_exits_2_when_a_trial_cannot_fit_the_gpus(tmp_path, capsys):
+    path = write_spec(tmp_path, tiny_spec(tmp_path, resources={"gpus_per_trial": 16, "cpus_per_trial": 16}))
+    assert orchestrator_main(["plan", str(path), "--gpus", "8"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "--gpus 8: a cluster of 8 GPUs cannot hold one trial (16 GPUs per trial" in err[0]
+    assert orchestrator_main(["plan", str(path), "--gpus", "16"]) == 0
+    assert "at most 1 trial(s) at a time" in capsys.readouterr().out
+
+
+def test_bare_dollar_var_is_warned_not_expanded(tmp_path, capsys, caplog, monkeypatch):
+    monkeypatch.setenv("H27_ROOT", "/expanded")
+    path = write_spec(tmp_path, tiny_spec(tmp_path, dataset__root="$H27_ROOT/data"))
+    with caplog.at_level("WARNING", logger="orchestrator.spec"):
+        assert orchestrator_main(["plan", str(path), "--show", "0"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["data"]["root"].endswith("$H27_ROOT/data")
+    warned = [r.getMessage() for r in caplog.records if "without braces" in r.getMessage()]
+    assert warned == ["dataset.root: '$H27_ROOT/data' has $H27_ROOT without braces: not expanded (write "
+                      "${H27_ROOT})"], warned
 
 
 def test_spec_changed_between_run_and_resume(tmp_path, capsys):
@@ -196,6 +249,8 @@ def _trainer_cfg(data: Path, out: Path) -> dict[str, Any]:
 # (case id, change of the config dict or raw text, --set overrides, what the error line must say)
 TRAINER_CASES: list[tuple[str, Any, list[str], str]] = [
     ("yaml-syntax", "optim: {base_lr: 0.1\n", [], "line"),
+    ("duplicate-key", "optim: {base_lr: 0.1}\nschedule: 1x\noptim: {base_lr: 0.2}\n", [],
+     "line 3: duplicate key 'optim' (first at line 1)"),
     ("unknown-key", {"optim": {"lr": 0.1}}, [], "unknown key 'optim.lr'"),
     ("wrong-type", {"optim": {"base_lr": "fast"}}, [], "optim.base_lr"),
     ("bad-override", {}, ["optim.base_lr=-1"], "optim.base_lr"),

@@ -11,7 +11,7 @@ import pytest
 
 from orchestrator import autoscale
 from orchestrator.capacity import Capacity, most_at_once
-from orchestrator.errors import ClusterError
+from orchestrator.errors import ClusterError, SpecError
 from orchestrator.expand import expand
 from orchestrator.fit import NodeType, autoscaler_nodes, trials_at_once
 from orchestrator.plan import makespan_bound, render_makespan
@@ -32,7 +32,8 @@ def test_plan_gpus_agrees_with_run_when_the_trial_fills_a_node(tmp_path):
         assert makespan_bound(exp, 2 * nodes).slots == nodes  # GPUs alone: one trial too many
     with pytest.raises(ClusterError, match="cannot hold one trial"):
         most_at_once(res, None, [dict(NODE)])
-    assert "cannot hold one trial" in render_makespan(exp, 2, (2, 4))
+    with pytest.raises(SpecError, match=r"--gpus 2: a cluster of 2 GPUs \(1 nodes of 2 GPUs, 4 CPUs\) cannot hold"):
+        render_makespan(exp, 2, (2, 4))
     out = subprocess.run([sys.executable, "-m", "orchestrator", "plan", str(tmp_path / "spec.yaml"), "--gpus", "6",
                           "--node", "2,4"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
