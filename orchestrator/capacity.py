@@ -100,7 +100,13 @@ class Capacity:
 
     def close(self) -> None:
         """Drop the autoscaler request (the driver ends: idle nodes can go)."""
-        if self.auto is not None:
+        if self.auto is None:
+            return
+        try:
             autoscale.request([])
-            self.asked = 0
-            logger.info("autoscaler: request dropped")
+        except Exception as exc:  # the connection is going with the driver: say so, do not hide why it ends
+            logger.warning("autoscaler: could not drop the resource request (%s); `ray.autoscaler.sdk."
+                           "request_resources(bundles=[])` drops it", type(exc).__name__)
+            return
+        self.asked = 0
+        logger.info("autoscaler: request dropped")
