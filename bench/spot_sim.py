@@ -132,10 +132,12 @@ def _busy_nodes() -> list[str]:
 
 
 def _is_worker(pid: int) -> bool:
+    """A Ray worker running a task or actor (a trial): not an idle worker, not the node's agents."""
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::")
+        name = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
     except OSError:
         return False
+    return name.startswith(b"ray::") and b"Agent" not in name and name != b"ray::IDLE"
 
 
 def one_arm(address: str, sid: int, args: argparse.Namespace, notice: bool, ckpt: int) -> dict[str, Any]:
