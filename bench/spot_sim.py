@@ -56,8 +56,8 @@ def spot_trial(config: dict[str, Any]) -> None:
     task = config["trial"]
     sim = task["sim"]
     done, reached = Path(sim["progress"]), Path(sim["progress"] + ".reached")
-    start = int(done.read_text()) if done.exists() else 0
-    lost = int(reached.read_text()) - start if reached.exists() else 0
+    start = _step(done)
+    lost = max(0, _step(reached) - start)  # what the killed attempt did past its checkpoint
     with open(sim["log"], "a") as fh:
         fh.write(json.dumps({"name": task["name"], "attempt_from": start, "lost_steps": lost, "t": time.time()}) + "\n")
     t0 = time.time() - start * STEP_S
@@ -66,16 +66,29 @@ def spot_trial(config: dict[str, Any]) -> None:
     for step in range(start + 1, sim["steps"] + 1):
         x = x @ x + 1e-3
         time.sleep(max(0.0, t0 + step * STEP_S - time.time()))
-        reached.write_text(str(step))
+        _put(reached, step)
         if step in marks:
             Path(marks[step]).touch()
         if step % sim["ckpt_steps"] == 0:
-            tmp = done.with_suffix(".tmp")
-            tmp.write_text(str(step))
-            tmp.replace(done)
+            _put(done, step)
     with open(sim["log"], "a") as fh:
         fh.write(json.dumps({"name": task["name"], "end": time.time()}) + "\n")
     tune.report({"done": 1.0})
+
+
+def _step(path: Path) -> int:
+    """A step number from a progress file (0 if absent, or caught mid-write by a kill)."""
+    try:
+        return int(path.read_text() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def _put(path: Path, step: int) -> None:
+    """Write a step number atomically (a kill leaves the old or the new one)."""
+    tmp = Path(f"{path}.tmp")  # not with_suffix: trial names have dots (imagenet-3.5k-...)
+    tmp.write_text(str(step))
+    tmp.replace(path)
 
 
 def _with_checkpoints(tasks: list[dict[str, Any]], folder: Path, ckpt_iters: int) -> None:
