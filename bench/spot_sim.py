@@ -172,7 +172,7 @@ def one_arm(address: str, sid: int, args: argparse.Namespace, notice: bool, ckpt
     count = round(args.rate * args.nodes * bound_h)
     rng = random.Random(args.seed)
     times = sorted(rng.uniform(0.1, 0.8) * args.bound_s for _ in range(count))
-    before = {n["NodeID"] for n in ray.nodes() if n["Resources"].get("GPU")}
+    before = {n["NodeID"] for n in ray.nodes()}  # alive or gone: the nodes of earlier arms
     auto = autoscale.node_types()
     most = most_at_once(res, auto, rb.node_resources())
     capacity = Capacity(res, set(rb.alive_nodes()), None, None, auto, most)
@@ -185,7 +185,7 @@ def one_arm(address: str, sid: int, args: argparse.Namespace, notice: bool, ckpt
         injector.stop.set()
     wall = time.time() - t0
     time.sleep(args.idle_wait)  # idle nodes go after the autoscaler's idle timeout
-    nodes = [n for n in ray.nodes() if n["Resources"].get("GPU") and n["NodeID"] not in before]
+    nodes = [n for n in ray.nodes() if n["NodeID"] not in before]  # a gone node lists no resources
     rows = [json.loads(x) for x in (folder / "tasks.jsonl").read_text().splitlines()]
     ends = [r["end"] for r in rows if "end" in r]
     starts = [r["t"] for r in rows if "t" in r]
