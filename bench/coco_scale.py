@@ -17,6 +17,12 @@ Then, each measurement in its own fresh process:
 
     python bench/coco_scale.py --out /tmp/coco_scale            # ~15 min on 2 loaded cores
     python bench/coco_scale.py --out /tmp/cs --images 5000 --batches 0,200,600   # a quick look
+    python bench/coco_scale.py --out /tmp/coco_scale --check   # the up-front check: first run, cached
+
+`--check` times only `trainer.dataset_check.check_split` on the generated train split, each run in a
+fresh process: a first run with an empty cache (every image decoded fully in `--check-workers`
+processes, every annotation and polygon validated) and a second one answered by the cache (the
+annotation file's hash and a stat of every listed image).
 """
 
 from __future__ import annotations
@@ -224,10 +230,34 @@ def phase_loader(variant: str, ann_file: Path, checkpoints: list[int], workers: 
     return {"variant": variant, "setup_seconds": setup, "rows": rows}
 
 
+def phase_check(ann_file: Path, cache_dir: Path, workers: int) -> dict:
+    """The up-front dataset check of the train split (every image decoded), timed in this process."""
+    from trainer.dataset_check import AnnotationFile, check_split
+
+    started = time.perf_counter()
+    dropped = check_split(AnnotationFile(ann_file), ann_file.parents[1] / "train2017", cache_dir=cache_dir,
+                          workers=workers)
+    return {"seconds": time.perf_counter() - started, "dropped": dropped,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _print_check(args: argparse.Namespace) -> None:
+    """First run (cold cache, every image decoded) and a cached run, each in a fresh process."""
+    import shutil
+
+    cache = args.out / "check_cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    print(f"\n| dataset check ({args.check_workers or os.cpu_count()} decode processes) | seconds | peak RSS MiB "
+          f"(main) |\n|---|---|---|")
+    for label in ("first run (decode all, write cache)", "cached"):
+        res = _child(args, "check", str(cache))
+        print(f"| {label} | {res['seconds']:.1f} | {res['peak_rss_mib']:.0f} |")
+
+
 def _child(args: argparse.Namespace, *phase: str) -> dict:
     cmd = [sys.executable, __file__, "--out", str(args.out), "--images", str(args.images),
            "--per-image", str(args.per_image), "--workers", str(args.workers), "--batch", str(args.batch),
-           "--batches", args.batches, "--phase", *phase]
+           "--batches", args.batches, "--check-workers", str(args.check_workers), "--phase", *phase]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
@@ -246,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--long", action="store_true", help="also read it at batch 10k")
     parser.add_argument("--repeats", type=int, default=2, help="index builds per method")
     parser.add_argument("--variants", default="before,after,after1k")
+    parser.add_argument("--check", action="store_true", help="time the up-front dataset check only")
+    parser.add_argument("--check-workers", type=int, default=0, help="decode processes (0: one per CPU)")
     parser.add_argument("--phase", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.long and "10000" not in args.batches.split(","):
@@ -254,8 +286,11 @@ def main(argv: list[str] | None = None) -> int:
     ann_file = args.out / "annotations" / "instances_train2017.json"
     if args.phase:  # a measurement in this fresh process
         kind, *rest = args.phase
-        result = (phase_build(rest[0], ann_file) if kind == "build"
-                  else phase_loader(rest[0], ann_file, checkpoints, args.workers, args.batch))
+        if kind == "check":
+            result = phase_check(ann_file, Path(rest[0]), args.check_workers)
+        else:
+            result = (phase_build(rest[0], ann_file) if kind == "build"
+                      else phase_loader(rest[0], ann_file, checkpoints, args.workers, args.batch))
         print(json.dumps(result))
         return 0
     started = time.perf_counter()
@@ -264,6 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"set: {stats['images']:,} images, {stats['annotations']:,} instances, "
           f"{ann_file.stat().st_size / 2**20:.0f} MiB JSON (generated/reused in {time.perf_counter() - started:.0f}s)")
     print(f"load average at start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
+    if args.check:
+        _print_check(args)
+        print(f"\nload average at end: {os.getloadavg()[0]:.2f}; total {time.perf_counter() - started:.0f}s")
+        return 0
     builds = {"coco": [], "index": []}
     for _ in range(args.repeats):
         for kind in builds:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -106,10 +107,16 @@ def pretrain_seen(init: str, init_param: str | None, sweep_dir: Path | None = No
         candidates.append(Path(sweep_dir) / "pretrain" / init.removeprefix("pretrained:") / "pretrain_summary.json")
     for path in candidates:
         try:
-            return summary_seen(json.loads(path.read_text())), str(path)
+            return summary_seen(json.loads(path.read_text())), shown_path(path, sweep_dir)
         except (OSError, ValueError, KeyError) as exc:
             logger.debug("no pretrain counts in %s: %s", path, exc)
-    return UNKNOWN, "not found (" + (", ".join(map(str, candidates)) or "no pretrain summary path") + ")"
+    shown = ", ".join(shown_path(p, sweep_dir) for p in candidates)
+    return UNKNOWN, "not found (" + (shown or "no pretrain summary path") + ")"
+
+
+def shown_path(path: Path, sweep_dir: Path | None) -> str:
+    """A path as the report prints it: relative to the sweep folder (the page names no machine's path)."""
+    return os.path.relpath(path, sweep_dir) if sweep_dir is not None else Path(path).name
 
 
 def format_count(value: float | None) -> str:

@@ -8,16 +8,18 @@
   and AP against each of them (the paper's Figure 2).
 
 Colour is the schedule, line style the init (a body norm other than `norm` is an init of its own,
-e.g. 'ImageNet pre-trained, FrozenBN body'), in every figure. AP is drawn in percent, like the paper,
-and all panels of one figure share their y-limits (from 0): a panel with one short, noisy curve (a
-single R34 or 150-image trial) is drawn on the same scale as its neighbours.
+e.g. 'ImageNet pre-trained, FrozenBN body'), in every figure but `cost_ap`, whose curves of one
+schedule and init differ in data and backbone too: there each trial has a colour and marker of its
+own, named in the legend. AP is drawn in percent, like the paper, and all panels of one figure share
+their x- and y-limits (y from 0): a panel with one short, noisy curve (a single R34 or 150-image
+trial) is drawn on the same scale as its neighbours, not stretched across its axis.
 matplotlib runs on the Agg backend: the report is written without a display.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from typing import Any, Iterable
 
 import matplotlib
 
@@ -118,9 +120,11 @@ def _grid(n: int, title: str) -> tuple[Figure, list]:
     rows = -(-n // cols)
     # At least two panels wide: the title and the legend below must fit even with one panel.
     fig, axes = plt.subplots(rows, cols, figsize=(_PANEL[0] * max(cols, 2), _PANEL[1] * rows + 0.9), squeeze=False,
-                             layout="constrained", sharey="all")
+                             layout="constrained", sharex="all", sharey="all")
     fig.suptitle(title)
     flat = list(axes.flat)
+    for ax in flat:  # shared x: every panel keeps its own tick labels all the same
+        ax.xaxis.set_tick_params(labelbottom=True)
     for ax in flat[n:]:
         ax.set_visible(False)
     return fig, flat[:n]
@@ -143,11 +147,17 @@ def _draw_curves(ax, style: Style, trials: pd.DataFrame, metrics: pd.DataFrame, 
             drawn += 1
     ax.set_xlabel("iterations")
     ax.set_ylabel(f"{TASKS[metric.split('/')[0]]} AP (%)")
-    ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     if not drawn:
         ax.text(0.5, 0.5, "no evaluation yet", ha="center", va="center", transform=ax.transAxes, color="0.5")
     return drawn
+
+
+def _from_zero(axes: list) -> None:
+    """y from 0, once every panel is drawn: the shared top then fits every panel's curves (set per
+    panel while drawing, it froze at the first panel's top and cut off the later ones)."""
+    for ax in axes:
+        ax.set_ylim(bottom=0)
 
 
 def ap_curves(trials: pd.DataFrame, metrics: pd.DataFrame, task: str) -> Figure:
@@ -159,6 +169,7 @@ def ap_curves(trials: pd.DataFrame, metrics: pd.DataFrame, task: str) -> Figure:
     for ax, backbone in zip(axes, backbones):
         _draw_curves(ax, style, sub[sub["backbone"] == backbone], metrics, f"{task}/AP")
         ax.set_title(backbone)
+    _from_zero(axes)
     style.legend(fig, sub["schedule"], arms(sub))
     return fig
 
@@ -174,6 +185,7 @@ def small_data_curves(trials: pd.DataFrame, metrics: pd.DataFrame, task: str = "
     for ax, data in zip(axes, sizes):
         _draw_curves(ax, style, sub[sub["data"] == data], metrics, f"{task}/AP")
         ax.set_title(f"data: {data}" + (" images" if data != "all" else ""))
+    _from_zero(axes)
     style.legend(fig, sub["schedule"], arms(sub))
     return fig
 
@@ -241,8 +253,9 @@ def cost_bars(cost: pd.DataFrame) -> Figure:
 
 def cost_ap(trials: pd.DataFrame, metrics: pd.DataFrame, cost: pd.DataFrame, task: str = "bbox") -> Figure:
     """AP against images / instances / pixels seen, pre-training included (log axis)."""
-    style = Style(trials)
-    fig, axes = plt.subplots(1, 3, figsize=(15, _PANEL[1] + 1.0), layout="constrained", sharey=True)
+    style, looks = Style(trials), trial_looks(trials["name"])
+    fig, axes = plt.subplots(1, 3, figsize=(15, _PANEL[1] + 1.0 + 0.25 * -(-len(trials) // 4)), layout="constrained",
+                             sharey=True)
     fig.suptitle(f"{TASKS[task]} AP against samples seen (pre-training included)")
     pre = cost.set_index("name")
     for ax, kind in zip(axes, ("images", "instances", "pixels")):
@@ -254,15 +267,27 @@ def cost_ap(trials: pd.DataFrame, metrics: pd.DataFrame, cost: pd.DataFrame, tas
                 continue
             # seen/* comes as its latest point (dashboards.query): the count at each eval step, from 0 to it.
             x = np.interp(steps, np.concatenate([[0], s_steps]), np.concatenate([[0.0], seen])) + offset
-            ax.plot(x, ap * 100, color=style.color[t["schedule"]], linestyle=style.line[arm_of(t)], marker="o",
-                    markersize=3, label=t["name"])
+            color, marker = looks[t["name"]]
+            ax.plot(x, ap * 100, color=color, linestyle=style.line[arm_of(t)], marker=marker, markersize=4,
+                    label=t["name"])
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on short ranges
         ax.set_xlabel(f"{kind} seen (log scale)")
         ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel(f"{TASKS[task]} AP (%)")
-    style.legend(fig, trials["schedule"], arms(trials))
+    handles = [Line2D([], [], color=looks[t["name"]][0], marker=looks[t["name"]][1], linestyle=style.line[arm_of(t)],
+                      label=t["name"]) for _, t in trials.iterrows()]
+    handles += [Line2D([], [], color="0.3", linestyle=style.line[i], label=init_label(i))
+                for i in init_order(arms(trials))]
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4), frameon=False,
+               fontsize="small")
     return fig
+
+
+def trial_looks(names: Iterable[str]) -> dict[str, tuple[Any, str]]:
+    """(colour, marker) per trial, no two alike: tab20's colours, then its markers again in a new cycle."""
+    cmap, markers = plt.get_cmap("tab20"), "osD^vP*Xph"
+    return {name: (cmap(i % 20), markers[(i // 20 + i) % len(markers)]) for i, name in enumerate(names)}
 
 
 def curve_count(fig: Figure) -> int:

@@ -1,18 +1,23 @@
 """The report's `index.html`: one self-contained page (inline CSS, figures embedded as data URIs).
 
 It opens from disk and inside MLflow's artifact viewer alike (no external file or network fetch);
-the PNGs next to it are the same images, for slides. Pure string building from the report's tables.
+the PNGs next to it are the same images, for slides. The page and the claims table are Jinja2
+templates (`dashboards/templates`, autoescaped); the number tables, whose cells each pick a class
+and format, are built here from the report's tables.
 """
 
 from __future__ import annotations
 
 import base64
 import html
+import os
 import time
 from pathlib import Path
 from typing import Any, Iterable
 
 import pandas as pd
+from jinja2 import Environment, PackageLoader
+from markupsafe import Markup
 
 from dashboards.cost import KINDS, Seen, format_count
 from dashboards.tables import AP_METRICS, TASKS
@@ -28,7 +33,13 @@ figure{margin:14px 0} figure img{max-width:100%;border:1px solid #eee} figcaptio
 .meta td{border:none;padding:1px 10px 1px 0} td:first-child{white-space:nowrap}
 .v-holds{background:#e3f4e3;font-weight:bold} .v-fails{background:#fbe3e3;font-weight:bold}
 .v-na{background:#eee;color:#555} td ul{margin:0;padding-left:16px} .rule{color:#555;font-size:12px}
+table.claims{table-layout:fixed;width:100%} table.claims td{vertical-align:top;overflow-wrap:break-word}
+table.claims td:first-child{white-space:normal} table.claims ul{font-size:12px} td p{margin:0 0 3px}
 """
+_TEMPLATES = Environment(loader=PackageLoader("dashboards", "templates"), autoescape=True)
+# The claims table's columns: the claim's sentence short, the numbers beside it wide (fixed layout, so
+# a long list of the paper's values wraps in its column instead of widening it or the page).
+CLAIM_COLUMNS = {"claim": 13, "verdict": 9, "this sweep (box AP %)": 28, "the paper (box AP %)": 26, "rule": 24}
 
 
 def esc(value: Any) -> str:
@@ -63,21 +74,25 @@ def figure(path: Path, caption: str) -> str:
             f'<figcaption>{esc(caption)} (<a href="{esc(path.name)}">{esc(path.name)}</a>)</figcaption></figure>')
 
 
-def header(sweep: Any, n_finished: int, notes: list[str], missing: list[str]) -> str:
+def shareable(uri: str, sweep_dir: Path | None) -> str:
+    """A store's URI without the machine's path: a SQLite file relative to the sweep folder (or its name)."""
+    if not uri.startswith("sqlite:///"):
+        return uri  # a server's URL names no local path
+    db = Path(uri.removeprefix("sqlite:///"))
+    rel = os.path.relpath(db, sweep_dir) if sweep_dir is not None else db.name
+    return f"SQLite {rel}" + (" (from the sweep folder)" if sweep_dir is not None else "")
+
+
+def header(sweep: Any, n_finished: int) -> list[tuple[str, str]]:
+    """The page's facts about the sweep, as (label, value) rows."""
     t, tags = sweep.target, sweep.parent_tags
-    meta = [("tracking store", t.uri), ("experiment id", sweep.experiment_id), ("parent run", sweep.parent_id),
+    # No absolute path of this machine: the page is shared as is (the folder's name says which sweep).
+    return [("tracking store", shareable(t.uri, t.sweep_dir)), ("experiment id", sweep.experiment_id),
+            ("parent run", sweep.parent_id),
             ("spec hash", tags.get("spec_hash", "?")), ("code version", tags.get("code_version", "?")),
-            ("sweep folder", t.sweep_dir or "not given"), ("trials", f"{n_finished} of {len(sweep.trials)} finished"),
+            ("sweep folder", f"{t.sweep_dir.name}/ (this page is its report/index.html)" if t.sweep_dir else
+             "not given"), ("trials", f"{n_finished} of {len(sweep.trials)} finished"),
             ("written", time.strftime("%Y-%m-%d %H:%M:%S"))]
-    out = [f"<h1>Sweep {esc(t.name)}</h1>",
-           table([], [[f"<b>{esc(k)}</b>", esc(v)] for k, v in meta], "meta")]
-    for note in notes:
-        out.append(f'<div class="warn">{esc(note)}</div>')
-    if missing:
-        items = "".join(f"<li>{esc(m)}</li>" for m in missing)
-        out.append(f'<div class="warn" id="missing"><b>Incomplete: this report shows what the store has.</b>'
-                   f"<ul>{items}</ul></div>")
-    return "\n".join(out)
 
 
 def _ap_cell(cell: dict[str, Any]) -> str:
@@ -127,21 +142,12 @@ def paper_table(comparison: list[dict[str, Any]]) -> str:
 _VERDICT_CLASS = {"holds": "v-holds", "does not hold": "v-fails", "not measurable": "v-na"}
 
 
-def _items(lines: list[str]) -> str:
-    return "<ul>" + "".join(f"<li>{esc(x)}</li>" for x in lines) + "</ul>" if lines else '<span class="na">none</span>'
-
-
 def claims_table(claims: dict[str, Any]) -> str:
     """One row per claim: verdict, why, this sweep's numbers, the paper's values, the rule."""
     from dashboards.claims import paper_lines
 
-    body = []
-    for key, c in claims.items():
-        body.append([f"<b>{esc(key)}</b> {esc(c.title)}",
-                     f'<td class="{_VERDICT_CLASS[c.verdict]}">{esc(c.verdict)}</td>',
-                     esc(c.reason) + _items(c.lines), _items(paper_lines(c)),
-                     f'<span class="rule">{esc(c.rule)}</span>'])
-    return table(["claim", "verdict", "this sweep (box AP %)", "the paper (box AP %)", "rule"], body)
+    return _TEMPLATES.get_template("claims.html.j2").render(
+        claims=claims, columns=CLAIM_COLUMNS, verdict_class=_VERDICT_CLASS, paper_lines=paper_lines)
 
 
 def paper_tables(comparison: list[dict[str, Any]]) -> str:
@@ -186,6 +192,8 @@ def _val(value: Any) -> float | None:
     return None if value is None or pd.isna(value) else float(value)
 
 
-def page(title: str, sections: list[str]) -> str:
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
-            f"<style>{CSS}</style></head><body>\n" + "\n".join(sections) + "\n</body></html>\n")
+def page(sweep: Any, n_finished: int, missing: list[str], sections: list[str]) -> str:
+    """The whole page: the header, then `sections` (HTML already)."""
+    return _TEMPLATES.get_template("page.html.j2").render(
+        name=sweep.target.name, css=Markup(CSS), meta=header(sweep, n_finished), notes=sweep.notes,
+        missing=missing, sections=[Markup(x) for x in sections]) + "\n"

@@ -14,6 +14,7 @@ and the claims' verdicts to the parent run.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ import yaml
 
 from dashboards.errors import SweepDataError
 from dashboards.paper import init_kind
+from orchestrator.run_notes import claims_note
 
 logger = logging.getLogger(__name__)
 REPORT_PREFIXES = ("bbox/", "segm/", "seen/", "keypoints/", "voc/")  # keypoints/voc: dashboards.tasks
@@ -193,10 +195,40 @@ def log_report(target: SweepTarget, parent_id: str, folder: Path, artifact_path:
 
 
 def log_claims(target: SweepTarget, parent_id: str, claims: dict[str, Any]) -> None:
-    """The claims' verdicts on the sweep's parent run: `claims.json` at the artifact root and a
-    `claim.C1` ... tag each, so the runs table shows them without opening the report."""
+    """The claims' verdicts on the sweep's parent run: `claims.json` at the artifact root, a `claim.C1`
+    ... tag each, so the runs table shows them without opening the report, and a line each in the
+    run's description."""
     client = _client(target.uri)
     client.log_dict(parent_id, claims, "claims.json")
     for key, claim in claims.items():
         client.set_tag(parent_id, f"claim.{key}", claim["verdict"])
+    note = client.get_run(parent_id).data.tags.get("mlflow.note.content", "")
+    client.set_tag(parent_id, "mlflow.note.content", claims_note(note, claims))  # the run page's description
     logger.info("claims logged to run %s: %s", parent_id, ", ".join(f"{k} {c['verdict']}" for k, c in claims.items()))
+
+
+VIEW_TAG = "mlflow.sharedViewState."  # an experiment tag the MLflow UI opens with ?viewStateShareKey=KEY
+
+
+def save_view(target: SweepTarget, exp_id: str) -> str:
+    """Save the sweep's view of its runs table in MLflow (the UI's "Share" view, an experiment tag)
+    and return its key: runs grouped by their `role` tag, so the trials are rows of their own (in
+    MLflow's default nesting they hide behind the parent's collapsed expander, and MLflow 3 keeps
+    expanded rows out of a shared view), with their axes, last box/mask AP and duration as columns;
+    the sweep's own run (params, `final/*` metrics, the claims) heads the table in its group."""
+    client = _client(target.uri)
+    axes: list[str] = []
+    for run in _search_all(client, exp_id, "tags.role = 'trial'"):
+        axes += [k for k in sorted(run.data.tags) if k.startswith("axis.") and k not in axes]
+    order = {f"axis.{a}": i for i, a in enumerate(AXES)}
+    axes.sort(key=lambda k: (order.get(k, len(order)), k))
+    # Few columns, so that the axes fit beside the names (the UI's Columns menu adds any other).
+    columns = [f"tags.`{a}`" for a in axes] + ["metrics.`bbox/AP`", "metrics.`segm/AP`", "attributes.`Duration`"]
+    state = {"searchFilter": "", "orderByKey": "attributes.start_time", "orderByAsc": True,
+             "startTime": "ALL", "lifecycleFilter": "Active", "modelVersionFilter": "All Runs", "datasetsFilter": [],
+             "selectedColumns": columns, "useGroupedValuesInCharts": False,
+             "runsHiddenMode": "SHOW_ALL",
+             "groupBy": {"aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": "role"}]}}
+    key = "trials"
+    client.set_experiment_tag(exp_id, VIEW_TAG + key, json.dumps(state))
+    return key

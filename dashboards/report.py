@@ -3,7 +3,8 @@
 Reads the sweep's runs from MLflow (`dashboards.query`), judges the paper's claims C1..C4 on them
 (`dashboards.claims`), draws the figures (`dashboards.figures`), writes `OUT/index.html`
 (self-contained, opening with the claims), `OUT/claims.json` and one PNG per figure, and logs the
-folder as artifacts `report/` of the sweep's parent run (plus `claims.json` and a `claim.Cn` tag each).
+folder as artifacts `report/` of the sweep's parent run (plus `claims.json`, a `claim.Cn` tag each and
+the verdicts in the run's description).
 OUT defaults to SWEEP_FOLDER/report when the sweep's folder is known, else ./report-NAME. An
 incomplete sweep is reported as far as it got, with what is missing listed at the top; an unknown
 or empty sweep raises `SweepDataError` (exit 2 on the command line).
@@ -103,7 +104,6 @@ def render(sweep: SweepData, fin, cost, figs: dict[str, Path], missing: list[str
     n_done = int((sweep.trials["status"] == "FINISHED").sum())
     paper = load_paper()
     sections = [
-        H.header(sweep, n_done, sweep.notes, missing),
         "<h2 id='claims'>The paper's claims, judged on this sweep</h2>",
         "<p>Each verdict follows the rule beside it (thresholds fixed in <code>dashboards/claims.py</code>, the "
         "same for every sweep); box AP in percent. Also in <a href=\"claims.json\">claims.json</a>.</p>",
@@ -135,4 +135,4 @@ def render(sweep: SweepData, fin, cost, figs: dict[str, Path], missing: list[str
         "~7 instances per image, 800x1333 pixels per image (an upper bound).</p>",
         H.figure2_table(figure2()),
     ]
-    return H.page(f"Sweep {sweep.target.name}", sections)
+    return H.page(sweep, n_done, missing, sections)

@@ -4,7 +4,9 @@ Runs `mlflow ui` (the tracking server with its web app) as a child process in it
 from the store's folder, so the server's default `./mlartifacts` lands next to the `mlflow.db` where
 the orchestrator keeps artifacts too. Waits for `/health`, then the caller prints the experiment's
 URL, `http://127.0.0.1:PORT/#/experiments/ID/runs?workflowType=machine_learning` (MLflow 3.17 opens
-an experiment in its GenAI view otherwise). Stopping (Ctrl-C, SIGTERM) stops the whole group.
+an experiment in its GenAI view otherwise) `&viewStateShareKey=trials`: the sweep's saved view (its
+trials as rows, their axes and AP as columns; `query.save_view`). Stopping (Ctrl-C, SIGTERM) stops
+the whole group.
 
 A sweep tracked by an `mlflow server` (an http(s) tracking URI) already has its UI: that server. Then
 nothing is started; the server must answer `/health`, and the sweep's experiment URL on it is printed.
@@ -27,7 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from dashboards.errors import UiError
-from dashboards.query import SweepTarget, check_store, experiment_id
+from dashboards.query import SweepTarget, check_store, experiment_id, save_view
 
 logger = logging.getLogger(__name__)
 HOST = "127.0.0.1"  # never another interface: the UI has no authentication
@@ -39,8 +41,8 @@ class UiServer:
     base_url: str
     log: Path
 
-    def experiment_url(self, exp_id: str) -> str:
-        return experiment_url(self.base_url, exp_id)
+    def experiment_url(self, exp_id: str, view: str | None = None) -> str:
+        return experiment_url(self.base_url, exp_id, view)
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM to the server's process group (uvicorn and its workers), SIGKILL if it lingers."""
@@ -56,9 +58,11 @@ class UiServer:
             pass
 
 
-def experiment_url(base_url: str, exp_id: str) -> str:
-    # MLflow >= 3.x opens an experiment in its GenAI view unless told this is model training.
-    return f"{base_url.rstrip('/')}/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+def experiment_url(base_url: str, exp_id: str, view: str | None = None) -> str:
+    # MLflow >= 3.x opens an experiment in its GenAI view unless told this is model training; `view`:
+    # a saved view of the runs table (`query.save_view`), which no other search parameter may override.
+    url = f"{base_url.rstrip('/')}/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+    return url + (f"&viewStateShareKey={view}" if view else "")
 
 
 def is_server_uri(uri: str) -> bool:
@@ -110,14 +114,19 @@ def serve(target: SweepTarget | None, uri: str, announce: Callable[..., None], p
     if is_server_uri(store):
         if not _healthy(store.rstrip("/")):  # before MLflow's client retries for minutes
             raise UiError(f"tracking server {store} does not answer {store.rstrip('/')}/health")
-        url = experiment_url(store, experiment_id(target)) if target is not None else store.rstrip("/") + "/"
+        if target is not None:
+            exp_id = experiment_id(target)
+            url = experiment_url(store, exp_id, save_view(target, exp_id))
+        else:
+            url = store.rstrip("/") + "/"
         announce(url, served_here=False)
         return 0
     exp_id = experiment_id(target) if target is not None else None  # unknown sweep: refuse before starting
+    view = save_view(target, exp_id) if target is not None else None
     server = start_ui(target.uri if target is not None else uri, port)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # so `finally` stops the server on SIGTERM
     try:
-        announce(server.experiment_url(exp_id) if exp_id else server.base_url + "/")
+        announce(server.experiment_url(exp_id, view) if exp_id else server.base_url + "/")
         return server.process.wait()
     except KeyboardInterrupt:
         return 0

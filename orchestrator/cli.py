@@ -30,7 +30,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Sequence
 
-from orchestrator.errors import OrchestratorError, SpecError, SweepNotFoundError
+from orchestrator.errors import OrchestratorError, SpecError, SweepInterrupted, SweepNotFoundError
 from trainer.errors import TrainerError
 
 logger = logging.getLogger("orchestrator")
@@ -99,6 +99,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         return _dispatch(args)
+    except SweepInterrupted as exc:
+        logger.warning("%s; `%s resume` continues the sweep", exc, PROG)
+        return 128 + exc.signum
     except (OrchestratorError, TrainerError) as exc:
         sys.stderr.write(f"{PROG} {args.command}: error: {exc}\n")
         return 2

@@ -75,18 +75,21 @@ def check_defects(trials: list[Any]) -> None:
     """Every defect the trainer's dataset check finds (unknown ids, missing files, sizes that differ
     from the JSON, ...), found once on the driver before any trial starts, not once per trial after
     its gang was placed. The check is cached by annotation hash beside the annotation file, so each
-    trial's own check is then a cache hit. Trials of other tasks/formats check their files themselves.
+    trial's own check is then a cache hit. Every COCO task (mask, box, keypoints) is checked the same
+    way; VOC trials check their files themselves.
     """
     from trainer.data import check_data, split_files
+    from trainer.dataset_check import ALLOW_SWITCHES
 
     checked: set[tuple] = set()
     for trial in trials:
         cfg = trial.config
-        if getattr(cfg.model, "task", "mask") != "mask" or getattr(cfg.data, "format", "coco") != "coco":
+        if getattr(cfg.data, "format", "coco") != "coco":
             continue
-        key = (*(split_files(cfg.data, which) for which in ("train", "val")), cfg.data.allow_size_mismatch,
-               cfg.data.cache_dir)
+        task = getattr(cfg.model, "task", "mask")
+        key = (*(split_files(cfg.data, which, task) for which in ("train", "val")),
+               *(getattr(cfg.data, name) for name in ALLOW_SWITCHES), cfg.data.cache_dir)
         if key not in checked:
             checked.add(key)
             logger.info("checking the dataset of trial %s (%s)", trial.name, key[0][0])
-            check_data(cfg.data)  # a DatasetError: one line, exit 2, before anything trains
+            check_data(cfg.data, task)  # a DatasetError: one line, exit 2, before anything trains

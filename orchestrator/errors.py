@@ -39,3 +39,11 @@ class SweepNotFoundError(OrchestratorError):
 
 class ForkError(OrchestratorError):
     """A schedule branch cannot start: its trunk ended before the branch's fork point."""
+
+
+class SweepInterrupted(OrchestratorError):
+    """The driver was told to stop (SIGTERM): it stopped cleanly, and `resume` continues the sweep."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"stopped by signal {signum}; the trials' checkpoints and Tune's state are saved")

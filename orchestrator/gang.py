@@ -15,6 +15,16 @@ Any rank failing (an exception, a lost node, a failed setup) kills the whole gan
 attempt; Tune then retries the trial (a fresh gang, wherever its placement group fits now) from the
 trial's newest checkpoint, and its placement group goes back to the cluster with the trial.
 Rank 0 reports through a Ray queue living with the trial's process (bundle 0).
+
+Preemption with notice (`trainer.preemption`): each worker takes a SIGTERM of its own as a notice
+(installed in the actor's `__init__`, its main thread; `run` runs in another); a notice to the
+trial's own process is passed on to every rank (`notice`). The ranks agree on the iteration, rank 0
+writes its checkpoint, and every rank ends with `PreemptedError`: then the trial waits for all of
+them (rank 0's last reports still come through the queue) and ends with that error, which the driver
+counts as a preemption, not a failure. A node drained for preemption (`ray drain-node --reason
+DRAIN_NODE_REASON_PREEMPTION --deadline-remaining-seconds N`) sends no signal: the trial polls Ray's
+drain table (`drain_notice`, as Ray Train's own preemption watcher does) for the nodes of its gang and
+its own, and a drain there is the same notice.
 """
 
 from __future__ import annotations
@@ -35,10 +45,22 @@ from orchestrator.trial_report import append_row
 
 logger = logging.getLogger(__name__)
 POLL_S = 0.5
+DRAIN_POLL_S = 2.0  # how often a trial looks whether one of its nodes is being drained
 
 
 class GangWorker:
     """One rank of a DDP trial (a Ray actor in bundle rank + 1 of the trial's placement group)."""
+
+    def __init__(self) -> None:
+        from trainer.preemption import install
+
+        install(always=True)  # this process exists only to train: a SIGTERM is always a notice
+
+    def notice(self, reason: str) -> None:
+        """The trial's process got a preemption notice: stop at this rank's next step end too."""
+        from trainer.preemption import request
+
+        request(reason)
 
     def where(self) -> dict[str, Any]:
         """This worker's node, IP, assigned GPU ids and a free port (used if it is rank 0)."""
@@ -110,21 +132,40 @@ def run_gang(task: dict[str, Any], fn: Callable[[dict[str, Any], int], None], lo
             node_gpus.setdefault(w["node_id"], []).extend(w["gpu_ids"])
         refs = [w.run.remote(fn, config, rank, world, master, node_gpus[where[rank]["node_id"]])
                 for rank, w in enumerate(workers)]
-        _wait(refs, queue, report)
+        nodes = {w["node_id"] for w in where} | {ray.get_runtime_context().get_node_id()}
+        _wait(refs, workers, queue, report, nodes)
     finally:
         for w in workers:  # a rank blocked in a collective of a dead peer never returns by itself
             ray.kill(w, no_restart=True)
         queue.shutdown(force=True)
 
 
-def _wait(refs: list[Any], queue: Queue, report: Callable[..., None]) -> None:
-    pending = list(refs)
+def _wait(refs: list[Any], workers: list[Any], queue: Queue, report: Callable[..., None], nodes: set[str]) -> None:
+    from trainer.preemption import PreemptedError, request, requested
+
+    pending, preempted, told, polled = list(refs), None, False, 0.0
     while pending:
         _drain(queue, report)
+        if not requested() and time.monotonic() - polled > DRAIN_POLL_S:
+            polled = time.monotonic()
+            why = drain_notice(nodes)
+            if why:
+                request(why)
+        if not told and requested():  # this process got the notice: so do the ranks
+            told = True
+            for w in workers:
+                w.notice.remote(f"the trial's notice: {requested()['reason']}")
         done, pending = ray.wait(pending, num_returns=1, timeout=POLL_S)
         for ref in done:
-            ray.get(ref)  # raises the rank's error (or ActorDiedError for a lost node): the gang fails
+            try:
+                ray.get(ref)  # raises the rank's error (or ActorDiedError for a lost node): the gang fails
+            except ray.exceptions.RayTaskError as exc:
+                if not isinstance(exc.cause, PreemptedError):
+                    raise
+                preempted = preempted or exc.cause  # the other ranks stop at the same iteration
     _drain(queue, report)
+    if preempted is not None:
+        raise preempted
 
 
 def _drain(queue: Queue, report: Callable[..., None]) -> None:
@@ -135,3 +176,19 @@ def _drain(queue: Queue, report: Callable[..., None]) -> None:
             return
         report(metrics, pointer)
 
+
+def drain_notice(nodes: Any) -> str | None:
+    """"node X drained, deadline in N s" if one of `nodes` (hex ids) is being drained, else None."""
+    from ray._private.state import state  # Ray's drain table: {node id: deadline in ms, 0 = none}
+
+    try:
+        drained = state.get_draining_nodes() or {}
+    except Exception as exc:  # a GCS hiccup: the next poll asks again
+        logger.debug("could not read the drained nodes: %s", exc)
+        return None
+    for node in nodes:
+        if node in drained:
+            deadline = int(drained[node])
+            left = f", deadline in {max(deadline / 1000 - time.time(), 0):.0f} s" if deadline else ""
+            return f"node {node[:8]} drained{left}"
+    return None

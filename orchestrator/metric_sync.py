@@ -11,9 +11,12 @@ rows up to a branch's fork point go into that branch's run, before the branch's 
 Losses, LR and `seen/*` go at most once per `period` iterations (the first row past each multiple,
 and the run's final row); evaluation metrics always go. Run status, tags and artifacts the monitor
 asks for (`post`) are sent by the same thread, after the run's rows that are on disk by then, so a
-run is FINISHED only once its curve is complete. MLflow may be away (a server restarting): a
-failed pass keeps its place in each file, forgets what it believed the run holds (a request may
-have been written but never answered), and is retried with backoff; training never waits on it.
+run is FINISHED only once its curve is complete. A trial's run is made (`tracker.ensure_child`) at
+its first RUNNING post or rows (a branch: its own rows, not its trunk's), started at that post's time
+and ended at its last post's time, so the run's duration is the trial's own. MLflow may be away (a
+server restarting): a failed pass keeps its place in each file, forgets what it believed the run
+holds (a request may have been written but never answered), and is retried with backoff; training
+never waits on it.
 """
 
 from __future__ import annotations
@@ -80,7 +83,7 @@ class MetricSync:
         self.names = {tid: t["name"] for tid, t in tasks.items()}
         self.totals = {tid: int(t["total_iters"]) for tid, t in tasks.items()}
         self.tails: dict[str, list[_Tail]] = {}
-        for tid in run_ids:
+        for tid in [*run_ids, *(t for t in tracker.planned if t not in run_ids)]:
             sources = []
             fork = tasks[tid].get("fork")
             if fork:  # the trunk's part first: its rows up to the fork point
@@ -101,10 +104,14 @@ class MetricSync:
     def post(self, trial_id: str, status: str | None = None, tags: dict[str, str] | None = None,
              artifacts: bool = False) -> None:
         """Send after the run's rows on disk now: a status (RUNNING, FINISHED, ...), tags, its artifacts."""
-        if trial_id not in self.run_ids:  # a trunk has no run
+        if trial_id not in self.tails:  # a trunk has no run
             return
         with self._cond:
-            post = self._posts.setdefault(trial_id, {"status": None, "tags": {}, "artifacts": False})
+            post = self._posts.setdefault(trial_id, {"status": None, "tags": {}, "artifacts": False,
+                                                     "started": None, "at": None})
+            if status:  # when it happened: the run's start (its latest RUNNING before the run is made) and end
+                post["at"] = time.time()
+                post["started"] = post["at"] if status == "RUNNING" else post["started"]
             post["status"] = status or post["status"]
             post["tags"].update(tags or {})
             post["artifacts"] |= artifacts
@@ -131,7 +138,7 @@ class MetricSync:
     def sync_all(self) -> bool:
         """One pass over every run: new rows, then what was posted for it; False if MLflow failed."""
         ok = True
-        for trial_id in self.run_ids:
+        for trial_id in self.tails:
             ok = self._sync_run(trial_id) and ok
         if ok and self._failing:
             logger.info("MLflow reachable again; every run caught up with its metrics.jsonl")
@@ -141,9 +148,18 @@ class MetricSync:
     def _sync_run(self, trial_id: str) -> bool:
         with self._cond:
             post = self._posts.pop(trial_id, None)
-        mlog = self.tracker.metric_logger(self.run_ids[trial_id])
+        mlog = None
         try:
-            rows = [row for tail in self.tails[trial_id] for row in tail.read()]
+            reads = [tail.read() for tail in self.tails[trial_id]]
+            rows = [row for read in reads for row in read]
+            if trial_id not in self.run_ids:
+                if not self._started(trial_id, reads[-1], post):
+                    if post:
+                        self._requeue(trial_id, post)
+                    return True  # no run before the trial starts
+                start = (post or {}).get("started") or time.time()
+                self.run_ids[trial_id] = self.tracker.ensure_child(trial_id, start_time=start)
+            mlog = self.tracker.metric_logger(self.run_ids[trial_id])
             if rows:
                 self.sent += mlog.log_rows(rows, period=self.period, periodic=PERIODIC,
                                            final=self.totals[trial_id])
@@ -152,7 +168,8 @@ class MetricSync:
             if post:
                 self._send(trial_id, post)
         except Exception as exc:  # an outage: keep the place in each file, ask MLflow again next time
-            mlog.forget()
+            if mlog is not None:
+                mlog.forget()
             if post:
                 self._requeue(trial_id, post)
             if not self._failing:
@@ -162,6 +179,15 @@ class MetricSync:
             return False
         return True
 
+    def _started(self, trial_id: str, own_rows: list, post: dict[str, Any] | None) -> bool:
+        """Whether the trial's run is due: a plain trial once it is posted RUNNING (or has rows); a
+        branch once it trains itself (rows of its own), not while its trunk trains for it."""
+        if post and post["status"] in ("FINISHED", "FAILED", "KILLED"):
+            return True
+        if len(self.tails[trial_id]) > 1:
+            return bool(own_rows)
+        return bool(own_rows or post)
+
     def _requeue(self, trial_id: str, post: dict[str, Any]) -> None:
         """A post that failed goes back under anything posted meanwhile (a newer status wins)."""
         with self._cond:
@@ -170,6 +196,8 @@ class MetricSync:
                 post["status"] = newer["status"] or post["status"]
                 post["tags"].update(newer["tags"])
                 post["artifacts"] |= newer["artifacts"]
+                post["started"] = newer["started"] or post["started"]
+                post["at"] = newer["at"] or post["at"]
             self._posts[trial_id] = post
 
     def _send(self, trial_id: str, post: dict[str, Any]) -> None:
@@ -177,12 +205,13 @@ class MetricSync:
         if post["artifacts"]:
             folder = st.trial_dir(self.sweep_dir, self.names[trial_id])
             self.tracker.log_artifacts(run_id, [folder / "config.yaml", folder / "final_metrics.json"])
+            self.tracker.log_final(self.names[trial_id], st.read_json(folder / "final_metrics.json", {}))
             post["artifacts"] = False
         for key, value in list(post["tags"].items()):
             self.tracker.client.set_tag(run_id, key, value)
             del post["tags"][key]
         if post["status"]:
-            self.tracker.set_status(run_id, post["status"])
+            self.tracker.set_status(run_id, post["status"], at=post["at"])
 
     def close(self, settle_s: float = SETTLE_S) -> list[str]:
         """Stop the thread, then catch up for up to `settle_s` s; returns the trials whose runs are behind."""

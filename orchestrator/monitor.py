@@ -14,8 +14,12 @@ The table's rows are the tasks, then the pretrain jobs (read from their folders'
 the table is not redrawn in place (no terminal, or `--no-view`), the driver logs its total line once a
 minute.
 
-Schedule forking: a trunk has no MLflow run of its own; while it trains, its branches' runs are
-RUNNING (the syncer puts the trunk's rows up to each fork point into each branch's run).
+A preempted attempt (its last result has event "preempted", `orchestrator.trial_report`) is counted
+apart from failures: the row's "preemptions" and its reason "preempted at iteration N"; the error
+that follows is its rescheduling, not a failure (`ray_backend` gave Tune one more allowed failure).
+
+Schedule forking: a trunk has no MLflow run of its own; a branch's run is made when the branch itself
+starts, with the trunk's rows up to its fork point put first (`metric_sync`).
 """
 
 from __future__ import annotations
@@ -83,7 +87,8 @@ class SweepMonitor:
             if t.get("fork"):
                 self.branches.setdefault(t["fork"]["trunk_id"], []).append((t["trial_id"], int(t["fork"]["at"])))
                 row.update(role="branch", start=int(t["fork"]["at"]))
-            row.update({k: prev[k] for k in ("bbox/AP", "segm/AP", "reason", "diverged") if k in prev})
+            row.update({k: prev[k] for k in ("bbox/AP", "segm/AP", "reason", "diverged", "preemptions",
+                                             "preempted_at") if k in prev})
             if row["status"] == st.RUNNING:
                 row["status"] = st.PENDING  # its process died with the previous driver
             self.trials[t["trial_id"]] = row
@@ -106,6 +111,9 @@ class SweepMonitor:
     def on_result(self, trial_id: str, result: dict[str, Any]) -> None:
         row = self.trials[trial_id]
         step = int(result.get(K_ITER, row.get("iteration", 0)))
+        if result.get(K_EVENT) == "preempted":
+            self._preempted(trial_id, step)
+            return
         now = time.monotonic()
         if row.get("_t0") is None:
             row["_t0"], row["_i0"] = now, step
@@ -135,10 +143,22 @@ class SweepMonitor:
         logger.info("trial %s finished: box AP %s", row["name"], _fmt(row.get("bbox/AP")))
         self.save(force=True)
 
+    def _preempted(self, trial_id: str, step: int) -> None:
+        row = self.trials[trial_id]
+        row.update(iteration=step, preemptions=row.get("preemptions", 0) + 1, preempted_at=step, _preempted=True,
+                   reason=f"preempted at iteration {step}")
+        logger.warning("trial %s preempted at iteration %d (checkpoint written); rescheduled, not counted as a "
+                       "failure", row["name"], step)
+        self.save(force=True)
+
     def on_error(self, trial_id: str, final: bool, error: str = "") -> None:
         row = self.trials[trial_id]
         if row.get("diverged"):
             return  # failed for good when it diverged; Tune's retries only re-raise it
+        if row.pop("_preempted", False) and not final:  # the preemption's own error: rescheduled
+            row.update(status=st.PENDING, rate=None, eta_s=None)
+            self.save(force=True)
+            return
         diverged = st.recorded_divergence(st.trial_dir(self.sweep_dir, row["name"]))
         if diverged is not None:
             self._diverged(trial_id, diverged)

@@ -19,6 +19,11 @@ to the queue's choice at that moment.
 A DDP trial's resources are its whole gang, one placement group (`trial_resources`; the gang itself
 runs in `orchestrator.gang`; the count is `orchestrator.fit`). `check_nodes` runs the shared-storage
 check (`orchestrator.storage`) as one task pinned to each alive node, or to each node that joins.
+
+A preempted attempt is no failure: it first reports event "preempted" (`orchestrator.trial_report`;
+Tune takes reports synchronously), on which the callback allows the trial one more failure, so its
+error reschedules it like a retry (newest checkpoint, same MLflow run) and `retry.max_failures` is
+spent on real failures only.
 """
 
 from __future__ import annotations
@@ -35,8 +40,9 @@ from ray.tune.search import Searcher
 
 from orchestrator.errors import ClusterError, OrchestratorError
 from orchestrator.fit import gang_bundles
+from orchestrator.monitor import K_EVENT
 from orchestrator.spec import Resources
-from orchestrator.trial_report import K_WARNINGS
+from orchestrator.trial_report import K_WARNINGS, PREEMPTED
 
 logger = logging.getLogger(__name__)
 
@@ -297,6 +303,8 @@ class ForwardToMonitor(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if result.get(K_WARNINGS):  # e.g. a damaged checkpoint the attempt skipped: say so where it is watched
             logger.warning("trial %s: %s", _trial_name(trial), result[K_WARNINGS])
+        if result.get(K_EVENT) == PREEMPTED and trial.max_failures >= 0:
+            trial.max_failures += 1  # the error that follows is this preemption's (see module docstring)
         if _MONITOR is not None:
             _MONITOR.on_result(self._tid(trial), result)
 

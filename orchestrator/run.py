@@ -9,24 +9,31 @@ run and one child run per trial, and the Tune run of the trials, longest first (
 short), on the nodes alive now and those that join (`orchestrator.capacity`).
 With schedule forking the trunks run as tasks too (no MLflow run of their own), and each branch is
 released to Tune once its trunk's checkpoint at its fork point is on disk (`orchestrator.fork`).
+A SIGTERM to the driver (its own node preempted, a SLURM job's end, `kill`) stops it as Ctrl-C does
+(Tune saves its state and stops the trials), then it ends with `SweepInterrupted`: `resume` continues.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from orchestrator import state as st
 from orchestrator.dataset import check_defects, generate, needs_generation
 from orchestrator.driver_log import sweep_log
-from orchestrator.errors import DatasetMissingError, InputsMissingError, OrchestratorError, SweepNotFoundError
+from orchestrator.errors import (DatasetMissingError, InputsMissingError, OrchestratorError, SweepInterrupted,
+                                 SweepNotFoundError)
 from orchestrator.expand import Expansion, backbone_file, bind_config, bind_pretrain, expand, missing_weight_files
 from orchestrator.fork import Trunk, checkpoint_file, priorities
 from orchestrator.monitor import LiveView, SweepMonitor
+from orchestrator.run_notes import sweep_note, sweep_params
 from orchestrator.spec import SweepSpec, load_spec
 from trainer.config import config_to_dict, flatten
 from orchestrator.view import duration
@@ -138,9 +145,11 @@ def run(spec_path: Path, *, storage: Path | None = None, must_exist: bool = Fals
                 " once the autoscaler launched the nodes" if auto else "", p.tracking_uri, spec.name)
     finished = False
     try:
-        with sweep_log(sweep_dir):  # Ray/Tune: full text in SWEEP/driver.log, one line each in the terminal
+        with sweep_log(sweep_dir), _sigterm_as_ctrl_c() as stopped:  # Ray/Tune: full text in SWEEP/driver.log
             rb.run_tune(sweep_dir, tasks, spec.resources, spec.retry.max_failures, concurrent, monitor,
                         pretrain=jobs, capacity=capacity)
+            if stopped:
+                raise SweepInterrupted(stopped[0])
             failed = jobs.wait() if jobs is not None else {}
         finished = True
     finally:
@@ -152,6 +161,26 @@ def run(spec_path: Path, *, storage: Path | None = None, must_exist: bool = Fals
                 duration(time.time() - t0), st.trained_iterations(sweep_dir, [t["name"] for t in tasks]),
                 sum(t["total"] - (t.get("fork") or {}).get("at", 0) for t in tasks))
     return 0 if status == "FINISHED" else 1
+
+
+@contextmanager
+def _sigterm_as_ctrl_c() -> Iterator[list[int]]:
+    """While inside, SIGTERM becomes SIGINT, which Tune takes as "stop: save the experiment and end the
+    trials" (ray.init installed a SIGTERM handler that would just exit). Yields the signals seen."""
+    seen: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield seen
+        return
+
+    def to_sigint(signum: int, frame: Any) -> None:
+        seen.append(signum)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    previous = signal.signal(signal.SIGTERM, to_sigint)
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _check_storage(exp: Expansion, sweep_dir: Path) -> tuple[set[str], Any]:
@@ -170,17 +199,18 @@ def _check_storage(exp: Expansion, sweep_dir: Path) -> tuple[set[str], Any]:
 
 
 def _open_tracking(p: Prepared, record: dict[str, Any]) -> tuple[Any, dict[str, str]]:
-    """The sweep's parent run and one child run per trial (existing ones are found, not duplicated)."""
+    """The sweep's parent run and the trials' runs it has already; the others are made as trials start."""
     from orchestrator.tracking import SweepTracker
 
-    tracker = SweepTracker(p.tracking_uri, p.spec.name, p.exp.spec_hash, record["code_version"])
-    tracker.open_parent(p.spec_text)
+    tracker = SweepTracker(p.tracking_uri, p.spec.name, p.exp.spec_hash, record["code_version"],
+                           source="python -m orchestrator run")
+    tracker.open_parent(p.spec_text, sweep_params(record), sweep_note(record))
     return tracker, _child_runs(tracker, p.exp, p.sweep_dir, record)
 
 
 def _child_runs(tracker: Any, exp: Expansion, sweep_dir: Path, record: dict[str, Any]) -> dict[str, str]:
+    """The runs a resumed sweep has; the others are planned, made as their trials start (`MetricSync`)."""
     axes = {t["trial_id"]: t["axes"] for t in record["trials"]}
-    run_ids = {}
     for trial in exp.trials:
         cfg = bind_config(trial, sweep_dir, {j.name: backbone_file(sweep_dir, j.name) for j in exp.pretrain})
         params = flatten(config_to_dict(cfg))
@@ -188,8 +218,8 @@ def _child_runs(tracker: Any, exp: Expansion, sweep_dir: Path, record: dict[str,
         if trial.trial_id in exp.forks.branches:  # the trunk its curve comes from up to the fork point
             trunk_id, at = exp.forks.branches[trial.trial_id]
             tags = {"fork.trunk": exp.forks.trunk(trunk_id).name, "fork.trunk_id": trunk_id, "fork.iteration": str(at)}
-        run_ids[trial.trial_id] = tracker.child_run(trial.trial_id, trial.name, axes[trial.trial_id], params, tags)
-    return run_ids
+        tracker.plan_child(trial.trial_id, trial.name, axes[trial.trial_id], params, tags)
+    return tracker.find_children()
 
 
 def _start_pretrain(exp: Expansion, sweep_dir: Path, retries: int) -> Any:

@@ -243,6 +243,16 @@ def _reached(folder: Path) -> int:
     return max(steps, default=0)
 
 
+def attempt_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines record (attempts.jsonl, segments.jsonl); a torn line is skipped."""
+    return _lines(path)
+
+
+def preemptions(sweep_dir: Path, name: str) -> list[dict[str, Any]]:
+    """A trial's attempts that stopped on a preemption notice: {"attempt", "preempted_at", "reason", ...}."""
+    return [r for r in _lines(trial_dir(sweep_dir, name) / "attempts.jsonl") if "preempted_at" in r]
+
+
 def _lines(path: Path) -> list[dict[str, Any]]:
     try:
         text = path.read_text()

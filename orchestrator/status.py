@@ -3,6 +3,7 @@
 The driver's state.json says what it last knew; each trial's own folder (final_metrics.json,
 metrics.jsonl) says how far it really got, which matters after a driver was killed. A trial the
 state calls RUNNING whose driver is gone is shown as INTERRUPTED (`run` or `resume` continues it).
+Preemptions come from each trial's attempts.jsonl (its preempted attempts' rows), apart from failures.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ def status_rows(sweep_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         row["status"] = _status(prev.get("status"), disk, alive, row["iteration"])
         if row["status"] == st.ERROR and prev.get("reason"):
             row["reason"] = prev["reason"]
+        preempted = st.preemptions(sweep_dir, t["name"])
+        if preempted:
+            row.update(preemptions=len(preempted), preempted_at=int(preempted[-1]["preempted_at"]))
         if row["status"] == "RUNNING" and prev.get("eta_s") is not None:
             row["eta_s"] = prev["eta_s"]
             row["rate"] = prev.get("rate")

@@ -4,6 +4,12 @@ One experiment per sweep name; one parent run per sweep (name + spec hash); one 
 trial, found or created by its tags, so a restarted driver never makes a second one. Child runs carry
 the flat resolved trial config as params and `axis.*`, `trial_id`, `sweep`, `spec_hash`,
 `code_version` and `body_norm` (the ResNet body's norm) as tags; they are named by the readable trial name.
+Every run also gets MLflow's own `mlflow.source.git.commit`, `mlflow.user`, `mlflow.source.name` and a
+description (`mlflow.note.content`, words from `orchestrator.run_notes`); the parent the sweep's
+params (spec hash, axes, counts) and, as trials finish, their final APs as `final/<trial>/bbox_AP`;
+a trial's run its training set (`log_input`). A trial's run is made when the trial starts
+(`plan_child` now, `ensure_child` then), so its start and end times are the trial's own: MLflow
+cannot move a run's start time afterwards.
 
 Metrics are append-only in MLflow, so `MetricLogger` never writes a (run, key, step) twice: it asks
 MLflow once per run for the last step of each key already logged and drops anything at or before
@@ -16,6 +22,7 @@ retry loop waits out an outage, and one stuck request must not hold a driver for
 
 from __future__ import annotations
 
+import getpass
 import json
 import logging
 import os
@@ -25,11 +32,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from orchestrator import run_notes
 from orchestrator.errors import TrackingError
 
 logger = logging.getLogger(__name__)
 
-METRIC_PREFIXES = ("train/", "bbox/", "segm/", "seen/", "keypoints/", "voc/")  # keypoints/voc: trainer.tasks
+# keypoints/voc: trainer.tasks; final/: the parent run's summary of each trial (`SweepTracker.log_final`)
+METRIC_PREFIXES = ("train/", "bbox/", "segm/", "seen/", "keypoints/", "voc/", "final/")
 _BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch request
 _PARAM_BATCH = 100
 _PARAM_MAX = 6000
@@ -92,12 +101,14 @@ def _client(uri: str):
 class SweepTracker:
     """Driver side: the sweep's experiment, its parent run and one child run per trial."""
 
-    def __init__(self, uri: str, sweep: str, spec_hash: str, code_version: str):
+    def __init__(self, uri: str, sweep: str, spec_hash: str, code_version: str, source: str = "orchestrator"):
         self.uri, self.sweep, self.spec_hash, self.code_version = uri, sweep, spec_hash, code_version
         self.client = _client(uri)
         self.experiment_id = self._experiment()
         self.parent_id = ""
         self.loggers: dict[str, MetricLogger] = {}
+        self._planned: dict[str, tuple] = {}
+        self.system_tags = _system_tags(code_version, source)
 
     def _experiment(self) -> str:
         exp = self.client.get_experiment_by_name(self.sweep)
@@ -116,22 +127,53 @@ class SweepTracker:
                                         order_by=["attributes.start_time ASC"], max_results=5)
         return found[0] if found else None
 
-    def open_parent(self, spec_text: str | None = None) -> str:
+    def open_parent(self, spec_text: str | None = None, params: Mapping[str, str] | None = None,
+                    note: str | None = None) -> str:
+        """Find or create the sweep's run; add the params it lacks, and the description if it has none."""
         run = self._find([f"tags.sweep = '{self.sweep}'", f"tags.spec_hash = '{self.spec_hash}'",
                           "tags.role = 'sweep'"])
         if run is None:
             tags = {"sweep": self.sweep, "spec_hash": self.spec_hash, "role": "sweep",
-                    "code_version": self.code_version}
+                    "code_version": self.code_version, **self.system_tags}
             run = self.client.create_run(self.experiment_id, tags=tags, run_name=self.sweep)
             if spec_text is not None:
                 self.client.log_text(run.info.run_id, spec_text, "spec.yaml")
         else:
             self.client.update_run(run.info.run_id, status="RUNNING")
         self.parent_id = run.info.run_id
+        self._log_params(self.parent_id, {k: v for k, v in (params or {}).items() if k not in run.data.params})
+        if note and not run.data.tags.get("mlflow.note.content"):  # the report may have added its claims
+            self.client.set_tag(self.parent_id, "mlflow.note.content", note)
         return self.parent_id
 
+    def find_children(self) -> dict[str, str]:
+        """trial_id -> run id of the trial runs this parent has already (one search; a resumed sweep)."""
+        runs, token = [], None
+        while True:
+            page = self.client.search_runs([self.experiment_id], max_results=1000, page_token=token,
+                                           filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_id}'")
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return {r.data.tags["trial_id"]: r.info.run_id for r in runs if r.data.tags.get("trial_id")}
+
+    @property
+    def planned(self) -> list[str]:
+        """The trial ids `plan_child` was given."""
+        return list(self._planned)
+
+    def plan_child(self, trial_id: str, name: str, axes: Mapping[str, str], params: Mapping[str, Any],
+                   tags: Mapping[str, str] | None = None) -> None:
+        """Remember what the trial's run will carry; `ensure_child` makes it when the trial starts."""
+        self._planned[trial_id] = (name, dict(axes), dict(params), dict(tags or {}))
+
+    def ensure_child(self, trial_id: str, start_time: float | None = None) -> str:
+        """The planned trial's run, made now (started at `start_time`, epoch seconds) if it is not there."""
+        name, axes, params, tags = self._planned[trial_id]
+        return self.child_run(trial_id, name, axes, params, tags, start_time=start_time)
+
     def child_run(self, trial_id: str, name: str, axes: Mapping[str, str], params: Mapping[str, Any],
-                  tags: Mapping[str, str] | None = None) -> str:
+                  tags: Mapping[str, str] | None = None, start_time: float | None = None) -> str:
         """Find (by trial_id under this parent) or create the trial's run; fill in missing params/tags."""
         if "model.body_norm" in params:  # the body's norm as a tag too: FrozenBN vs GN arms filter by it
             tags = {**(tags or {}), "body_norm": str(params["model.body_norm"])}
@@ -139,9 +181,13 @@ class SweepTracker:
         if run is None:
             base = {"mlflow.parentRunId": self.parent_id, "trial_id": trial_id, "trial_name": name,
                     "sweep": self.sweep, "spec_hash": self.spec_hash, "code_version": self.code_version,
-                    "role": "trial", **{f"axis.{k}": str(v) for k, v in axes.items()}, **(tags or {})}
-            run = self.client.create_run(self.experiment_id, tags=base, run_name=name)
+                    "role": "trial", **{f"axis.{k}": str(v) for k, v in axes.items()}, **self.system_tags,
+                    "mlflow.note.content": run_notes.trial_note(name, axes, params), **(tags or {})}
+            start = int(start_time * 1000) if start_time is not None else None
+            run = self.client.create_run(self.experiment_id, tags=base, run_name=name, start_time=start)
             self.client.update_run(run.info.run_id, status="SCHEDULED")
+            if "data.root" in params:
+                self._log_dataset(run.info.run_id, run_notes.dataset_input(params))
         for key, value in (tags or {}).items():
             if run.data.tags.get(key) != value:
                 self.client.set_tag(run.info.run_id, key, value)
@@ -150,6 +196,18 @@ class SweepTracker:
         self._log_params(run.info.run_id, todo)
         return run.info.run_id
 
+    def _log_dataset(self, run_id: str, data: Mapping[str, str]) -> None:
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        dataset = Dataset(data["name"], data["digest"], "local", json.dumps({"uri": data["source"]}),
+                          profile=data["profile"])
+        self.client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "train")])])
+
+    def log_final(self, trial_name: str, final: Mapping[str, Any]) -> None:
+        """A finished trial's final APs as the parent's summary metrics `final/<trial>/bbox_AP`."""
+        if self.parent_id:  # step 0, once per key: the logger drops a repeat (a resumed sweep)
+            self.metric_logger(self.parent_id).log(0, run_notes.final_metrics(trial_name, final))
+
     def _log_params(self, run_id: str, params: dict[str, str]) -> None:
         from mlflow.entities import Param
 
@@ -157,10 +215,10 @@ class SweepTracker:
         for i in range(0, len(items), _PARAM_BATCH):
             self.client.log_batch(run_id, params=items[i:i + _PARAM_BATCH])
 
-    def set_status(self, run_id: str, status: str) -> None:
-        """RUNNING while a trial runs; FINISHED / FAILED / KILLED end the run."""
+    def set_status(self, run_id: str, status: str, at: float | None = None) -> None:
+        """RUNNING while a trial runs; FINISHED / FAILED / KILLED end the run (at `at`, epoch seconds)."""
         if status in ("FINISHED", "FAILED", "KILLED"):
-            self.client.set_terminated(run_id, status=status)
+            self.client.set_terminated(run_id, status=status, end_time=int(at * 1000) if at else None)
         else:
             self.client.update_run(run_id, status=status)
 
@@ -249,6 +307,18 @@ class MetricLogger:
             for m in chunk:  # per chunk: a later chunk failing leaves the earlier ones counted
                 self._last[m.key] = max(self._last.get(m.key, -1), m.step)
         return len(fresh)
+
+
+def _system_tags(code_version: str, source: str) -> dict[str, str]:
+    """MLflow's own tags: the UI's "Source", "Created by" and git commit columns read these."""
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):  # no login name and no $USER (some containers)
+        user = "unknown"
+    tags = {"mlflow.user": user, "mlflow.source.name": source, "mlflow.source.type": "LOCAL"}
+    if not code_version.startswith("src-"):  # a git commit (maybe "-dirty"), not a hash of the sources
+        tags["mlflow.source.git.commit"] = code_version.removesuffix("-dirty")
+    return tags
 
 
 def _undefined_ap(key: str, value: Any) -> bool:

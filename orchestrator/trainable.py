@@ -19,6 +19,14 @@ the iterations it actually trained.
 
 What an attempt reports (and plugin reporters) live in `orchestrator.trial_report` (Ray-free); this
 module adds where it runs (Ray node, assigned GPU ids) to its attempts.jsonl row.
+
+Preemption with notice: the trial's process routes SIGTERM to `trainer.preemption`'s flag (installed
+by `PreemptionNotice.setup`, which Tune runs in the actor's main thread, where Python runs signal
+handlers; Tune runs `run_trial` itself in another thread). A single-worker trial's trainer stops at
+its step's end; a gang's trial passes the notice on to its ranks (`orchestrator.gang`), each of which
+also takes a SIGTERM of its own. The attempt then ends with `PreemptedError` after writing the
+checkpoint of the iteration reached. A drain of the trial's node (`ray drain-node`) is the same notice
+(`_drain_watch` here, `orchestrator.gang` for a gang's nodes).
 """
 
 from __future__ import annotations
@@ -36,12 +44,23 @@ from orchestrator.errors import ForkError
 from orchestrator.state import recorded_divergence
 from orchestrator.trial_report import append_row, checkpoint_warnings, reporters_for
 from trainer.atomic import write_atomic
+from trainer.preemption import armed
 
 logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------
 # The Tune function
+
+
+class PreemptionNotice:
+    """Tune mixin of `run_trial` (`__mixins__`): the trial's actor takes SIGTERM as a preemption notice."""
+
+    def setup(self, config: dict[str, Any]) -> None:
+        from trainer.preemption import install
+
+        install()  # Trainable.__init__ runs setup in the actor's main thread
+        super().setup(config)  # type: ignore[misc]
 
 
 def run_trial(config: dict[str, Any]) -> None:
@@ -52,7 +71,7 @@ def run_trial(config: dict[str, Any]) -> None:
     log_handler = _file_log(out / "train.log")
     try:
         with trial_lock(out):
-            attempt = _count_lines(out / "attempts.jsonl") + 1
+            attempt = _next_attempt(out / "attempts.jsonl")
             if _done(task, out):
                 append_row(out / "attempts.jsonl", {"attempt": attempt, "skipped": "finished", "time": time.time()})
                 _retain(task, out)  # again: the attempt that finished it may have died while pruning
@@ -62,14 +81,18 @@ def run_trial(config: dict[str, Any]) -> None:
                 append_row(out / "attempts.jsonl", {"attempt": attempt, "skipped": "diverged", "time": time.time()})
                 raise diverged
             start_from = fork_source(task, out)
-            if int(task["workers"]) > 1:
-                _run_ddp(task, attempt, start_from)
-            else:
-                _run_local(task, attempt, start_from)
+            with armed():  # SIGTERM: stop at a step's end (no run in this process otherwise: it exits)
+                if int(task["workers"]) > 1:
+                    _run_ddp(task, attempt, start_from)
+                else:
+                    _run_local(task, attempt, start_from)
             _retain(task, out)
     finally:
         logging.getLogger().removeHandler(log_handler)
         log_handler.close()
+
+
+run_trial.__mixins__ = (PreemptionNotice,)  # type: ignore[attr-defined]  # Tune's wrap_function reads it
 
 
 def _done(task: dict[str, Any], out: Path) -> bool:
@@ -127,9 +150,36 @@ def _run_local(task: dict[str, Any], attempt: int, start_from: Path | None) -> N
     from trainer.engine import train
 
     cfg = build_config(task["config"], source=f"trial {task['name']}")
-    with checkpoint_warnings() as warnings:
+    with checkpoint_warnings() as warnings, _drain_watch():
         reporters = reporters_for(task, _tune_report, attempt, start_from, warnings=warnings, placement=_placement())
         train(cfg, reporters=reporters, **_train_args(task, start_from))
+
+
+@contextmanager
+def _drain_watch() -> Iterator[None]:
+    """While inside, a drain of this process's node asks the trainer here to stop (trainer.preemption)."""
+    import threading
+
+    import ray
+
+    from orchestrator.gang import DRAIN_POLL_S, drain_notice
+    from trainer.preemption import request
+
+    node, stop = ray.get_runtime_context().get_node_id(), threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(DRAIN_POLL_S):
+            why = drain_notice([node])
+            if why:
+                request(why)
+                return
+
+    thread = threading.Thread(target=watch, name="drain-watch", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
 
 
 def _placement() -> dict[str, Any]:
@@ -240,8 +290,8 @@ def _file_log(path: Path) -> logging.Handler:
     return handler
 
 
-def _count_lines(path: Path) -> int:
-    try:
-        return sum(1 for line in path.read_text().splitlines() if line.strip())
-    except FileNotFoundError:
-        return 0
+def _next_attempt(path: Path) -> int:
+    """One more than the attempts recorded (a preempted attempt has two rows)."""
+    from orchestrator.state import attempt_rows
+
+    return max((int(r["attempt"]) for r in attempt_rows(path) if "attempt" in r), default=0) + 1

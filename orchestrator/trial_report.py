@@ -7,6 +7,10 @@ Tune checkpoint that points at it. Each attempt's row in attempts.jsonl says whe
 pid, Ray node, the GPU ids Ray assigned) and from where it started; a damaged checkpoint the trainer
 skipped on the way (`trainer.checkpoint.load_latest`) is named there and in the attempt's first
 report (`trial/warnings`), which the driver logs, so the skip is seen where the sweep is watched.
+An attempt stopped on a preemption notice (`trainer.preemption`) adds a second row for the same
+attempt, {"preempted_at": N, "reason": "preempted at iteration N"}, and sends a last result with
+event "preempted" before its error reaches Tune: the driver counts it as a preemption, not a failure
+(`orchestrator.ray_backend`).
 
 The trainer's metrics go to the trial's metrics.jsonl (`JsonlReporter`), the record the driver's
 `orchestrator.metric_sync` tails into MLflow; the Tune results only feed the driver's live view.
@@ -32,12 +36,14 @@ from typing import Any, Callable, Iterator
 from orchestrator.monitor import K_ATTEMPT, K_EVENT, K_ITER, K_RUN, K_TOTAL
 from orchestrator.state import record_divergence
 from trainer.errors import NonFiniteLossError
+from trainer.preemption import PreemptedError
 from trainer.report import Reporter, RunInfo
 
 logger = logging.getLogger(__name__)
 
 PLUGINS_ENV = "ORCHESTRATOR_REPORTERS"
 K_WARNINGS = "trial/warnings"  # in an attempt's "start" report: what the driver should warn about
+PREEMPTED = "preempted"  # the K_EVENT of an attempt's last report when it stopped on a preemption notice
 Emit = Callable[[dict[str, Any], "dict[str, Any] | None"], None]
 
 
@@ -118,6 +124,11 @@ class TuneReporter(Reporter):
         self._flush()
         if self.out is not None and isinstance(error, NonFiniteLossError):
             record_divergence(self.out, error)  # a retry would diverge again: run_trial refuses it
+        if self.out is not None and isinstance(error, PreemptedError):
+            it = error.iteration
+            append_row(self.out / "attempts.jsonl", {"attempt": self.attempt, "preempted_at": it, "notice": error.reason,
+                                                     "reason": f"preempted at iteration {it}", "time": time.time()})
+            self.emit(self._meta(it, PREEMPTED), None)  # before the error: the driver counts no failure
         if self.out is not None:  # the iterations this attempt trained (its last one is always reported)
             append_row(self.out / "segments.jsonl", {"attempt": self.attempt, "start": self.start_iter,
                                                      "end": self.last_step, "status": status,

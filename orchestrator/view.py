@@ -4,7 +4,8 @@ Pure text rendering, shared by the live terminal view of `run` and by `status` (
 rows from the stored state without Ray). AP is printed in percent, as the paper prints it (the row
 and MLflow hold COCO's fractions in [0, 1]). A row is a plain dict:
     {"name", "status", "iteration", "total", "bbox/AP", "segm/AP", "eta_s", "attempts", "needs"}
-a failed trial's one-line "reason" (printed under the table), and, with schedule forking, "role"
+a failed trial's one-line "reason" (printed under the table), a preempted one's "preemptions" and
+"preempted_at" (printed under the table apart from failures), and, with schedule forking, "role"
 ("trunk" | "branch") and a branch's "start" (its fork point): the
 total line counts the iterations each task trains itself, so it adds up to the forked plan. A pretrain
 job is a row of role "pretrain" with its own iterations, counted apart from the trials'.
@@ -49,6 +50,9 @@ def render(title: str, rows: list[dict[str, Any]], elapsed_s: float | None = Non
     lines.append(total_line(rows, elapsed_s))
     # Why a trial failed (e.g. "diverged: loss nan at iteration 7"), one line each under the table.
     lines.extend(f"  ! {r['name']}: {r['reason']}" for r in rows if r.get("status") == "ERROR" and r.get("reason"))
+    # Preemptions are not failures: their own lines (the trial resumed, or waits to, from that iteration).
+    lines.extend(f"  ~ {r['name']}: preempted {r['preemptions']}x, last at iteration {r.get('preempted_at', '?')} "
+                 f"(attempts {r.get('attempts', 0)}; not counted as failures)" for r in rows if r.get("preemptions"))
     return "\n".join(lines)
 
 
@@ -84,6 +88,9 @@ def total_line(rows: Iterable[dict[str, Any]], elapsed_s: float | None = None) -
     parts = [f"total: {tasks} ({state})", f"iterations {done}/{total} ({pct:.0f}%)"]
     if jobs:
         parts.insert(1, f"pretrain {sum(r.get('status') == 'FINISHED' for r in jobs)}/{len(jobs)} done")
+    preempted = sum(int(r.get("preemptions") or 0) for r in rows)
+    if preempted:
+        parts.append(f"{preempted} preemption{'s' if preempted > 1 else ''}")
     if best is not None:
         parts.append(f"best box AP {100 * best:.1f}%")
     if elapsed_s is not None:

@@ -2,7 +2,8 @@
 
 Writes config.yaml, metrics.jsonl, checkpoints/ and final_metrics.json into runtime.output_dir.
 Bad input (config, data, weights, checkpoint) ends with a one-line error and exit code 2; a
-diverged run (non-finite loss) with exit code 3.
+diverged run (non-finite loss) with exit code 3. A SIGTERM (a preemption notice) ends the step in
+flight, writes its checkpoint and exits with code 75 (`trainer.preemption`): `--resume` continues.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import logging
 import sys
 
+from trainer import preemption
 from trainer.errors import NonFiniteLossError, TrainerError
 
 
@@ -31,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     log = logging.getLogger("trainer")
+    preemption.install()
     try:
         from trainer.config import config_to_dict, load_config
 
@@ -43,8 +46,12 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.engine import train
         from trainer.report import ConsoleReporter, JsonlReporter
 
-        result = train(cfg, reporters=[ConsoleReporter(), JsonlReporter()], resume=args.resume,
-                       stop_after=args.stop_after)
+        with preemption.armed():  # a SIGTERM while the model is built still stops at the first step
+            result = train(cfg, reporters=[ConsoleReporter(), JsonlReporter()], resume=args.resume,
+                           stop_after=args.stop_after)
+    except preemption.PreemptedError as exc:
+        log.warning("%s (rerun with --resume)", exc)
+        return preemption.EXIT_PREEMPTED
     except NonFiniteLossError as exc:
         log.error("diverged: %s", exc)
         return 3

@@ -33,7 +33,6 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_util
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_image
 
 from trainer.atomic import fsync_dir
 from trainer.dataset_check import AnnotationFile, box_ok, cache_file, cache_lock
@@ -135,7 +134,8 @@ class TrainIndex:
     @classmethod
     def load_or_build(cls, ann: AnnotationFile, cache_dir: Path | None) -> "TrainIndex":
         """The cached index of `ann` (memory-mapped), or a freshly built one that is then cached."""
-        folder = cache_file(cache_dir, ann, "index", INDEX_VERSION) if cache_dir is not None else None
+        # keyed by the check's drops too: the same JSON with other images dropped is another index
+        folder = cache_file(cache_dir, ann, "index", INDEX_VERSION, ann.drop_tag) if cache_dir is not None else None
         with cache_lock(folder):
             return cls._load_or_build(ann, folder)
 

@@ -43,6 +43,14 @@ class ModelConfig(_Strict):
     # ImageNet weights file: Detectron pickle (R-50-GN.pkl) or torchvision/timm/trainer.pretrain state
     # dict, told apart by content; unset: torchvision's BN file in the torch hub cache (BN bodies only).
     imagenet_weights: Path | None = None
+    # The input normalisation the body expects. auto: Detectron's (its PIXEL_MEANS, BGR 0-255, std 1)
+    # for a Detectron pickle, torchvision's otherwise; the built model fills it in, so a run's
+    # config.yaml always says which one it used. An explicit value must agree with the weights.
+    pixel_convention: Literal["auto", "torchvision", "detectron"] = "auto"
+    # sha256 of model.imagenet_weights: filled in at validation where the file exists (so the sweep's
+    # MLflow params hold it) and when the model is built (config.yaml); a file with another digest
+    # than the one set is refused. Not part of a trial's identity.
+    imagenet_weights_sha256: str | None = None
     freeze_at: int = Field(0, ge=0, le=5)  # stages frozen from the stem: 0 = nothing (scratch)
     min_size: int = Field(800, gt=0)
     max_size: int = Field(1333, gt=0)
@@ -89,7 +97,34 @@ class ModelConfig(_Strict):
                 "set model.body_norm: FrozenBN to fine-tune torchvision's BN weights in a frozen-BN body "
                 "(detectron2's usual setup, not the paper's GN arm)")
         self.__dict__["body_norm"] = body
+        if self.init == "imagenet" and self.imagenet_weights is not None and self.imagenet_weights_sha256 is None:
+            self.__dict__["imagenet_weights_sha256"] = _weights_digest(Path(self.imagenet_weights))
         return self
+
+
+_DIGESTS: dict[tuple, str] = {}
+
+
+def _weights_digest(path: Path) -> str | None:
+    """sha256 of a weights file that exists here (None otherwise), once per file version and process:
+    filled in at validation, so the driver's MLflow params and every trial's config carry it."""
+    try:
+        st = path.expanduser().stat()
+    except OSError:
+        return None
+    key = (str(path.expanduser().resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = file_sha256(path.expanduser())
+    return _DIGESTS[key]
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 hex of a file's bytes, read in 1 MiB blocks (no torch import: `plan` stays light)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def check_layout_pairs(section: Any) -> None:
@@ -133,6 +168,14 @@ class DataConfig(_Strict):
     # A JSON width/height that differs from the image file is an error; true makes it a warning
     # with the count (masks of those images may then be off their boxes).
     allow_size_mismatch: bool = False
+    # The up-front check refuses these defects (exit 2, one line); each switch turns its kind into a
+    # logged drop, from training and from the evaluation ground truth alike: images that are missing
+    # or do not decode fully (with their annotations), annotations with a bad polygon or an RLE of
+    # another size, annotations whose bbox is not 4 finite numbers.
+    allow_unreadable_images: bool = False
+    allow_bad_segmentation: bool = False
+    allow_bad_boxes: bool = False
+    check_workers: int = Field(0, ge=0)  # processes decoding images in the check; 0 = one per CPU
     # Dataset check results and the train index, keyed by the annotation file's hash. None: a
     # `.trainer_cache` folder beside the annotation file (skipped with a warning if unwritable).
     cache_dir: Path | None = None
@@ -242,6 +285,10 @@ class RuntimeConfig(_Strict):
     compile_backbone: bool = False  # torch.compile the ResNet-FPN backbone in place
     # DDP process-group backend: auto = NCCL when the run's device is CUDA, gloo otherwise.
     dist_backend: Literal["auto", "gloo", "nccl"] = "auto"
+    # Seconds between a preemption notice (SIGTERM) and the hard kill, as this run assumes them: the
+    # run stops at the end of the step in flight and writes its checkpoint (trainer.preemption); a
+    # checkpoint that took longer is warned about (the platform's grace is what really counts).
+    preemption_grace_s: float = Field(20.0, gt=0)
 
 
 class PretrainConfig(_Strict):
@@ -336,11 +383,16 @@ def _allowed_keys(model: type[BaseModel], loc: Sequence[Any]) -> list[str]:
     return sorted(getattr(current, "model_fields", {}))
 
 
-def format_validation_error(err: ValidationError, model: type[BaseModel], prefix: str = "") -> str:
+def _clean_loc(e: Mapping[str, Any]) -> list[Any]:
+    return [p for p in e["loc"] if not (isinstance(p, str) and p in ("function-after", "function-before"))]
+
+
+def format_validation_error(err: ValidationError | Sequence[Mapping[str, Any]], model: type[BaseModel],
+                            prefix: str = "") -> str:
     """One line per problem, each naming the dotted key; unknown keys list what is allowed."""
     lines = []
-    for e in err.errors():
-        loc = [p for p in e["loc"] if not (isinstance(p, str) and p in ("function-after", "function-before"))]
+    for e in (err.errors() if isinstance(err, ValidationError) else err):
+        loc = _clean_loc(e)
         dotted = prefix + ".".join(str(p) for p in loc) if loc else prefix.rstrip(".") or "<root>"
         if e["type"] == "extra_forbidden":
             allowed = _allowed_keys(model, loc[:-1])
@@ -423,7 +475,19 @@ def build_config(data: Mapping[str, Any], overrides: Sequence[str] = (), source:
     try:
         return TrainConfig.model_validate(merged)
     except ValidationError as err:
-        raise ConfigError(f"{source}: {format_validation_error(err, TrainConfig)}") from None
+        raise ConfigError(_attributed(err, overrides, source)) from None
+
+
+def _attributed(err: ValidationError, overrides: Sequence[str], source: str) -> str:
+    """The errors of a config, each told against what set the key: an override (`--set KEY=VALUE`)
+    or the config file."""
+    keys = [(item, parse_override(item)[0]) for item in overrides]
+    by_source: dict[str, list] = {}
+    for e in err.errors():
+        loc = [str(p) for p in _clean_loc(e)]
+        item = next((item for item, key in reversed(keys) if loc[:len(key)] == key or key[:len(loc)] == loc), None)
+        by_source.setdefault(f"--set {item}" if item else source, []).append(e)
+    return "; ".join(f"{where}: {format_validation_error(errors, TrainConfig)}" for where, errors in by_source.items())
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:
@@ -459,13 +523,14 @@ def config_identity(cfg: TrainConfig) -> dict[str, Any]:
     """What defines a run, for ids: the config without defaults and without its output folder.
 
     `model.body_norm` equal to `model.norm` counts as a default (validation fills it in), so ids of
-    runs made before it was a resolved field stay the same.
+    runs made before it was a resolved field stay the same; `model.imagenet_weights_sha256` never counts.
     """
     identity = cfg.model_dump(mode="json", exclude_defaults=True)
     identity.get("runtime", {}).pop("output_dir", None)
     model = identity.get("model", {})
     if cfg.model.body_norm == cfg.model.norm:
         model.pop("body_norm", None)
+    model.pop("imagenet_weights_sha256", None)  # a property of the file, recorded, not an identity
     if "model" in identity and not model:
         identity.pop("model")
     return identity

@@ -1,7 +1,8 @@
 """COCO instance data for training and evaluation.
 
-Owns: locating a split (ROOT/annotations/instances_{split}.json and ROOT/{split}/ images, or any
-`data.{train,val}_json` + `_image_dir`), running the up-front dataset check (`trainer.dataset_check`),
+Owns: locating a split for every COCO task (ROOT/annotations/instances_{split}.json, or
+person_keypoints_{split}.json, and ROOT/{split}/ images, or any `data.{train,val}_json` +
+`_image_dir`), running the up-front dataset check (`trainer.dataset_check`),
 the seeded nested train subsets (`data.train_images`), the evaluation dataset, image decoding (uint8
 until the device), horizontal flip, and the batch stream. Training targets come from the serialised
 train index (`trainer.coco_index`: polygons and RLE to masks, crowd regions left out,
@@ -24,37 +25,43 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
-from torchvision.io import ImageReadMode, decode_image
 
 from trainer.coco_index import TrainImages, TrainIndex
 from trainer.config import DataConfig
-from trainer.dataset_check import AnnotationFile, check_split, default_cache_dir
+from trainer.dataset_check import ALLOW_SWITCHES, AnnotationFile, check_split, default_cache_dir
 from trainer.errors import DatasetError
+from trainer.image_check import read_image  # noqa: F401 - the one decoder (loaders and check)
 from trainer.resize import resized_area  # noqa: F401 - re-exported (engine)
 
 logger = logging.getLogger(__name__)
 
 
-def split_paths(root: Path, split: str) -> tuple[Path, Path]:
+ANNOTATION_PREFIX = {"mask": "instances", "box": "instances", "keypoints": "person_keypoints"}
+
+
+def split_paths(root: Path, split: str, task: str = "mask") -> tuple[Path, Path]:
     """(annotation file, image folder) of a split, or a DatasetError saying what to put where."""
-    ann = Path(root) / "annotations" / f"instances_{split}.json"
+    prefix = ANNOTATION_PREFIX[task]
+    ann = Path(root) / "annotations" / f"{prefix}_{split}.json"
     images = Path(root) / split
     if not ann.is_file():
         raise DatasetError(
-            f"annotation file not found: {ann} (expected a COCO layout: ROOT/annotations/instances_{split}.json "
+            f"annotation file not found: {ann} (expected a COCO layout: ROOT/annotations/{prefix}_{split}.json "
             f"and images in ROOT/{split}/, or set data.{{train,val}}_json and data.{{train,val}}_image_dir; "
-            f"set data.root, or generate offline data with `python -m trainer.synthetic --out {root}`)"
+            f"set data.root, or generate offline data with `python -m trainer.synthetic --out {root}"
+            f"{' --keypoints' if task == 'keypoints' else ''}`)"
         )
     if not images.is_dir():
         raise DatasetError(f"image folder not found: {images} (the images of split '{split}' belong there)")
     return ann, images
 
 
-def split_files(cfg: DataConfig, which: str) -> tuple[Path, Path]:
-    """(annotation file, image folder) of the "train" or "val" split of a data config."""
+def split_files(cfg: DataConfig, which: str, task: str = "mask") -> tuple[Path, Path]:
+    """(annotation file, image folder) of the "train" or "val" split of a data config: the layout
+    fields when set, else the COCO layout under `data.root` (person_keypoints_* for keypoints)."""
     ann, images = getattr(cfg, f"{which}_json"), getattr(cfg, f"{which}_image_dir")
     if ann is None:
-        return split_paths(cfg.root, getattr(cfg, f"{which}_split"))
+        return split_paths(cfg.root, getattr(cfg, f"{which}_split"), task)
     if not Path(ann).is_file():
         raise DatasetError(f"annotation file not found: {ann} (data.{which}_json)")
     if not Path(images).is_dir():
@@ -93,15 +100,6 @@ def select_subset(image_ids: Sequence[Any], n: int | str, seed: int) -> list[Any
         raise DatasetError(f"data.train_images: asked for {n} images but the split has only {len(ids)}")
     order = np.random.default_rng(seed).permutation(len(ids))
     return sorted(ids[i] for i in order[: int(n)])
-
-
-def read_image(path: Path) -> torch.Tensor:
-    """uint8 [3, H, W] RGB pixels of an image file, or a DatasetError naming it."""
-    try:
-        data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
-        return decode_image(data, mode=ImageReadMode.RGB)
-    except (OSError, RuntimeError) as exc:
-        raise DatasetError(f"cannot read image {path}: {exc}") from None
 
 
 class CocoInstances(Dataset):
@@ -241,14 +239,16 @@ def collate(batch: list[tuple[torch.Tensor, dict]]) -> tuple[tuple, tuple]:
     return tuple(zip(*batch))  # type: ignore[return-value]
 
 
-def check_data(cfg: DataConfig) -> dict[str, tuple[AnnotationFile, Path]]:
-    """Locate and check both splits (trainer.dataset_check) before anything is built from them."""
+def check_data(cfg: DataConfig, task: str = "mask") -> dict[str, tuple[AnnotationFile, Path]]:
+    """Locate and check both splits of any COCO task (trainer.dataset_check) before anything is
+    built from them; the AnnotationFiles come back without what the check dropped."""
+    located = {which: split_files(cfg, which, task) for which in ("train", "val")}  # both exist, or fail now
+    allow = [name for name in ALLOW_SWITCHES if getattr(cfg, name)]
     found = {}
-    for which in ("train", "val"):
-        path, images = split_files(cfg, which)
+    for which, (path, images) in located.items():
         ann = AnnotationFile(path)
-        check_split(ann, images, allow_size_mismatch=cfg.allow_size_mismatch,
-                    cache_dir=cfg.cache_dir or default_cache_dir(path))
+        check_split(ann, images, allow=allow, cache_dir=cfg.cache_dir or default_cache_dir(path),
+                    workers=cfg.check_workers)
         found[which] = (ann, images)
     return found
 

@@ -2,7 +2,8 @@
 
 `train(cfg, reporters=..., resume=...)` is the one entry point (the CLI and the orchestrator call
 it). The loop itself only steps — data, forward, backward, optimizer, LR — and leaves metrics,
-evaluation and checkpoints to the hooks in `trainer.hooks`. A run in an initialised
+evaluation and checkpoints to the hooks in `trainer.hooks`, and a stop on a preemption notice to
+`trainer.preemption` (train() then raises PreemptedError after that iteration's checkpoint). A run in an initialised
 torch.distributed process group trains with DDP; every rank infers on its slice of val, rank 0
 scores, writes and reports. Speed
 switches (autocast, TF32, channels_last, backbone compile, pinned memory) come from `trainer.speed`.
@@ -27,6 +28,7 @@ from trainer.config import TrainConfig, config_to_dict, dump_config
 from trainer.data import StreamBatchSampler, build_datasets, collate, resized_area, start_workers, to_device_float
 from trainer.errors import CheckpointError, TrainerError
 from trainer.hooks import CheckpointHook, EvalHook, FinalMetricsHook, Hook, MetricsHook, first_nonfinite
+from trainer.preemption import PreemptedError, PreemptionHook, armed, ignore_in_worker
 from trainer.report import Reporter, RunInfo
 from trainer.schedule import resolve_schedule
 from trainer.tasks import build_task_datasets, image_hw, loss_names, uses_task_data
@@ -144,7 +146,8 @@ class Trainer:
         self.loss_names = loss_names(cfg.model.task)
         self.state.window_sums = torch.zeros(len(self.loss_names), dtype=torch.float64)
         self.final_metrics: dict[str, float] = {}
-        self.hooks: list[Hook] = [MetricsHook(), EvalHook(), CheckpointHook(), FinalMetricsHook()]
+        # Preemption last: a stop on notice comes after this iteration's metrics, evaluation and checkpoint.
+        self.hooks: list[Hook] = [MetricsHook(), EvalHook(), CheckpointHook(), FinalMetricsHook(), PreemptionHook()]
         # Device-side record of the first non-finite loss: (iteration or -1, value). Read at hooks.
         self._bad_iter = torch.full((), -1, dtype=torch.int64, device=self.device)
         self._bad_value = torch.zeros((), dtype=torch.float32, device=self.device)
@@ -279,7 +282,8 @@ class Trainer:
         gen = torch.Generator().manual_seed(self.cfg.runtime.seed)
         return DataLoader(self.train_set, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
                           pin_memory=self._non_blocking, persistent_workers=speed.persistent_workers(dc),
-                          prefetch_factor=dc.prefetch_factor if workers else None, generator=gen)
+                          prefetch_factor=dc.prefetch_factor if workers else None, generator=gen,
+                          worker_init_fn=ignore_in_worker if workers else None)
 
     def run_step(self, images, targets) -> None:
         it = self.state.iteration
@@ -359,10 +363,12 @@ def train(cfg: TrainConfig, *, reporters: Sequence[Reporter] = (), resume: bool 
             for hook in trainer.hooks:
                 hook.after_train(trainer)
         else:
-            trainer.fit()
+            with armed():  # a SIGTERM from here on stops at a step's end (trainer.preemption)
+                trainer.fit()
         status = "finished" if trainer.state.iteration >= trainer.total_iters else "stopped"
     except BaseException as exc:
         error = exc
+        status = "preempted" if isinstance(exc, PreemptedError) else status
         raise
     finally:
         for r in trainer.reporters:

@@ -16,6 +16,15 @@ class ConfigError(TrainerError, ValueError):
 class DatasetError(TrainerError):
     """A dataset that is missing, malformed, or too small for what was asked."""
 
+    def __init__(self, message: str = "", *args: object):
+        # A DataLoader worker's error comes back as DatasetError("Caught DatasetError in DataLoader
+        # worker process 0.\nOriginal Traceback ...\ntrainer.errors.DatasetError: <message>"): keep
+        # the worker's own line, so the CLI still prints one line naming the file, never a traceback.
+        if isinstance(message, str) and message.startswith("Caught DatasetError") and "\n" in message:
+            last = [line for line in message.splitlines() if line.strip()][-1]
+            message = last.split("DatasetError: ", 1)[-1]
+        super().__init__(message, *args)
+
 
 class InitError(TrainerError):
     """Initial weights that are missing or do not fit the model (wrong architecture, bad file)."""

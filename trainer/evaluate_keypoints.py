@@ -124,10 +124,13 @@ def evaluate_task(model: torch.nn.Module, dataset: Any, *, batch_size: int = 2, 
     if rank != 0:
         return {}
     ids = [int(i) for i in ids]
+    task = getattr(dataset, "task", "box")
+    task_log = log if task == "keypoints" else logging.getLogger("trainer.evaluate_box")  # its own logger
     boxes = predictions_to_coco([{k: v for k, v in o.items() if k in ("boxes", "scores", "labels")} for o in outputs],
                                 ids, dataset.label_to_cat)
-    log.info("inference on %d images: %d detections in %.1fs", len(ids), len(boxes), time.perf_counter() - started)
+    task_log.info("inference on %d images: %d detections in %.1fs", len(ids), len(boxes),
+                  time.perf_counter() - started)
     metrics = score_coco(dataset.coco, boxes, iou_types=("bbox",), backend=backend, image_ids=ids)
-    if getattr(dataset, "task", "box") == "keypoints":
+    if task == "keypoints":
         metrics.update(score_keypoints(dataset.coco, keypoint_results(outputs, ids, dataset.label_to_cat), ids))
     return metrics

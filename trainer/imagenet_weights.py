@@ -4,8 +4,10 @@ Owns reading a weights file whatever its format, recognised from its bytes, neve
 
 - Detectron's `R-50-GN.pkl` / `R-101-GN.pkl`: a (Python 2) pickle whose `blobs` dict maps Caffe2
   blob names to numpy arrays. It is read with an unpickler that only rebuilds numpy arrays, so a
-  hostile file cannot run code. Its network expects BGR pixels in 0-255 minus the mean (std 1);
-  the difference to our RGB input normalised by ImageNet mean/std is folded into `conv1`.
+  hostile file cannot run code. Its network expects BGR pixels in 0-255 minus Detectron's own
+  `PIXEL_MEANS` (std 1). The model then normalises its input with exactly those means (in RGB
+  order, on the 0-1 scale: `pixel_normalisation("detectron")`), as detectron2's PIXEL_MEAN/PIXEL_STD
+  do, and only the channel order is folded into `conv1`: the body sees Detectron's input exactly.
 - torchvision / timm layout (`conv1`, `bn1`, `layer1.0.downsample.0`, ...), as a torch file (zip or
   legacy), a safetensors file, or the `backbone.pt` that `trainer.pretrain` writes. RGB convention.
 
@@ -16,7 +18,6 @@ classifier (`fc.*`, `pred_*`) and optimizer state (`*_momentum`) are dropped.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import pickle
@@ -24,12 +25,13 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from trainer.config import DETECTRON_GN, gn_download_hint  # noqa: F401 - re-exported
+from trainer.config import file_sha256 as sha256
 from trainer.errors import InitError
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,20 @@ log = logging.getLogger(__name__)
 # torchvision's input normalisation (GeneralizedRCNNTransform's default, and trainer.pretrain's).
 RGB_MEAN = (0.485, 0.456, 0.406)
 RGB_STD = (0.229, 0.224, 0.225)
+# Detectron's (Caffe2) cfg.PIXEL_MEANS, BGR on 0-255, std 1: what its ImageNet models were trained on.
+# Not 255 x RGB_MEAN (103.53, 116.28, 123.675): they differ by 0.3-0.9 grey levels.
+DETECTRON_PIXEL_MEANS_BGR = (102.9801, 115.9465, 122.7717)
+CONVENTIONS = {"BGR255": "detectron", "RGB": "torchvision"}  # a file's convention -> model.pixel_convention
+
+
+def pixel_normalisation(convention: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(image_mean, image_std) of the detector's transform, on its 0-1 RGB input, for a convention.
+
+    "detectron": (x - mean / 255) / (1 / 255) = 255 x - mean, Detectron's input in RGB order.
+    """
+    if convention == "detectron":
+        return tuple(m / 255.0 for m in reversed(DETECTRON_PIXEL_MEANS_BGR)), (1.0 / 255.0,) * 3
+    return RGB_MEAN, RGB_STD
 _TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # first object of a non-zip torch.save file
 _DROPPED_BLOB = re.compile(r"(_momentum$|^pred_|^fc1000_|^fc_)")
 _BODY_BLOB = re.compile(r"^(conv1_|res_conv1_|res\d+_)")
@@ -51,14 +67,6 @@ class WeightsFile:
     tensors: dict[str, Tensor]
     convention: str  # "BGR255" (Detectron) or "RGB" (torchvision normalisation)
     dropped: int  # classifier / optimizer entries left out
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,6 +253,9 @@ def _strict_map(body_keys: Mapping[str, Tensor], file: WeightsFile) -> dict[str,
     missing = [n for k, n in names.items() if n not in src]
     unexpected = [n for n in src if n not in used]
     if missing or unexpected:
+        mismatch = _depth_mismatch(body_keys, file)
+        if mismatch:
+            raise InitError(f"weights file {file.path} ({file.fmt}) does not fit the body: {mismatch}")
         parts = []
         if missing:
             parts.append(f"{len(missing)} body tensors missing (first: {', '.join(missing[:3])})")
@@ -261,18 +272,40 @@ def _strict_map(body_keys: Mapping[str, Tensor], file: WeightsFile) -> dict[str,
     return out
 
 
-def fold_bgr255_into_conv1(weight: Tensor) -> Tensor:
-    """conv1 weights of a net fed BGR 0-255 minus mean -> the same net fed RGB (x - mean) / std.
+def fold_bgr_into_conv1(weight: Tensor) -> Tensor:
+    """conv1 weights of a net fed BGR -> the same net fed RGB: W'[:, c] = W[:, 2 - c].
 
-    Detectron's input channel c' is 255 * std[2 - c'] * x_norm[2 - c'] (its mean is 255 x torchvision's),
-    so W'[:, c] = W[:, 2 - c] * 255 * std[c]; zero padding is zero in both conventions.
+    Only the channel order: the mean and scale are the model's input normalisation
+    (`pixel_normalisation("detectron")`), so nothing is approximated.
     """
-    scale = torch.tensor(RGB_STD, dtype=weight.dtype).view(1, 3, 1, 1) * 255.0
-    return weight.flip(1) * scale
+    return weight.flip(1)
+
+
+def _depth_mismatch(body_keys: Iterable[str], file: WeightsFile) -> str | None:
+    """'depth mismatch: ...' when the file's blocks per stage differ from the body's, else None."""
+    def blocks(names: Iterable[str], pattern: str) -> tuple[int, ...]:
+        found: dict[int, int] = {}
+        for name in names:
+            m = re.search(pattern, name)
+            if m:
+                found[int(m.group(1))] = max(found.get(int(m.group(1)), 0), int(m.group(2)) + 1)
+        return tuple(found.get(k, 0) for k in sorted(found))
+
+    body = blocks(body_keys, r"(?:^|\.)layer(\d)\.(\d+)\.")
+    theirs = blocks(file.tensors, r"^res(\d)_(\d+)_" if file.fmt == "detectron" else r"(?:^|\.)layer(\d)\.(\d+)\.")
+    depth = {(2, 2, 2, 2): "R-18", (3, 4, 6, 3): "R-34 or R-50", (3, 4, 23, 3): "R-101", (3, 8, 36, 3): "R-152"}
+    if body == theirs or theirs not in depth:  # a file missing a block is not another depth
+        return None
+    return (f"depth mismatch: the file has {'/'.join(map(str, theirs))} blocks per stage ({depth[theirs]}), "
+            f"model.backbone has {'/'.join(map(str, body))} ({depth.get(body, '?')})")
 
 
 def load_imagenet_weights(body: nn.Module, path: str | Path, body_norm: str) -> dict[str, Any]:
-    """Strictly load ImageNet weights into a torchvision ResNet `body` whose norm is `body_norm`."""
+    """Strictly load ImageNet weights into a torchvision ResNet `body` whose norm is `body_norm`.
+
+    Returns {format, mapped, dropped, sha256, convention}; `convention` ("detectron" or
+    "torchvision") is the input normalisation the loaded body needs (`pixel_normalisation`).
+    """
     file = read_weights(path)
     bn_file = _is_bn_trained(list(file.tensors))
     if body_norm == "GN" and bn_file:
@@ -284,11 +317,12 @@ def load_imagenet_weights(body: nn.Module, path: str | Path, body_norm: str) -> 
     own = {k: v for k, v in body.state_dict().items() if not _drop_torch_key(k)}
     mapped = _strict_map(own, file)
     if file.convention == "BGR255":
-        mapped["conv1.weight"] = fold_bgr255_into_conv1(mapped["conv1.weight"])
+        mapped["conv1.weight"] = fold_bgr_into_conv1(mapped["conv1.weight"])
     body.load_state_dict(mapped, strict=False)
     digest = sha256(file.path)
     log.info("ImageNet weights %s: %s format, %d body tensors mapped, %d classifier/optimizer entries dropped, "
              "%s; sha256 %s", file.path, file.fmt, len(mapped), file.dropped,
-             "BGR 0-255 convention folded into conv1" if file.convention == "BGR255" else "RGB convention",
-             digest)
-    return {"format": file.fmt, "mapped": len(mapped), "dropped": file.dropped, "sha256": digest}
+             "Detectron's pixel means (BGR 0-255, std 1) in the input normalisation, channel order folded into "
+             "conv1" if file.convention == "BGR255" else "torchvision's pixel convention", digest)
+    return {"format": file.fmt, "mapped": len(mapped), "dropped": file.dropped, "sha256": digest,
+            "convention": CONVENTIONS[file.convention]}

@@ -1,11 +1,12 @@
 """COCO data for the box and keypoint tasks, read through pycocotools.
 
-Owns the COCO-layout datasets of `model.task: box` (ROOT/annotations/instances_{split}.json, boxes
-and labels only, never masks) and `model.task: keypoints` (ROOT/annotations/person_keypoints_{split}
-.json: K keypoints per instance as flat [x, y, v] triples, v = 0 unlabeled, 1 labeled but hidden,
-2 visible), with the same seeded nested subsets and (seed, position)-fixed flips as trainer.data.
-A keypoint flip also swaps the left_*/right_* keypoints. The annotation file is checked before
-pycocotools indexes it, so a malformed one is refused with one line naming what is wrong.
+Owns the COCO datasets of `model.task: box` (instances files, boxes and labels only, never masks)
+and `model.task: keypoints` (person_keypoints files: K keypoints per instance as flat [x, y, v]
+triples, v = 0 unlabeled, 1 labeled but hidden, 2 visible), with the same seeded nested subsets and
+(seed, position)-fixed flips as trainer.data. The files are found by the same layout fields and pass
+the same up-front check as the mask task's (`trainer.data.check_data`); the keypoint fields are then
+checked before pycocotools indexes them, so a malformed file is refused with one line naming what is
+wrong. A keypoint flip also swaps the left_*/right_* keypoints.
 Training uses the non-crowd instances with a box of at least 1x1; a keypoint image needs at least one
 labeled keypoint (Detectron2's MIN_KEYPOINTS_PER_IMAGE = 1), a box image at least one instance.
 """
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,27 +24,11 @@ import torch
 from torch.utils.data import Dataset
 
 from trainer.config import DataConfig, ModelConfig
-from trainer.data import read_image, select_subset
+from trainer.data import check_data, read_image, select_subset
+from trainer.dataset_check import AnnotationFile, box_finite
 from trainer.errors import DatasetError
 
 logger = logging.getLogger(__name__)
-
-ANNOTATION_PREFIX = {"box": "instances", "keypoints": "person_keypoints"}
-
-
-def task_split_paths(root: Path, split: str, task: str) -> tuple[Path, Path]:
-    """(annotation file, image folder) of a split for a task, or a DatasetError saying what is missing."""
-    ann = Path(root) / "annotations" / f"{ANNOTATION_PREFIX[task]}_{split}.json"
-    images = Path(root) / split
-    if not ann.is_file():
-        hint = " --keypoints" if task == "keypoints" else ""
-        raise DatasetError(f"annotation file not found: {ann} (expected ROOT/annotations/{ann.name} and images "
-                           f"in ROOT/{split}/; generate offline data with `python -m trainer.synthetic --out "
-                           f"{root}{hint}`)")
-    if not images.is_dir():
-        raise DatasetError(f"image folder not found: {images} (the images of split '{split}' belong there)")
-    return ann, images
-
 
 def _check_keypoint_doc(doc: dict, path: Path, k: int) -> None:
     cats = doc.get("categories") or []
@@ -65,24 +49,19 @@ def _check_keypoint_doc(doc: dict, path: Path, k: int) -> None:
             raise DatasetError(f"{path}: annotation {ann.get('id')} has no integer 'num_keypoints'")
 
 
-def load_task_coco(path: Path, task: str, num_keypoints: int):
-    """A pycocotools COCO of a checked instances / person_keypoints file (its prints captured)."""
+def load_task_coco(source: Path | AnnotationFile, task: str, num_keypoints: int):
+    """A pycocotools COCO of a checked instances / person_keypoints file (its prints captured); an
+    AnnotationFile's parsed JSON, without what the dataset check dropped, is used as it is."""
     from pycocotools.coco import COCO
 
-    try:
-        doc = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DatasetError(f"{path}: not a readable COCO json ({type(exc).__name__}: {exc})") from None
-    if not isinstance(doc, dict) or not all(isinstance(doc.get(key), list)
-                                            for key in ("images", "annotations", "categories")):
-        raise DatasetError(f"{path}: a COCO file needs 'images', 'annotations' and 'categories' lists")
-    for ann in doc["annotations"]:
-        box = ann.get("bbox") if isinstance(ann, dict) else None
-        if not isinstance(box, list) or len(box) != 4 or "image_id" not in ann or "category_id" not in ann:
-            raise DatasetError(f"{path}: annotation {ann.get('id') if isinstance(ann, dict) else ann!r} needs "
-                               f"image_id, category_id and a 4-number bbox")
+    ann = source if isinstance(source, AnnotationFile) else AnnotationFile(Path(source))
+    doc = ann.data
+    for entry in doc["annotations"]:
+        if "image_id" not in entry or "category_id" not in entry or not box_finite(entry.get("bbox")):
+            raise DatasetError(f"{ann.path}: annotation {entry.get('id')} needs image_id, category_id and a "
+                               f"4-number bbox")
     if task == "keypoints":
-        _check_keypoint_doc(doc, Path(path), num_keypoints)
+        _check_keypoint_doc(doc, ann.path, num_keypoints)
     coco = COCO()
     coco.dataset = doc
     with contextlib.redirect_stdout(io.StringIO()):
@@ -108,10 +87,12 @@ class CocoTaskDataset(Dataset):
     {"image_id"}); train, keyed (position, index): (image, target) with boxes, labels, image_id,
     image_size and, for keypoints, keypoints [N, K, 3])."""
 
-    def __init__(self, root: Path, split: str, task: str, num_keypoints: int, image_ids: Sequence[int] | None = None,
-                 *, train: bool = False, hflip: bool = False, seed: int = 0, coco: Any = None):
-        ann_file, self.image_dir = task_split_paths(root, split, task)
+    def __init__(self, ann_file: Path | AnnotationFile, image_dir: Path, task: str, num_keypoints: int,
+                 image_ids: Sequence[int] | None = None, *, train: bool = False, hflip: bool = False, seed: int = 0,
+                 coco: Any = None):
+        self.image_dir = Path(image_dir)
         self.coco = coco if coco is not None else load_task_coco(ann_file, task, num_keypoints)
+        split = Path(getattr(ann_file, "path", ann_file)).name
         self.task, self.k = task, num_keypoints
         self.cat_ids = sorted(self.coco.getCatIds())
         if not self.cat_ids:
@@ -128,7 +109,7 @@ class CocoTaskDataset(Dataset):
             what = "labeled keypoints" if task == "keypoints" else "instances"
             logger.info("%s: %d of %d images have %s (others skipped in training)", split, len(usable), len(ids), what)
             if not usable:
-                raise DatasetError(f"split '{split}': none of the {len(ids)} selected images has {what}")
+                raise DatasetError(f"{split}: none of the {len(ids)} selected images has {what}")
             ids = usable
         self.image_ids = ids
 
@@ -196,15 +177,19 @@ class CocoTaskDataset(Dataset):
 
 def build_coco_task_datasets(cfg: DataConfig, model: ModelConfig, stream_seed: int = 0
                              ) -> tuple[CocoTaskDataset, CocoTaskDataset, list[int]]:
-    """(train set, val set, chosen train image ids) of a COCO box or keypoint trial."""
+    """(train set, val set, chosen train image ids) of a COCO box or keypoint trial.
+
+    The splits are located and checked as the mask task's are (`trainer.data.check_data`: the same
+    layout fields, the same up-front check and drops), before pycocotools indexes them.
+    """
     task, k = model.task, model.num_keypoints
-    train_ann, _ = task_split_paths(cfg.root, cfg.train_split, task)
-    task_split_paths(cfg.root, cfg.val_split, task)  # fail before the train index is built
+    (train_ann, train_dir), (val_ann, val_dir) = check_data(cfg, task).values()
     coco = load_task_coco(train_ann, task, k)
+    val_coco = load_task_coco(val_ann, task, k)  # fail before anything trains
     chosen = select_subset(coco.getImgIds(), cfg.train_images, cfg.subset_seed)
-    train = CocoTaskDataset(cfg.root, cfg.train_split, task, k, chosen, train=True, hflip=cfg.hflip,
+    train = CocoTaskDataset(train_ann, train_dir, task, k, chosen, train=True, hflip=cfg.hflip,
                             seed=stream_seed, coco=coco)
-    val = CocoTaskDataset(cfg.root, cfg.val_split, task, k)
+    val = CocoTaskDataset(val_ann, val_dir, task, k, coco=val_coco)
     if cfg.val_images != "all":
         val.image_ids = val.image_ids[: cfg.val_images]
     if val.cat_ids != train.cat_ids:

@@ -13,7 +13,7 @@ The ResNet/norm/weight-file helpers live in `trainer.backbone` and are re-export
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from typing import Any, Callable
 
 from torch import nn
 from torchvision.models.detection import MaskRCNN
@@ -38,7 +38,7 @@ from trainer.backbone import (
 )
 from trainer.config import ModelConfig
 from trainer.errors import InitError
-from trainer.imagenet_weights import load_imagenet_weights
+from trainer.imagenet_weights import load_imagenet_weights, pixel_normalisation
 
 __all__ = [
     "build_model",
@@ -60,23 +60,31 @@ def _head_norm(norm: str) -> Callable[[int], nn.Module] | None:
     return None if norm == "FrozenBN" else norm_factory(norm)
 
 
-def _load_init(cfg: ModelConfig, body: nn.Module) -> str:
-    """Put `cfg.init`'s weights into the body; returns where they came from ("random" for none).
+def _load_init(cfg: ModelConfig, body: nn.Module) -> tuple[str, dict[str, Any]]:
+    """Put `cfg.init`'s weights into the body; returns where they came from ("random" for none) and
+    the config fields they resolve (`pixel_convention`, `imagenet_weights_sha256`).
 
     `imagenet` loads strictly (every body tensor, right shape, right norm family, Detectron's pixel
     convention folded in: `trainer.imagenet_weights`); `checkpoint:PATH` keeps the tolerant loader
     (prefixes, partial files logged) for backbones of our own runs. A BN-trained file never goes
     into a GN body: the norm the body runs is the config's `body_norm`, nothing else.
     """
+    plain = {"pixel_convention": "torchvision" if cfg.pixel_convention == "auto" else cfg.pixel_convention}
     if cfg.init == "random":
-        return "random"
+        return "random", plain
     if cfg.init == "imagenet":
         path = find_imagenet_weights(cfg.backbone, cfg.imagenet_weights, cfg.body_norm)
-        load_imagenet_weights(body, path, cfg.body_norm)
-        return str(path)
+        info = load_imagenet_weights(body, path, cfg.body_norm)
+        if cfg.pixel_convention not in ("auto", info["convention"]):
+            raise InitError(f"model.pixel_convention is {cfg.pixel_convention} but {path} ({info['format']}) "
+                            f"needs {info['convention']}: leave it at auto")
+        if cfg.imagenet_weights_sha256 not in (None, info["sha256"]):
+            raise InitError(f"{path} has sha256 {info['sha256']}, model.imagenet_weights_sha256 expects "
+                            f"{cfg.imagenet_weights_sha256}")
+        return str(path), {"pixel_convention": info["convention"], "imagenet_weights_sha256": info["sha256"]}
     path = cfg.init.removeprefix("checkpoint:")
     load_backbone_weights(body, read_state_file(path), path)
-    return path
+    return path, plain
 
 
 def _check_channels(cfg: ModelConfig) -> None:
@@ -87,10 +95,11 @@ def _check_channels(cfg: ModelConfig) -> None:
         )
 
 
-def _build_backbone(cfg: ModelConfig) -> tuple[BackboneWithFPN, str]:
-    """ResNet body (+ weights, + frozen stages) under an FPN with the head norm; and the init source."""
+def _build_backbone(cfg: ModelConfig) -> tuple[BackboneWithFPN, str, dict[str, Any]]:
+    """ResNet body (+ weights, + frozen stages) under an FPN with the head norm; the init source and
+    the fields it resolves."""
     body = build_resnet(cfg.backbone, cfg.body_norm)
-    source = _load_init(cfg, body)
+    source, resolved = _load_init(cfg, body)
     frozen = freeze_stages(body, cfg.freeze_at)
     log.info("freeze_at=%d: %d backbone parameters frozen", cfg.freeze_at, frozen)
     # Written out instead of torchvision's _resnet_fpn_extractor, which fixes 256 FPN channels;
@@ -103,7 +112,7 @@ def _build_backbone(cfg: ModelConfig) -> tuple[BackboneWithFPN, str]:
         out_channels=cfg.fpn_channels,
         extra_blocks=LastLevelMaxPool(),
         norm_layer=_head_norm(cfg.norm),
-    ), source
+    ), source, resolved
 
 
 def _heads(cfg: ModelConfig, num_classes: int) -> dict:
@@ -133,7 +142,8 @@ def build_model(cfg: ModelConfig, num_classes: int) -> tuple[MaskRCNN, ModelConf
     if cfg.body_norm is None:  # a config built without validation (model_construct)
         cfg = cfg.model_copy(update={"body_norm": cfg.norm})
     body_norm = cfg.body_norm
-    backbone, source = _build_backbone(cfg)
+    backbone, source, init_fields = _build_backbone(cfg)
+    image_mean, image_std = pixel_normalisation(init_fields["pixel_convention"])
     detector, heads = MaskRCNN, _heads(cfg, num_classes)
     if cfg.task != "mask":  # Faster R-CNN / Keypoint R-CNN on the same backbone, RPN and box head
         from trainer.tasks import task_detector
@@ -151,15 +161,17 @@ def build_model(cfg: ModelConfig, num_classes: int) -> tuple[MaskRCNN, ModelConf
         rpn_batch_size_per_image=cfg.rpn_batch_size_per_image,
         box_batch_size_per_image=cfg.box_batch_size_per_image,
         box_detections_per_img=cfg.box_detections_per_img,
+        image_mean=list(image_mean),
+        image_std=list(image_std),
         **heads,
     )
-    resolved = cfg
+    resolved = cfg.model_copy(update=init_fields)
     head_norm = "none" if cfg.norm == "FrozenBN" else cfg.norm
     init = "random (torchvision default init)" if source == "random" else f"{cfg.init.split(':')[0]} ({source})"
     log.info(
-        "%s %s-FPN: init=%s, body norm %s, FPN/head norm %s, %d classes, %.1fM parameters "
-        "(%.1fM trainable)",
-        detector.__name__, cfg.backbone, init, body_norm, head_norm, num_classes,
+        "%s %s-FPN: init=%s, body norm %s, FPN/head norm %s, %s pixel convention, %d classes, %.1fM "
+        "parameters (%.1fM trainable)",
+        detector.__name__, cfg.backbone, init, body_norm, head_norm, init_fields["pixel_convention"], num_classes,
         sum(p.numel() for p in model.parameters()) / 1e6,
         sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
     )

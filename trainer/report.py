@@ -50,7 +50,7 @@ class Reporter:
         pass
 
     def finish(self, status: str, error: BaseException | None = None) -> None:
-        """status: 'finished' | 'failed' | 'stopped'."""
+        """status: 'finished' | 'failed' | 'stopped' | 'preempted' (trainer.preemption)."""
 
 
 class ConsoleReporter(Reporter):

@@ -7,7 +7,9 @@ order; label = position + 1). Boxes: VOC's 1-based inclusive pixel corners becom
 coordinates (xmin - 1, ymin - 1, xmax, ymax), so a box's width is VOC's `xmax - xmin + 1`.
 `difficult` objects are kept for training (Detectron2's VOC loader keeps them too) and ignored in
 evaluation (trainer.evaluate_voc). Every XML file is parsed and checked when the set is built: a
-malformed file, an unknown class or an impossible box is refused with one line naming the file.
+malformed file, an unknown class or an impossible box is refused with one line naming the file; and
+every JPEG is decoded fully, as the COCO check does (`data.allow_unreadable_images` drops those that
+do not decode, with a count). The VOC check is not cached (VOC07 trainval is 5k images).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch.utils.data import Dataset
 from trainer.config import DataConfig
 from trainer.data import read_image, select_subset
 from trainer.errors import DatasetError
+from trainer.image_check import decode_findings
 
 logger = logging.getLogger(__name__)
 
@@ -97,12 +100,14 @@ class VocDetection(Dataset):
     (position, index): (image, {boxes, labels, image_id, image_size}))."""
 
     def __init__(self, root: Path, split: str, classes: Sequence[str], image_ids: Sequence[str] | None = None, *,
-                 train: bool = False, hflip: bool = False, seed: int = 0):
+                 train: bool = False, hflip: bool = False, seed: int = 0, data: DataConfig | None = None):
         self.root, self.split = Path(root), split
         self.classes = list(classes)
         index = {c: i + 1 for i, c in enumerate(self.classes)}
         ids = read_split(self.root, split) if image_ids is None else list(image_ids)
         self.records = {i: parse_annotation(self.root / "Annotations" / f"{i}.xml", index) for i in ids}
+        if data is not None:
+            ids = check_voc_images(self.root, split, ids, self.records, data)
         self.label_to_cat = {i + 1: c for i, c in enumerate(self.classes)}
         self.train, self.hflip, self.seed = train, hflip, seed
         if train:
@@ -142,6 +147,26 @@ class VocDetection(Dataset):
                        "image_size": (int(image.shape[-2]), int(image.shape[-1]))}
 
 
+def check_voc_images(root: Path, split: str, ids: list[str], records: dict, cfg: DataConfig) -> list[str]:
+    """The ids whose JPEG decodes fully at its XML size (trainer.image_check, as the COCO check does);
+    the others refused in one line, or dropped with a count under `data.allow_unreadable_images`
+    (a size mismatch: `data.allow_size_mismatch` keeps them with a warning)."""
+    entries = [(k, f"{i}.jpg", records[i]["width"], records[i]["height"]) for k, i in enumerate(ids)]
+    found = decode_findings(Path(root) / "JPEGImages", entries, cfg.check_workers)
+    bad = {kind: [(pos, text) for pos, k, text in found if k == kind] for kind in ("missing", "mismatch")}
+    where = Path(root) / "ImageSets" / "Main" / f"{split}.txt"
+    for kind, switch, what in (("missing", "allow_unreadable_images", "images are missing or unreadable"),
+                               ("mismatch", "allow_size_mismatch", "images differ in size from their XML")):
+        if bad[kind]:
+            first = ", ".join(text for _, text in bad[kind][:3]) + (", ..." if len(bad[kind]) > 3 else "")
+            line = f"{where}: {len(bad[kind])} {what} (first: {first})"
+            if not getattr(cfg, switch):
+                raise DatasetError(f"{line} [data.{switch}: true {'drops' if kind == 'missing' else 'keeps'} them]")
+            logger.warning("%s (data.%s is set: %s)", line, switch, "dropped" if kind == "missing" else "kept")
+    gone = {pos for pos, _ in bad["missing"]}
+    return [i for k, i in enumerate(ids) if k not in gone]
+
+
 def build_voc_datasets(cfg: DataConfig, stream_seed: int = 0) -> tuple[VocDetection, VocDetection, list[str]]:
     """(train set, val set, chosen train ids) of a VOC box trial."""
     classes = cfg.voc_classes or list(VOC_CLASSES)
@@ -150,8 +175,9 @@ def build_voc_datasets(cfg: DataConfig, stream_seed: int = 0) -> tuple[VocDetect
     train_ids = read_split(cfg.root, cfg.train_split)
     val_ids = read_split(cfg.root, cfg.val_split)  # fail before parsing the train annotations
     chosen = select_subset(train_ids, cfg.train_images, cfg.subset_seed)
-    train = VocDetection(cfg.root, cfg.train_split, classes, chosen, train=True, hflip=cfg.hflip, seed=stream_seed)
+    train = VocDetection(cfg.root, cfg.train_split, classes, chosen, train=True, hflip=cfg.hflip, seed=stream_seed,
+                         data=cfg)
     if cfg.val_images != "all":
         val_ids = val_ids[: cfg.val_images]
-    val = VocDetection(cfg.root, cfg.val_split, classes, val_ids)
+    val = VocDetection(cfg.root, cfg.val_split, classes, val_ids, data=cfg)
     return train, val, chosen

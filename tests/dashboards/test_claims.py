@@ -159,6 +159,8 @@ def test_report_writes_claims_json_logs_it_and_opens_with_it(tmp_path):
     client = MlflowClient(target.uri)
     parent = client.search_runs([load_sweep(target).experiment_id], "tags.role = 'sweep'")[0]
     assert {k: parent.data.tags[f"claim.{k}"] for k in saved} == {k: C.HOLDS for k in saved}
+    note = parent.data.tags["mlflow.note.content"]  # the run page's description lists the verdicts
+    assert all(f"- **{k}** {saved[k]['claim']}: **{C.HOLDS}**" in note for k in saved), note
     root = [a.path for a in client.list_artifacts(parent.info.run_id)]
     assert "claims.json" in root
     assert "report/claims.json" in [a.path for a in client.list_artifacts(parent.info.run_id, "report")]

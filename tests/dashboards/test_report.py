@@ -66,18 +66,31 @@ def test_figures_have_both_inits_labelled_axes_and_one_curve_per_trial(fake):
     _check_axes(bars)
     cost = T.cost_table(tr, fin, None)
     assert F.curve_count(F.cost_ap(tr, me, cost)) == 3 * len(FAKE_GRID)
-    assert {"random init", "ImageNet pre-trained"} <= set(_legend(F.cost_ap(tr, me, cost)))
+    cost_ap = F.cost_ap(tr, me, cost)
+    assert {"random init", "ImageNet pre-trained", *(t.name for t in FAKE_GRID)} <= set(_legend(cost_ap))
+    # Distinct trials, distinct curves: no two trials share colour, marker and line style.
+    looks = {(str(line.get_color()), line.get_marker(), line.get_linestyle(), line.get_label())
+             for line in cost_ap.axes[0].get_lines()}
+    assert len(looks) == len({look[:3] for look in looks}) == len(FAKE_GRID)
     assert [ax.get_xlabel() for ax in F.cost_bars(cost).axes] == ["images seen", "instances seen", "pixels seen"]
 
 
-def test_panels_of_one_figure_share_their_y_limits(fake):
-    """The 10k panel's two short curves are drawn on the full-data panel's scale, from 0."""
+def test_panels_of_one_figure_share_their_x_and_y_limits(fake):
+    """The 10k panel's two short curves (2x: 20 iterations) are drawn on the full-data panel's scale,
+    y from 0 and x to 60 iterations: they do not fill their panel alone."""
     sweep = load_sweep(fake[0])
     tr, me = sweep.trials, sweep.metrics
     for fig in (F.ap_curves(tr, me, "bbox"), F.small_data_curves(tr, me, "bbox"), F.final_bars(tr, T.finals(tr, me))):
         limits = {ax.get_ylim() for ax in fig.axes if ax.get_visible()}
         assert len(limits) == 1, limits
         assert limits.pop()[0] == 0
+    small = F.small_data_curves(tr, me, "bbox")
+    assert {ax.get_xlim() for ax in small.axes} == {small.axes[0].get_xlim()}
+    assert small.axes[1].get_xlim()[1] > 55
+    # Every point inside the shared limits, whichever panel holds the highest one.
+    for fig in (small, F.ap_curves(tr, me, "bbox")):
+        top = fig.axes[0].get_ylim()[1]
+        assert all(max(line.get_ydata()) <= top for ax in fig.axes for line in ax.get_lines())
 
 
 def test_report_folder_paper_table_and_missing(fake, tmp_path):
@@ -133,3 +146,16 @@ def test_unknown_and_empty_sweeps_exit_2_with_one_line(fake, tmp_path, capsys):
     assert not (tmp_path / "none.db").exists()  # a read never creates a store
     assert main(["report", str(tmp_path)]) == 2
     assert "not a sweep folder" in capsys.readouterr().err
+
+
+def test_a_later_panel_with_the_highest_curve_is_not_cut_off():
+    import pandas as pd
+
+    trials = pd.DataFrame([{"name": n, "status": "FINISHED", "init": "random", "data": d, "schedule": "1x",
+                            "backbone": "R18", "norm": "GN", "body_norm": "GN"} for n, d in (("a", "all"), ("b", "8"))])
+    metrics = pd.DataFrame([(n, "bbox/AP", s, v) for n, top in (("a", 0.1), ("b", 0.5)) for s, v in ((5, top / 2),
+                                                                                                      (10, top))],
+                           columns=["name", "metric", "step", "value"])
+    fig = F.small_data_curves(trials, metrics, "bbox")
+    assert [ax.get_title() for ax in fig.axes] == ["data: all", "data: 8 images"]
+    assert {ax.get_ylim() for ax in fig.axes} == {fig.axes[1].get_ylim()} and fig.axes[1].get_ylim()[1] >= 50

@@ -1,5 +1,7 @@
 """On a real small sweep (local Ray, SQLite MLflow): `report` from the command line, then a real headless
-Chromium (Playwright) on the MLflow UI started by `ui` and on the report's index.html.
+Chromium (Playwright) on the MLflow UI started by `ui` (the sweep's saved view: every trial a row with
+its axes; the parent run's params and summary metrics; the charts) and on the report's index.html
+(no element wider than its cell, no row grown past 400 px, no path of this machine in the page).
 
 Screenshots and the report are kept in `artifacts_dir` (reports/test-artifacts/dashboards, or
 $DASHBOARD_ARTIFACTS). Without Chromium or Playwright the browser test skips; `.ci/run` installs both.
@@ -8,6 +10,7 @@ $DASHBOARD_ARTIFACTS). Without Chromium or Playwright the browser test skips; `.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -97,23 +100,61 @@ def test_browser_mlflow_ui_and_report(small_sweep, artifacts_dir, tmp_path):
             browser = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1600, "height": 1100})
             _check_mlflow_ui(page, url, artifacts_dir)
-            _check_report_page(page, index, artifacts_dir)
+            _check_report_page(page, index, artifacts_dir, [str(small_sweep.tmp), str(REPO)])
             browser.close()
     finally:
         _stop(proc)
 
 
+def _axes(name: str) -> list[str]:
+    """A trial's axis values from its name: init-data-schedule-backbone ('tiny-r18' is pretrained:tiny-r18)."""
+    *init, data, schedule, backbone = name.split("-")
+    init = "-".join(init)
+    return ["random" if init == "random" else f"pretrained:{init}", data, schedule, backbone]
+
+
 def _check_mlflow_ui(page, url: str, shots: Path) -> None:
-    # The runs table of the sweep's experiment: the parent run, expanded to its children by name.
-    # "load", not "networkidle": the UI may keep polling; the waits below check what must be on the page.
-    page.goto(url + "&compareRunsMode=CHART", wait_until="load", timeout=120_000)
-    parent = page.get_by_role("gridcell").filter(has_text="dash").first
-    parent.wait_for(timeout=90_000)
-    parent.locator("button").first.click()  # the +/- expander of nested runs
+    # The sweep's saved view (`dashboards.query.save_view`): runs grouped by role, so every trial is a
+    # row of its own, with its axes as columns. "load", not "networkidle": the UI may keep polling.
+    assert url.endswith("&viewStateShareKey=trials"), url
+    page.goto(url, wait_until="load", timeout=120_000)
     for name in TRIALS:
-        page.get_by_role("link", name=name).wait_for(timeout=60_000)
+        page.get_by_role("link", name=name).wait_for(timeout=90_000)  # visible: no expander to open
+    assistant = page.get_by_role("button", name="Close")  # MLflow 3.17's assistant panel takes a third
+    if assistant.count():
+        assistant.first.click()
+    for column in ("axis.init", "axis.data", "axis.schedule", "axis.backbone", "bbox/AP", "Duration"):
+        header = page.get_by_role("columnheader", name=column, exact=True).first  # ag-grid has two per column
+        box = header.bounding_box()
+        assert box is not None and box["x"] + box["width"] / 2 < page.viewport_size["width"], column  # no scrolling
+    for name in TRIALS:
+        # ag-grid draws a row in parts (pinned name column, the rest): one aria-rowindex for all.
+        index = page.get_by_role("row").filter(has=page.get_by_role("link", name=name, exact=True)).first \
+            .get_attribute("aria-rowindex")
+        cells = page.locator(f'[role="row"][aria-rowindex="{index}"] [role="gridcell"]').all_inner_texts()
+        assert all(value in cells for value in _axes(name)), (name, cells)
+    page.wait_for_timeout(1000)
+    page.screenshot(path=str(shots / "mlflow_experiment.png"))
+    _check_parent_run(page)
+    _check_charts(page, url, shots)
+
+
+def _check_parent_run(page) -> None:
+    """The sweep's own run: the sweep's params, each trial's final AP as a metric, a description."""
+    page.get_by_role("gridcell").get_by_role("link", name="dash", exact=True).click()
+    page.get_by_text("final/random-all-1x-R18/bbox_AP").first.wait_for(timeout=60_000)
+    text = page.inner_text("body")
+    for name in TRIALS:
+        assert f"final/{name}/bbox_AP" in text and f"final/{name}/segm_AP" in text, name
+    for param in ("spec_hash", "axis.init", "axis.data", "axis.schedule", "trials", "iterations"):
+        assert param in text, param
+    assert "random, pretrained:tiny-r18" in text and "6 trials of Mask R-CNN" in text
+
+
+def _check_charts(page, url: str, shots: Path) -> None:
     # The chart view groups metrics by prefix ("bbox", "segm", "seen", "train"): the AP chart draws
     # one line per trial (plotly; lines may come in several trace groups each).
+    page.goto(url + "&compareRunsMode=CHART", wait_until="load", timeout=120_000)
     title = page.get_by_role("heading", name="bbox/AP", exact=True)
     title.wait_for(timeout=90_000)
     chart = page.locator("div").filter(has=title).filter(has=page.locator(".js-plotly-plot")).last
@@ -123,10 +164,38 @@ def _check_mlflow_ui(page, url: str, shots: Path) -> None:
     page.screenshot(path=str(shots / "mlflow_ui_charts.png"))
 
 
-def _check_report_page(page, index: Path, shots: Path) -> None:
+# An element wider than its table cell (text or a list pushed past the cell's edge), or a row grown
+# past 400 px (a claim row with its numbers squeezed into a narrow column), or a page wider than the window.
+OVERFLOW_JS = """() => {
+  const bad = [];
+  for (const cell of document.querySelectorAll('td, th')) {
+    const right = cell.getBoundingClientRect().right + 1;
+    for (const el of [cell, ...cell.querySelectorAll('*')]) {
+      const clipped = getComputedStyle(el).overflowX !== 'visible';
+      if ((!clipped && el.scrollWidth > el.clientWidth + 1) || el.getBoundingClientRect().right > right) {
+        bad.push(el.tagName + ': ' + el.textContent.slice(0, 60));
+        break;
+      }
+    }
+  }
+  const tall = Array.from(document.querySelectorAll('tr')).filter(r => r.getBoundingClientRect().height > 400)
+    .map(r => r.textContent.slice(0, 60));
+  return {bad, tall, wide: document.documentElement.scrollWidth > window.innerWidth};
+}"""
+
+
+def _check_report_page(page, index: Path, shots: Path, machine_paths: list[str]) -> None:
     page.goto(index.as_uri(), wait_until="load")
     images = page.evaluate("Array.from(document.images).map(i => [i.alt, i.complete && i.naturalWidth > 0])")
     assert sorted(alt for alt, _ in images) == sorted(f"{f}.png" for f in FIGURES)
     assert all(ok for _, ok in images), images
     assert page.locator("#paper-table").count() == 1 and page.locator("#missing").count() == 0
+    for width in (1600, 1280):
+        page.set_viewport_size({"width": width, "height": 1100})
+        layout = page.evaluate(OVERFLOW_JS)
+        assert layout == {"bad": [], "tall": [], "wide": False}, (width, layout)
+    html, text = page.content(), page.inner_text("body")
+    for path in machine_paths:  # the page is shared as is: no path of this machine in it
+        assert path not in html, path
+    assert re.search(r"\wnone\b", text) is None  # "none" never glued to a word ("sizesnone")
     page.screenshot(path=str(shots / "report_index.png"), full_page=True)

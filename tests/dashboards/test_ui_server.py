@@ -29,7 +29,7 @@ def test_ui_on_a_tracking_server_prints_its_experiment_url(server):
     exp_id = MlflowClient(server.uri).get_experiment_by_name("served-sweep").experiment_id
     proc = cli("ui", "served-sweep", "--tracking-uri", server.uri, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    url = f"{server.uri}/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+    url = f"{server.uri}/#/experiments/{exp_id}/runs?workflowType=machine_learning&viewStateShareKey=trials"
     assert f"MLflow UI: {url}" in proc.stdout
     with urllib.request.urlopen(url.split("#")[0], timeout=10) as resp:  # the page the URL opens
         assert resp.status == 200

@@ -35,3 +35,34 @@ def test_a_skipped_damaged_checkpoint_is_named_in_the_attempt_row_and_first_repo
             RunInfo(None, tmp_path, 3, 12, {"mlflow_run_id": "run-1"}))
     ckpt.load_latest(folder)
     assert quiet == [] and K_WARNINGS not in sent[-1]
+
+
+def test_a_preempted_attempt_is_recorded_and_shown_apart_from_failures(tmp_path):
+    """Its attempt's second row and last report; the driver's row, state.json, `status` and the table."""
+    from orchestrator import state as st
+    from orchestrator.monitor import SweepMonitor
+    from orchestrator.status import render_status
+    from orchestrator.trainable import _next_attempt
+    from trainer.preemption import PreemptedError
+
+    record = {"name": "sw", "spec_hash": "h", "code_version": "c",
+              "trials": [{"trial_id": "t1", "name": "t1", "total_iters": 12}]}
+    sweep = tmp_path / "sw"
+    out = st.trial_dir(sweep, "t1")
+    out.mkdir(parents=True)
+    st.write_json(sweep / st.RECORD, record)
+    task = {"trial_id": "t1", "name": "t1", "run_id": "run-1", "config": {"checkpoint": {"period": 3, "at": []}}}
+    monitor = SweepMonitor(sweep, record)
+    reporter = TuneReporter(lambda m, p: monitor.on_result("t1", m), task, 1)
+    reporter.start(RunInfo(None, out, 0, 12, {}))
+    reporter.finish("preempted", PreemptedError(5, "SIGTERM"))
+    monitor.on_error("t1", final=False, error="PreemptedError: preempted at iteration 5")
+    rows = [json.loads(x) for x in (out / "attempts.jsonl").read_text().splitlines()]
+    assert rows[1] == {**rows[1], "attempt": 1, "preempted_at": 5, "notice": "SIGTERM",
+                       "reason": "preempted at iteration 5"}
+    assert _next_attempt(out / "attempts.jsonl") == 2  # two rows, one attempt
+    row = st.read_state(sweep)["trials"]["t1"]
+    assert (row["status"], row["preemptions"], row["iteration"]) == ("PENDING", 1, 5)
+    assert "error" not in row  # no failure recorded
+    text = render_status(sweep)
+    assert "~ t1: preempted 1x, last at iteration 5" in text and "1 preemption" in text and "! t1" not in text

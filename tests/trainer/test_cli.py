@@ -88,3 +88,16 @@ def test_subprocess_exit_code(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: ") and "model.backbone" in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_set_typo_is_reported_against_the_override(capsys, tmp_path, base):
+    path = _write(tmp_path, base)
+    code = main(["--config", path, "--set", "data.trian_json=x.json"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: --set data.trian_json=x.json: unknown key 'data.trian_json'"), err
+    assert str(path) not in err
+    base["optim"]["learning_rate"] = 0.1  # a typo in the file is still told against the file
+    path = _write(tmp_path, base)
+    main(["--config", path, "--set", "optim.batch_size=two"])
+    err = capsys.readouterr().err.strip()
+    assert f"{path}: unknown key 'optim.learning_rate'" in err and "--set optim.batch_size=two: optim.batch_size" in err

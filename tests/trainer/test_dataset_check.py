@@ -78,12 +78,17 @@ DEFECTS = {
 def test_clean_set_passes_and_is_cached(root):
     assert _check(root, cache_dir=root / "cache") == 0
     assert len(_entries(root / "cache")) == 1
-    # the cached result answers without reading any image header
+    assert _check(root, cache_dir=root / "cache") == 0
+    assert len(_entries(root / "cache")) == 1  # answered by the cache, nothing new written
+    # an image file that changes (here: truncated, header intact) is decoded again despite the cache
+    image = root / "train" / "000000000002.png"
+    image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
+    with pytest.raises(DatasetError, match=r"1 listed image files are missing or unreadable \(first: 000000000002\.png: "):
+        _check(root, cache_dir=root / "cache")
     shutil.rmtree(root / "train")
     (root / "train").mkdir()
-    assert _check(root, cache_dir=root / "cache") == 0
     with pytest.raises(DatasetError, match="8 listed image files are missing"):
-        _check(root)
+        _check(root, cache_dir=root / "cache")
 
 
 @pytest.mark.parametrize("defect", sorted(DEFECTS))
@@ -94,7 +99,8 @@ def test_each_defect_is_one_line_with_count_and_offenders(root, defect):
         _check(root, cache_dir=root / "cache")
     text = str(err.value)
     assert "\n" not in text and message in text, text
-    assert _entries(root / "cache") == []  # a failing check is not cached
+    with pytest.raises(DatasetError, match="dataset check of"):  # the cache keeps findings, not verdicts
+        _check(root, cache_dir=root / "cache")
 
 
 def test_missing_file_and_several_defects_in_one_line(root):
@@ -131,9 +137,13 @@ def test_degenerate_boxes_are_dropped_with_a_count(root, caplog):
         doc["annotations"][0]["bbox"][2] = 0.0
         doc["annotations"][1]["bbox"][3] = float("nan")
     _edit(root, "train", degenerate)
-    assert _check(root) == 2
-    assert "2 annotations with a non-finite or empty box dropped (first: ann 1" in caplog.text
-    cfg = DataConfig(root=root, train_split="train", val_split="val", hflip=False)
+    with pytest.raises(DatasetError, match=r"1 annotations have a bbox that is not 4 finite numbers \(first: ann 2 "
+                                           r"bbox \[.*nan\]\) \[data.allow_bad_boxes: true drops them\]"):
+        _check(root)
+    assert _check(root, allow=["allow_bad_boxes"]) == 2
+    assert "1 annotations with an empty box dropped (first: ann 1" in caplog.text
+    assert "1 annotations have a bbox that is not 4 finite numbers (first: ann 2" in caplog.text
+    cfg = DataConfig(root=root, train_split="train", val_split="val", hflip=False, allow_bad_boxes=True)
     train, _, _ = build_datasets(cfg)
     doc = json.loads((root / "annotations" / "instances_train.json").read_text())
     plain = [a for a in doc["annotations"] if not a["iscrowd"]]
@@ -174,3 +184,26 @@ def test_any_layout(root, tmp_path):
     assert image.shape[-2:] == (40, 48)
     with pytest.raises(ValueError, match="train_json and train_image_dir go together"):
         DataConfig(train_json=moved / "ann" / "mine.json")
+
+
+def test_pool_decode_finds_what_the_inline_decode_finds(root):
+    """More files than POOL_MIN go through the process pool; its findings equal one process's."""
+    from trainer.image_check import POOL_MIN, decode_findings
+
+    many = root / "many"
+    many.mkdir()
+    sources = sorted((root / "train").iterdir())
+    entries = []
+    for k in range(POOL_MIN + 40):
+        src = sources[k % len(sources)]
+        (many / f"{k:05d}.png").symlink_to(src)
+        with Image.open(src) as im:
+            w, h = im.size
+        entries.append((k, f"{k:05d}.png", w + (k == 7), h))  # entry 7: the JSON says 1 px wider
+    data = sources[0].read_bytes()
+    (many / "00100.png").unlink()
+    (many / "00100.png").write_bytes(data[: len(data) // 2])  # truncated, header intact
+    (many / "00200.png").unlink()  # missing
+    pooled = decode_findings(many, entries, workers=2)
+    assert sorted(pooled) == sorted(decode_findings(many, entries, workers=1))
+    assert [(p, kind) for p, kind, _ in sorted(pooled)] == [(7, "mismatch"), (100, "missing"), (200, "missing")]

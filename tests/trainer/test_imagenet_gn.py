@@ -22,11 +22,13 @@ from trainer.__main__ import main
 from trainer.backbone import build_resnet
 from trainer.config import ModelConfig
 from trainer.errors import ConfigError, InitError
-from trainer.imagenet_weights import RGB_MEAN, RGB_STD, caffe2_name
+from trainer.imagenet_weights import RGB_MEAN, RGB_STD, caffe2_name, pixel_normalisation, sha256
 from trainer.model import build_model
 
 SMALL = dict(min_size=64, max_size=64, fpn_channels=64, representation_size=64)
-DETECTRON_MEAN_BGR = (103.530, 116.280, 123.675)  # detectron2's PIXEL_MEAN, std 1
+# Detectron's (Caffe2) cfg.PIXEL_MEANS, written out here rather than imported: its R-50-GN.pkl was
+# trained on BGR 0-255 minus these, std 1. (detectron2's 103.530, 116.280, 123.675 = 255 x torchvision's.)
+DETECTRON_MEAN_BGR = (102.9801, 115.9465, 122.7717)
 TOL = 1e-4
 
 
@@ -128,19 +130,26 @@ def test_detectron_pickle_gives_the_source_features(source, tmp_path, caplog):
     write_detectron(path, detectron_blobs(source))
     with caplog.at_level("INFO", logger="trainer"):
         model, resolved = build_model(gn_cfg(path), 3)
-    assert resolved.body_norm == "GN"
-    assert tuple(model.transform.image_mean) == RGB_MEAN and tuple(model.transform.image_std) == RGB_STD
+    assert resolved.body_norm == "GN" and resolved.pixel_convention == "detectron"
+    assert resolved.imagenet_weights_sha256 == sha256(path)  # recorded in the run's config.yaml
+    mean, std = pixel_normalisation("detectron")
+    assert tuple(model.transform.image_mean) == mean and tuple(model.transform.image_std) == std
+    assert [round(m * 255, 4) for m in reversed(mean)] == list(DETECTRON_MEAN_BGR)
     image = photo()
     bgr255 = image.flip(0) * 255 - torch.tensor(DETECTRON_MEAN_BGR).view(3, 1, 1)  # Detectron's input
     want = source_features(source, bgr255[None])
     got = detector_features(model, image)
     diff = max_diff(got, want)
-    print(f"max feature difference (Detectron pickle, R50): {diff:.3g}")
+    print(f"max feature difference (Detectron pickle, R50, Detectron's PIXEL_MEANS): {diff:.3g}")
     assert diff < TOL
-    # Not vacuous: without the convention fold the features are far off.
+    # Not vacuous: without the convention the features are far off; and the former fold (the mean
+    # taken as 255 x torchvision's, 0.3-0.9 grey levels off Detectron's) misses by more than TOL.
     naive = source_features(source, ((image - torch.tensor(RGB_MEAN).view(3, 1, 1))
                                      / torch.tensor(RGB_STD).view(3, 1, 1))[None])
     assert max_diff(naive, want) > 100 * TOL
+    former = source_features(source, (image.flip(0) * 255 - 255 * torch.tensor(RGB_MEAN).flip(0).view(3, 1, 1))[None])
+    print(f"max feature difference of the former fold: {max_diff(former, want):.3g}")
+    assert max_diff(former, want) > TOL
     summary = [r.getMessage() for r in caplog.records if "body tensors mapped" in r.getMessage()]
     assert len(summary) == 1 and "detectron format, 159 body tensors mapped" in summary[0]
     assert "sha256" in summary[0]
@@ -259,14 +268,30 @@ def test_refuses_a_torch_file_with_python_objects(capsys, tmp_path, base):
 def test_refuses_another_depth_and_a_mis_shaped_tensor(source, tmp_path):
     blobs = detectron_blobs(seeded_gn_resnet("R18"))
     write_detectron(tmp_path / "r18.pkl", blobs)
-    with pytest.raises(InitError, match="does not fit the body: .*missing") as info:
+    with pytest.raises(InitError, match=r"does not fit the body: depth mismatch: the file has 2/2/2/2 blocks per "
+                                        r"stage \(R-18\), model.backbone has 3/4/6/3") as info:
         build_model(gn_cfg(tmp_path / "r18.pkl"), 3)  # an R18 file for an R50 body
     assert "\n" not in str(info.value)
+    write_detectron(tmp_path / "r50.pkl", detectron_blobs(source))
+    with pytest.raises(InitError, match=r"depth mismatch: the file has 3/4/6/3 blocks per stage \(R-34 or R-50\), "
+                                        r"model.backbone has 3/4/23/3 \(R-101\)"):
+        build_model(gn_cfg(tmp_path / "r50.pkl", backbone="R101"), 3)  # the issue's case: R101 asked, R50 file
     blobs = detectron_blobs(source)
     blobs["res3_2_branch2b_w"] = blobs["res3_2_branch2b_w"][:, :, :1, :1]
     write_detectron(tmp_path / "bad.pkl", blobs)
     with pytest.raises(InitError, match=r"res3_2_branch2b_w has shape \(128, 128, 1, 1\)"):
         build_model(gn_cfg(tmp_path / "bad.pkl"), 3)
+
+
+def test_pixel_convention_and_sha256_must_agree_with_the_file(source, tmp_path):
+    path = tmp_path / "R-50-GN.pkl"
+    write_detectron(path, detectron_blobs(source))
+    with pytest.raises(InitError, match="pixel_convention is torchvision but .* needs detectron"):
+        build_model(gn_cfg(path, pixel_convention="torchvision"), 3)
+    with pytest.raises(InitError, match=f"has sha256 {sha256(path)}, model.imagenet_weights_sha256 expects 00"):
+        build_model(gn_cfg(path, imagenet_weights_sha256="00"), 3)
+    _, resolved = build_model(gn_cfg(path, imagenet_weights_sha256=sha256(path)), 3)
+    assert resolved.pixel_convention == "detectron"
 
 
 def test_a_pickle_with_code_is_not_run(tmp_path):
@@ -398,3 +423,16 @@ def test_syncbn_weights_in_a_two_process_gloo_group(tmp_path):
     r0, r1 = (torch.load(f"{out}.{r}", weights_only=True) for r in (0, 1))
     assert r0["feats"] == r1["feats"]
     assert len(r0["errors"]) == 2 and "GPU" in r0["errors"][0] and "GPU" in r0["errors"][1], r0["errors"]
+
+
+def test_sha256_is_filled_in_at_validation_and_is_not_identity(source, tmp_path):
+    from trainer.config import build_config, config_identity, config_to_dict, flatten
+
+    path = tmp_path / "R-50-GN.pkl"
+    write_detectron(path, detectron_blobs(source))
+    cfg = build_config({"model": {"init": "imagenet", "imagenet_weights": str(path)}})
+    assert flatten(config_to_dict(cfg))["model.imagenet_weights_sha256"] == sha256(path)  # the sweep's params
+    missing = build_config({"model": {"init": "imagenet", "imagenet_weights": str(tmp_path / "absent.pkl")}})
+    assert missing.model.imagenet_weights_sha256 is None
+    assert config_identity(cfg) == config_identity(missing.model_copy(update={"model": missing.model.model_copy(
+        update={"imagenet_weights": path})}))

@@ -51,7 +51,7 @@ def test_synthetic_keypoint_file_is_coco_and_seeded(kp_root, tmp_path):
 
 
 def test_keypoint_flip_swaps_sides_and_is_an_involution(kp_root):
-    ds = CocoTaskDataset(kp_root, "train", "keypoints", 17, train=True)
+    ds = CocoTaskDataset(kp_root / "annotations" / "person_keypoints_train.json", kp_root / "train", "keypoints", 17, train=True)
     assert flip_index(KEYPOINT_NAMES)[:5] == [0, 2, 1, 4, 3]
     image, target = ds[(0, 0)]
     flipped_image, flipped = ds.flip(image, target)

@@ -111,3 +111,31 @@ def test_synthetic_cli_writes_voc_and_keypoint_sets(tmp_path):
     assert len(list((voc / "JPEGImages").glob("*.jpg"))) == 6 == len(list((voc / "Annotations").glob("*.xml")))
     assert (tmp_path / "annotations" / "person_keypoints_val.json").is_file()
     assert not (tmp_path / "annotations" / "instances_train.json").exists()  # no shape set alongside
+
+
+@pytest.mark.parametrize("allow", [False, True])
+def test_truncated_voc_jpeg_is_refused_or_dropped(voc_root, tmp_path, capsys, caplog, allow):
+    from trainer.config import DataConfig
+    from trainer.voc import build_voc_datasets
+
+    bad = tmp_path / "VOC2007"
+    bad.mkdir()
+    for sub in ("Annotations", "ImageSets"):
+        (bad / sub).symlink_to(voc_root / sub)
+    (bad / "JPEGImages").mkdir()
+    for jpg in (voc_root / "JPEGImages").iterdir():
+        data = jpg.read_bytes()
+        (bad / "JPEGImages" / jpg.name).write_bytes(data[: len(data) // 2] if jpg.name == "000003.jpg" else data)
+    split = next(s for s in ("trainval", "test") if "000003" in (voc_root / "ImageSets" / "Main" / f"{s}.txt").read_text())
+    if not allow:
+        rc = trainer_main(["--set", "model.task=box", "--set", "data.format=voc", "--set", f"data.root={bad}",
+                           "--set", "data.train_split=trainval", "--set", "data.val_split=test",
+                           "--set", f"data.voc_classes={CLASSES}", "--set", f"runtime.output_dir={tmp_path / 'o'}"])
+        err = capsys.readouterr().err
+        assert rc == 2 and len(err.strip().splitlines()) == 1, err
+        assert f"{split}.txt: 1 images are missing or unreadable (first: 000003.jpg: " in err and "truncated" in err
+        return
+    train, val, _ = build_voc_datasets(DataConfig(root=bad, format="voc", train_split="trainval", val_split="test",
+                                                  voc_classes=CLASSES, allow_unreadable_images=True))
+    assert "000003" not in train.image_ids and "000003" not in val.image_ids
+    assert "1 images are missing or unreadable" in caplog.text
