@@ -18,8 +18,9 @@ is placed), each on a GPU node running a task:
                    replacement fits under max_workers.)
   with notice      SIGTERM to the node's trial processes (what a platform sends before its hard kill).
                    The trial-side handling (checkpoint at the current iteration, exit as preempted) is
-                   issue 24 part A, not in this branch: until it is merged this arm behaves as the one
-                   without notice.
+                   issue 24 part A, in `trainer/` and the gang; this stand-in trial does not run the
+                   trainer, so here SIGTERM kills it and this arm behaves as the one without notice.
+                   (To measure part A, the stand-in would have to checkpoint on SIGTERM as it does.)
 Printed per arm: makespan beside the bound, preemptions, planned iterations and GPU-hours redone per
 preemption, GPU nodes launched and removed. MLflow is not in this loop (the stand-in trials log no
 metrics), so duplicate MLflow points are not measured here; the Ray tests check them on real trials.
