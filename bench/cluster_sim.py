@@ -106,6 +106,7 @@ def one_run(gpus: int, nodes: int, bound_s: float) -> dict[str, Any]:
     from ray.cluster_utils import Cluster
 
     from orchestrator import ray_backend as rb
+    from orchestrator.fit import max_concurrent
     from orchestrator.plan import makespan_bound
 
     folder = Path(tempfile.mkdtemp(prefix="cluster-sim-"))
@@ -120,7 +121,7 @@ def one_run(gpus: int, nodes: int, bound_s: float) -> dict[str, Any]:
     ray.init(address=cluster.address, log_to_driver=False, configure_logging=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     try:
-        concurrent = rb.max_concurrent(res, rb.node_resources())
+        concurrent = max_concurrent(res, rb.node_resources())
         t0 = time.time()
         rb.run_tune(folder, tasks, res, 0, concurrent, None, trainable=sim_trial)
         wall = time.time() - t0

@@ -51,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("spec", type=Path)
     sp.add_argument("--gpus", type=int, metavar="N", help="cluster size for trials at once and the makespan bound "
                     "(default: enough for every task that can start at once); exit 2 if a trial cannot fit")
+    sp.add_argument("--node", metavar="GPUS,CPUS", help="with --gpus: the shape of one node, so trials at once "
+                    "count CPUs too, as `run` does (default: GPUs alone)")
     sp.add_argument("--show", metavar="TRIAL", help="print one trial's resolved trainer config (YAML) instead: "
                     "its name, id or row number (3, T0)")
     _add_sets(sp)
@@ -139,11 +141,14 @@ def _plan(args: argparse.Namespace) -> int:
 
     if args.gpus is not None and args.gpus < 1:
         raise SpecError(f"--gpus {args.gpus}: a cluster has at least 1 GPU")
+    node = _node_shape(args.node) if args.node else None
+    if node is not None and args.gpus is None:
+        raise SpecError("--node needs --gpus (the cluster's size)")
     exp = expand(load_spec(args.spec, pair_tokens(args.sets)))
     if args.show:
         text = show_task(exp, args.show)
     else:
-        text = _json(plan_json(exp, args.gpus)) if args.json else render_plan(exp, args.gpus)
+        text = _json(plan_json(exp, args.gpus, node)) if args.json else render_plan(exp, args.gpus, node)
     sys.stdout.write(text + "\n")
     return 0
 
@@ -165,3 +170,15 @@ def _spec_of_folder(folder: Path) -> tuple[Path, Path, list[str]]:
     if record.get("cwd") and Path(record["cwd"]).is_dir():
         os.chdir(record["cwd"])  # the spec's relative paths (dataset root, mlflow.db) are relative to it
     return folder / "spec.yaml", folder.parent, list(record.get("sets") or [])
+
+
+def _node_shape(text: str) -> tuple[int, float]:
+    """`--node 8,64`: (GPUs, CPUs) of one node."""
+    try:
+        gpus, cpus = text.split(",")
+        shape = int(gpus), float(cpus)
+    except ValueError:
+        raise SpecError(f"--node {text}: expected GPUS,CPUS (e.g. 8,64)") from None
+    if shape[0] < 1 or shape[1] <= 0:
+        raise SpecError(f"--node {text}: a node has at least 1 GPU and some CPUs")
+    return shape

@@ -14,8 +14,9 @@ its end, where an unforked run evaluates and logs in ways a mid-schedule trunk c
 `ForkQueue` decides which task Tune starts next: trunks and plain trials are ready at once (on a
 pretrained init: once their pretrain job's backbone is on disk, `needs`), a branch once its fork
 checkpoint is on disk (or its trunk ended without it: the branch then fails saying so); ready tasks
-go longest critical path first, and only while fewer trials than the cluster holds (`limit`) are
-running or waiting, so a freed gang goes to the queue's choice at that moment. It keeps no state of
+go longest critical path first, and only while fewer trials than the cluster holds now (`limit`) are
+running or waiting, so a freed gang goes to the queue's choice at that moment. Unforked tasks go
+through the queue too (ready at once): the limit follows nodes that join or leave. It keeps no state of
 its own that a restart could lose: what Tune already holds comes from Tune's trial list on every
 step. Pure: no Ray, MLflow, torch.
 """
@@ -172,21 +173,27 @@ class ForkQueue:
         self.known: set[str] = set()  # tasks Tune holds as trials (restored or released by this driver)
         self.ended: set[str] = set()  # tasks whose Tune trial has stopped running for good
         self.active = 0  # Tune trials running or waiting (PENDING) for their resources
+        self.running = 0  # of those, the RUNNING ones (their gangs are placed)
         self.limit: int | None = None  # how many trials the cluster holds at once (None: no bound)
         self.failed_jobs: set[str] = set()  # pretrain jobs that failed: their trials are released to fail
 
     def sync(self, trials: Iterable[tuple[str, str]]) -> None:
         """Tune's current trials as (task id, Tune status); called at the start of every Tune step."""
         ended = set()
-        active = 0
+        active = running = 0
         for task_id, status in trials:
             self.known.add(task_id)
             if status in self.TERMINAL:
                 ended.add(task_id)
             else:
                 active += 1
+                running += status == "RUNNING"
         self.ended = ended  # an errored trunk that a resume restarts is running again
-        self.active = active
+        self.active, self.running = active, running
+
+    def waiting(self) -> int:
+        """Tasks ready to start that the queue holds back (no room on the cluster yet)."""
+        return sum(1 for t in self.order if t["trial_id"] not in self.known and self.ready(t))
 
     def next(self) -> dict[str, Any] | str | None:
         """The ready task to start next, FINISHED when every task is with Tune, or None for "not yet"."""

@@ -15,6 +15,7 @@ from typing import Any
 
 from orchestrator.errors import SpecError
 from orchestrator.expand import Expansion, Trial
+from orchestrator.fit import nodes_of_shape, trials_at_once
 from orchestrator.fork import Trunk, trained_iters
 from orchestrator.spec import SweepSpec
 from trainer.resize import resized_area
@@ -97,17 +98,22 @@ class Makespan:
     bound_h: float  # no schedule ends sooner: max(critical path, GPU-hours / GPUs the slots use)
 
 
-def makespan_bound(exp: Expansion, gpus: int | None = None) -> Makespan:
+def makespan_bound(exp: Expansion, gpus: int | None = None, node: tuple[int, float] | None = None) -> Makespan:
     """Trials at once and the makespan lower bound of the sweep on `gpus` GPUs (whole gangs).
 
     Default cluster: enough GPUs for every task that can start at once (each trunk and unforked
-    trial), where the critical path is the bound.
+    trial), where the critical path is the bound. `node` (GPUs, CPUs of one node): the cluster is
+    gpus/GPUs such nodes and the trials at once are `run`'s count (`orchestrator.fit`: CPUs too,
+    the trial's own bundle included); without it, GPUs alone bound them.
     """
     rows, trunks = plan_rows(exp), trunk_rows(exp)
     g = exp.spec.resources.gpus_per_trial or 1.0  # a CPU trial counts as one device
     if gpus is None:
         gpus = int(g * (len(trunks) + sum(1 for r in rows if r.fork is None)))
-    slots = int(gpus // g + 1e-9)
+    if node is not None:
+        slots = trials_at_once(exp.spec.resources, nodes_of_shape(gpus, *node))
+    else:
+        slots = int(gpus // g + 1e-9)
     wall = {id(r): r.trains_hours / g for r in rows + trunks}  # hours on its own gang
     tail: dict[str, float] = {}
     for r in rows:
@@ -122,21 +128,22 @@ def makespan_bound(exp: Expansion, gpus: int | None = None) -> Makespan:
     return Makespan(gpus, slots, critical, gpu_h, bound)
 
 
-def render_makespan(exp: Expansion, gpus: int | None = None) -> str:
-    m = makespan_bound(exp, gpus)
+def render_makespan(exp: Expansion, gpus: int | None = None, node: tuple[int, float] | None = None) -> str:
+    m = makespan_bound(exp, gpus, node)
     g = exp.spec.resources.gpus_per_trial
     if not g:
         return (f"trials use no GPU: the cluster's CPUs bound them ({exp.spec.resources.cpus_per_trial:g} each); "
                 f"makespan >= critical path {_hours(m.critical_h)} device-h")
+    shape = f" ({m.gpus // node[0]} nodes of {node[0]} GPUs, {node[1]:g} CPUs)" if node else ""
     if m.slots < 1:
-        raise SpecError(f"--gpus {m.gpus}: a cluster of {m.gpus} GPUs cannot hold one trial ({g:g} GPUs per trial, "
-                        "whole gangs)")
-    return (f"cluster of {m.gpus} GPUs: at most {m.slots} trial(s) at a time ({g:g} GPUs each, whole gangs); "
+        raise SpecError(f"--gpus {m.gpus}: a cluster of {m.gpus} GPUs{shape} cannot hold one trial ({g:g} GPUs "
+                        f"per trial, whole gangs)")
+    return (f"cluster of {m.gpus} GPUs{shape}: at most {m.slots} trial(s) at a time ({g:g} GPUs each, whole gangs); "
             f"makespan >= {_hours(m.bound_h)} h = max(critical path {_hours(m.critical_h)} h, "
             f"{_hours(m.gpu_h)} GPU-h / {m.slots * (g or 1):g} GPUs)")
 
 
-def render_plan(exp: Expansion, gpus: int | None = None) -> str:
+def render_plan(exp: Expansion, gpus: int | None = None, node: tuple[int, float] | None = None) -> str:
     spec = exp.spec
     rows, trunks = plan_rows(exp), trunk_rows(exp)
     forked = bool(trunks)
@@ -154,7 +161,7 @@ def render_plan(exp: Expansion, gpus: int | None = None) -> str:
         out.append(_line(f"T{i}", r, width, forked))
     out.append("-" * len(head))
     out.extend(_totals(spec, exp, rows, trunks))
-    out.append(render_makespan(exp, gpus))
+    out.append(render_makespan(exp, gpus, node))
     return "\n".join(out)
 
 
@@ -227,10 +234,10 @@ def h_w(spec: SweepSpec) -> str:
 # `plan --json` and `plan --show TRIAL`
 
 
-def plan_json(exp: Expansion, gpus: int | None = None) -> dict[str, Any]:
+def plan_json(exp: Expansion, gpus: int | None = None, node: tuple[int, float] | None = None) -> dict[str, Any]:
     """What `plan` prints, as data: one dict per trial and trunk, the totals and the makespan bound."""
     rows, trunks = plan_rows(exp), trunk_rows(exp)
-    m = makespan_bound(exp, gpus)
+    m = makespan_bound(exp, gpus, node)
     naive, forked = forked_totals(rows, trunks)
 
     def row(r: PlanRow) -> dict[str, Any]:

@@ -6,18 +6,19 @@ interrupted and errored ones continue from their own checkpoints. Tune pickles t
 (callbacks included) into the experiment and reuses it on restore, so the callback here is a
 stateless shim that forwards to whichever `SweepMonitor` this driver process registered.
 
-With schedule branches the trials are not a fixed grid: a `ForkSearcher` (equally a stateless shim,
-forwarding to this driver's `orchestrator.fork.ForkQueue`) hands Tune each task when it is ready, a
-branch as soon as its trunk's fork checkpoint is on disk, while the trunk trains on. Tune asks it at
-every step; the callback tells the queue, at every step, which tasks Tune already holds as trials
-(restored ones included), so a restarted driver releases nothing twice and loses nothing the killed
-one released. The queue hands out a task only while fewer trials than the cluster holds run or wait
-(`max_concurrent`, re-read by `_Limit`), so a freed gang goes to the queue's choice at that moment.
+The trials are not a fixed grid: a `ForkSearcher` (equally a stateless shim, forwarding to this
+driver's `orchestrator.fork.ForkQueue`) hands Tune each task when it is ready (a branch as soon as
+its trunk's fork checkpoint is on disk, while the trunk trains on) and when the cluster has room
+for it. Tune asks it at every step; the callback tells the queue, at every step, which tasks Tune
+already holds as trials (restored ones included), so a restarted driver releases nothing twice and
+loses nothing the killed one released. The queue hands out a task only while fewer trials than the
+cluster holds now run or wait (`orchestrator.capacity`: free resources of checked nodes, re-read as
+nodes join or leave; with an autoscaler, it also asks for the gangs that wait), so a freed gang goes
+to the queue's choice at that moment.
 
 A DDP trial's resources are its whole gang, one placement group (`trial_resources`; the gang itself
-runs in `orchestrator.gang`); `max_concurrent` counts how many such gangs the alive nodes hold and
-refuses, in one line, a trial that never fits. `check_nodes` runs the shared-storage check
-(`orchestrator.storage`) as one task pinned to each alive node.
+runs in `orchestrator.gang`; the count is `orchestrator.fit`). `check_nodes` runs the shared-storage
+check (`orchestrator.storage`) as one task pinned to each alive node, or to each node that joins.
 
 A preempted attempt is no failure: it first reports event "preempted" (`orchestrator.trial_report`;
 Tune takes reports synchronously), on which the callback allows the trial one more failure, so its
@@ -30,15 +31,15 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 import ray
 from ray import tune
 from ray.tune.search import Searcher
 
 from orchestrator.errors import ClusterError, OrchestratorError
+from orchestrator.fit import gang_bundles
 from orchestrator.monitor import K_EVENT
 from orchestrator.spec import Resources
 from orchestrator.trial_report import K_WARNINGS, PREEMPTED
@@ -47,9 +48,7 @@ logger = logging.getLogger(__name__)
 
 _MONITOR: Any = None  # the SweepMonitor of this driver process (see module docstring)
 _QUEUE: Any = None  # the ForkQueue of this driver process, with schedule branches
-_LIMIT: Any = None  # this driver's view of how many gangs the cluster holds (a _Limit)
-DRIVER_CPU = 0.01  # what a DDP trial's own process holds while its gang's workers hold the rest
-LIMIT_TTL_S = 5.0  # how often the forked queue re-reads how many gangs the (changing) cluster holds
+_LIMIT: Any = None  # this driver's view of the cluster (an orchestrator.capacity.Capacity)
 
 
 def resolve_address(spec_address: str | None) -> str | None:
@@ -114,20 +113,12 @@ def capacity() -> dict[str, float]:
 
 def node_resources() -> list[dict[str, float]]:
     """The total resources of every alive node (what gangs are packed onto)."""
-    return [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
+    return list(alive_nodes().values())
 
 
-def gang_bundles(res: Resources) -> list[dict[str, float]]:
-    """What one trial holds while it runs: its own process, plus one bundle per DDP worker."""
-    if res.workers == 1:
-        one = {"CPU": res.cpus_per_trial}
-        if res.gpus_per_trial:
-            one["GPU"] = res.gpus_per_trial
-        return [one]
-    worker = {"CPU": res.cpus_per_worker}
-    if res.gpus_per_worker:
-        worker["GPU"] = res.gpus_per_worker
-    return [{"CPU": DRIVER_CPU}] + [dict(worker) for _ in range(res.workers)]
+def alive_nodes() -> dict[str, dict[str, float]]:
+    """Node id -> total resources, of every alive node."""
+    return {n["NodeID"]: dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")}
 
 
 def trial_resources(res: Resources) -> Any:
@@ -141,44 +132,10 @@ def trial_resources(res: Resources) -> Any:
     return tune.PlacementGroupFactory(gang_bundles(res), strategy="STRICT_PACK" if res.one_node else "PACK")
 
 
-def gangs_that_fit(bundles: list[dict[str, float]], nodes: list[dict[str, float]], one_node: bool = False,
-                   limit: int = 100_000) -> int:
-    """How many gangs of `bundles` the nodes hold at once: first fit, bundle by bundle (PACK may spread
-    a gang), or the whole gang on one node (`one_node`: STRICT_PACK)."""
-    free = [{k: float(n.get(k, 0.0)) for k in ("CPU", "GPU")} for n in nodes]
-    if one_node:
-        bundles = [{k: sum(b.get(k, 0.0) for b in bundles) for k in ("CPU", "GPU")}]
-    count = 0
-    while count < limit:
-        trial = [dict(f) for f in free]
-        for bundle in sorted(bundles, key=lambda b: (-b.get("GPU", 0.0), -b.get("CPU", 0.0))):
-            node = next((f for f in trial if all(f[k] + 1e-9 >= v for k, v in bundle.items())), None)
-            if node is None:
-                return count
-            for k, v in bundle.items():
-                node[k] -= v
-        free = trial
-        count += 1
-    return count
-
-
-def max_concurrent(res: Resources, nodes: list[dict[str, float]]) -> int:
-    """How many trials the cluster holds at once; a ClusterError (one line) if not even one, ever."""
-    n = gangs_that_fit(gang_bundles(res), nodes, res.one_node)
-    if n < 1:
-        cpus = sum(x.get("CPU", 0.0) for x in nodes)
-        gpus = sum(x.get("GPU", 0.0) for x in nodes)
-        big = max((x.get("GPU", 0.0) for x in nodes), default=0.0)
-        need_cpu = sum(b.get("CPU", 0.0) for b in gang_bundles(res))
-        where = " on one node (resources.one_node)" if res.one_node else ""
-        raise ClusterError(f"the cluster ({len(nodes)} node(s), {cpus:g} CPUs, {gpus:g} GPUs, at most {big:g} GPUs "
-                           f"on one node) cannot hold one trial ({res.workers} worker(s), {need_cpu:g} CPUs, "
-                           f"{res.gpus_per_trial:g} GPUs{where}); lower resources or add nodes")
-    return n
-
-
-def check_nodes(token_path: Path, token: str, paths: list[tuple[str, str]]) -> dict[str, tuple[str, list[str]]]:
-    """One task pinned to each alive node checks the shared storage there; node id -> (host, what it misses)."""
+def check_nodes(token_path: Path, token: str, paths: list[tuple[str, str]],
+                only: Collection[str] | None = None) -> dict[str, tuple[str, list[str]]]:
+    """One task pinned to each alive node (of `only`, if given) checks the shared storage there;
+    node id -> (host, what it misses), for the nodes that miss something."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from orchestrator.storage import check_here
@@ -186,7 +143,8 @@ def check_nodes(token_path: Path, token: str, paths: list[tuple[str, str]]) -> d
     probe = ray.remote(_probe)
     refs = {n["NodeID"]: (n.get("NodeManagerHostname") or n.get("NodeManagerAddress", "?"), probe.options(
         num_cpus=0, max_retries=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
-    ).remote(check_here, str(token_path), token, paths)) for n in ray.nodes() if n.get("Alive")}
+    ).remote(check_here, str(token_path), token, paths)) for n in ray.nodes()
+            if n.get("Alive") and (only is None or n["NodeID"] in only)}
     failures = {}
     for node, (host, ref) in refs.items():
         try:
@@ -208,7 +166,7 @@ class PretrainJobs:
     The driver polls them at every Tune step (`poll`): a finished job's backbone is on disk (its
     done.json), which makes the trials that use it ready in the queue; a failed one is logged in one
     line and its trials are released to fail on the missing backbone rather than wait for ever.
-    `held` is what the running jobs hold, so the queue counts those slots as taken.
+    What a running job holds is not free, so the queue's count of free resources leaves it out.
     """
 
     def __init__(self, jobs: list[tuple[str, dict[str, Any], Resources]], max_retries: int):
@@ -216,7 +174,6 @@ class PretrainJobs:
 
         remote = ray.remote(run_pretrain_job)
         self.refs: dict[str, Any] = {}
-        self.resources = {name: res for name, _, res in jobs}
         self.failed: dict[str, str] = {}
         for name, cfg, res in jobs:
             self.refs[name] = remote.options(num_cpus=res.cpus_per_trial, num_gpus=min(res.gpus_per_trial, 1.0),
@@ -239,14 +196,6 @@ class PretrainJobs:
                 self.failed[name] = f"{type(cause).__name__}: {text.splitlines()[-1] if text else ''}"
                 logger.error("pretrain job %s failed: %s", name, self.failed[name])
 
-    def held(self) -> list[dict[str, float]]:
-        """What the jobs still running hold (a bundle each)."""
-        out = []
-        for name in self.refs:
-            res = self.resources[name]
-            out.append({"CPU": res.cpus_per_trial, "GPU": min(res.gpus_per_trial, 1.0)})
-        return out
-
     def wait(self) -> dict[str, str]:
         """Block until every job ended; job name -> failure (empty when all succeeded)."""
         while self.refs:
@@ -259,43 +208,49 @@ def _trial_name(trial) -> str:
 
 
 def run_tune(sweep_dir: Path, tasks: list[dict[str, Any]], res: Resources, max_failures: int,
-             concurrent: int, monitor: Any, trainable: Any = None, pretrain: PretrainJobs | None = None) -> None:
+             concurrent: int, monitor: Any, trainable: Any = None, pretrain: PretrainJobs | None = None,
+             capacity: Any = None) -> None:
     """Fan the trials out (or restore the sweep's experiment) and block until Tune is done.
 
     `trainable` (default: `trainable.run_trial`) is what each trial runs; bench/cluster_sim.py
     passes a paced stand-in to measure the scheduling alone. `pretrain`: the sweep's pretrain jobs
     still running; the trials that need one of them are released once its backbone is on disk.
+    `capacity`: the driver's `orchestrator.capacity.Capacity` (default: every alive node counts,
+    no autoscaler); `concurrent` is only the figure logged at start.
     """
+    from orchestrator.capacity import Capacity
     from orchestrator.fork import ForkQueue
     from orchestrator.trainable import run_trial
 
     global _MONITOR, _QUEUE, _LIMIT
     _MONITOR = monitor
-    # Tasks that wait for something (a trunk's checkpoint, a pretrain job's backbone) go through the queue.
-    forked = any(t.get("fork") or t.get("needs") for t in tasks)
-    _LIMIT = _Limit(res, concurrent, pretrain)
-    _QUEUE = ForkQueue(tasks) if forked else None
-    if _QUEUE is not None:
-        _QUEUE.limit = _LIMIT.current()
+    _LIMIT = capacity or Capacity(res, set(alive_nodes()), None, pretrain, most=concurrent)
+    _LIMIT.pretrain = pretrain
+    # Every task goes through the queue, forked or not: it releases a task when the cluster has room
+    # for it now (nodes that join count at once) and when it is ready (a trunk's checkpoint, a backbone).
+    _QUEUE = ForkQueue(tasks)
+    _QUEUE.limit = _LIMIT.limit()
     trainable = tune.with_resources(trainable or run_trial, trial_resources(res))
     exp_dir = Path(sweep_dir) / "tune"
+    try:
+        _fit(exp_dir, sweep_dir, trainable, max_failures)
+    finally:
+        _LIMIT.close()
+
+
+def _fit(exp_dir: Path, sweep_dir: Path, trainable: Any, max_failures: int) -> None:
     if tune.Tuner.can_restore(str(exp_dir)):
         logger.info("restoring the sweep's Tune experiment from %s", exp_dir)
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         names = {"trial_name_creator": _trial_name, "trial_dirname_creator": _trial_name}
-        if forked:
-            # num_samples=-1: as many as the searcher hands out, until it says FINISHED. No
-            # max_concurrent_trials: its ConcurrencyLimiter would persist live-trial ids a killed driver
-            # can leave stale; the queue bounds the trials running or waiting itself (`ForkQueue.limit`,
-            # re-read from the cluster as nodes leave or join), and the gang's resources bound them anyway.
-            kwargs: dict[str, Any] = {"tune_config": tune.TuneConfig(search_alg=ForkSearcher(), num_samples=-1,
-                                                                     reuse_actors=True, **names)}
-        else:
-            kwargs = {"param_space": {"trial": tune.grid_search(tasks)},
-                      "tune_config": tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=True, **names)}
+        # num_samples=-1: as many as the searcher hands out, until it says FINISHED. No
+        # max_concurrent_trials: it would be fixed at start, and its ConcurrencyLimiter would persist
+        # live-trial ids a killed driver can leave stale; the queue bounds the trials running or waiting
+        # itself (`ForkQueue.limit`, re-read from the cluster as nodes leave or join).
         tuner = tune.Tuner(
             trainable,
+            tune_config=tune.TuneConfig(search_alg=ForkSearcher(), num_samples=-1, reuse_actors=True, **names),
             run_config=tune.RunConfig(
                 name="tune", storage_path=str(sweep_dir), verbose=0, callbacks=[ForwardToMonitor()],
                 failure_config=tune.FailureConfig(max_failures=max_failures),
@@ -303,43 +258,8 @@ def run_tune(sweep_dir: Path, tasks: list[dict[str, Any]], res: Resources, max_f
                 # older ones between its experiment-state snapshots, and a driver killed in between
                 # leaves a state that names a deleted checkpoint, which Tune then cannot restore.
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=None)),
-            **kwargs,
         )
     tuner.fit()
-
-
-class _Limit:
-    """How many gangs the cluster holds now, re-read every LIMIT_TTL_S (nodes leave and join) and
-    whenever a pretrain job ends (a running job's resources are not there for trials)."""
-
-    def __init__(self, res: Resources, first: int, pretrain: PretrainJobs | None = None):
-        self.res, self.value, self.at, self.pretrain = res, first, None, pretrain
-        self.jobs = -1  # pretrain jobs running at the last count
-
-    def current(self) -> int:
-        if self.pretrain is not None:
-            self.pretrain.poll()
-        held = self.pretrain.held() if self.pretrain is not None else []
-        fresh = self.at is not None and time.monotonic() - self.at < LIMIT_TTL_S
-        if fresh and len(held) == self.jobs:
-            return self.value
-        self.at, self.jobs = time.monotonic(), len(held)
-        n = gangs_that_fit(gang_bundles(self.res), _without(node_resources(), held), self.res.one_node)
-        if n != self.value:
-            why = f" ({len(held)} pretrain job(s) running)" if held else ""
-            logger.info("at most %d trial(s) at a time now%s (was %d)", n, why, self.value)
-            self.value = n
-        return n
-
-
-def _without(nodes: list[dict[str, float]], held: list[dict[str, float]]) -> list[dict[str, float]]:
-    """The nodes' resources less `held` (each bundle taken from the first node that has it)."""
-    free = [dict(n) for n in nodes]
-    for bundle in held:
-        node = next((f for f in free if all(f.get(k, 0.0) + 1e-9 >= v for k, v in bundle.items())), None)
-        for k, v in (bundle.items() if node is not None else ()):
-            node[k] = node.get(k, 0.0) - v
-    return free
 
 
 class ForkSearcher(Searcher):
@@ -350,6 +270,9 @@ class ForkSearcher(Searcher):
 
         if _QUEUE is None:
             return None
+        # With no trial at all Tune asks here once a second, without steps, for up to 10 minutes:
+        # the cluster is re-read here too, or nodes the autoscaler launched would go unseen that long.
+        _refresh(None)
         task = _QUEUE.next()
         if task == FINISHED:
             return Searcher.FINISHED
@@ -398,16 +321,25 @@ class ForwardToMonitor(tune.Callback):
             _MONITOR.on_error(self._tid(trial), final=True, error=_error_text(trial))
 
     def on_step_begin(self, iteration, trials, **info):
-        limit = _LIMIT.current() if _LIMIT is not None else None  # logs when the cluster changed
-        if _QUEUE is not None:  # before Tune asks the searcher for more trials, in the same step
-            _QUEUE.sync((t.config["trial"]["trial_id"], t.status) for t in trials if "trial" in t.config)
-            _QUEUE.limit = limit
-            if _LIMIT is not None and _LIMIT.pretrain is not None:
-                _QUEUE.failed_jobs = set(_LIMIT.pretrain.failed)
+        _refresh(trials)  # before Tune asks the searcher for more trials, in the same step
 
     def on_step_end(self, iteration, trials, **info):
         if _MONITOR is not None:
             _MONITOR.tick()
+
+
+def _refresh(trials: list | None) -> None:
+    """Tell the queue Tune's trials (if given) and the room on the cluster now; show the autoscaler
+    the gangs that wait."""
+    if _QUEUE is None or _LIMIT is None:
+        return
+    if trials is not None:
+        _QUEUE.sync((t.config["trial"]["trial_id"], t.status) for t in trials if "trial" in t.config)
+    _QUEUE.limit = _LIMIT.limit()  # logs when the cluster changed
+    if _LIMIT.pretrain is not None:
+        _QUEUE.failed_jobs = set(_LIMIT.pretrain.failed)
+    if _LIMIT.auto is not None:
+        _LIMIT.demand(_QUEUE.running, _QUEUE.active - _QUEUE.running + _QUEUE.waiting())
 
 
 def _error_text(trial) -> str:

@@ -2,9 +2,11 @@
 
 Order matters: every check that can refuse (spec, trial configs, changed spec, dataset, MLflow URI,
 Ray address) runs before anything is created or launched. Then: the sweep folder, the dataset (if
-the spec generates it), the Ray connection, the pretrain jobs (Ray tasks: they train beside the trials that do not need
-their backbone, while those that do wait in the queue), the MLflow parent run and one child run per
-trial, and the Tune run of the trials, longest first (it keeps the tail short).
+the spec generates it), the Ray connection (and the autoscaler's node types, if it has one: a trial
+none of them could hold is refused there), the pretrain jobs (Ray tasks: they train beside the
+trials that do not need their backbone, while those that do wait in the queue), the MLflow parent
+run and one child run per trial, and the Tune run of the trials, longest first (it keeps the tail
+short), on the nodes alive now and those that join (`orchestrator.capacity`).
 With schedule forking the trunks run as tasks too (no MLflow run of their own), and each branch is
 released to Tune once its trunk's checkpoint at its fork point is on disk (`orchestrator.fork`).
 A SIGTERM to the driver (its own node preempted, a SLURM job's end, `kill`) stops it as Ctrl-C does
@@ -104,7 +106,9 @@ def _check_inputs(exp: Expansion) -> None:
 def run(spec_path: Path, *, storage: Path | None = None, must_exist: bool = False, view: bool = True,
         sets: list[str] | None = None) -> int:
     """Start or resume a sweep; returns 0 when every trial finished, 1 otherwise."""
+    from orchestrator import autoscale
     from orchestrator import ray_backend as rb
+    from orchestrator.capacity import Capacity, most_at_once
     from orchestrator.metric_sync import MetricSync
 
     p = prepare(spec_path, storage, sets)
@@ -116,14 +120,17 @@ def run(spec_path: Path, *, storage: Path | None = None, must_exist: bool = Fals
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     env.update({k: v for k, v in os.environ.items() if k.startswith(FORWARD_PREFIX)})
     rb.connect(p.address, env)
-    concurrent = rb.max_concurrent(spec.resources, rb.node_resources())  # a trial that never fits: refused here
+    auto = autoscale.node_types()  # None: no autoscaler, the alive nodes are the cluster
+    # A trial that never fits (on any node the autoscaler could launch) is refused here.
+    concurrent = most_at_once(spec.resources, auto, rb.node_resources())
     record = p.record or st.create_sweep(sweep_dir, exp, p.spec_text, st.code_version(), p.sets)
     logger.info("%s sweep %s (%d trials, spec hash %s) in %s", "resuming" if p.record else "starting", spec.name,
                 len(exp.trials), exp.spec_hash, sweep_dir)
     if needs_generation(spec.dataset, need_classification=bool(exp.pretrain)):
         generate(spec.dataset)
     check_defects(exp.trials)  # dataset defects: one line before any trial starts
-    _check_storage(exp, sweep_dir)  # every node sees the sweep folder, dataset and weights, or nothing starts
+    # Every node sees the sweep folder, dataset and weights, or nothing starts; nodes that join are checked too.
+    checked, check = _check_storage(exp, sweep_dir)
     # The pretrain jobs train beside the trials that do not need them (those that do wait in the queue
     # for the backbone); MLflow's runs are made meanwhile: a fresh store's migrations and one child
     # run (with all its params) per trial take seconds to a minute on a big grid.
@@ -133,13 +140,14 @@ def run(spec_path: Path, *, storage: Path | None = None, must_exist: bool = Fals
     tasks = _tasks(exp, sweep_dir, backbones, run_ids)
     sync = MetricSync(tracker, sweep_dir, record, run_ids, period=spec.tracking.metric_period).start()
     monitor = SweepMonitor(sweep_dir, record, sync, view=LiveView(enabled=view))
-    logger.info("running %d trials, at most %d at a time; MLflow: %s (experiment %r)", len(tasks), concurrent,
-                p.tracking_uri, spec.name)
+    capacity = Capacity(spec.resources, checked, check, jobs, auto, concurrent)
+    logger.info("running %d trials, at most %d at a time%s; MLflow: %s (experiment %r)", len(tasks), concurrent,
+                " once the autoscaler launched the nodes" if auto else "", p.tracking_uri, spec.name)
     finished = False
     try:
         with sweep_log(sweep_dir), _sigterm_as_ctrl_c() as stopped:  # Ray/Tune: full text in SWEEP/driver.log
             rb.run_tune(sweep_dir, tasks, spec.resources, spec.retry.max_failures, concurrent, monitor,
-                        pretrain=jobs)
+                        pretrain=jobs, capacity=capacity)
             if stopped:
                 raise SweepInterrupted(stopped[0])
             failed = jobs.wait() if jobs is not None else {}
@@ -175,16 +183,19 @@ def _sigterm_as_ctrl_c() -> Iterator[list[int]]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _check_storage(exp: Expansion, sweep_dir: Path) -> None:
+def _check_storage(exp: Expansion, sweep_dir: Path) -> tuple[set[str], Any]:
+    """Check every alive node now; (their ids, the check of nodes that join later)."""
     from orchestrator import ray_backend as rb
     from orchestrator.storage import refusal, shared_paths, write_token
 
     token_path, token = write_token(sweep_dir)
     paths = shared_paths(exp.spec.dataset.root, [t.config for t in [*exp.trials, *exp.forks.trunks]])
-    failures = rb.check_nodes(token_path, token, paths)
+    alive = set(rb.alive_nodes())
+    failures = rb.check_nodes(token_path, token, paths, alive)
     if failures:
         raise refusal(failures)
     logger.info("shared storage: every node sees the sweep folder and %s", ", ".join(p for _, p in paths))
+    return alive, lambda nodes: rb.check_nodes(token_path, token, paths, nodes)
 
 
 def _open_tracking(p: Prepared, record: dict[str, Any]) -> tuple[Any, dict[str, str]]:

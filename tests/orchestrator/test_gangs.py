@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.errors import ClusterError
-from orchestrator.ray_backend import _without, gang_bundles, gangs_that_fit, max_concurrent, trial_resources
+from orchestrator.fit import gang_bundles, gangs_that_fit, max_concurrent, without
+from orchestrator.ray_backend import trial_resources
 from orchestrator.spec import Resources
 
 NODE = {"CPU": 3.0, "GPU": 2.0}
@@ -55,5 +56,5 @@ def test_running_pretrain_jobs_hold_trial_slots():
     nodes = [{"CPU": 2.0, "GPU": 0.0}, {"CPU": 1.0, "GPU": 0.0}]
     one_cpu = gang_bundles(Resources(gpus_per_trial=0, cpus_per_trial=1))
     assert gangs_that_fit(one_cpu, nodes) == 3
-    held = _without(nodes, [{"CPU": 1.0, "GPU": 0.0}, {"CPU": 1.0, "GPU": 0.0}])
+    held = without(nodes, [{"CPU": 1.0, "GPU": 0.0}, {"CPU": 1.0, "GPU": 0.0}])
     assert gangs_that_fit(one_cpu, held) == 1 and nodes[0]["CPU"] == 2.0  # the input is not changed

@@ -1,0 +1,251 @@
+"""Benchmark: the paper grid's shape on Ray's fake autoscaler, with preemptions injected (issue 24, item 5).
+
+The tasks are `bench/cluster_sim.py`'s (the paper grid expanded and forked as `run` does: 20 trunks +
+120 branches, each lasting its planned gang-hours scaled so the makespan bound is `--bound-s`
+seconds), run through the orchestrator's own `ray_backend.run_tune` with the driver's
+`capacity.Capacity` on Ray's fake autoscaler (`tests/orchestrator/fake_autoscaler.py`: a head
+without GPUs, a worker type of `--node-gpus` declared GPUs, min 0, max `--nodes`). Each task here
+checkpoints its progress every `--ckpt` planned iterations (a file; a retried attempt resumes from
+it) and notes the step it reached, so the work a preemption costs is measured, not assumed.
+
+Preemptions arrive at `--rate` per node-hour of the plan's scaled schedule (their count is
+rate x nodes x bound hours, at seeded random times from 10% to 80% of the bound after the first gang
+is placed), each on a GPU node running a task:
+  without notice   the node's trial processes are killed (SIGKILL): their gangs fail and are retried
+                   from their newest checkpoint. (Not the whole node: Ray's fake provider keeps a killed
+                   node listed as pending for ever, so its autoscaler never replaces it and the sweep
+                   would stall; `tests/orchestrator/test_autoscaling_ray.py` kills a whole node where a
+                   replacement fits under max_workers.)
+  with notice      SIGTERM to the node's trial processes (what a platform sends before its hard kill).
+                   The trial-side handling (checkpoint at the current iteration, exit as preempted) is
+                   issue 24 part A, in `trainer/` and the gang; this stand-in trial does not run the
+                   trainer, so here SIGTERM kills it and this arm behaves as the one without notice.
+                   (To measure part A, the stand-in would have to checkpoint on SIGTERM as it does.)
+Printed per arm: makespan beside the bound, preemptions, planned iterations and GPU-hours redone per
+preemption, GPU nodes launched and removed. MLflow is not in this loop (the stand-in trials log no
+metrics), so duplicate MLflow points are not measured here; the Ray tests check them on real trials.
+
+    python bench/spot_sim.py                 # 32 GPUs (2 nodes x 16), bound 30 s, ckpt 5k and 20k iters
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.cluster_sim import STEP_S, build_tasks  # noqa: E402  (after the path is set)
+
+
+def spot_trial(config: dict[str, Any]) -> None:
+    """Tune trainable: one task paced to its scaled length, resuming from its own progress checkpoint."""
+    import numpy as np
+    from ray import tune
+
+    task = config["trial"]
+    sim = task["sim"]
+    done, reached = Path(sim["progress"]), Path(sim["progress"] + ".reached")
+    start = _step(done)
+    lost = max(0, _step(reached) - start)  # what the killed attempt did past its checkpoint
+    with open(sim["log"], "a") as fh:
+        fh.write(json.dumps({"name": task["name"], "attempt_from": start, "lost_steps": lost, "t": time.time()}) + "\n")
+    t0 = time.time() - start * STEP_S
+    x = np.full((32, 32), 1e-3)
+    marks = {int(k): v for k, v in sim["forks"].items()}
+    for step in range(start + 1, sim["steps"] + 1):
+        x = x @ x + 1e-3
+        time.sleep(max(0.0, t0 + step * STEP_S - time.time()))
+        _put(reached, step)
+        if step in marks:
+            Path(marks[step]).touch()
+        if step % sim["ckpt_steps"] == 0:
+            _put(done, step)
+    with open(sim["log"], "a") as fh:
+        fh.write(json.dumps({"name": task["name"], "end": time.time()}) + "\n")
+    tune.report({"done": 1.0})
+
+
+def _step(path: Path) -> int:
+    """A step number from a progress file (0 if absent, or caught mid-write by a kill)."""
+    try:
+        return int(path.read_text() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def _put(path: Path, step: int) -> None:
+    """Write a step number atomically (a kill leaves the old or the new one)."""
+    tmp = Path(f"{path}.tmp")  # not with_suffix: trial names have dots (imagenet-3.5k-...)
+    tmp.write_text(str(step))
+    tmp.replace(path)
+
+
+def _with_checkpoints(tasks: list[dict[str, Any]], folder: Path, ckpt_iters: int) -> None:
+    (folder / "progress").mkdir()
+    for t in tasks:
+        sim = t["sim"]
+        iters = t["total"] - (t.get("fork") or {}).get("at", 0)
+        per_step = max(1.0, iters / sim["steps"])
+        sim.update(progress=str(folder / "progress" / t["name"]), ckpt_steps=max(1, round(ckpt_iters / per_step)),
+                   iters_per_step=per_step)
+
+
+class Injector(threading.Thread):
+    """Preempts a GPU node running a task at each of `times` (seconds after start)."""
+
+    def __init__(self, sid: int, times: list[float], notice: bool, seed: int):
+        super().__init__(daemon=True)
+        self.sid, self.times, self.notice, self.rng = sid, times, notice, random.Random(seed)
+        self.done: list[tuple[float, str]] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        import ray
+
+        from tests.orchestrator.fake_autoscaler import node_pids
+
+        while not _busy_nodes():  # the times count from the first gang placed (nodes take a while to come)
+            if self.stop.wait(0.5):
+                return
+        t0 = time.time()
+        for at in self.times:
+            if self.stop.wait(max(0.0, t0 + at - time.time())):
+                return
+            busy = _busy_nodes()
+            if not busy:
+                continue
+            node = self.rng.choice(busy)
+            trials = [p for p in node_pids(self.sid, node) if _is_worker(p)]
+            for pid in trials:
+                try:
+                    os.kill(pid, signal.SIGTERM if self.notice else signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            self.done.append((time.time() - t0, node[-5:]))
+
+
+def _busy_nodes() -> list[str]:
+    """Alive GPU nodes where some GPU is held (a gang runs there)."""
+    import ray
+
+    free = ray._private.state.available_resources_per_node()
+    return [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU", 0.0)
+            > free.get(n["NodeID"], {}).get("GPU", 0.0)]
+
+
+def _is_worker(pid: int) -> bool:
+    """A Ray worker running a task or actor (a trial): not an idle worker, not the node's agents."""
+    try:
+        name = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+    except OSError:
+        return False
+    return name.startswith(b"ray::") and b"Agent" not in name and name != b"ray::IDLE"
+
+
+def one_arm(address: str, sid: int, args: argparse.Namespace, notice: bool, ckpt: int) -> dict[str, Any]:
+    import ray
+
+    from orchestrator import autoscale
+    from orchestrator import ray_backend as rb
+    from orchestrator.capacity import Capacity, most_at_once
+    from orchestrator.expand import expand
+    from orchestrator.plan import makespan_bound
+    from orchestrator.spec import load_spec
+
+    gpus = args.nodes * args.node_gpus
+    folder = Path(tempfile.mkdtemp(prefix="spot-sim-"))
+    (folder / "marks").mkdir()
+    tasks, res, scale = build_tasks(gpus, args.bound_s, folder)
+    _with_checkpoints(tasks, folder, ckpt)
+    bound_h = makespan_bound(expand(load_spec(REPO / "sweeps" / "paper_grid.yaml")), gpus).bound_h
+    count = round(args.rate * args.nodes * bound_h)
+    rng = random.Random(args.seed)
+    times = sorted(rng.uniform(0.1, 0.8) * args.bound_s for _ in range(count))
+    before = {n["NodeID"] for n in ray.nodes()}  # alive or gone: the nodes of earlier arms
+    auto = autoscale.node_types()
+    most = most_at_once(res, auto, rb.node_resources())
+    capacity = Capacity(res, set(rb.alive_nodes()), None, None, auto, most)
+    injector = Injector(sid, times, notice, args.seed)
+    t0 = time.time()
+    injector.start()
+    try:
+        rb.run_tune(folder, tasks, res, args.max_failures, most, None, trainable=spot_trial, capacity=capacity)
+    finally:
+        injector.stop.set()
+    wall = time.time() - t0
+    time.sleep(args.idle_wait)  # idle nodes go after the autoscaler's idle timeout
+    nodes = [n for n in ray.nodes() if n["NodeID"] not in before]  # a gone node lists no resources
+    rows = [json.loads(x) for x in (folder / "tasks.jsonl").read_text().splitlines()]
+    ends = [r["end"] for r in rows if "end" in r]
+    starts = [r["t"] for r in rows if "t" in r]
+    per_step = {t["name"]: t["sim"]["iters_per_step"] for t in tasks}
+    lost_iters = sum(r["lost_steps"] * per_step[r["name"]] for r in rows if r.get("lost_steps"))
+    lost_gpu_h = sum(r["lost_steps"] * STEP_S for r in rows if r.get("lost_steps")) / scale * res.gpus_per_trial
+    n = max(1, len(injector.done))
+    return {"notice": notice, "ckpt": ckpt, "makespan": max(ends) - min(starts), "wall": wall,
+            "bound": args.bound_s, "preemptions": len(injector.done), "planned": count,
+            "lost_iters": lost_iters / n, "lost_gpu_h": lost_gpu_h / n, "finished": len(ends), "tasks": len(tasks),
+            "launched": len(nodes), "removed": sum(1 for x in nodes if not x["Alive"]), "rate": args.rate}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--nodes", type=int, default=2, help="max GPU nodes the autoscaler may launch")
+    ap.add_argument("--node-gpus", type=int, default=16)
+    ap.add_argument("--bound-s", type=float, default=30.0)
+    ap.add_argument("--rate", type=float, default=0.002, help="preemptions per node-hour of the plan's schedule")
+    ap.add_argument("--ckpt", type=int, nargs=2, default=[5000, 20000], help="two checkpoint periods (iterations)")
+    ap.add_argument("--max-failures", type=int, default=20)
+    ap.add_argument("--idle-wait", type=float, default=20.0)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    import ray
+
+    from tests.orchestrator.conftest import auth_disabled
+    from tests.orchestrator.fake_autoscaler import fake_cluster
+
+    workers = {"gpu": {"resources": {"CPU": args.node_gpus * 6, "GPU": args.node_gpus}, "max_workers": args.nodes}}
+    results = []
+    with tempfile.TemporaryDirectory(prefix="spot-cluster-") as tmp, auth_disabled():
+        with fake_cluster(Path(tmp), workers, head_cpus=2, max_workers=args.nodes, idle_min=0.1) as (address, sid):
+            ray.init(address=address, log_to_driver=False, configure_logging=False,
+                     runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+            try:
+                for notice in (False, True):
+                    for ckpt in args.ckpt:
+                        results.append(one_arm(address, sid, args, notice, ckpt))
+            finally:
+                ray.shutdown()
+    _print(results, args)
+    return 0 if all(r["finished"] == r["tasks"] for r in results) else 1
+
+
+def _print(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    print(f"paper grid shape (20 trunks + 120 branches, 8-GPU gangs) on a fake autoscaler: head without GPUs, "
+          f"up to {args.nodes} nodes x {args.node_gpus} declared GPUs; lengths scaled to a {args.bound_s:g} s bound; "
+          f"preemptions at {args.rate:g} per node-hour of the plan")
+    print(f"{'notice':>6}  {'ckpt':>6}  {'makespan s':>10}  {'bound s':>7}  {'ratio':>5}  {'preempt.':>8}  "
+          f"{'iters redone/pre.':>17}  {'GPU-h redone/pre.':>17}  {'launched':>8}  {'removed':>7}  {'done':>7}")
+    for r in results:
+        print(f"{'yes' if r['notice'] else 'no':>6}  {r['ckpt']:>6}  {r['makespan']:>10.1f}  {r['bound']:>7.1f}  "
+              f"{r['makespan'] / r['bound']:>5.2f}  {r['preemptions']:>8}  {r['lost_iters']:>17,.0f}  "
+              f"{r['lost_gpu_h']:>17.1f}  {r['launched']:>8}  {r['removed']:>7}  {r['finished']:>3}/{r['tasks']}")
+    print("duplicate MLflow points: not measured (the stand-in trials log no metrics)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
