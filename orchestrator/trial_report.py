@@ -75,8 +75,10 @@ class TuneReporter(Reporter):
         self.start_iter = self.last_step = info.start_iter
         if info.tracking.get("trial_id") not in (None, self.task["trial_id"]):
             info.tracking.clear()  # restored from the trunk's checkpoint: its tracking dict is the trunk's
-        # The first attempt stores the run id; later attempts read it back from the checkpoint.
-        self.run_id = info.tracking.setdefault("mlflow_run_id", self.run_id)
+        # The run is made by the driver when the trial starts (`metric_sync`), so an attempt launched before
+        # it existed knows no id (""); the id the driver knows now wins over one the checkpoint kept.
+        self.run_id = self.run_id or info.tracking.get("mlflow_run_id", "")
+        info.tracking["mlflow_run_id"] = self.run_id
         info.tracking.setdefault("trial_id", self.task["trial_id"])
         row = {"attempt": self.attempt, "start_iter": info.start_iter, "time": time.time(),
                "host": socket.gethostname(), "pid": os.getpid(), "run_id": self.run_id, **self.placement}

@@ -129,8 +129,10 @@ def test_driver_killed_while_trunk_and_branch_run(tmp_path, ray_cluster):
         tries = attempts(sweep, name)
         assert not any("skipped" in a for a in tries), name  # Tune never held a task twice
         assert sum("forked_from" in a for a in tries) == 1, (name, tries)  # forked exactly once
-        # Its own MLflow run throughout, though it started from the trunk's checkpoint (and tracking dict).
-        assert {a["run_id"] for a in tries} == {ml["children"][name].info.run_id}, name
+        # Its own MLflow run throughout, though it started from the trunk's checkpoint (and tracking dict):
+        # check_children found one run per trial; an attempt names that run, or none when it was launched
+        # before the driver made the run (runs are made when their trial starts).
+        assert {a["run_id"] for a in tries} - {""} <= {ml["children"][name].info.run_id}, name
     # The killed branch continued from its own checkpoint, the killed trunk from its own.
     resumed = [a for a in attempts(sweep, "random-all-1x-R18") if a["time"] > killed_at]
     assert resumed and resumed[0]["start_iter"] >= 3 and "forked_from" not in resumed[0]
