@@ -54,6 +54,15 @@ def count_arrivals(server: MlflowServer, sweep: Path, experiment: str) -> dict:
             missing[name] = sorted(want - have)[:5]
         if have - want:
             extra[name] = sorted(have - want)[:5]
+    # The sweep's own run holds one summary point per trial and task: its final AP (`final/<trial>/bbox_AP`).
+    parent = [rid for rid, _, _, role in runs if role == "sweep"]
+    want_keys = {f"final/{name}/{key}" for name in children for key in ("bbox_AP", "segm_AP")}
+    have_keys = [k for k, _ in server.points(parent[0])] if parent else []
+    expected_total += len(want_keys)
+    if want_keys - set(have_keys):
+        missing["(sweep)"] = sorted(want_keys - set(have_keys))[:5]
+    if set(have_keys) - want_keys:
+        extra["(sweep)"] = sorted(set(have_keys) - want_keys)[:5]
     return {"runs": len(runs), "children": children, "expected_points": expected_total, "missing": missing,
             "extra": extra, "rows": server.query("SELECT COUNT(*) FROM metrics")[0][0],
             "duplicates": server.duplicates()}
