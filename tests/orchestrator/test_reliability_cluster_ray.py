@@ -98,7 +98,8 @@ def test_lost_worker_node_trial_resumes_on_another(tmp_path, gpu_cluster):
     assert again[0]["node_id"] != first["node_id"] and again[0]["gpu_ids"], again
     ml = mlflow_contents(tmp_path, "tiny")
     check_children(ml, {NAME: EVALS})
-    assert {a["run_id"] for a in tries} == {ml["children"][NAME].info.run_id}
+    # One run per trial (check_children); an attempt names it, or none when launched before the driver made it.
+    assert {a["run_id"] for a in tries} - {""} <= {ml["children"][NAME].info.run_id}
     assert duplicate_points(tmp_path) == []
     # A logical GPU from Ray does not pull a `runtime.device: cpu` trial onto CUDA.
     segments = (sweep / "trials" / NAME / "segments.jsonl").read_text()
@@ -155,7 +156,8 @@ def test_whole_cluster_stopped_mid_sweep_then_started_again(tmp_path):
     assert len(again) == 1 and again[0]["start_iter"] == stopped_iter >= 3, tries
     ml = mlflow_contents(tmp_path, "tiny")
     check_children(ml, {NAME: EVALS})
-    assert {a["run_id"] for a in tries} == {ml["children"][NAME].info.run_id}
+    # One run per trial (check_children); an attempt names it, or none when launched before the driver made it.
+    assert {a["run_id"] for a in tries} - {""} <= {ml["children"][NAME].info.run_id}
     assert duplicate_points(tmp_path) == []
     rows = sum(len(v) for v in ml["history"][NAME].values())
     print(f"reliability: stopped the whole cluster with the trial past checkpoint {stopped_iter} (driver "

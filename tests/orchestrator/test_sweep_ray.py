@@ -33,7 +33,8 @@ def test_sweep_finishes_and_a_failed_trial_resumes_into_its_run(tmp_path, ray_cl
     # The failed trial ran twice: from scratch, then from its iteration-3 checkpoint, into the same run.
     tries = attempts(sweep, "random-8-1x-R18")
     assert [a["start_iter"] for a in tries] == [0, 3]
-    assert {a["run_id"] for a in tries} == {ml["children"]["random-8-1x-R18"].info.run_id}
+    # One run per trial (check_children); an attempt names it, or none when launched before the driver made it.
+    assert {a["run_id"] for a in tries} - {""} <= {ml["children"]["random-8-1x-R18"].info.run_id}
     assert [a["start_iter"] for a in attempts(sweep, "random-all-1x-R18")] == [0]
     for name in ("random-all-1x-R18", "random-8-1x-R18"):  # keep_checkpoints: final (the default)
         assert [p.name for p in (sweep / "trials" / name / "checkpoints").iterdir()] == ["ckpt_0000006.pt"]
