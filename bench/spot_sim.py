@@ -287,14 +287,15 @@ def one_arm(address: str, sid: int, args: argparse.Namespace, notice: bool, ckpt
     for name, c in odd.items():  # what the driver saw of a task that ended twice or never
         logging.warning("%s: %d end rows; driver saw %s; its rows %s", name, c, tally.events.get(ids[name]),
                         [r for r in rows if r["name"] == name])
-    starts = [r["t"] for r in rows if "t" in r]
+    starts = [r["t"] for r in rows if "attempt_from" in r or "skipped" in r]  # one per attempt
     per_step = {t["name"]: t["sim"]["iters_per_step"] for t in tasks}
     lost_iters = sum(r["lost_steps"] * per_step[r["name"]] for r in rows if r.get("lost_steps"))
     lost_gpu_h = sum(r["lost_steps"] * STEP_S for r in rows if r.get("lost_steps")) / scale * res.gpus_per_trial
-    n = max(1, len(injector.done))
+    n = max(1, len(starts) - len(tasks))  # attempts a preemption stopped (each is retried once more)
     return {"notice": notice, "ckpt": ckpt, "makespan": max(ends) - min(starts), "wall": wall,
             "bound": args.bound_s, "preemptions": len(injector.done), "planned": count,
-            "lost_iters": lost_iters / n, "lost_gpu_h": lost_gpu_h / n, "finished": len(ends), "tasks": len(tasks), "odd": odd,
+            "lost_iters": lost_iters / n, "lost_gpu_h": lost_gpu_h / n, "stopped": len(starts) - len(tasks),
+            "finished": len(ends), "tasks": len(tasks), "odd": odd,
             "errored": sorted(n for n, tid in ids.items() if "error" in tally.events.get(tid, [])),
             "noticed": sum(1 for r in rows if "preempted_at" in r), "load": os.getloadavg(),
             "launched": len(nodes), "removed": sum(1 for x in nodes if not x["Alive"]), "rate": args.rate}
@@ -325,9 +326,11 @@ def main() -> int:
             ray.init(address=address, log_to_driver=False, configure_logging=False,
                      runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
             try:
-                for notice in (False, True):
-                    for ckpt in args.ckpt:
-                        results.append(one_arm(address, sid, args, notice, ckpt))
+                # First an arm without preemptions: what the makespan is here before any is injected.
+                arms = [(False, args.ckpt[0], 0.0)] + [(n, c, args.rate) for n in (False, True) for c in args.ckpt]
+                for notice, ckpt, rate in arms:
+                    results.append(one_arm(address, sid, argparse.Namespace(**{**vars(args), "rate": rate}),
+                                           notice, ckpt))
             finally:
                 ray.shutdown()
     _print(results, args)
@@ -338,14 +341,14 @@ def _print(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
     print(f"paper grid shape (20 trunks + 120 branches, 8-GPU gangs) on a fake autoscaler: head without GPUs, "
           f"up to {args.nodes} nodes x {args.node_gpus} declared GPUs; lengths scaled to a {args.bound_s:g} s bound; "
           f"preemptions at {args.rate:g} per node-hour of the plan")
-    print(f"{'notice':>6}  {'ckpt':>6}  {'makespan s':>10}  {'bound s':>7}  {'ratio':>5}  {'preempt.':>8}  "
-          f"{'iters redone/pre.':>17}  {'GPU-h redone/pre.':>17}  {'launched':>8}  {'removed':>7}  {'done':>7}  "
-          f"{'stopped on notice':>17}  load 1/5/15 min")
+    print(f"{'rate':>5}  {'notice':>6}  {'ckpt':>6}  {'makespan s':>10}  {'bound s':>7}  {'ratio':>5}  "
+          f"{'preempt.':>8}  {'stopped':>7}  {'iters redone/stop':>17}  {'GPU-h redone/stop':>17}  "
+          f"{'launched':>8}  {'removed':>7}  {'done':>7}  {'stopped on notice':>17}  load 1/5/15 min")
     for r in results:
-        print(f"{'yes' if r['notice'] else 'no':>6}  {r['ckpt']:>6}  {r['makespan']:>10.1f}  {r['bound']:>7.1f}  "
-              f"{r['makespan'] / r['bound']:>5.2f}  {r['preemptions']:>8}  {r['lost_iters']:>17,.0f}  "
-              f"{r['lost_gpu_h']:>17.1f}  {r['launched']:>8}  {r['removed']:>7}  {r['finished']:>3}/{r['tasks']}  "
-              f"{r['noticed']:>17}  {'/'.join(f'{x:.1f}' for x in r['load'])}")
+        print(f"{r['rate']:>5g}  {'yes' if r['notice'] else 'no':>6}  {r['ckpt']:>6}  {r['makespan']:>10.1f}  "
+              f"{r['bound']:>7.1f}  {r['makespan'] / r['bound']:>5.2f}  {r['preemptions']:>8}  {r['stopped']:>7}  "
+              f"{r['lost_iters']:>17,.0f}  {r['lost_gpu_h']:>17.1f}  {r['launched']:>8}  {r['removed']:>7}  "
+              f"{r['finished']:>3}/{r['tasks']}  {r['noticed']:>17}  {'/'.join(f'{x:.1f}' for x in r['load'])}")
     for r in results:
         if r["odd"] or r["errored"]:
             print(f"  {'notice' if r['notice'] else 'no notice'}, ckpt {r['ckpt']}: end rows not 1 {r['odd']}; "
