@@ -149,3 +149,21 @@ def wait_unlocked(folder: Path, timeout: float = 120) -> None:
             except BlockingIOError:
                 assert time.time() < deadline, f"{folder} still locked after {timeout:.0f}s"
                 time.sleep(0.5)
+
+
+def uninterrupted_run(trial: Path, out: Path, world: int = 2) -> dict:
+    """A trial's config (its config.yaml) trained uninterrupted from scratch by `world` gloo ranks of the
+    trainer alone into `out`: {"final": final metrics, "rows": metrics.jsonl lines}. A forked branch's
+    config is its whole schedule (the fork is task metadata), so this is also the unforked run."""
+    import torch.multiprocessing as mp
+    import yaml
+
+    from tests.trainer.test_ddp import _port
+    from tests.trainer.test_preemption import _rank
+
+    cfg = yaml.safe_load((trial / "config.yaml").read_text())
+    cfg["runtime"]["output_dir"] = str(out)
+    mp.spawn(_rank, args=(world, _port(), cfg, False, False), nprocs=world, join=True)
+    return {"final": json.loads((out / "final_metrics.json").read_text()),
+            "rows": (out / "metrics.jsonl").read_text().splitlines()}
+

@@ -4,12 +4,16 @@ A forked sweep at `gpus_per_trial: 2` (2 trunks + 4 branches) starts with no GPU
 (`ray.autoscaler.sdk.request_resources`, in queue order) gets nodes launched, each is storage-checked
 as it joins, trials start on them, two gangs run at once on two launched nodes, the queue's order
 holds, and when the sweep ends no placement group or resource request is left, so the idle nodes
-go. The timeline (nodes, placement groups, request; gangs from the trials' gang.jsonl) is printed
+go. In that same sweep (one cluster start), with `retry.max_failures: 0`, the trunk of the `all` cell
+gets a preemption notice mid-trial (SIGTERM to its trial process, which passes it to both ranks): it
+stops at the iteration it reached with that checkpoint, resumes on a launched node, is not counted
+as a failure, and its branches end exactly as the trainer alone ends uninterrupted. The timeline (nodes, placement groups, request; gangs from the trials' gang.jsonl) is printed
 as `autoscaling:` lines (pytest -s): the closing note of issue 24 quotes it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -19,17 +23,19 @@ import pytest
 
 from tests.orchestrator.conftest import tiny_spec, write_spec
 from tests.orchestrator.fake_autoscaler import HEAD_ID, Timeline, fake_cluster, node_pids
-from tests.orchestrator.sweep_utils import (check_children, duplicate_points, mlflow_contents, start_driver,
-                                            wait_for)
+from tests.orchestrator.sweep_utils import (attempts, check_children, duplicate_points, mlflow_contents,
+                                            start_driver, uninterrupted_run, wait_for)
 from tests.orchestrator.test_gangs_ray import (EVALS, GRID, LOST, _checkpointed, _curve, _gang_rows, _intervals,
                                                _peak, _release_groups)
+from tests.orchestrator.test_preemption_ray import _steps
 from tests.plugins.faults import FAULTS
 
 pytestmark = pytest.mark.slow
 
 GPU2 = {"gpu2": {"resources": {"CPU": 2, "GPU": 2}, "max_workers": 2}}
 GANG = {"cpus_per_trial": 1, "gpus_per_trial": 2}
-REFERENCE: dict = {}  # the uninterrupted run of LOST (a branch of the first test's sweep)
+TRUNK = "random-all-trunk-R18"  # trains 0..8 (LOST forks at 8); preempted with notice in the sweep test
+REFERENCE: dict = {}  # LOST's uninterrupted run (trainer alone) and its curve in the first test's sweep
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +56,15 @@ def _gangs_on(rows: dict[str, list[dict]]) -> list[tuple[float, float, str, str]
 def test_sweep_grows_from_no_gpu_node_and_lets_the_nodes_go(tmp_path, autoscaling_cluster):
     address, _ = autoscaling_cluster
     spec = tiny_spec(tmp_path, name="auto", grid=GRID, fork_schedules=True, resources=GANG,
-                     base__optim__batch_size=2, base__runtime__log_period=1)
-    log = tmp_path / "driver.log"
+                     retry={"max_failures": 0}, base__optim__batch_size=2, base__runtime__log_period=1)
+    log, sweep = tmp_path / "driver.log", tmp_path / "runs" / "auto"
     with Timeline(address) as timeline:
         assert timeline.rows[0][1] == ()  # no GPU node when the sweep starts
         driver = start_driver(["run", str(write_spec(tmp_path, spec)), "--no-view"], log,
-                              env={"RAY_ADDRESS": address, "RAY_AUTH_MODE": "disabled"})
+                              env={"RAY_ADDRESS": address, "RAY_AUTH_MODE": "disabled", **FAULTS,
+                                   "ORCHESTRATOR_DELAY": f"{TRUNK}@0.5"})
         try:
+            notice = _notice_mid_trial(driver, sweep / "trials" / TRUNK, log)
             assert driver.wait(timeout=1200) == 0, log.read_text()[-4000:]
         finally:
             driver.kill()
@@ -84,15 +92,49 @@ def test_sweep_grows_from_no_gpu_node_and_lets_the_nodes_go(tmp_path, autoscalin
     last = timeline.rows[-1]
     assert all(state == "REMOVED" for state, _ in last[2]) and last[3] == 0, timeline.render()
     assert last[1] == (), timeline.render()
-    check_children(mlflow_contents(tmp_path, "auto"), EVALS)
+    check_children(mlflow_contents(tmp_path, "auto"), EVALS)  # every point once, none missing
     assert duplicate_points(tmp_path) == []
-    REFERENCE.update(final=(tmp_path / "runs" / "auto" / "trials" / LOST / "final_metrics.json").read_text(),
+    lost = _check_notice(sweep, notice, rows[TRUNK])
+    REFERENCE.update(final=json.dumps(uninterrupted_run(sweep / "trials" / LOST, tmp_path / "reference")["final"]),
                      curve=_curve(tmp_path, "auto", LOST))
+    assert json.loads((sweep / "trials" / LOST / "final_metrics.json").read_text()) == json.loads(REFERENCE["final"])
     launched = sorted({n for row in timeline.rows for n in row[1]})
     print(f"autoscaling: sweep of 6 tasks in {ended - t0:.0f}s; GPU nodes launched {launched}; peak 2 gangs at "
           f"once; queue order {[n for _, n, _ in released]}")
+    print(f"autoscaling: preemption with notice: {TRUNK}'s trial process SIGTERMed {notice['sent'] - t0:.0f}s in, "
+          f"at iteration >= {notice['seen']}; stopped at {lost['at']} ({lost['took']:.1f} s after the signal), resumed "
+          f"from {lost['from']} on {lost['nodes']}: {lost['lost']} iteration(s) lost; max_failures 0; its branch "
+          f"{LOST} ends as the trainer alone does uninterrupted")
     print("autoscaling: gangs " + "; ".join(f"{n} on {nodes} {s - t0:.0f}-{e - t0:.0f}s" for s, e, n, nodes in gangs))
     print("autoscaling: cluster timeline\n" + timeline.render())
+
+
+def _notice_mid_trial(driver, trial, log) -> dict:
+    """Once the trial logged 3 steps, SIGTERM its trial process (Tune's actor: rank 0's bundle), as a
+    platform does before reclaiming a node; returns the step it had reached and when."""
+    wait_for(driver, lambda: len(_steps(trial)) >= 3, log)
+    pid = [r for r in attempts(trial.parents[1], trial.name) if "pid" in r][-1]["pid"]
+    seen, sent = max(_steps(trial)), time.time()
+    os.kill(pid, signal.SIGTERM)
+    return {"seen": seen, "sent": sent}
+
+
+def _check_notice(sweep, notice: dict, gang_rows: list[dict]) -> dict:
+    """The trunk stopped at the step it reached (at most one past), resumed from exactly there in the same
+    MLflow run on a launched node, counted as a preemption, not a failure (max_failures 0)."""
+    rows = attempts(sweep, TRUNK)
+    cut, starts = [r for r in rows if "preempted_at" in r], [r for r in rows if "start_iter" in r]
+    assert len(cut) == 1 and len(starts) == 2, rows
+    at = cut[0]["preempted_at"]
+    assert notice["seen"] <= at <= notice["seen"] + 1, (notice, cut)
+    assert starts[1]["start_iter"] == at and starts[0]["run_id"] == starts[1]["run_id"], starts
+    again = [r for r in gang_rows if "gang_start" in r and r["gang_start"] > notice["sent"]]
+    assert len(again) == 1 and HEAD_ID not in again[0]["nodes"], gang_rows
+    state = json.loads((sweep / "state.json").read_text())["trials"]
+    row = next(r for r in state.values() if r["name"] == TRUNK)
+    assert row["status"] == "FINISHED" and row.get("preemptions") == 1, row
+    return {"at": at, "from": starts[1]["start_iter"], "lost": at - starts[1]["start_iter"],
+            "took": cut[0]["time"] - notice["sent"], "nodes": "+".join(n[-5:] for n in again[0]["nodes"])}
 
 
 def test_node_killed_without_notice_resumes_on_a_launched_node(tmp_path, autoscaling_cluster):
@@ -100,7 +142,6 @@ def test_node_killed_without_notice_resumes_on_a_launched_node(tmp_path, autosca
     its node is SIGKILLed (a spot node gone without notice). The gang restarts whole from the newest
     checkpoint on a node the autoscaler provides, into the same MLflow run, and ends as the uninterrupted
     run of the first test did."""
-    import json
 
     address, sid = autoscaling_cluster
     spec = tiny_spec(tmp_path, name="lost", grid={**GRID, "data": ["all"], "schedule": ["2x"]}, resources=GANG,
@@ -148,7 +189,5 @@ def test_node_killed_without_notice_resumes_on_a_launched_node(tmp_path, autosca
 
 def _reached(path) -> int:
     """The newest iteration a trial logged (metrics.jsonl rows: {"step": i, ...})."""
-    import json
-
     steps = [json.loads(x).get("step", 0) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
     return max(steps, default=0)

@@ -18,15 +18,12 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-import torch.multiprocessing as mp
 import yaml
 
 from tests.orchestrator.conftest import auth_disabled, cli, kill_node, start_node, stop_node, tiny_spec, write_spec
 from tests.orchestrator.sweep_utils import (attempts, check_children, duplicate_points, mlflow_contents,
-                                            start_driver, wait_for)
+                                            start_driver, uninterrupted_run, wait_for)
 from tests.plugins.faults import FAULTS
-from tests.trainer.test_ddp import _port
-from tests.trainer.test_preemption import _rank
 
 pytestmark = pytest.mark.slow
 
@@ -64,12 +61,7 @@ def _steps(folder: Path) -> list[int]:
 def _reference(trial: Path, tmp: Path) -> dict:
     """The same trial config trained uninterrupted by 2 gloo ranks of the trainer alone (once per module)."""
     if not REFERENCE:
-        cfg = yaml.safe_load((trial / "config.yaml").read_text())
-        cfg["runtime"]["output_dir"] = str(tmp / "reference")
-        mp.spawn(_rank, args=(2, _port(), cfg, False, False), nprocs=2, join=True)
-        out = tmp / "reference"
-        REFERENCE.update(final=json.loads((out / "final_metrics.json").read_text()),
-                         rows=(out / "metrics.jsonl").read_text().splitlines())
+        REFERENCE.update(uninterrupted_run(trial, tmp / "reference"))
     return REFERENCE
 
 
