@@ -28,9 +28,10 @@ import yaml
 from dashboards.errors import SweepDataError
 from dashboards.paper import init_kind
 from orchestrator.run_notes import claims_note
+from orchestrator.tracking import latest_metrics
 
 logger = logging.getLogger(__name__)
-REPORT_PREFIXES = ("bbox/", "segm/", "seen/", "keypoints/", "voc/")  # keypoints/voc: dashboards.tasks
+REPORT_PREFIXES = ("bbox/", "segm/", "seen/", "keypoints/", "voc/")  # keypoints/voc: dashboards.keypoints_voc
 TRAIN_LOSS = "train/loss"  # the total train loss: the report's Figure 8 view (loss against AP)
 LAST_ONLY = ("seen/",)  # read as the run's latest point, not a history (see _run_points)
 AXES = ("init", "data", "schedule", "backbone")
@@ -144,7 +145,7 @@ def _run_points(client: Any, run: Any) -> list[tuple[str, str, int, float]]:
     """(name, key, step, value): the whole history of AP keys (one point per evaluation), and only the
     latest point of `seen/*` (counted at every logged iteration; the report needs its last value, and
     the cost figure interpolates between 0 and it), taken from the run itself: no request per key."""
-    latest = {m.key: m for m in getattr(run.data, "_metric_objs", None) or []}  # RunData.metrics: values only
+    latest = latest_metrics(run) or {}  # without it: every key from its history
     out = []
     for key in sorted(k for k in run.data.metrics if k.startswith(REPORT_PREFIXES) or k == TRAIN_LOSS):
         if key.startswith(LAST_ONLY) and key in latest:

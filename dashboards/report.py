@@ -23,7 +23,7 @@ from dashboards import claims as C
 from dashboards import figures as F
 from dashboards import html as H
 from dashboards import tables as T
-from dashboards import tasks as TK
+from dashboards import keypoints_voc as KV
 from dashboards.cost import figure2
 from dashboards.paper import load_paper, paper_numbers
 from dashboards.replicates import noise_floor, noise_words
@@ -97,7 +97,7 @@ def draw_figures(sweep: SweepData, fin, cost, folder: Path) -> dict[str, Path]:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         out[name] = path
-    out.update(TK.draw_task_figures(sweep.trials, sweep.metrics, folder))  # keypoints/AP, voc/mAP if logged
+    out.update(KV.draw_figures(sweep.trials, sweep.metrics, folder))  # keypoints/AP, voc/mAP if logged
     return out
 
 
@@ -129,7 +129,7 @@ def render(sweep: SweepData, fin, cost, figs: dict[str, Path], missing: list[str
         f"(<a href=\"{H.esc(paper['url'])}\">{H.esc(paper['url'])}</a>). Only the numbers of cells a trial of "
         "this sweep reports are listed here; the others are in the collapsed section below.</p>",
         H.paper_tables(T.comparison(sweep.trials, fin, numbers)),
-        *TK.task_sections(sweep.trials, sweep.metrics, figs),
+        *KV.sections(sweep.trials, sweep.metrics, figs),
         "<h2 id='cost'>Cost accounting</h2>", H.figure(figs["cost_seen"], captions["cost_seen"]),
         H.figure(figs["cost_ap"], captions["cost_ap"]),
         "<p>Detection counts are the trainer's <code>seen/*</code> metrics (pixels at the model's resize size); "

@@ -246,6 +246,28 @@ class SweepTracker:
                 time.sleep(2.0)
 
 
+def latest_metrics(run: Any) -> dict[str, Any] | None:
+    """A fetched run's latest `Metric` per key (value, step, timestamp), or None if MLflow hides them.
+
+    MLflow's public `RunData.metrics` keeps the latest values without their steps; the `Metric`
+    objects behind it (`RunData._metric_objs`, private) carry the steps. Reading them lets one
+    `get_run` answer for every key, where the public route costs one `get_metric_history` per key
+    (dozens per trial, at each resume and for each trial of a report). This is the one place that
+    reads the private field; callers fall back to the public route when it answers None.
+    """
+    objs = getattr(run.data, "_metric_objs", None)
+    return None if objs is None else {m.key: m for m in objs}
+
+
+def latest_steps(client: Any, run_id: str) -> dict[str, int]:
+    """The run's largest step per metric key (MLflow's latest metric is the one at the largest step)."""
+    run = client.get_run(run_id)
+    latest = latest_metrics(run)
+    if latest is not None:
+        return {k: int(m.step) for k, m in latest.items()}
+    return {k: max((m.step for m in client.get_metric_history(run_id, k)), default=-1) for k in run.data.metrics}
+
+
 class MetricLogger:
     """Logs metric batches to one run, never a (key, step) at or before one already there.
 
@@ -259,14 +281,7 @@ class MetricLogger:
 
     def last_steps(self) -> dict[str, int]:
         if self._last is None:
-            data = self.client.get_run(self.run_id).data
-            # The run's latest metric per key carries its (largest) step; RunData.metrics keeps values only.
-            latest = getattr(data, "_metric_objs", None)
-            if latest is not None:
-                self._last = {m.key: int(m.step) for m in latest}
-            else:
-                self._last = {k: max((m.step for m in self.client.get_metric_history(self.run_id, k)), default=-1)
-                              for k in data.metrics}
+            self._last = latest_steps(self.client, self.run_id)
         return self._last
 
     def forget(self) -> None:

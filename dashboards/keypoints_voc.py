@@ -33,7 +33,7 @@ PAPER_KEY = {"keypoints/AP": "keypoints/AP", "voc/mAP": "voc/mAP_area"}
 
 
 def present(metrics: pd.DataFrame) -> list[str]:
-    """The task metrics some trial of the sweep has logged."""
+    """The keypoint and VOC metrics some trial of the sweep has logged."""
     logged = set(metrics["metric"]) if len(metrics) else set()
     return [k for k in TASK_METRICS if k in logged]
 
@@ -82,7 +82,7 @@ def paper_rows(trials: pd.DataFrame, metrics: pd.DataFrame, numbers: list[PaperN
     return rows
 
 
-def draw_task_figures(trials: pd.DataFrame, metrics: pd.DataFrame, folder: Path) -> dict[str, Path]:
+def draw_figures(trials: pd.DataFrame, metrics: pd.DataFrame, folder: Path) -> dict[str, Path]:
     out = {}
     for key in present(metrics):
         fig = curves(trials, metrics, key)
@@ -93,7 +93,7 @@ def draw_task_figures(trials: pd.DataFrame, metrics: pd.DataFrame, folder: Path)
     return out
 
 
-def task_sections(trials: pd.DataFrame, metrics: pd.DataFrame, figs: dict[str, Any]) -> list[str]:
+def sections(trials: pd.DataFrame, metrics: pd.DataFrame, figs: dict[str, Any]) -> list[str]:
     """The report's keypoint / VOC section (empty for a sweep without those metrics)."""
     keys = [k for k in present(metrics) if k in figs]
     if not keys:
