@@ -34,3 +34,24 @@ def test_the_checker_sees_a_lazy_import(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text("def f():\n    from dashboards.cli import dispatch\n    import orchestrator.run\n")
     assert {"dashboards", "orchestrator"} <= _imported_packages(probe)
+
+
+# Third-party seams: only these modules may import each package (anywhere in the file, lazily too).
+ADAPTERS = {
+    "ray": {"orchestrator/autoscale.py", "orchestrator/gang.py", "orchestrator/ray_backend.py",
+            "orchestrator/trainable.py"},
+    "mlflow": {"orchestrator/tracking.py", *(str(p.relative_to(REPO)) for p in (REPO / "dashboards").rglob("*.py"))},
+}
+
+
+@pytest.mark.parametrize("dependency", sorted(ADAPTERS))
+def test_only_the_adapters_import(dependency):
+    product = [p for pkg in ("trainer", "orchestrator", "dashboards") for p in sorted((REPO / pkg).rglob("*.py"))]
+    importers = {str(p.relative_to(REPO)) for p in product if dependency in _imported_packages(p)}
+    assert importers <= ADAPTERS[dependency], sorted(importers - ADAPTERS[dependency])
+
+
+def test_bench_does_not_import_tests():
+    offenders = [str(p.relative_to(REPO)) for p in sorted((REPO / "bench").rglob("*.py"))
+                 if "tests" in _imported_packages(p)]
+    assert offenders == []
