@@ -12,14 +12,14 @@ Then, each measurement in its own fresh process:
           of a 16-image, 8-GPU trial sees it, for
             before   the previous data path (pycocotools COCO in the main process, workers read the
                      annotation dicts; images as float32), reproduced below as `LegacyTrain`;
-            after    `trainer.coco_index.TrainImages` over the cached, memory-mapped index;
+            after    `trainer.data.coco_index.TrainImages` over the cached, memory-mapped index;
             after1k  the same for a 1k-image subset trial (the subset's records only).
 
     python bench/coco_scale.py --out /tmp/coco_scale            # ~15 min on 2 loaded cores
     python bench/coco_scale.py --out /tmp/cs --images 5000 --batches 0,200,600   # a quick look
     python bench/coco_scale.py --out /tmp/coco_scale --check   # the up-front check: first run, cached
 
-`--check` times only `trainer.dataset_check.check_split` on the generated train split, each run in a
+`--check` times only `trainer.data.dataset_check.check_split` on the generated train split, each run in a
 fresh process: a first run with an empty cache (every image decoded fully in `--check-workers`
 processes, every annotation and polygon validated) and a second one answered by the cache (the
 annotation file's hash and a stat of every listed image).
@@ -111,7 +111,7 @@ def generate(out: Path, n_images: int, per_image: float, seed: int = 0) -> Path:
 
 
 class LegacyTrain:
-    """The training dataset as it was before trainer.coco_index (pycocotools objects, float images)."""
+    """The training dataset as it was before trainer.data.coco_index (pycocotools objects, float images)."""
 
     def __init__(self, coco, image_dir: Path, ids):
         self.coco, self.image_dir = coco, image_dir
@@ -128,7 +128,7 @@ class LegacyTrain:
     def __getitem__(self, key):
         import torch
 
-        from trainer.data import read_image
+        from trainer.data.coco import read_image
 
         _, index = key
         image_id = self.image_ids[index]
@@ -167,7 +167,7 @@ def phase_build(kind: str, ann_file: Path) -> dict:
     import torch  # noqa: F401  (a trainer process has it; imported before timing in both cases)
     from pycocotools.coco import COCO  # noqa: F401
 
-    from trainer.coco_index import TrainIndex  # noqa: F401
+    from trainer.data.coco_index import TrainIndex  # noqa: F401
 
     base = _memory(os.getpid())[0]
     started = time.perf_counter()
@@ -175,14 +175,14 @@ def phase_build(kind: str, ann_file: Path) -> dict:
         obj = _load_coco(ann_file)
         count = len(obj.anns)
     elif kind == "cache":
-        from trainer.coco_index import TrainIndex
-        from trainer.dataset_check import AnnotationFile
+        from trainer.data.coco_index import TrainIndex
+        from trainer.data.dataset_check import AnnotationFile
 
         obj = TrainIndex.load_or_build(AnnotationFile(ann_file), ann_file.parent / ".trainer_cache")
         count = len(obj.labels)
     else:
-        from trainer.coco_index import TrainIndex
-        from trainer.dataset_check import AnnotationFile
+        from trainer.data.coco_index import TrainIndex
+        from trainer.data.dataset_check import AnnotationFile
 
         ann = AnnotationFile(ann_file)
         obj = TrainIndex.build(ann.data)
@@ -197,9 +197,9 @@ def phase_loader(variant: str, ann_file: Path, checkpoints: list[int], workers: 
     import torch
     from torch.utils.data import DataLoader
 
-    from trainer.coco_index import TrainImages, TrainIndex
-    from trainer.data import StreamBatchSampler, collate, select_subset, start_workers
-    from trainer.dataset_check import AnnotationFile
+    from trainer.data.coco_index import TrainImages, TrainIndex
+    from trainer.data.coco import StreamBatchSampler, collate, select_subset, start_workers
+    from trainer.data.dataset_check import AnnotationFile
 
     torch.set_num_threads(1)
     image_dir = ann_file.parent.parent / "train2017"
@@ -232,7 +232,7 @@ def phase_loader(variant: str, ann_file: Path, checkpoints: list[int], workers: 
 
 def phase_check(ann_file: Path, cache_dir: Path, workers: int) -> dict:
     """The up-front dataset check of the train split (every image decoded), timed in this process."""
-    from trainer.dataset_check import AnnotationFile, check_split
+    from trainer.data.dataset_check import AnnotationFile, check_split
 
     started = time.perf_counter()
     dropped = check_split(AnnotationFile(ann_file), ann_file.parents[1] / "train2017", cache_dir=cache_dir,

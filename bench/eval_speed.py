@@ -7,13 +7,13 @@ repeats (median and min-max, wall and process-CPU time):
 
   (a) conversion: torchvision's `paste_masks_in_image` into full-image masks (the model's own
       postprocess), threshold, `mask_util.encode` per detection (torchvision's detection references)
-      vs `trainer.evaluate.predictions_to_coco` straight from the 28x28 masks to RLE;
+      vs `trainer.evaluation.coco.predictions_to_coco` straight from the 28x28 masks to RLE;
   (b) scoring the same detections (ours from (a)), bbox + segm: pycocotools' COCOeval vs
       faster-coco-eval (its copy of the ground truth is rebuilt every repeat, as a run builds it once);
   (c) end to end on `--e2e-images` images: an R18-FPN GN Mask R-CNN at the images' own size (random
       init, score threshold 0 so every image has 100 detections, as a trained model on COCO has; its AP
       is ~0, so (c)'s AP check only shows both paths agree) run image by image with `--threads`,
-      torchvision's postprocess + (a)'s conversion + pycocotools vs `trainer.evaluate.evaluate`
+      torchvision's postprocess + (a)'s conversion + pycocotools vs `trainer.evaluation.coco.evaluate`
       (`roi_mask_outputs`, `predictions_to_coco`, faster-coco-eval).
 
 AP equality is printed for each pair (the conversions give byte-identical RLEs; the scorers agree to
@@ -43,7 +43,7 @@ from pycocotools.cocoeval import COCOeval
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from trainer import evaluate as ev  # noqa: E402
+from trainer.evaluation import coco as ev  # noqa: E402
 
 log = logging.getLogger("bench.eval_speed")
 CAT_IDS = [1, 3, 4, 7, 9, 13, 18, 22, 27, 31, 35, 40, 44, 52, 57, 61, 67, 75, 82, 90]  # sparse, as COCO
@@ -242,7 +242,7 @@ class SyntheticSplit(torch.utils.data.Dataset):
 
 def e2e_model(height: int, width: int) -> torch.nn.Module:
     from trainer.config import ModelConfig
-    from trainer.model import build_model
+    from trainer.modeling.model import build_model
 
     torch.manual_seed(0)
     model, _ = build_model(ModelConfig(backbone="R18", norm="GN", min_size=min(height, width),

@@ -4,7 +4,7 @@ Needs only the repo and torch (plus the project's pycocotools): images, boxes an
 and made in memory (no dataset, no weights download). Training runs through the project's own loop
 (`Trainer.train_step` on batches from `Trainer.loader()`, batch 2 per GPU, random init) once per
 precision mode; inference times the model's forward on images already on the device
-(full-image masks pasted, as a user calls it); evaluation times the path `trainer.evaluate.evaluate`
+(full-image masks pasted, as a user calls it); evaluation times the path `trainer.evaluation.coco.evaluate`
 takes (inference with unpasted masks, then `predictions_to_coco` + `score_coco`).
 The RoI heads' score threshold is set to 0 so every image yields the full detections-per-image a
 trained model gives (a random-init model would otherwise keep almost none, making evaluation free).
@@ -35,11 +35,11 @@ from pycocotools.coco import COCO
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer import evaluate as ev  # noqa: E402
+from trainer.evaluation import coco as ev  # noqa: E402
 from trainer.config import build_config  # noqa: E402
-from trainer.engine import Trainer  # noqa: E402
+from trainer.engine.train_loop import Trainer  # noqa: E402
 from trainer.errors import NonFiniteLossError  # noqa: E402
-from trainer.speed import autocast  # noqa: E402
+from trainer.engine.speed import autocast  # noqa: E402
 
 log = logging.getLogger("bench.gpu")
 TARGET_BF16 = 30.0  # training images/s per H200, R50-FPN GN, 800x1333, bf16
@@ -187,7 +187,7 @@ def _finite(trainer: Trainer) -> bool:
 
 
 def _eval_batches(images: list[torch.Tensor], batch: int = 1) -> list[list[torch.Tensor]]:
-    # One image per forward, as `trainer.evaluate` runs (GroupNorm must never see batch padding).
+    # One image per forward, as `trainer.evaluation.coco` runs (GroupNorm must never see batch padding).
     return [images[k:k + batch] for k in range(0, len(images), batch)]
 
 
@@ -207,7 +207,7 @@ def infer_speed(trainer: Trainer, images: list[torch.Tensor], amp: str) -> float
 
 
 def eval_speed(trainer: Trainer, eval_set: SyntheticInstances, images: list[torch.Tensor]) -> dict[str, float]:
-    """Inference, `predictions_to_coco` and `score_coco` seconds, as `trainer.evaluate.evaluate` runs
+    """Inference, `predictions_to_coco` and `score_coco` seconds, as `trainer.evaluation.coco.evaluate` runs
     them for the EvalHook: no autocast, masks left unpasted (`roi_mask_outputs`) for the conversion."""
     model, dev = trainer.bare_model, trainer.device
     model.eval()

@@ -20,7 +20,7 @@ is placed), each on a GPU node running a task:
                    replacement fits under max_workers.)
   with notice      SIGTERM to the node's trial processes (what a platform sends before its hard kill).
                    The stand-in handles it with the trainer's own machinery: the product's
-                   `PreemptionNotice` mixin routes SIGTERM to `trainer.preemption`'s flag, and the real
+                   `PreemptionNotice` mixin routes SIGTERM to `trainer.engine.preemption`'s flag, and the real
                    `PreemptionHook` after the step in flight writes that step's checkpoint and raises
                    `PreemptedError`; the attempt reports event "preempted" first (as `trial_report`
                    does), so the driver reschedules it without counting a failure.
@@ -56,7 +56,7 @@ from orchestrator.trial_report import K_EVENT, PREEMPTED  # noqa: E402
 
 
 class _SimRun:
-    """What `trainer.hooks.CheckpointHook` and `trainer.preemption.PreemptionHook` read of a trainer,
+    """What `trainer.engine.hooks.CheckpointHook` and `trainer.engine.preemption.PreemptionHook` read of a trainer,
     for one stand-in task: one rank, its iteration (a bench step), its checkpoint folder and period."""
 
     world, rank, stop_after, reporters = 1, 0, None, ()
@@ -81,7 +81,7 @@ class _SimRun:
 def spot_trial(config: dict[str, Any]) -> None:
     """Tune trainable: one task paced to its scaled length, resuming from its own newest checkpoint.
 
-    Its preemption handling is the trainer's own: SIGTERM reaches `trainer.preemption`'s handler
+    Its preemption handling is the trainer's own: SIGTERM reaches `trainer.engine.preemption`'s handler
     (installed by the product's `PreemptionNotice` mixin, armed while the task runs), the real
     `CheckpointHook` and `PreemptionHook` run after each step (checkpoint at that step, then
     `PreemptedError`), and the attempt reports event "preempted" first, as `trial_report` does, so
@@ -89,9 +89,9 @@ def spot_trial(config: dict[str, Any]) -> None:
     import numpy as np
     from ray import tune
 
-    from trainer import checkpoint as ckpt
-    from trainer.hooks import CheckpointHook
-    from trainer.preemption import PreemptedError, PreemptionHook, armed
+    from trainer.engine import checkpoint as ckpt
+    from trainer.engine.hooks import CheckpointHook
+    from trainer.engine.preemption import PreemptedError, PreemptionHook, armed
 
     task = config["trial"]
     sim = task["sim"]

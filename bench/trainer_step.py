@@ -28,9 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainer.config import load_config  # noqa: E402
-from trainer.data import to_device_float  # noqa: E402
-from trainer.engine import Trainer  # noqa: E402
-from trainer.synthetic import generate_detection  # noqa: E402
+from trainer.data.coco import to_device_float  # noqa: E402
+from trainer.engine.train_loop import Trainer  # noqa: E402
+from trainer.synthetic.datasets import generate_detection  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "trainer" / "configs" / "cpu_r18.yaml"
 

@@ -67,7 +67,7 @@ def generated_with(root: Path) -> dict[str, Any] | None:
 
 def generate(ds: Dataset) -> None:
     """Write the synthetic detection set (and classification crops) under dataset.root."""
-    from trainer.synthetic import generate_classification, generate_detection
+    from trainer.synthetic.datasets import generate_classification, generate_detection
 
     g = ds.generate
     assert g is not None
@@ -76,7 +76,7 @@ def generate(ds: Dataset) -> None:
     logger.info("generating the synthetic dataset in %s (%d train, %d val images of %dpx)", root, g.train, g.val,
                 g.size)
     if g.keypoints:  # a model.task=keypoints sweep: person_keypoints_{train,val}.json
-        from trainer.synthetic import generate_keypoints
+        from trainer.synthetic.datasets import generate_keypoints
 
         generate_keypoints(root, seed=g.seed, num_train=g.train, num_val=g.val, width=g.size, height=g.size)
     else:
@@ -94,8 +94,8 @@ def check_defects(trials: list[Any]) -> None:
     trial's own check is then a cache hit. Every COCO task (mask, box, keypoints) is checked the same
     way; VOC trials check their files themselves.
     """
-    from trainer.data import check_data, split_files
-    from trainer.dataset_check import ALLOW_SWITCHES
+    from trainer.data.coco import check_data, split_files
+    from trainer.data.dataset_check import ALLOW_SWITCHES
 
     checked: set[tuple] = set()
     for trial in trials:

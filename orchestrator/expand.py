@@ -25,7 +25,7 @@ from orchestrator.spec import AXES, SEED_STRIDE, Resources, SweepSpec, matches, 
 from trainer.config import ModelConfig, TrainConfig, build_config, config_identity, config_to_dict, flatten
 from trainer.config import digest as _digest
 from trainer.errors import ConfigError
-from trainer.schedule import resolve_schedule
+from trainer.engine.schedule import resolve_schedule
 
 PRETRAINED_PREFIX = "pretrained:"
 _PLACEHOLDER_INIT = "checkpoint:@pretrained/"  # replaced by the job's backbone file in bind_config

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Sequence
 from orchestrator.spec import task_name
 from trainer.config import TrainConfig, build_config, config_identity, config_to_dict
 from trainer.config import digest as _digest
-from trainer.schedule import resolve_schedule
+from trainer.engine.schedule import resolve_schedule
 
 TRUNK_LABEL = "trunk"  # stands for the schedule in a trunk's name: random-all-trunk-R50
 _SCHEDULE_KEYS = ("length", "iters", "drops")  # what may differ between the schedules of one cell
@@ -69,7 +69,7 @@ class ForkPlan:
 
 
 def checkpoint_file(trunk_dir: Path, iteration: int) -> Path:
-    """trainer.checkpoint.checkpoint_path's naming (importing it would load torch in the driver)."""
+    """trainer.engine.checkpoint.checkpoint_path's naming (importing it would load torch in the driver)."""
     return Path(trunk_dir) / "checkpoints" / f"ckpt_{iteration:07d}.pt"
 
 

@@ -4,7 +4,7 @@ Tune gives a multi-worker trial one placement group for the whole gang (`ray_bac
 bundle 0 for the trial's own process, bundles 1..G for the workers), so the trial only counts as
 RUNNING once every GPU and CPU of its gang is reserved, and holds them until it ends. Here the
 trial starts one Ray actor per bundle (rank = bundle - 1), joins them in a torch.distributed
-process group (backend from `trainer.engine.dist_backend`: NCCL with CUDA, gloo without) and waits.
+process group (backend from `trainer.engine.train_loop.dist_backend`: NCCL with CUDA, gloo without) and waits.
 
 Ray Train's TorchTrainer is not used: in this Ray (Train V2) its controller makes a placement group of
 its own for the workers, outside the trial's, so each waiting trial would hold nothing while its
@@ -16,7 +16,7 @@ attempt; Tune then retries the trial (a fresh gang, wherever its placement group
 trial's newest checkpoint, and its placement group goes back to the cluster with the trial.
 Rank 0 reports through a Ray queue living with the trial's process (bundle 0).
 
-Preemption with notice (`trainer.preemption`): each worker takes a SIGTERM of its own as a notice
+Preemption with notice (`trainer.engine.preemption`): each worker takes a SIGTERM of its own as a notice
 (installed in the actor's `__init__`, its main thread; `run` runs in another); a notice to the
 trial's own process is passed on to every rank (`notice`). The ranks agree on the iteration, rank 0
 writes its checkpoint, and every rank ends with `PreemptedError`: then the trial waits for all of
@@ -52,13 +52,13 @@ class GangWorker:
     """One rank of a DDP trial (a Ray actor in bundle rank + 1 of the trial's placement group)."""
 
     def __init__(self) -> None:
-        from trainer.preemption import install
+        from trainer.engine.preemption import install
 
         install(always=True)  # this process exists only to train: a SIGTERM is always a notice
 
     def notice(self, reason: str) -> None:
         """The trial's process got a preemption notice: stop at this rank's next step end too."""
-        from trainer.preemption import request
+        from trainer.engine.preemption import request
 
         request(reason)
 
@@ -86,7 +86,7 @@ class GangWorker:
         import torch.distributed as dist
 
         from trainer.config import build_config
-        from trainer.engine import init_distributed
+        from trainer.engine.train_loop import init_distributed
 
         cfg = build_config(loop_config["task"]["config"], source=f"trial {loop_config['task']['name']}")
         backend = init_distributed(cfg.runtime, rank, world, master)
@@ -141,7 +141,7 @@ def run_gang(task: dict[str, Any], fn: Callable[[dict[str, Any], int], None], lo
 
 
 def _wait(refs: list[Any], workers: list[Any], queue: Queue, report: Callable[..., None], nodes: set[str]) -> None:
-    from trainer.preemption import PreemptedError, request, requested
+    from trainer.engine.preemption import PreemptedError, request, requested
 
     pending, preempted, told, polled = list(refs), None, False, 0.0
     while pending:

@@ -49,7 +49,7 @@ class _Tail:
         try:
             with open(self.path, "rb") as fh:
                 inode = os.fstat(fh.fileno()).st_ino
-                start = self.offset if inode == self.inode else 0  # resume rewrites the file (trainer.report)
+                start = self.offset if inode == self.inode else 0  # resume rewrites the file (trainer.engine.reporters)
                 fh.seek(start)
                 data = fh.read()
         except FileNotFoundError:

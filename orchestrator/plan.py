@@ -19,7 +19,7 @@ from orchestrator.fit import nodes_of_shape, trials_at_once
 from orchestrator.fork import Trunk, trained_iters
 from orchestrator.spec import SweepSpec
 from trainer.resize import resized_area
-from trainer.schedule import resolve_schedule
+from trainer.engine.schedule import resolve_schedule
 
 COCO_TRAIN2017 = 118_287  # images in train2017: the size of data 'all' for epochs
 

@@ -31,7 +31,7 @@ WEIGHTS_FILE = "model_final.pt"
 
 def apply_retention(out: Path, policy: KeepCheckpoints) -> int:
     """Apply `policy` to the finished trial in `out`; returns the bytes freed."""
-    from trainer.checkpoint import list_checkpoints
+    from trainer.engine.checkpoint import list_checkpoints
 
     out = Path(out)
     if policy == "all" or not (out / "final_metrics.json").exists():
@@ -56,7 +56,7 @@ def apply_retention(out: Path, policy: KeepCheckpoints) -> int:
 
 def _write_weights(source: Path, dest: Path) -> None:
     """The final checkpoint's model weights with its iteration and config, written atomically."""
-    from trainer.checkpoint import load, save_atomic
+    from trainer.engine.checkpoint import load, save_atomic
 
     state = load(source)
     slim = {"model": state["model"], "iteration": state["iteration"]}
@@ -70,7 +70,7 @@ TRUNK_DONE = "trunk_done.json"
 
 def prune_trunk(trunk_dir: Path, branches: list[tuple[str, int]], policy: KeepCheckpoints) -> int:
     """Remove the trunk checkpoints no branch can need again; `branches`: (branch folder, fork point)."""
-    from trainer.checkpoint import list_checkpoints
+    from trainer.engine.checkpoint import list_checkpoints
 
     trunk_dir = Path(trunk_dir)
     if policy == "all" or not branches:  # no branch list (a task from older code): keep everything
@@ -95,6 +95,6 @@ def prune_trunk(trunk_dir: Path, branches: list[tuple[str, int]], policy: KeepCh
 
 def _started(branch: Path) -> bool:
     """A branch that will never fork again: it has checkpoints of its own, or has finished."""
-    from trainer.checkpoint import list_checkpoints
+    from trainer.engine.checkpoint import list_checkpoints
 
     return bool(list_checkpoints(branch / "checkpoints")) or (branch / "final_metrics.json").exists()

@@ -265,7 +265,7 @@ def _tasks(exp: Expansion, sweep_dir: Path, backbones: dict[str, Path],
 
 
 def _total(cfg) -> int:
-    from trainer.schedule import resolve_schedule
+    from trainer.engine.schedule import resolve_schedule
 
     return resolve_schedule(cfg.schedule).total_iters
 

@@ -91,7 +91,7 @@ class Generate(_Strict):
     def _classes_exist(self) -> Generate:
         if self.cls_detection_shapes:
             return self
-        from trainer.synthetic_draw import CLS_SHAPES, SHAPES  # the generator's own count, not a copy
+        from trainer.synthetic.draw import CLS_SHAPES, SHAPES  # the generator's own count, not a copy
 
         most = len(CLS_SHAPES) - len(SHAPES)
         if self.cls_classes > most:

@@ -31,7 +31,7 @@ from orchestrator.errors import SpecChangedError, SweepNotFoundError
 from orchestrator.expand import Expansion, flat_items
 from orchestrator.fork import checkpoint_file
 from trainer.atomic import write_atomic
-from trainer.schedule import resolve_schedule
+from trainer.engine.schedule import resolve_schedule
 
 RECORD = "sweep.json"
 STATE = "state.json"

@@ -37,7 +37,7 @@ from orchestrator.errors import TrackingError
 
 logger = logging.getLogger(__name__)
 
-# keypoints/voc: trainer.tasks; final/: the parent run's summary of each trial (`SweepTracker.log_final`)
+# keypoints/voc: trainer.modeling.detectors; final/: the parent run's summary of each trial (`SweepTracker.log_final`)
 METRIC_PREFIXES = ("train/", "bbox/", "segm/", "seen/", "keypoints/", "voc/", "final/")
 _BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch request
 _PARAM_BATCH = 100

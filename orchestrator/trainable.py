@@ -1,6 +1,6 @@
 """What runs inside a Ray Tune trial, and inside a pretrain task (a Ray adapter module).
 
-A trial always calls `trainer.engine.train(cfg, resume=True)` on its own output folder on the
+A trial always calls `trainer.engine.train_loop.train(cfg, resume=True)` on its own output folder on the
 sweep's storage path, so a retried or restored trial continues from its newest checkpoint there
 (nothing is shipped through Ray checkpoints). Each evaluation is reported to Tune together with a
 small Tune checkpoint that points at the trainer's checkpoint of that step and carries the
@@ -20,7 +20,7 @@ the iterations it actually trained.
 What an attempt reports (and plugin reporters) live in `orchestrator.trial_report` (Ray-free); this
 module adds where it runs (Ray node, assigned GPU ids) to its attempts.jsonl row.
 
-Preemption with notice: the trial's process routes SIGTERM to `trainer.preemption`'s flag (installed
+Preemption with notice: the trial's process routes SIGTERM to `trainer.engine.preemption`'s flag (installed
 by `PreemptionNotice.setup`, which Tune runs in the actor's main thread, where Python runs signal
 handlers; Tune runs `run_trial` itself in another thread). A single-worker trial's trainer stops at
 its step's end; a gang's trial passes the notice on to its ranks (`orchestrator.gang`), each of which
@@ -44,7 +44,7 @@ from orchestrator.errors import ForkError
 from orchestrator.state import recorded_divergence
 from orchestrator.trial_report import append_row, checkpoint_warnings, reporters_for
 from trainer.atomic import write_atomic
-from trainer.preemption import armed
+from trainer.engine.preemption import armed
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class PreemptionNotice:
     """Tune mixin of `run_trial` (`__mixins__`): the trial's actor takes SIGTERM as a preemption notice."""
 
     def setup(self, config: dict[str, Any]) -> None:
-        from trainer.preemption import install
+        from trainer.engine.preemption import install
 
         install()  # Trainable.__init__ runs setup in the actor's main thread
         super().setup(config)  # type: ignore[misc]
@@ -124,7 +124,7 @@ def fork_source(task: dict[str, Any], out: Path) -> Path | None:
     fork = task.get("fork")
     if not fork:
         return None
-    from trainer.checkpoint import list_checkpoints
+    from trainer.engine.checkpoint import list_checkpoints
 
     if list_checkpoints(out / "checkpoints"):
         return None  # forked before: continue from its own checkpoints, never from the fork again
@@ -147,7 +147,7 @@ def _train_args(task: dict[str, Any], start_from: Path | None) -> dict[str, Any]
 
 def _run_local(task: dict[str, Any], attempt: int, start_from: Path | None) -> None:
     from trainer.config import build_config
-    from trainer.engine import train
+    from trainer.engine.train_loop import train
 
     cfg = build_config(task["config"], source=f"trial {task['name']}")
     with checkpoint_warnings() as warnings, _drain_watch():
@@ -157,13 +157,13 @@ def _run_local(task: dict[str, Any], attempt: int, start_from: Path | None) -> N
 
 @contextmanager
 def _drain_watch() -> Iterator[None]:
-    """While inside, a drain of this process's node asks the trainer here to stop (trainer.preemption)."""
+    """While inside, a drain of this process's node asks the trainer here to stop (trainer.engine.preemption)."""
     import threading
 
     import ray
 
     from orchestrator.gang import DRAIN_POLL_S, drain_notice
-    from trainer.preemption import request
+    from trainer.engine.preemption import request
 
     node, stop = ray.get_runtime_context().get_node_id(), threading.Event()
 
@@ -212,7 +212,7 @@ def _run_ddp(task: dict[str, Any], attempt: int, start_from: Path | None) -> Non
 def _ddp_worker(loop_config: dict[str, Any], rank: int) -> None:
     """One rank, in an initialised process group: rank 0 logs and reports, the others only train."""
     from trainer.config import build_config
-    from trainer.engine import train
+    from trainer.engine.train_loop import train
 
     task, queue = loop_config["task"], loop_config["queue"]
     # Decided once by the trial process, so every rank starts from the same state.
@@ -239,7 +239,7 @@ def _ddp_worker(loop_config: dict[str, Any], rank: int) -> None:
 def run_pretrain_job(cfg: dict[str, Any]) -> str:
     """Ray task: one pretrain job, resumable, done once (done.json marks it); returns the backbone path."""
     from trainer.config import PretrainConfig
-    from trainer.pretrain import pretrain
+    from trainer.pretrain.train import pretrain
 
     out = Path(cfg["output_dir"])
     out.mkdir(parents=True, exist_ok=True)

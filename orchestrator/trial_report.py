@@ -5,9 +5,9 @@ Ray-free (the Tune `report` call is handed in as `emit`), so it runs and is test
 step's metrics until that step's checkpoint is written, so an evaluation goes out together with the
 Tune checkpoint that points at it. Each attempt's row in attempts.jsonl says where it ran (host,
 pid, Ray node, the GPU ids Ray assigned) and from where it started; a damaged checkpoint the trainer
-skipped on the way (`trainer.checkpoint.load_latest`) is named there and in the attempt's first
+skipped on the way (`trainer.engine.checkpoint.load_latest`) is named there and in the attempt's first
 report (`trial/warnings`), which the driver logs, so the skip is seen where the sweep is watched.
-An attempt stopped on a preemption notice (`trainer.preemption`) adds a second row for the same
+An attempt stopped on a preemption notice (`trainer.engine.preemption`) adds a second row for the same
 attempt, {"preempted_at": N, "reason": "preempted at iteration N"}, and sends a last result with
 event "preempted" before its error reaches Tune: the driver counts it as a preemption, not a failure
 (`orchestrator.ray_backend`).
@@ -16,7 +16,7 @@ The trainer's metrics go to the trial's metrics.jsonl (`JsonlReporter`), the rec
 `orchestrator.metric_sync` tails into MLflow; the Tune results only feed the driver's live view.
 
 Plugin reporters: ORCHESTRATOR_REPORTERS="MODULE[,MODULE...]" names modules importable in the trial
-process, each with `reporters(task) -> list[trainer.report.Reporter]` added to every attempt's
+process, each with `reporters(task) -> list[trainer.engine.reporters.Reporter]` added to every attempt's
 reporters (e.g. a progress exporter; the tests' fault injection, tests/plugins). The driver forwards
 its ORCHESTRATOR_* variables to the trials, so a plugin's own settings can travel that way too.
 """
@@ -36,8 +36,8 @@ from typing import Any, Callable, Iterator
 from orchestrator.monitor import K_ATTEMPT, K_EVENT, K_ITER, K_RUN, K_TOTAL
 from orchestrator.state import record_divergence
 from trainer.errors import NonFiniteLossError
-from trainer.preemption import PreemptedError
-from trainer.report import Reporter, RunInfo
+from trainer.engine.preemption import PreemptedError
+from trainer.engine.reporters import Reporter, RunInfo
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ class TuneReporter(Reporter):
 
 def reporters_for(task: dict[str, Any], emit: Emit, attempt: int, forked_from: Path | None = None, *,
                   warnings: list[str] | None = None, placement: dict[str, Any] | None = None) -> list[Reporter]:
-    from trainer.report import ConsoleReporter, JsonlReporter
+    from trainer.engine.reporters import ConsoleReporter, JsonlReporter
 
     found: list[Reporter] = [TuneReporter(emit, task, attempt, forked_from, warnings=warnings, placement=placement),
                              JsonlReporter(), ConsoleReporter()]
@@ -166,9 +166,9 @@ def _cuda_initialized() -> bool:
 
 @contextmanager
 def checkpoint_warnings() -> Iterator[list[str]]:
-    """The warnings `trainer.checkpoint` logs meanwhile (a damaged checkpoint skipped on resume)."""
+    """The warnings `trainer.engine.checkpoint` logs meanwhile (a damaged checkpoint skipped on resume)."""
     handler = _Collect()
-    source = logging.getLogger("trainer.checkpoint")
+    source = logging.getLogger("trainer.engine.checkpoint")
     source.addHandler(handler)
     try:
         yield handler.messages

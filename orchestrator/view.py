@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable
 
-from trainer.report import hms
+from trainer.engine.reporters import hms
 
 STATUS_ORDER = ("RUNNING", "PENDING", "ERROR", "INTERRUPTED", "FINISHED")
 

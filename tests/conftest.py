@@ -20,7 +20,7 @@ TINY_MODEL = {
 
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory) -> Path:
-    from trainer.synthetic import generate_detection
+    from trainer.synthetic.datasets import generate_detection
 
     root = tmp_path_factory.mktemp("synth")
     generate_detection(root, seed=0, num_train=120, num_val=24, width=64, height=64)
@@ -29,7 +29,7 @@ def synth_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def synth_cls_root(tmp_path_factory) -> Path:
-    from trainer.synthetic import generate_classification
+    from trainer.synthetic.datasets import generate_classification
 
     root = tmp_path_factory.mktemp("synth_cls")
     generate_classification(root, seed=0, per_class_train=24, per_class_val=6, size=32, classes=4)  # 96 train images

@@ -3,7 +3,7 @@
 Writes config.yaml, metrics.jsonl, checkpoints/ and final_metrics.json into runtime.output_dir.
 Bad input (config, data, weights, checkpoint) ends with a one-line error and exit code 2; a
 diverged run (non-finite loss) with exit code 3. A SIGTERM (a preemption notice) ends the step in
-flight, writes its checkpoint and exits with code 75 (`trainer.preemption`): `--resume` continues.
+flight, writes its checkpoint and exits with code 75 (`trainer.engine.preemption`): `--resume` continues.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import argparse
 import logging
 import sys
 
-from trainer import preemption
+from trainer.engine import preemption
 from trainer.errors import NonFiniteLossError, TrainerError
 
 
@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
 
             sys.stdout.write(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
             return 0
-        from trainer.engine import train
-        from trainer.report import ConsoleReporter, JsonlReporter
+        from trainer.engine.train_loop import train
+        from trainer.engine.reporters import ConsoleReporter, JsonlReporter
 
         with preemption.armed():  # a SIGTERM while the model is built still stops at the first step
             result = train(cfg, reporters=[ConsoleReporter(), JsonlReporter()], resume=args.resume,

@@ -67,7 +67,7 @@ class ModelConfig(_Strict):
     # One anchor size per FPN level P2..P6 (3 aspect ratios each). The default suits COCO at 800 px;
     # small images need smaller anchors, or objects below the smallest size are barely matched.
     anchor_sizes: tuple[int, int, int, int, int] = (32, 64, 128, 256, 512)
-    task: Literal["mask", "box", "keypoints"] = "mask"  # Mask / Faster / Keypoint R-CNN (trainer.tasks)
+    task: Literal["mask", "box", "keypoints"] = "mask"  # Mask / Faster / Keypoint R-CNN (trainer.modeling.detectors)
     num_keypoints: int = Field(17, gt=0)  # keypoints task: must equal the dataset's (COCO: 17)
     keypoint_head_channels: int = Field(512, gt=0)  # Detectron's 8 x 3x3 conv keypoint head width
     keypoint_head_norm: Literal["none", "model"] = "none"  # none: as Detectron's keypoint configs
@@ -156,7 +156,7 @@ class DataConfig(_Strict):
     # Batches of landscape-only or portrait-only images (less padding per batch). Still a pure
     # function of (seed, iteration); off by default because it changes which images share a batch.
     aspect_grouping: bool = False
-    format: Literal["coco", "voc"] = "coco"  # voc: ROOT is a VOC20xx folder, box task only (trainer.voc)
+    format: Literal["coco", "voc"] = "coco"  # voc: ROOT is a VOC20xx folder, box task only (trainer.data.voc)
     voc_classes: list[str] | None = None  # voc: class names in label order; None = the 20 VOC classes
     # Any layout, like detectron2's register_coco_instances(name, {}, json, image_root): a split's
     # annotation file and image folder, given together, replace ROOT/annotations/instances_{split}.json
@@ -286,7 +286,7 @@ class RuntimeConfig(_Strict):
     # DDP process-group backend: auto = NCCL when the run's device is CUDA, gloo otherwise.
     dist_backend: Literal["auto", "gloo", "nccl"] = "auto"
     # Seconds between a preemption notice (SIGTERM) and the hard kill, as this run assumes them: the
-    # run stops at the end of the step in flight and writes its checkpoint (trainer.preemption); a
+    # run stops at the end of the step in flight and writes its checkpoint (trainer.engine.preemption); a
     # checkpoint that took longer is warned about (the platform's grace is what really counts).
     preemption_grace_s: float = Field(20.0, gt=0)
 

@@ -59,7 +59,7 @@ def layout(folder: Path) -> dict[str, str]:
 
 
 def _generate(task: str, out: Path, seed: int) -> None:
-    from trainer.synthetic import generate_detection, generate_keypoints
+    from trainer.synthetic.datasets import generate_detection, generate_keypoints
 
     if task == "keypoints":
         generate_keypoints(out, seed=seed, num_train=8, num_val=6, width=64, height=64)

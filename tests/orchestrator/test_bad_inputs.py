@@ -231,7 +231,7 @@ def test_bad_spec_in_a_real_process(tmp_path, case):
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
-    from trainer.synthetic import generate_detection
+    from trainer.synthetic.datasets import generate_detection
 
     root = tmp_path_factory.mktemp("data")
     generate_detection(root, seed=0, num_train=6, num_val=2, width=64, height=64)

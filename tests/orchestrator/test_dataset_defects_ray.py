@@ -1,5 +1,5 @@
 """A dataset defect stops `orchestrator run` on the driver, in one line, before any trial starts
-(trainer.dataset_check, run once on the driver; each trial's own check then hits its cache)."""
+(trainer.data.dataset_check, run once on the driver; each trial's own check then hits its cache)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from tests.orchestrator.conftest import cli, tiny_spec, write_spec
 
 
 def test_a_defect_is_refused_on_the_driver_before_any_trial(tmp_path):
-    from trainer.synthetic import generate_detection
+    from trainer.synthetic.datasets import generate_detection
 
     root = tmp_path / "data"
     generate_detection(root, seed=0, num_train=8, num_val=4, width=64, height=64)

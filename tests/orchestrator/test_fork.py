@@ -86,7 +86,7 @@ def test_forking_changes_the_sweep_identity(tmp_path):
 
 
 def test_checkpoint_naming_matches_the_trainer(tmp_path):
-    from trainer.checkpoint import checkpoint_path
+    from trainer.engine.checkpoint import checkpoint_path
 
     assert checkpoint_file(tmp_path, 480_000) == checkpoint_path(tmp_path / "checkpoints", 480_000)
 
@@ -151,7 +151,7 @@ def test_a_branch_forks_once_then_resumes_its_own(tmp_path):
     from orchestrator.errors import ForkError
     from orchestrator.trainable import fork_source
     from orchestrator.trial_report import TuneReporter
-    from trainer.report import RunInfo
+    from trainer.engine.reporters import RunInfo
 
     trunk_ckpt = checkpoint_file(tmp_path / "trunk", 2)
     task = {"trial_id": "b1", "name": "b1", "run_id": "run-b1", "config": {"checkpoint": {"period": 3, "at": []}},

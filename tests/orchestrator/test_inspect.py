@@ -191,7 +191,7 @@ def test_live_table_has_pretrain_rows_and_logs_progress_without_a_tty(tmp_path, 
 
 def test_status_reads_a_real_pretrain_jobs_progress(tmp_path, capsys, synth_cls_root):
     """What trainer.pretrain itself writes in the sweep's pretrain folder is what `status` shows."""
-    from trainer.pretrain import load_pretrain_config, pretrain
+    from trainer.pretrain.train import load_pretrain_config, pretrain
 
     exp, sweep = _sweep(tmp_path, grid={"init": ["random", "pretrained:shapes"], "backbone": ["R18"]},
                         pretrain={"shapes": {"config": {"backbone": "R18", "iters": 6, "batch_size": 8}}})

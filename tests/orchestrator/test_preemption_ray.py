@@ -230,8 +230,8 @@ def test_sigterm_to_a_single_worker_trial_process(tmp_path, gpu_node):
     """A one-process trial (no gang): the SIGTERM reaches Tune's trial actor itself, whose training runs in
     a thread of it; the notice still stops it at a step's end, and it resumes to the uninterrupted end."""
     from trainer.config import build_config
-    from trainer.engine import train
-    from trainer.report import JsonlReporter
+    from trainer.engine.train_loop import train
+    from trainer.engine.reporters import JsonlReporter
 
     spec = tiny_spec(tmp_path, name="single", grid=GRID, retry={"max_failures": 0}, base__optim__batch_size=2,
                      base__runtime__log_period=1)

@@ -21,7 +21,7 @@ from tests.orchestrator.conftest import cli, tiny_spec, write_spec
 from tests.orchestrator.load_shape import logged_to_mlflow
 from tests.orchestrator.sweep_utils import (attempts, check_children, duplicate_points, kill_driver_when,
                                             mlflow_contents, progress, store_rows, wait_unlocked)
-from trainer.checkpoint import list_checkpoints
+from trainer.engine.checkpoint import list_checkpoints
 
 pytestmark = pytest.mark.slow
 

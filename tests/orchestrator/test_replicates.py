@@ -62,7 +62,7 @@ def test_replicates_change_init_and_batch_order_and_keep_the_subset(tmp_path):
     """Through the trainer itself: the weights it draws, the batches its loader yields, the ids it trains on."""
     import torch
 
-    from trainer.engine import Trainer
+    from trainer.engine.train_loop import Trainer
 
     spec = parse_spec(tiny_spec(tmp_path, grid={**GRID, "schedule": ["1x"]}))
     generate(spec.dataset)

@@ -12,7 +12,7 @@ from orchestrator.retention import WEIGHTS_FILE, apply_retention
 from orchestrator.spec import parse_spec
 from orchestrator.trainable import _retain
 from tests.orchestrator.conftest import tiny_spec
-from trainer.checkpoint import checkpoint_path, list_checkpoints, load, save_atomic
+from trainer.engine.checkpoint import checkpoint_path, list_checkpoints, load, save_atomic
 
 
 def make_trial(tmp_path: Path, iters=(3, 6, 9), finished: bool = True) -> Path:

@@ -90,8 +90,8 @@ class _Payload:
 def test_checkpoints_load_weights_only(tmp_path):
     import torch
 
-    from trainer.backbone import read_state_file
-    from trainer.checkpoint import load
+    from trainer.modeling.backbone import read_state_file
+    from trainer.engine.checkpoint import load
     from trainer.errors import CheckpointError, InitError
 
     marker = tmp_path / "pwned"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from orchestrator.expand import expand
 from orchestrator.spec import load_spec
-from trainer.schedule import resolve_schedule
+from trainer.engine.schedule import resolve_schedule
 
 REPO = Path(__file__).resolve().parents[2]
 

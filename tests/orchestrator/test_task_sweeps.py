@@ -11,7 +11,7 @@ from orchestrator.errors import SpecError
 from orchestrator.expand import expand
 from orchestrator.spec import load_spec, parse_spec
 from tests.orchestrator.specs import tiny_spec
-from trainer.schedule import resolve_schedule
+from trainer.engine.schedule import resolve_schedule
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -52,7 +52,7 @@ def _voc_spec(tmp_path, root):
 
 
 def test_a_voc_dataset_in_a_sweep_spec(tmp_path):
-    from trainer.synthetic import generate_voc
+    from trainer.synthetic.datasets import generate_voc
 
     root = generate_voc(tmp_path / "voc", seed=0, num_trainval=8, num_test=4, width=64, height=64)["root"]
     spec = parse_spec(_voc_spec(tmp_path, root))

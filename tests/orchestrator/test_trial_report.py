@@ -7,8 +7,8 @@ import json
 import torch
 
 from orchestrator.trial_report import K_WARNINGS, TuneReporter, checkpoint_warnings
-from trainer import checkpoint as ckpt
-from trainer.report import RunInfo
+from trainer.engine import checkpoint as ckpt
+from trainer.engine.reporters import RunInfo
 
 
 def test_a_skipped_damaged_checkpoint_is_named_in_the_attempt_row_and_first_report(tmp_path):
@@ -43,7 +43,7 @@ def test_a_preempted_attempt_is_recorded_and_shown_apart_from_failures(tmp_path)
     from orchestrator.monitor import SweepMonitor
     from orchestrator.status import render_status
     from orchestrator.trainable import _next_attempt
-    from trainer.preemption import PreemptedError
+    from trainer.engine.preemption import PreemptedError
 
     record = {"name": "sw", "spec_hash": "h", "code_version": "c",
               "trials": [{"trial_id": "t1", "name": "t1", "total_iters": 12}]}

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trainer.report import Reporter
+from trainer.engine.reporters import Reporter
 
 FAULTS = {"ORCHESTRATOR_REPORTERS": "tests.plugins.faults"}  # what a test adds to the driver's env
 FAIL_ENV = "ORCHESTRATOR_FAIL_ONCE"

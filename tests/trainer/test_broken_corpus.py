@@ -84,7 +84,7 @@ RUNS = {"mask": "truncated_val_image", "box": "nan_box_val", "keypoints": "odd_p
 @pytest.mark.parametrize("task", TASKS)
 @pytest.mark.parametrize("variant", ["clean", "allowed"])
 def test_layout_fields_alone_train_and_evaluate(corpus, tmp_path, caplog, task, variant):
-    from trainer.engine import train
+    from trainer.engine.train_loop import train
 
     folder, _ = corpus[task]
     defect = RUNS[task]
@@ -102,8 +102,8 @@ def test_layout_fields_alone_train_and_evaluate(corpus, tmp_path, caplog, task, 
 
 
 def _datasets(task: str, folder: Path, **data):
-    from trainer.data import build_datasets
-    from trainer.tasks import build_task_datasets
+    from trainer.data.coco import build_datasets
+    from trainer.modeling.detectors import build_task_datasets
 
     cfg = build_config(_config(task, folder, folder / "unused", **data))
     return build_datasets(cfg.data) if task == "mask" else build_task_datasets(cfg)
@@ -166,7 +166,7 @@ def _cocoeval_ap(gt_file: Path, dets: list[dict]) -> list[float]:
 
 @pytest.mark.parametrize("defect", ["nan_box_val", "odd_polygon"])
 def test_dropped_val_annotation_is_absent_from_what_cocoeval_scores(corpus, tmp_path, defect):
-    from trainer.evaluate import METRIC_NAMES, score_coco
+    from trainer.evaluation.coco import METRIC_NAMES, score_coco
 
     folder, _ = corpus["mask"]
     clean = json.loads((folder / "clean" / "labels" / "val.json").read_text())

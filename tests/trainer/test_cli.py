@@ -75,7 +75,7 @@ def test_checkpoint_of_wrong_architecture(capsys, tmp_path, base):
 
 def test_resume_from_checkpoint_of_other_model(capsys, tmp_path, base):
     from trainer.config import build_config
-    from trainer.engine import train
+    from trainer.engine.train_loop import train
 
     train(build_config(base), stop_after=1)
     base["model"]["backbone"] = "R34"

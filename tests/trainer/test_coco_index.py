@@ -10,8 +10,8 @@ import torch
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 
-from trainer.coco_index import FIELDS, TrainImages, TrainIndex
-from trainer.dataset_check import AnnotationFile
+from trainer.data.coco_index import FIELDS, TrainImages, TrainIndex
+from trainer.data.dataset_check import AnnotationFile
 from trainer.errors import DatasetError
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from trainer.config import DataConfig
-from trainer.data import StreamBatchSampler, build_datasets, hflip, select_subset, split_paths
+from trainer.data.coco import StreamBatchSampler, build_datasets, hflip, select_subset, split_paths
 from trainer.errors import DatasetError
 
 
@@ -106,7 +106,7 @@ def test_workers_start_with_the_parents_objects_frozen():
     """A worker's garbage collector must not walk (and so copy) what it inherited from the parent."""
     import gc
 
-    from trainer.data import start_workers
+    from trainer.data.coco import start_workers
 
     loader = torch.utils.data.DataLoader(_FreezeCount(), batch_size=1, num_workers=1)
     counts = [int(c) for c in start_workers(loader)]

@@ -10,14 +10,14 @@ from PIL import Image
 from tests.conftest import tiny_config
 from trainer.__main__ import main
 from trainer.config import DataConfig
-from trainer.data import build_datasets
-from trainer.dataset_check import AnnotationFile, check_split
+from trainer.data.coco import build_datasets
+from trainer.data.dataset_check import AnnotationFile, check_split
 from trainer.errors import DatasetError
 
 
 @pytest.fixture(scope="module")
 def clean_root(tmp_path_factory):
-    from trainer.synthetic import generate_detection
+    from trainer.synthetic.datasets import generate_detection
 
     root = tmp_path_factory.mktemp("clean")
     generate_detection(root, seed=1, num_train=8, num_val=4, width=48, height=40)
@@ -188,7 +188,7 @@ def test_any_layout(root, tmp_path):
 
 def test_pool_decode_finds_what_the_inline_decode_finds(root):
     """More files than POOL_MIN go through the process pool; its findings equal one process's."""
-    from trainer.image_check import POOL_MIN, decode_findings
+    from trainer.data.image_check import POOL_MIN, decode_findings
 
     many = root / "many"
     many.mkdir()

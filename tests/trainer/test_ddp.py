@@ -15,10 +15,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tests.conftest import tiny_config
-from trainer import checkpoint as ckpt
+from trainer.engine import checkpoint as ckpt
 from trainer.config import build_config
-from trainer.engine import init_distributed, train
-from trainer.report import JsonlReporter, read_metrics
+from trainer.engine.train_loop import init_distributed, train
+from trainer.engine.reporters import JsonlReporter, read_metrics
 
 SCHED = {"iters": 8, "drops": [5, 7], "warmup_iters": 2}
 
@@ -66,7 +66,7 @@ def test_two_rank_fork_equals_unforked(synth_root, tmp_path):
 
 
 def test_nccl_without_cuda_is_refused():
-    from trainer.engine import dist_backend
+    from trainer.engine.train_loop import dist_backend
     from trainer.errors import TrainerError
 
     cfg = build_config({"runtime": {"dist_backend": "nccl", "device": "cpu"}})

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from tests.conftest import tiny_config
-from trainer import checkpoint as ckpt
+from trainer.engine import checkpoint as ckpt
 from trainer.config import build_config
-from trainer.engine import train
+from trainer.engine.train_loop import train
 from trainer.errors import NonFiniteLossError
-from trainer.report import JsonlReporter, Reporter, read_metrics
+from trainer.engine.reporters import JsonlReporter, Reporter, read_metrics
 
 
 class Boom(RuntimeError):

@@ -1,4 +1,4 @@
-"""Tests of trainer.evaluate(_convert) against real pycocotools and torchvision's mask pasting."""
+"""Tests of trainer.evaluation.coco(_convert) against real pycocotools and torchvision's mask pasting."""
 
 from __future__ import annotations
 
@@ -17,11 +17,11 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from trainer import evaluate as ev
-from trainer import evaluate_convert as conv
+from trainer.evaluation import coco as ev
+from trainer.evaluation import convert as conv
 from trainer.config import ModelConfig
 from trainer.errors import TrainerError
-from trainer.model import build_model
+from trainer.modeling.model import build_model
 
 CATEGORIES = [{"id": 2, "name": "cat"}, {"id": 5, "name": "dog"}, {"id": 11, "name": "car"}]
 LABEL_TO_CAT = {1: 2, 2: 5, 3: 11}
@@ -198,7 +198,7 @@ def test_run_scorer_verifies_faster_coco_eval_on_the_runs_own_detections(coco_gt
     results = perturbed_results(coco_gt)
     scorer = ev.RunScorer("auto")
     assert scorer.chosen is None and ev.resolve_backend(scorer).startswith("auto")
-    with caplog.at_level(logging.INFO, logger="trainer.evaluate"):
+    with caplog.at_level(logging.INFO, logger="trainer.evaluation.coco"):
         first = ev.score_coco(coco_gt, results, backend=scorer)
     assert first == ev.score_coco(coco_gt, results, backend="pycocotools")  # the first answer is pycocotools'
     assert calls[:4] == ["pycocotools", "pycocotools", "faster_coco_eval", "faster_coco_eval"]  # bbox, segm each
@@ -228,7 +228,7 @@ def test_run_scorer_keeps_pycocotools_for_the_run_when_the_backends_differ(coco_
     ev.score_coco(coco_gt, [], backend=scorer)  # nothing to compare on yet: still undecided
     assert scorer.chosen is None and not calls
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="trainer.evaluate"):
+    with caplog.at_level(logging.INFO, logger="trainer.evaluation.coco"):
         first = ev.evaluate(OracleModel(outputs), TinyDataset(coco_gt), backend=scorer)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "pycocotools scores this whole run" in warnings[0].getMessage()
@@ -261,7 +261,7 @@ def test_backend_resolution(monkeypatch):
 
 
 def test_empty_results_give_zeros_and_a_warning(coco_gt, caplog):
-    with caplog.at_level(logging.WARNING, logger="trainer.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="trainer.evaluation.coco"):
         metrics = ev.score_coco(coco_gt, [])
     assert metrics == {key: 0.0 for key in KEYS}
     assert "no detections" in caplog.text
@@ -561,10 +561,10 @@ def test_a_training_run_checks_its_scorer_once_on_its_first_evaluation(synth_roo
     pytest.importorskip("faster_coco_eval")
     from tests.conftest import tiny_config
     from trainer.config import build_config
-    from trainer.engine import train
-    from trainer.report import JsonlReporter
+    from trainer.engine.train_loop import train
+    from trainer.engine.reporters import JsonlReporter
 
-    with caplog.at_level(logging.INFO, logger="trainer.evaluate"):
+    with caplog.at_level(logging.INFO, logger="trainer.evaluation.coco"):
         train(build_config(tiny_config(synth_root, tmp_path / "run", eval={"period": 3})), reporters=[JsonlReporter()])
     inferences = [r for r in caplog.records if r.getMessage().startswith("inference on")]
     checks = [r.getMessage() for r in caplog.records if r.getMessage().startswith("scorer check")]

@@ -1,4 +1,4 @@
-"""trainer.evaluate_convert.paste_masks_rle against torchvision's paste_masks_in_image + pycocotools."""
+"""trainer.evaluation.convert.paste_masks_rle against torchvision's paste_masks_in_image + pycocotools."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from pycocotools import mask as mask_util
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-from trainer import evaluate_convert as conv
+from trainer.evaluation import convert as conv
 
 
 def _torchvision_rles(masks, boxes, size, threshold):

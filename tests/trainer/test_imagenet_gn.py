@@ -19,11 +19,11 @@ from torch import nn
 
 from tests.conftest import tiny_config
 from trainer.__main__ import main
-from trainer.backbone import build_resnet
+from trainer.modeling.backbone import build_resnet
 from trainer.config import ModelConfig
 from trainer.errors import ConfigError, InitError
-from trainer.imagenet_weights import RGB_MEAN, RGB_STD, caffe2_name, pixel_normalisation, sha256
-from trainer.model import build_model
+from trainer.modeling.imagenet_weights import RGB_MEAN, RGB_STD, caffe2_name, pixel_normalisation, sha256
+from trainer.modeling.model import build_model
 
 SMALL = dict(min_size=64, max_size=64, fpn_channels=64, representation_size=64)
 # Detectron's (Caffe2) cfg.PIXEL_MEANS, written out here rather than imported: its R-50-GN.pkl was

@@ -8,16 +8,16 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from tests.conftest import tiny_config
-from trainer import checkpoint as ckpt
+from trainer.engine import checkpoint as ckpt
 from trainer.__main__ import main as trainer_main
 from trainer.config import ModelConfig, build_config
-from trainer.engine import train
-from trainer.evaluate_keypoints import keypoint_results, score_keypoints
-from trainer.keypoints import CocoTaskDataset, flip_index
-from trainer.model import build_model
-from trainer.report import JsonlReporter, Reporter, read_metrics
-from trainer.synthetic import generate_keypoints
-from trainer.synthetic_keypoints import KEYPOINT_NAMES
+from trainer.engine.train_loop import train
+from trainer.evaluation.keypoints import keypoint_results, score_keypoints
+from trainer.data.keypoints import CocoTaskDataset, flip_index
+from trainer.modeling.model import build_model
+from trainer.engine.reporters import JsonlReporter, Reporter, read_metrics
+from trainer.synthetic.datasets import generate_keypoints
+from trainer.synthetic.keypoints import KEYPOINT_NAMES
 
 KP_MODEL = {"task": "keypoints", "keypoint_head_channels": 32}
 

@@ -13,7 +13,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from trainer.config import ModelConfig
 from trainer.errors import InitError
-from trainer.model import (
+from trainer.modeling.model import (
     build_model,
     build_resnet,
     find_imagenet_weights,

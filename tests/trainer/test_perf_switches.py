@@ -7,15 +7,15 @@ import pytest
 import torch
 
 from tests.conftest import TINY_MODEL, tiny_config
-from trainer import checkpoint as ckpt
-from trainer import speed
-from trainer.coco_index import TrainImages, TrainIndex
+from trainer.engine import checkpoint as ckpt
+from trainer.engine import speed
+from trainer.data.coco_index import TrainImages, TrainIndex
 from trainer.config import DataConfig, RuntimeConfig, build_config
-from trainer.data import StreamBatchSampler
-from trainer.engine import Trainer, train
+from trainer.data.coco import StreamBatchSampler
+from trainer.engine.train_loop import Trainer, train
 from trainer.errors import ConfigError, DatasetError
-from trainer.model import build_model
-from trainer.report import JsonlReporter, read_metrics
+from trainer.modeling.model import build_model
+from trainer.engine.reporters import JsonlReporter, read_metrics
 
 GROUPS = [0, 1, 1, 0, 0, 1, 0, 0, 1, 0, 0, 0, 1, 0, 0, 1, 0, 0, 0, 1, 1, 0, 0]  # 23 images, 8 portrait
 
@@ -78,7 +78,7 @@ def test_switch_defaults_and_validation():
 
 def test_cuda_only_switches_are_logged_noops_on_cpu(caplog):
     cpu = torch.device("cpu")
-    caplog.set_level(logging.DEBUG, logger="trainer.speed")
+    caplog.set_level(logging.DEBUG, logger="trainer.engine.speed")
     before = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32)
     speed.apply_backend_flags(RuntimeConfig(cudnn_benchmark=True, tf32=False), cpu)
     assert (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32) == before

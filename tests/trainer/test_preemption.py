@@ -22,11 +22,11 @@ import yaml
 
 from tests.conftest import tiny_config
 from tests.trainer.test_ddp import _port
-from trainer import checkpoint as ckpt
-from trainer import preemption
+from trainer.engine import checkpoint as ckpt
+from trainer.engine import preemption
 from trainer.config import build_config
-from trainer.engine import init_distributed, train
-from trainer.report import JsonlReporter, read_metrics
+from trainer.engine.train_loop import init_distributed, train
+from trainer.engine.reporters import JsonlReporter, read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 SCHED = {"iters": 12, "drops": [9], "warmup_iters": 2}

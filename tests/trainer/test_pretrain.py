@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from tests.conftest import tiny_config
-from trainer import checkpoint as ckpt
+from trainer.engine import checkpoint as ckpt
 from trainer.config import build_config
 from trainer.errors import DatasetError
-from trainer.model import build_model
-from trainer.pretrain import load_pretrain_config, pretrain
+from trainer.modeling.model import build_model
+from trainer.pretrain.train import load_pretrain_config, pretrain
 
 
 def _cfg(root, out, *extra):
@@ -53,8 +53,8 @@ def test_missing_folder(tmp_path):
 
 
 def test_imagenet_gn_preset_is_the_papers_recipe():
-    from trainer.pretrain import _optimizer, build_classifier
-    from trainer.pretrain_recipe import lr_factor, resolve_schedule
+    from trainer.pretrain.train import _optimizer, build_classifier
+    from trainer.pretrain.recipe import lr_factor, resolve_schedule
 
     cfg = load_pretrain_config(None, ["preset=imagenet-gn"])
     assert (cfg.backbone, cfg.norm, cfg.batch_size, cfg.base_lr, cfg.weight_decay) == ("R50", "GN", 256, 0.1, 1e-4)

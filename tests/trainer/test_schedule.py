@@ -4,7 +4,7 @@ import pytest
 
 from trainer.config import ScheduleConfig, build_config
 from trainer.errors import ConfigError
-from trainer.schedule import resolve_schedule
+from trainer.engine.schedule import resolve_schedule
 
 
 @pytest.mark.parametrize("length,total,drops", [

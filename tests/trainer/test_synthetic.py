@@ -16,8 +16,8 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from trainer.errors import ConfigError
-from trainer.synthetic import CATEGORIES, generate_classification, generate_detection, main
-from trainer.synthetic_draw import CLS_SHAPES, SHAPES
+from trainer.synthetic.datasets import CATEGORIES, generate_classification, generate_detection, main
+from trainer.synthetic.draw import CLS_SHAPES, SHAPES
 
 REPO = Path(__file__).resolve().parents[2]
 # Small but with high empty/crowd rates, so every annotation path shows up in a few dozen images.

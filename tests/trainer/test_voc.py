@@ -6,11 +6,11 @@ import pytest
 from tests.conftest import tiny_config
 from trainer.__main__ import main as trainer_main
 from trainer.config import build_config
-from trainer.engine import train
+from trainer.engine.train_loop import train
 from trainer.errors import ConfigError
-from trainer.evaluate_voc import class_pr, score_voc, voc_ap
-from trainer.synthetic import generate_voc
-from trainer.voc import VocDetection, parse_annotation
+from trainer.evaluation.voc import class_pr, score_voc, voc_ap
+from trainer.synthetic.datasets import generate_voc
+from trainer.data.voc import VocDetection, parse_annotation
 
 CLASSES = ["ellipse", "rectangle", "triangle", "star"]
 
@@ -103,7 +103,7 @@ def test_bad_voc_file_is_refused_with_one_line(voc_root, tmp_path, capsys, edit,
 
 
 def test_synthetic_cli_writes_voc_and_keypoint_sets(tmp_path):
-    from trainer.synthetic import main
+    from trainer.synthetic.datasets import main
 
     assert main(["--out", str(tmp_path), "--voc", "--keypoints", "--train", "4", "--val", "2"]) == 0
     voc = tmp_path / "VOCdevkit" / "VOC2007"
@@ -116,7 +116,7 @@ def test_synthetic_cli_writes_voc_and_keypoint_sets(tmp_path):
 @pytest.mark.parametrize("allow", [False, True])
 def test_truncated_voc_jpeg_is_refused_or_dropped(voc_root, tmp_path, capsys, caplog, allow):
     from trainer.config import DataConfig
-    from trainer.voc import build_voc_datasets
+    from trainer.data.voc import build_voc_datasets
 
     bad = tmp_path / "VOC2007"
     bad.mkdir()

@@ -2,10 +2,10 @@
 
 Owns: locating a split for every COCO task (ROOT/annotations/instances_{split}.json, or
 person_keypoints_{split}.json, and ROOT/{split}/ images, or any `data.{train,val}_json` +
-`_image_dir`), running the up-front dataset check (`trainer.dataset_check`),
+`_image_dir`), running the up-front dataset check (`trainer.data.dataset_check`),
 the seeded nested train subsets (`data.train_images`), the evaluation dataset, image decoding (uint8
 until the device), horizontal flip, and the batch stream. Training targets come from the serialised
-train index (`trainer.coco_index`: polygons and RLE to masks, crowd regions left out,
+train index (`trainer.data.coco_index`: polygons and RLE to masks, crowd regions left out,
 annotation-free images skipped). The stream is a pure function of (seed, iteration): position p of the global stream is image
 `perm(seed, p // n)[p % n]`, and iteration i takes positions [i*B, (i+1)*B). A resumed run therefore
 sees exactly the batches an uninterrupted one would, whatever the number of loader workers. With
@@ -26,11 +26,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from trainer.coco_index import TrainImages, TrainIndex
+from trainer.data.coco_index import TrainImages, TrainIndex
 from trainer.config import DataConfig
-from trainer.dataset_check import ALLOW_SWITCHES, AnnotationFile, check_split, default_cache_dir
+from trainer.data.dataset_check import ALLOW_SWITCHES, AnnotationFile, check_split, default_cache_dir
 from trainer.errors import DatasetError
-from trainer.image_check import read_image  # noqa: F401 - the one decoder (loaders and check)
+from trainer.data.image_check import read_image  # noqa: F401 - the one decoder (loaders and check)
 from trainer.resize import resized_area  # noqa: F401 - re-exported (engine)
 
 logger = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class CocoInstances(Dataset):
     """The evaluation split: every selected image, item i -> (uint8 image, {"image_id"}).
 
     Holds the pycocotools COCO that scoring needs; items read only the file names, kept in a list
-    (the val split is small; the train split goes through `trainer.coco_index` instead).
+    (the val split is small; the train split goes through `trainer.data.coco_index` instead).
     """
 
     def __init__(self, ann_file: Path, image_dir: Path, image_ids: Sequence[int] | None = None, *,
@@ -240,7 +240,7 @@ def collate(batch: list[tuple[torch.Tensor, dict]]) -> tuple[tuple, tuple]:
 
 
 def check_data(cfg: DataConfig, task: str = "mask") -> dict[str, tuple[AnnotationFile, Path]]:
-    """Locate and check both splits of any COCO task (trainer.dataset_check) before anything is
+    """Locate and check both splits of any COCO task (trainer.data.dataset_check) before anything is
     built from them; the AnnotationFiles come back without what the check dropped."""
     located = {which: split_files(cfg, which, task) for which in ("train", "val")}  # both exist, or fail now
     allow = [name for name in ALLOW_SWITCHES if getattr(cfg, name)]

@@ -4,7 +4,7 @@ Owns the COCO datasets of `model.task: box` (instances files, boxes and labels o
 and `model.task: keypoints` (person_keypoints files: K keypoints per instance as flat [x, y, v]
 triples, v = 0 unlabeled, 1 labeled but hidden, 2 visible), with the same seeded nested subsets and
 (seed, position)-fixed flips as trainer.data. The files are found by the same layout fields and pass
-the same up-front check as the mask task's (`trainer.data.check_data`); the keypoint fields are then
+the same up-front check as the mask task's (`trainer.data.coco.check_data`); the keypoint fields are then
 checked before pycocotools indexes them, so a malformed file is refused with one line naming what is
 wrong. A keypoint flip also swaps the left_*/right_* keypoints.
 Training uses the non-crowd instances with a box of at least 1x1; a keypoint image needs at least one
@@ -24,8 +24,8 @@ import torch
 from torch.utils.data import Dataset
 
 from trainer.config import DataConfig, ModelConfig
-from trainer.data import check_data, read_image, select_subset
-from trainer.dataset_check import AnnotationFile, box_finite
+from trainer.data.coco import check_data, read_image, select_subset
+from trainer.data.dataset_check import AnnotationFile, box_finite
 from trainer.errors import DatasetError
 
 logger = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ def flip_index(names: Sequence[str]) -> list[int]:
 
 
 class CocoTaskDataset(Dataset):
-    """One split for the box or keypoint task; items as trainer.data.CocoInstances (eval: (image,
+    """One split for the box or keypoint task; items as trainer.data.coco.CocoInstances (eval: (image,
     {"image_id"}); train, keyed (position, index): (image, target) with boxes, labels, image_id,
     image_size and, for keypoints, keypoints [N, K, 3])."""
 
@@ -179,7 +179,7 @@ def build_coco_task_datasets(cfg: DataConfig, model: ModelConfig, stream_seed: i
                              ) -> tuple[CocoTaskDataset, CocoTaskDataset, list[int]]:
     """(train set, val set, chosen train image ids) of a COCO box or keypoint trial.
 
-    The splits are located and checked as the mask task's are (`trainer.data.check_data`: the same
+    The splits are located and checked as the mask task's are (`trainer.data.coco.check_data`: the same
     layout fields, the same up-front check and drops), before pycocotools indexes them.
     """
     task, k = model.task, model.num_keypoints

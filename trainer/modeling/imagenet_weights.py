@@ -244,7 +244,7 @@ def _strict_map(body_keys: Mapping[str, Tensor], file: WeightsFile) -> dict[str,
         names = {k: caffe2_name(k) for k in body_keys}
         prefix = ""
     else:
-        from trainer.backbone import _best_prefix
+        from trainer.modeling.backbone import _best_prefix
 
         prefix = _best_prefix(src.keys(), set(body_keys))
         names = {k: prefix + k for k in body_keys}

@@ -2,11 +2,11 @@
 
 `train(cfg, reporters=..., resume=...)` is the one entry point (the CLI and the orchestrator call
 it). The loop itself only steps — data, forward, backward, optimizer, LR — and leaves metrics,
-evaluation and checkpoints to the hooks in `trainer.hooks`, and a stop on a preemption notice to
-`trainer.preemption` (train() then raises PreemptedError after that iteration's checkpoint). A run in an initialised
+evaluation and checkpoints to the hooks in `trainer.engine.hooks`, and a stop on a preemption notice to
+`trainer.engine.preemption` (train() then raises PreemptedError after that iteration's checkpoint). A run in an initialised
 torch.distributed process group trains with DDP; every rank infers on its slice of val, rank 0
 scores, writes and reports. Speed
-switches (autocast, TF32, channels_last, backbone compile, pinned memory) come from `trainer.speed`.
+switches (autocast, TF32, channels_last, backbone compile, pinned memory) come from `trainer.engine.speed`.
 """
 
 from __future__ import annotations
@@ -21,17 +21,17 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from trainer import checkpoint as ckpt
-from trainer import speed
-from trainer.backbone import norm_parameters
+from trainer.engine import checkpoint as ckpt
+from trainer.engine import speed
+from trainer.modeling.backbone import norm_parameters
 from trainer.config import TrainConfig, config_to_dict, dump_config
-from trainer.data import StreamBatchSampler, build_datasets, collate, resized_area, start_workers, to_device_float
+from trainer.data.coco import StreamBatchSampler, build_datasets, collate, resized_area, start_workers, to_device_float
 from trainer.errors import CheckpointError, TrainerError
-from trainer.hooks import CheckpointHook, EvalHook, FinalMetricsHook, Hook, MetricsHook, first_nonfinite
-from trainer.preemption import PreemptedError, PreemptionHook, armed, ignore_in_worker
-from trainer.report import Reporter, RunInfo
-from trainer.schedule import resolve_schedule
-from trainer.tasks import build_task_datasets, image_hw, loss_names, uses_task_data
+from trainer.engine.hooks import CheckpointHook, EvalHook, FinalMetricsHook, Hook, MetricsHook, first_nonfinite
+from trainer.engine.preemption import PreemptedError, PreemptionHook, armed, ignore_in_worker
+from trainer.engine.reporters import Reporter, RunInfo
+from trainer.engine.schedule import resolve_schedule
+from trainer.modeling.detectors import build_task_datasets, image_hw, loss_names, uses_task_data
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class Trainer:
                  datasets: tuple[Any, Any, list[int]] | None = None):
         """`datasets` (train set, val set, train ids) replaces `build_datasets(cfg.data)`: benches
         feed in-memory data through the same loop."""
-        from trainer.model import build_model
+        from trainer.modeling.model import build_model
 
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
@@ -119,7 +119,7 @@ class Trainer:
         speed.apply_backend_flags(rt, self.device)
         self.output_dir = Path(rt.output_dir)
         self.ckpt_dir = self.output_dir / "checkpoints"
-        if datasets is None and uses_task_data(cfg):  # box / keypoint / VOC trials (trainer.tasks)
+        if datasets is None and uses_task_data(cfg):  # box / keypoint / VOC trials (trainer.modeling.detectors)
             datasets = build_task_datasets(cfg, stream_seed=rt.seed)
         self.train_set, self.val_set, self.train_ids = datasets or build_datasets(cfg.data, stream_seed=rt.seed)
         model, model_cfg = build_model(cfg.model, num_classes=self.train_set.num_classes + 1)
@@ -363,7 +363,7 @@ def train(cfg: TrainConfig, *, reporters: Sequence[Reporter] = (), resume: bool 
             for hook in trainer.hooks:
                 hook.after_train(trainer)
         else:
-            with armed():  # a SIGTERM from here on stops at a step's end (trainer.preemption)
+            with armed():  # a SIGTERM from here on stops at a step's end (trainer.engine.preemption)
                 trainer.fit()
         status = "finished" if trainer.state.iteration >= trainer.total_iters else "stopped"
     except BaseException as exc:

@@ -24,11 +24,11 @@ from typing import Any, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from trainer import checkpoint as ckpt
+from trainer.engine import checkpoint as ckpt
 from trainer.config import PRETRAIN_PRESETS, PretrainConfig, config_to_dict, dump_config, load_pretrain_config
-from trainer.data import StreamBatchSampler
+from trainer.data.coco import StreamBatchSampler
 from trainer.errors import DatasetError, NonFiniteLossError, TrainerError
-from trainer.pretrain_recipe import Group, lr_factor, process_group, resolve_schedule
+from trainer.pretrain.recipe import Group, lr_factor, process_group, resolve_schedule
 
 __all__ = ["PretrainConfig", "load_pretrain_config", "pretrain", "build_classifier"]
 
@@ -73,7 +73,7 @@ class _Folder(Dataset):
 
 
 def build_classifier(cfg: PretrainConfig, num_classes: int) -> torch.nn.Module:
-    from trainer.backbone import build_resnet
+    from trainer.modeling.backbone import build_resnet
 
     net = build_resnet(cfg.backbone, cfg.norm)
     net.fc = torch.nn.Linear(net.fc.in_features, num_classes)
@@ -87,7 +87,7 @@ def build_classifier(cfg: PretrainConfig, num_classes: int) -> torch.nn.Module:
 
 
 def _optimizer(net: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.SGD:
-    from trainer.backbone import norm_parameters
+    from trainer.modeling.backbone import norm_parameters
 
     norm_ids = norm_parameters(net)
     groups = [{"params": [p for p in net.parameters() if id(p) not in norm_ids], "weight_decay": cfg.weight_decay},

@@ -1,4 +1,4 @@
-"""Synthetic Pascal VOC: the shape scenes of trainer.synthetic_draw in VOC's on-disk layout, seeded.
+"""Synthetic Pascal VOC: the shape scenes of trainer.synthetic.draw in VOC's on-disk layout, seeded.
 
     OUT/VOCdevkit/VOC2007/JPEGImages/<6-digit id>.jpg
     OUT/VOCdevkit/VOC2007/Annotations/<6-digit id>.xml     VOC XML: size, object/name/bndbox/difficult
@@ -19,7 +19,7 @@ from xml.sax.saxutils import escape
 import numpy as np
 from PIL import Image
 
-from trainer.synthetic_draw import SHAPES, draw_scene
+from trainer.synthetic.draw import SHAPES, draw_scene
 
 VOC_SHAPE_CLASSES = list(SHAPES)
 DIFFICULT_BELOW = 0.7  # visible fraction under which an object is marked difficult

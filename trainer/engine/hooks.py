@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from trainer import checkpoint as ckpt
+from trainer.engine import checkpoint as ckpt
 from trainer.atomic import write_atomic
 from trainer.errors import NonFiniteLossError
 
 if TYPE_CHECKING:
-    from trainer.engine import Trainer
+    from trainer.engine.train_loop import Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class EvalHook(Hook):
     """COCO bbox/segm AP on the val split every `eval.period` iterations and at the end.
 
     With `eval.backend` "auto" the run's first evaluation scores with both pycocotools and
-    faster-coco-eval and picks the scorer for the rest of the run (`trainer.evaluate.RunScorer`).
+    faster-coco-eval and picks the scorer for the rest of the run (`trainer.evaluation.coco.RunScorer`).
     """
 
     scorer = None  # this run's RunScorer, made at the first evaluation
@@ -94,7 +94,7 @@ class EvalHook(Hook):
             self.run(trainer)
 
     def run(self, trainer: "Trainer") -> None:
-        from trainer.tasks import evaluator
+        from trainer.modeling.detectors import evaluator
 
         evaluate = evaluator(trainer.cfg)  # COCO bbox/segm, bbox/keypoints or VOC mAP by model.task
         st = trainer.state
@@ -105,7 +105,7 @@ class EvalHook(Hook):
             CheckpointHook().save(trainer, notify=False)  # training so far survives a failing evaluation
         ec = trainer.cfg.eval
         if self.scorer is None and ec.backend == "auto":
-            from trainer.evaluate import RunScorer
+            from trainer.evaluation.coco import RunScorer
 
             self.scorer = RunScorer(ec.backend)
         # Every rank infers on its slice of val; rank 0 gathers and scores (others get {}).

@@ -1,6 +1,6 @@
 """ResNet trunks, normalization choice, stage freezing and backbone weight loading.
 
-Owns everything about the ResNet body that detection (`trainer.model`) and backbone pretraining
+Owns everything about the ResNet body that detection (`trainer.modeling.model`) and backbone pretraining
 share: the norm layer factory, the torchvision ResNet builder, finding torchvision's ImageNet weight
 files in the local hub cache (never downloading), loading a backbone state dict with prefix
 tolerance and architecture checks, freezing the first stages, and the set of norm parameters (which
@@ -100,7 +100,7 @@ def find_imagenet_weights(backbone: str, explicit: Path | None, body_norm: str =
 
 def read_state_file(path: Path) -> dict[str, Tensor]:
     """A backbone state dict from a torch/safetensors file: bare, or under "backbone" (pretraining's)."""
-    from trainer.imagenet_weights import read_weights
+    from trainer.modeling.imagenet_weights import read_weights
 
     path = Path(path).expanduser()
     if not path.is_file():

@@ -5,7 +5,7 @@ Owns `AnnotationFile` (a JSON file read at most once, with its content hash, and
 images the check dropped) and `check_split`, which looks at the annotation file and its images:
 
 * every annotation's `image_id` is a listed image and its `category_id` a listed category;
-* every listed image file decodes fully (trainer.image_check, in a process pool: a truncated file
+* every listed image file decodes fully (trainer.data.image_check, in a process pool: a truncated file
   with an intact header is found here) and its size equals the JSON's width x height (a mismatch is
   an error; `data.allow_size_mismatch` turns it into a warning with the count);
 * polygons have at least 3 points, an even coordinate count and finite numbers; RLE sizes (crowd
@@ -35,7 +35,7 @@ from typing import Any, Iterable
 
 from trainer.atomic import write_atomic
 from trainer.errors import DatasetError
-from trainer.image_check import decode_findings, fingerprint
+from trainer.data.image_check import decode_findings, fingerprint
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ for a GN body or torchvision's BN weights for a BN-family body, `checkpoint:PATH
 pretraining). The body runs `model.body_norm` (resolved at validation, = `norm` unless set), never a
 norm chosen from the weights file; `build_model` returns that resolved config.
 
-The ResNet/norm/weight-file helpers live in `trainer.backbone` and are re-exported here.
+The ResNet/norm/weight-file helpers live in `trainer.modeling.backbone` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from trainer.backbone import (
+from trainer.modeling.backbone import (
     GN_GROUPS,
     build_resnet,
     find_imagenet_weights,
@@ -38,7 +38,7 @@ from trainer.backbone import (
 )
 from trainer.config import ModelConfig
 from trainer.errors import InitError
-from trainer.imagenet_weights import load_imagenet_weights, pixel_normalisation
+from trainer.modeling.imagenet_weights import load_imagenet_weights, pixel_normalisation
 
 __all__ = [
     "build_model",
@@ -65,7 +65,7 @@ def _load_init(cfg: ModelConfig, body: nn.Module) -> tuple[str, dict[str, Any]]:
     the config fields they resolve (`pixel_convention`, `imagenet_weights_sha256`).
 
     `imagenet` loads strictly (every body tensor, right shape, right norm family, Detectron's pixel
-    convention folded in: `trainer.imagenet_weights`); `checkpoint:PATH` keeps the tolerant loader
+    convention folded in: `trainer.modeling.imagenet_weights`); `checkpoint:PATH` keeps the tolerant loader
     (prefixes, partial files logged) for backbones of our own runs. A BN-trained file never goes
     into a GN body: the norm the body runs is the config's `body_norm`, nothing else.
     """
@@ -127,7 +127,7 @@ def _heads(cfg: ModelConfig, num_classes: int) -> dict:
             (channels, 7, 7), [channels] * 4, [cfg.representation_size], norm_layer=norm
         ),
         box_predictor=FastRCNNPredictor(cfg.representation_size, num_classes),
-    ) | (dict(  # box and keypoint tasks have no mask head at all (trainer.tasks adds theirs)
+    ) | (dict(  # box and keypoint tasks have no mask head at all (trainer.modeling.detectors adds theirs)
         mask_roi_pool=MultiScaleRoIAlign(FEATURE_MAPS, output_size=14, sampling_ratio=cfg.sampling_ratio),
         mask_head=MaskRCNNHeads(channels, [channels] * 4, 1, norm_layer=norm),
         mask_predictor=MaskRCNNPredictor(channels, channels, num_classes),
@@ -146,7 +146,7 @@ def build_model(cfg: ModelConfig, num_classes: int) -> tuple[MaskRCNN, ModelConf
     image_mean, image_std = pixel_normalisation(init_fields["pixel_convention"])
     detector, heads = MaskRCNN, _heads(cfg, num_classes)
     if cfg.task != "mask":  # Faster R-CNN / Keypoint R-CNN on the same backbone, RPN and box head
-        from trainer.tasks import task_detector
+        from trainer.modeling.detectors import task_detector
 
         detector, heads = task_detector(cfg, heads, _head_norm(cfg.norm))
     model = detector(

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pycocotools.mask as mask_util
 
-from trainer.synthetic_draw import _contrasting_colour, _finish, background, object_fill, rasterize
+from trainer.synthetic.draw import _contrasting_colour, _finish, background, object_fill, rasterize
 
 KEYPOINT_NAMES = (
     "nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",

@@ -1,9 +1,9 @@
 """COCO evaluation of the box and keypoint tasks: bbox AP, and keypoint AP (OKS) by pycocotools.
 
 `evaluate_task(model, dataset, ...)` runs a Faster R-CNN or Keypoint R-CNN over a
-`trainer.keypoints.CocoTaskDataset` (same guarantees as `trainer.evaluate.evaluate`: train/eval
+`trainer.data.keypoints.CocoTaskDataset` (same guarantees as `trainer.evaluation.coco.evaluate`: train/eval
 flags and global RNG states are unchanged on return) and scores it: "bbox/AP".."bbox/APl" through
-`trainer.evaluate.score_coco`, plus, for keypoints, "keypoints/AP", "keypoints/AP50",
+`trainer.evaluation.coco.score_coco`, plus, for keypoints, "keypoints/AP", "keypoints/AP50",
 "keypoints/AP75", "keypoints/APm", "keypoints/APl" from `COCOeval(iouType="keypoints")` (its
 stats[:5]; COCO keypoint AP has no small-object bucket). The keypoint score of a detection is its
 box score, as in torchvision's reference; OKS uses COCO's 17 per-keypoint sigmas.
@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from pycocotools.cocoeval import COCOeval
 
-from trainer.evaluate import collate_batch, predictions_to_coco, resolve_backend, score_coco
-from trainer.evaluate_convert import EvaluationError
+from trainer.evaluation.coco import collate_batch, predictions_to_coco, resolve_backend, score_coco
+from trainer.evaluation.convert import EvaluationError
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +87,13 @@ def predict(model: torch.nn.Module, dataset: Any, *, batch_size: int, device: to
             num_workers: int = 0, rank: int = 0, world_size: int = 1) -> tuple[list[dict], list[Any]]:
     """Model outputs (moved to the CPU) and image ids over `dataset`, state-preserving.
 
-    As `trainer.evaluate.evaluate` does: one image per forward pass (GroupNorm never sees batch
+    As `trainer.evaluation.coco.evaluate` does: one image per forward pass (GroupNorm never sees batch
     padding, so AP does not depend on `batch_size`, which only sizes the loader's batches), and with
     `world_size` > 1 each rank infers on its slice and rank 0 gets every rank's outputs in rank order
     (the other ranks get empty lists).
     """
-    from trainer.data import to_device_float
-    from trainer.evaluate import gather_results, shard_bounds
+    from trainer.data.coco import to_device_float
+    from trainer.evaluation.coco import gather_results, shard_bounds
 
     net = model.module if isinstance(model, (torch.nn.parallel.DistributedDataParallel,
                                              torch.nn.DataParallel)) else model

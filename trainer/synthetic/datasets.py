@@ -1,6 +1,6 @@
 """Offline stand-ins for COCO and ImageNet: seeded synthetic shape data sets, written to disk.
 
-Owns the on-disk layouts and the CLI; the drawing itself is in `trainer.synthetic_draw`.
+Owns the on-disk layouts and the CLI; the drawing itself is in `trainer.synthetic.draw`.
 
 Detection set, real COCO layout (what `trainer` reads with data.train_split=train, val_split=val):
     OUT/annotations/instances_{train,val}.json    images/annotations/categories, as COCO
@@ -39,7 +39,7 @@ import pycocotools.mask as mask_util
 from PIL import Image
 
 from trainer.errors import ConfigError, TrainerError
-from trainer.synthetic_draw import CLS_SHAPES, SHAPES, Layer, draw_crop, draw_scene
+from trainer.synthetic.draw import CLS_SHAPES, SHAPES, Layer, draw_crop, draw_scene
 
 log = logging.getLogger("trainer.synthetic")  # not __main__ under `python -m`
 
@@ -299,8 +299,8 @@ def _check_set_args(out: Path, counts, width: int, height: int, most: tuple[str,
 def generate_keypoints(out: Path, *, seed: int = 0, num_train: int = 600, num_val: int = 100, width: int = 64,
                        height: int = 64, max_figures: int = 3) -> dict[str, Any]:
     """Write OUT/annotations/person_keypoints_{train,val}.json and OUT/{train,val}/*.png (stick figures
-    with COCO's 17 keypoints, trainer.synthetic_keypoints); return per-split stats."""
-    from trainer.synthetic_keypoints import write_keypoint_split
+    with COCO's 17 keypoints, trainer.synthetic.keypoints); return per-split stats."""
+    from trainer.synthetic.keypoints import write_keypoint_split
 
     out = _check_set_args(out, (("seed", seed), ("num_train (--train)", num_train), ("num_val (--val)", num_val)),
                           width, height, ("max_figures", max_figures, 10))
@@ -315,8 +315,8 @@ def generate_keypoints(out: Path, *, seed: int = 0, num_train: int = 600, num_va
 
 def generate_voc(out: Path, *, seed: int = 0, num_trainval: int = 300, num_test: int = 100, width: int = 64,
                  height: int = 64, max_objects: int = 4) -> dict[str, Any]:
-    """Write a VOC-layout shape set under OUT/VOCdevkit/VOC2007 (trainer.synthetic_voc)."""
-    from trainer import synthetic_voc
+    """Write a VOC-layout shape set under OUT/VOCdevkit/VOC2007 (trainer.synthetic.voc)."""
+    from trainer.synthetic import voc as synthetic_voc
 
     out = _check_set_args(out, (("seed", seed), ("num_trainval (--train)", num_trainval), ("num_test (--val)", num_test)),
                           width, height, ("max_objects", max_objects, 50))

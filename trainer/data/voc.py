@@ -6,7 +6,7 @@ strings ("000005"), class names come from `data.voc_classes` (default: VOC's 20,
 order; label = position + 1). Boxes: VOC's 1-based inclusive pixel corners become continuous
 coordinates (xmin - 1, ymin - 1, xmax, ymax), so a box's width is VOC's `xmax - xmin + 1`.
 `difficult` objects are kept for training (Detectron2's VOC loader keeps them too) and ignored in
-evaluation (trainer.evaluate_voc). Every XML file is parsed and checked when the set is built: a
+evaluation (trainer.evaluation.voc). Every XML file is parsed and checked when the set is built: a
 malformed file, an unknown class or an impossible box is refused with one line naming the file; and
 every JPEG is decoded fully, as the COCO check does (`data.allow_unreadable_images` drops those that
 do not decode, with a count). The VOC check is not cached (VOC07 trainval is 5k images).
@@ -24,9 +24,9 @@ import torch
 from torch.utils.data import Dataset
 
 from trainer.config import DataConfig
-from trainer.data import read_image, select_subset
+from trainer.data.coco import read_image, select_subset
 from trainer.errors import DatasetError
-from trainer.image_check import decode_findings
+from trainer.data.image_check import decode_findings
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def parse_annotation(path: Path, class_index: dict[str, int]) -> dict[str, Any]:
 
 
 class VocDetection(Dataset):
-    """One VOC split; items as trainer.data.CocoInstances (eval: (image, {"image_id"}); train, keyed
+    """One VOC split; items as trainer.data.coco.CocoInstances (eval: (image, {"image_id"}); train, keyed
     (position, index): (image, {boxes, labels, image_id, image_size}))."""
 
     def __init__(self, root: Path, split: str, classes: Sequence[str], image_ids: Sequence[str] | None = None, *,
@@ -148,7 +148,7 @@ class VocDetection(Dataset):
 
 
 def check_voc_images(root: Path, split: str, ids: list[str], records: dict, cfg: DataConfig) -> list[str]:
-    """The ids whose JPEG decodes fully at its XML size (trainer.image_check, as the COCO check does);
+    """The ids whose JPEG decodes fully at its XML size (trainer.data.image_check, as the COCO check does);
     the others refused in one line, or dropped with a count under `data.allow_unreadable_images`
     (a size mismatch: `data.allow_size_mismatch` keeps them with a warning)."""
     entries = [(k, f"{i}.jpg", records[i]["width"], records[i]["height"]) for k, i in enumerate(ids)]

@@ -17,7 +17,7 @@ import numpy as np
 import pycocotools.mask as mask_util
 from PIL import Image
 
-# Shape classes, in label order; `trainer.synthetic.CATEGORIES` gives them (non-contiguous) COCO ids.
+# Shape classes, in label order; `trainer.synthetic.datasets.CATEGORIES` gives them (non-contiguous) COCO ids.
 SHAPES: tuple[str, ...] = ("ellipse", "rectangle", "triangle", "star")
 # The classification set (the ImageNet stand-in) has more classes than detection, as ImageNet has
 # more than COCO: the detection shapes first (SHAPES is a prefix), then 12 more.

@@ -29,10 +29,10 @@ import torch
 import torch.distributed as dist
 
 from trainer.errors import TrainerError
-from trainer.hooks import CheckpointHook, Hook
+from trainer.engine.hooks import CheckpointHook, Hook
 
 if TYPE_CHECKING:
-    from trainer.engine import Trainer
+    from trainer.engine.train_loop import Trainer
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The detection task of a trial (`model.task`): what the RoI heads predict, read and score.
 
-* `mask`: Mask R-CNN on COCO instances (trainer.model / trainer.data / trainer.evaluate).
+* `mask`: Mask R-CNN on COCO instances (trainer.modeling.model / trainer.data / trainer.evaluation.coco).
 * `box`: Faster R-CNN, the same backbone, RPN and 4conv1fc box head without any mask head or mask
   targets; COCO instances (bbox AP) or Pascal VOC (`data.format: voc`, VOC07 mAP@0.5).
 * `keypoints`: Keypoint R-CNN on COCO person keypoints: the box branch plus Detectron's keypoint
@@ -84,10 +84,10 @@ def uses_task_data(cfg: TrainConfig) -> bool:
 def build_task_datasets(cfg: TrainConfig, stream_seed: int = 0) -> tuple[Any, Any, list]:
     """(train set, val set, chosen train ids) of a box or keypoint trial."""
     if cfg.data.format == "voc":
-        from trainer.voc import build_voc_datasets
+        from trainer.data.voc import build_voc_datasets
 
         return build_voc_datasets(cfg.data, stream_seed)
-    from trainer.keypoints import build_coco_task_datasets
+    from trainer.data.keypoints import build_coco_task_datasets
 
     return build_coco_task_datasets(cfg.data, cfg.model, stream_seed)
 
@@ -95,14 +95,14 @@ def build_task_datasets(cfg: TrainConfig, stream_seed: int = 0) -> tuple[Any, An
 def evaluator(cfg: TrainConfig) -> Callable[..., dict[str, float]]:
     """evaluate(model, dataset, *, batch_size, device, backend) for the config's task and data."""
     if not uses_task_data(cfg):
-        from trainer.evaluate import evaluate
+        from trainer.evaluation.coco import evaluate
 
         return evaluate
     if cfg.data.format == "voc":
-        from trainer.evaluate_voc import evaluate_voc
+        from trainer.evaluation.voc import evaluate_voc
 
         return evaluate_voc
-    from trainer.evaluate_keypoints import evaluate_task
+    from trainer.evaluation.keypoints import evaluate_task
 
     return evaluate_task
 

@@ -6,7 +6,7 @@ not yet matched box is a true positive, with a `difficult` box neither true nor 
 anything else (a second hit, or overlap <= 0.5) a false positive; recall counts non-difficult boxes
 only. AP is the VOC2007 11-point interpolated precision ("voc/mAP", the metric the paper reports for
 VOC07 test) or the area under the monotone precision envelope (VOC2010+, "voc/mAP_area"). Boxes are
-in continuous coordinates (trainer.voc), which gives the devkit's "+1" pixel areas exactly. The
+in continuous coordinates (trainer.data.voc), which gives the devkit's "+1" pixel areas exactly. The
 mean runs over classes with at least one non-difficult box in the evaluated images.
 """
 
@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from trainer.evaluate_keypoints import predict
+from trainer.evaluation.keypoints import predict
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def score_voc(detections: Sequence[dict], records: Mapping[Any, dict], classes: 
     """{"voc/mAP": 11-point mean AP, "voc/mAP_area": area mean AP} in [0, 1].
 
     `detections`: {"image_id", "label" (1-based), "score", "box"}; `records`: image id -> {"boxes",
-    "labels", "difficult"} (trainer.voc) of every evaluated image."""
+    "labels", "difficult"} (trainer.data.voc) of every evaluated image."""
     aps07, aps = [], []
     for label, name in enumerate(classes, start=1):
         gt = {k: {"boxes": r["boxes"][r["labels"] == label], "difficult": r["difficult"][r["labels"] == label]}
@@ -103,7 +103,7 @@ def score_voc(detections: Sequence[dict], records: Mapping[Any, dict], classes: 
 
 def evaluate_voc(model: torch.nn.Module, dataset: Any, *, batch_size: int = 2, device: torch.device | str = "cpu",
                  backend: str = "auto", num_workers: int = 0, rank: int = 0, world_size: int = 1) -> dict[str, float]:
-    """Run `model` over a trainer.voc.VocDetection split and score it (`backend` is COCO's; unused).
+    """Run `model` over a trainer.data.voc.VocDetection split and score it (`backend` is COCO's; unused).
     Sharded over the ranks as `predict` does; rank 0 scores, the others get {}."""
     started = time.perf_counter()
     outputs, ids = predict(model, dataset, batch_size=batch_size, device=device, num_workers=num_workers,

@@ -14,7 +14,7 @@ exactly what pycocotools rasterises) or its compressed RLE. Masks are decoded by
 these, so they equal `COCO.annToMask` bit for bit.
 
 The full index is cached as a folder of .npy files named by the annotation file's hash (see
-`trainer.dataset_check.cache_file`) and memory-mapped on load: the ranks of a node and the trials
+`trainer.data.dataset_check.cache_file`) and memory-mapped on load: the ranks of a node and the trials
 of a sweep share one copy through the page cache. A subset trial copies out only its images.
 """
 
@@ -35,7 +35,7 @@ from pycocotools import mask as mask_util
 from torch.utils.data import Dataset
 
 from trainer.atomic import fsync_dir
-from trainer.dataset_check import AnnotationFile, box_ok, cache_file, cache_lock
+from trainer.data.dataset_check import AnnotationFile, box_ok, cache_file, cache_lock
 from trainer.errors import DatasetError
 
 logger = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ class TrainIndex:
     # -- building ---------------------------------------------------------------------------
     @classmethod
     def build(cls, data: dict[str, Any]) -> "TrainIndex":
-        """From a parsed COCO instances dict (checked by trainer.dataset_check)."""
+        """From a parsed COCO instances dict (checked by trainer.data.dataset_check)."""
         cat_ids = sorted(int(c["id"]) for c in data["categories"])
         if not cat_ids:
             raise DatasetError("the annotation file lists no categories")
@@ -309,7 +309,7 @@ class TrainImages(Dataset):
         return len(self.rows)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, dict[str, Any]]:
-        from trainer.data import hflip, read_image
+        from trainer.data.coco import hflip, read_image
 
         if self._mapped_in != os.getpid():
             self._map_whole_index()

@@ -1,6 +1,6 @@
 """COCO bbox and segm evaluation of a torchvision Mask R-CNN.
 
-This module owns scoring and the inference loop; `trainer.evaluate_convert` owns the conversion
+This module owns scoring and the inference loop; `trainer.evaluation.convert` owns the conversion
 of model outputs to COCO results (`predictions_to_coco`, re-exported here):
 
 * `score_coco`: COCO results -> a flat dict of floats ("bbox/AP", ..., "segm/APl") on pycocotools'
@@ -42,9 +42,9 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from trainer.data import collate as collate_batch
-from trainer.data import to_device_float
-from trainer.evaluate_convert import EvaluationError, predictions_to_coco, roi_mask_outputs
+from trainer.data.coco import collate as collate_batch
+from trainer.data.coco import to_device_float
+from trainer.evaluation.convert import EvaluationError, predictions_to_coco, roi_mask_outputs
 
 __all__ = ["EvaluationError", "predictions_to_coco", "score_coco", "resolve_backend", "evaluate", "shard_bounds",
            "to_device_float",
