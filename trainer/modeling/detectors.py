@@ -92,8 +92,10 @@ def build_task_datasets(cfg: TrainConfig, stream_seed: int = 0) -> tuple[Any, An
     return build_coco_task_datasets(cfg.data, cfg.model, stream_seed)
 
 
-def evaluator(cfg: TrainConfig) -> Callable[..., dict[str, float]]:
-    """evaluate(model, dataset, *, batch_size, device, backend) for the config's task and data."""
+def evaluate_function(cfg: TrainConfig) -> Callable[..., dict[str, float]]:
+    """evaluate(model, dataset, *, batch_size, device, backend, ...) for the config's detection task
+    and data: each runs its evaluator (`trainer.evaluation.inference.DatasetEvaluator`) in the one
+    inference loop."""
     if not uses_task_data(cfg):
         from trainer.evaluation.coco import evaluate
 
