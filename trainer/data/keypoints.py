@@ -3,8 +3,9 @@
 Owns the COCO datasets of `model.task: box` (instances files, boxes and labels only, never masks)
 and `model.task: keypoints` (person_keypoints files: K keypoints per instance as flat [x, y, v]
 triples, v = 0 unlabeled, 1 labeled but hidden, 2 visible), with the same seeded nested subsets and
-(seed, position)-fixed flips as trainer.data. The files are found by the same layout fields and pass
-the same up-front check as the mask task's (`trainer.data.coco.check_data`); the keypoint fields are then
+(seed, position)-fixed flips as trainer.data.coco (the items and flips: `trainer.data.split`). The
+files are found by the same layout fields and pass the same up-front check as the mask task's
+(`trainer.data.coco.check_data`); the keypoint fields are then
 checked before pycocotools indexes them, so a malformed file is refused with one line naming what is
 wrong. A keypoint flip also swaps the left_*/right_* keypoints.
 Training uses the non-crowd instances with a box of at least 1x1; a keypoint image needs at least one
@@ -19,13 +20,12 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from trainer.config import DataConfig, ModelConfig
 from trainer.data.coco import check_data, read_image, select_subset
 from trainer.data.dataset_check import AnnotationFile, box_finite
+from trainer.data.split import DetectionSplit
 from trainer.errors import DatasetError
 
 logger = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def flip_index(names: Sequence[str]) -> list[int]:
     return out
 
 
-class CocoTaskDataset(Dataset):
+class CocoTaskDataset(DetectionSplit):
     """One split for the box or keypoint task; items as trainer.data.coco.CocoInstances (eval: (image,
     {"image_id"}); train, keyed (position, index): (image, target) with boxes, labels, image_id,
     image_size and, for keypoints, keypoints [N, K, 3])."""
@@ -105,23 +105,17 @@ class CocoTaskDataset(Dataset):
         ids = sorted(self.coco.getImgIds()) if image_ids is None else list(image_ids)
         self.train, self.hflip, self.seed = train, hflip, seed
         if train:
-            usable = [i for i in ids if self._trainable(i)]
             what = "labeled keypoints" if task == "keypoints" else "instances"
-            logger.info("%s: %d of %d images have %s (others skipped in training)", split, len(usable), len(ids), what)
-            if not usable:
-                raise DatasetError(f"{split}: none of the {len(ids)} selected images has {what}")
-            ids = usable
+            ids = self._keep_trainable(ids, split, what, f"{split}: none of the {len(ids)} selected images has {what}")
         self.image_ids = ids
 
     @property
     def num_classes(self) -> int:
         return len(self.cat_ids)
 
-    def aspect_groups(self) -> list[int]:
-        return [0 if info["width"] >= info["height"] else 1 for info in (self.coco.imgs[i] for i in self.image_ids)]
-
-    def __len__(self) -> int:
-        return len(self.image_ids)
+    def _size(self, image_id: int) -> tuple[int, int]:
+        info = self.coco.imgs[image_id]
+        return info["height"], info["width"]
 
     def _anns(self, image_id: int) -> list[dict]:
         anns = self.coco.imgToAnns.get(image_id, [])
@@ -133,18 +127,6 @@ class CocoTaskDataset(Dataset):
 
     def _read(self, image_id: int) -> torch.Tensor:
         return read_image(self.image_dir / self.coco.imgs[image_id]["file_name"])  # uint8 until on the device
-
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, dict[str, Any]]:
-        if not self.train:
-            image_id = self.image_ids[int(key)]
-            return self._read(image_id), {"image_id": image_id}
-        position, index = key
-        image_id = self.image_ids[index]
-        image = self._read(image_id)
-        target = self._target(image_id, image.shape[-2:])
-        if self.hflip and np.random.default_rng([self.seed, position]).random() < 0.5:
-            image, target = self.flip(image, target)
-        return image, target
 
     def _target(self, image_id: int, hw: torch.Size) -> dict[str, Any]:
         anns = self._anns(image_id)
@@ -164,15 +146,13 @@ class CocoTaskDataset(Dataset):
 
     def flip(self, image: torch.Tensor, target: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         width = image.shape[-1]
-        boxes = target["boxes"].clone()
-        boxes[:, [0, 2]] = width - target["boxes"][:, [2, 0]]
-        out = {**target, "boxes": boxes}
+        image, out = super().flip(image, target)
         if "keypoints" in target:
             kps = target["keypoints"][:, self.flip_index].clone()
             labeled = kps[..., 2] > 0
             kps[..., 0] = torch.where(labeled, width - kps[..., 0], kps[..., 0])
             out["keypoints"] = kps
-        return image.flip(-1), out
+        return image, out
 
 
 def build_coco_task_datasets(cfg: DataConfig, model: ModelConfig, stream_seed: int = 0
