@@ -15,7 +15,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -98,6 +98,19 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.SGD:
         {"params": [p for p in params if id(p) in norm_ids], "weight_decay": cfg.weight_decay_norm},
     ]
     return torch.optim.SGD([g for g in groups if g["params"]], lr=cfg.base_lr, momentum=cfg.momentum)
+
+
+def place_scheduler(scheduler: torch.optim.lr_scheduler.LambdaLR, lr_factor: Callable[[int], float],
+                    iteration: int) -> None:
+    """Put `scheduler` and its optimizer's LRs at `iteration` of the schedule `lr_factor`, without a step.
+
+    torch has no public way to place a scheduler: `step()` would also count a step in the state
+    that checkpoints save (and warn that it ran before `optimizer.step()`). So this is the one place
+    that writes its private `_last_lr`, what `get_last_lr()` and the saved scheduler state report."""
+    scheduler.last_epoch = iteration
+    for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base * lr_factor(iteration)
+    scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
 
 
 class Trainer:
@@ -206,11 +219,7 @@ class Trainer:
         self.load_state_dict(state, path)
         # The LR comes from this run's schedule, not the saved one: a branch forked from a trunk
         # checkpoint (same iterations so far, no drops yet) must take its own drops from here on.
-        it = self.state.iteration
-        self.scheduler.last_epoch = it
-        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
-            group["lr"] = base * self.schedule.lr_factor(it)
-        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        place_scheduler(self.scheduler, self.schedule.lr_factor, self.state.iteration)
         if self.state.iteration > self.total_iters:
             raise CheckpointError(f"{path} is at iteration {self.state.iteration}, past this schedule's "
                                   f"{self.total_iters} iterations")
