@@ -39,7 +39,7 @@ class DataConfig(_Strict):
     # Batches of landscape-only or portrait-only images (less padding per batch). Still a pure
     # function of (seed, iteration); off by default because it changes which images share a batch.
     aspect_grouping: bool = False
-    format: Literal["coco", "voc"] = "coco"  # voc: ROOT is a VOC20xx folder, box task only (trainer.data.voc)
+    format: Literal["coco", "voc"] = "coco"  # voc: ROOT is a VOC20xx folder, box detector only (trainer.data.voc)
     voc_classes: list[str] | None = None  # voc: class names in label order; None = the 20 VOC classes
     # Any layout, like detectron2's register_coco_instances(name, {}, json, image_root): a split's
     # annotation file and image folder, given together, replace ROOT/annotations/instances_{split}.json

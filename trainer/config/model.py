@@ -50,7 +50,7 @@ class ModelConfig(_Strict):
     # small images need smaller anchors, or objects below the smallest size are barely matched.
     anchor_sizes: tuple[int, int, int, int, int] = (32, 64, 128, 256, 512)
     task: Literal["mask", "box", "keypoints"] = "mask"  # Mask / Faster / Keypoint R-CNN (trainer.modeling.detectors)
-    num_keypoints: int = Field(17, gt=0)  # keypoints task: must equal the dataset's (COCO: 17)
+    num_keypoints: int = Field(17, gt=0)  # keypoints detector: must equal the dataset's (COCO: 17)
     keypoint_head_channels: int = Field(512, gt=0)  # Detectron's 8 x 3x3 conv keypoint head width
     keypoint_head_norm: Literal["none", "model"] = "none"  # none: as Detectron's keypoint configs
 

@@ -1,4 +1,4 @@
-"""Pascal VOC for the box task: VOC XML annotations and ImageSets split lists, with difficult flags.
+"""Pascal VOC for the box detector: VOC XML annotations and ImageSets split lists, with difficult flags.
 
 `data.format: voc`, `data.root` = a VOC20xx folder (VOCdevkit/VOC2007), `data.train_split` /
 `data.val_split` = ImageSets/Main list names (trainval, test, train, val). Image ids are VOC's own

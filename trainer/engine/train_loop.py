@@ -31,7 +31,7 @@ from trainer.engine.hooks import CheckpointHook, EvalHook, FinalMetricsHook, Hoo
 from trainer.engine.preemption import PreemptedError, PreemptionHook, armed, ignore_in_worker
 from trainer.engine.reporters import Reporter, RunInfo
 from trainer.engine.schedule import resolve_schedule
-from trainer.modeling.detectors import build_task_datasets, image_hw, loss_names, uses_task_data
+from trainer.modeling.detectors import build_detector_datasets, image_hw, loss_names, uses_detector_data
 
 logger = logging.getLogger(__name__)
 
@@ -132,8 +132,8 @@ class Trainer:
         speed.apply_backend_flags(rt, self.device)
         self.output_dir = Path(rt.output_dir)
         self.ckpt_dir = self.output_dir / "checkpoints"
-        if datasets is None and uses_task_data(cfg):  # box / keypoint / VOC trials (trainer.modeling.detectors)
-            datasets = build_task_datasets(cfg, stream_seed=rt.seed)
+        if datasets is None and uses_detector_data(cfg):  # box / keypoint / VOC trials (trainer.modeling.detectors)
+            datasets = build_detector_datasets(cfg, stream_seed=rt.seed)
         self.train_set, self.val_set, self.train_ids = datasets or build_datasets(cfg.data, stream_seed=rt.seed)
         model, model_cfg = build_model(cfg.model, num_classes=self.train_set.num_classes + 1)
         self.cfg = cfg.model_copy(update={"model": model_cfg})

@@ -1,9 +1,9 @@
-"""COCO evaluation of the box and keypoint tasks: bbox AP, and keypoint AP (OKS) by pycocotools.
+"""COCO evaluation of the box and keypoint detectors: bbox AP, and keypoint AP (OKS) by pycocotools.
 
-`evaluate_task(model, dataset, ...)` runs a Faster R-CNN or Keypoint R-CNN (`BoxKeypointEvaluator` in the
-one inference loop of `trainer.evaluation.inference`) over a
-`trainer.data.keypoints.CocoTaskDataset` (same guarantees as `trainer.evaluation.coco.evaluate`: train/eval
-flags and global RNG states are unchanged on return) and scores it: "bbox/AP".."bbox/APl" through
+`evaluate_box_keypoints(model, dataset, ...)` runs a Faster R-CNN or Keypoint R-CNN
+(`BoxKeypointEvaluator` in the one inference loop of `trainer.evaluation.inference`) over a
+`trainer.data.keypoints.CocoBoxKeypointDataset` (same guarantees as `trainer.evaluation.coco.evaluate`:
+train/eval flags and global RNG states are unchanged on return) and scores it: "bbox/AP".."bbox/APl" through
 `trainer.evaluation.coco.score_coco`, plus, for keypoints, "keypoints/AP", "keypoints/AP50",
 "keypoints/AP75", "keypoints/APm", "keypoints/APl" from `COCOeval(iouType="keypoints")` (its
 stats[:5]; COCO keypoint AP has no small-object bucket). The keypoint score of a detection is its
@@ -74,9 +74,9 @@ class BoxKeypointEvaluator(OutputsEvaluator):
         super().__init__(rank, world_size)
         resolve_backend(backend)  # fail on a bad backend before spending minutes on inference
         self.dataset, self.backend = dataset, backend
-        self.detection = getattr(dataset, "task", "box")  # the detection task: "box" or "keypoints"
-        # the box task logs under its own name
-        self.log = log if self.detection == "keypoints" else logging.getLogger("trainer.evaluation.box")
+        self.detector = getattr(dataset, "detector", "box")  # "box" or "keypoints"
+        # the box detector logs under its own name
+        self.log = log if self.detector == "keypoints" else logging.getLogger("trainer.evaluation.box")
 
     def score(self, outputs: list[dict], image_ids: list[Any]) -> dict[str, float]:
         ids = [int(i) for i in image_ids]
@@ -86,13 +86,14 @@ class BoxKeypointEvaluator(OutputsEvaluator):
         self.log.info("inference on %d images: %d detections in %.1fs", len(ids), len(boxes),
                       time.perf_counter() - self.started)
         metrics = score_coco(coco, boxes, iou_types=("bbox",), backend=self.backend, image_ids=ids)
-        if self.detection == "keypoints":
+        if self.detector == "keypoints":
             metrics.update(score_keypoints(coco, keypoint_results(outputs, ids, label_to_cat), ids))
         return metrics
 
 
-def evaluate_task(model: torch.nn.Module, dataset: Any, *, batch_size: int = 2, device: torch.device | str = "cpu",
-                  backend: str = "auto", num_workers: int = 0, rank: int = 0, world_size: int = 1) -> dict[str, float]:
+def evaluate_box_keypoints(model: torch.nn.Module, dataset: Any, *, batch_size: int = 2,
+                           device: torch.device | str = "cpu", backend: str = "auto", num_workers: int = 0,
+                           rank: int = 0, world_size: int = 1) -> dict[str, float]:
     """bbox AP (and keypoint AP for keypoint datasets) of `model` on `dataset` (rank 0 scores; others get {})."""
     evaluator = BoxKeypointEvaluator(dataset, backend, rank, world_size)
     return evaluate_on(model, dataset, evaluator, batch_size=batch_size, device=device, num_workers=num_workers)

@@ -89,7 +89,7 @@ class _Progress:
             from rich.progress import Progress
 
             self.bar = Progress(console=Console(stderr=True))
-            self.task = self.bar.add_task(self.what, total=self.total)
+            self.bar_id = self.bar.add_task(self.what, total=self.total)
             self.bar.start()
         return self
 
@@ -99,7 +99,7 @@ class _Progress:
 
     def tick(self, done: int) -> None:
         if self.bar is not None:
-            self.bar.update(self.task, completed=done)
+            self.bar.update(self.bar_id, completed=done)
         elif self.step and (done % self.step == 0 or done == self.total):
             log.info("%s: %d/%d", self.what, done, self.total)
 
