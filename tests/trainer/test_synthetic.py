@@ -16,7 +16,8 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from trainer.errors import ConfigError
-from trainer.synthetic.datasets import CATEGORIES, generate_classification, generate_detection, main
+from trainer.synthetic.cli import main
+from trainer.synthetic.datasets import CATEGORIES, generate_classification, generate_detection
 from trainer.synthetic.draw import CLS_SHAPES, SHAPES
 
 REPO = Path(__file__).resolve().parents[2]
