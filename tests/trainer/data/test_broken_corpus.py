@@ -21,7 +21,7 @@ from tests.data.make_broken import DEFECTS, layout, make_corpus
 from trainer.__main__ import main
 from trainer.config import build_config
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 TASKS = ("mask", "box", "keypoints")
 
 

@@ -14,7 +14,7 @@ from trainer.evaluation.inference import DatasetEvaluator, inference_loader, inf
 from trainer.evaluation.keypoints import BoxKeypointEvaluator
 from trainer.evaluation.voc import VOCEvaluator
 
-TRAINER = Path(__file__).resolve().parents[2] / "trainer"
+TRAINER = Path(__file__).resolve().parents[3] / "trainer"
 
 
 class Images(torch.utils.data.Dataset):
