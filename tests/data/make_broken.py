@@ -19,7 +19,7 @@ Defects (what a real set has gone wrong with; the byte damage is done here, to r
 
 `DEFECTS[name]` says which split, which `data.allow_*` switch drops it, and whether an image or an
 annotation goes. The tests generate the corpus into a temporary folder at test time
-(tests/trainer/test_broken_corpus.py), so nothing binary is committed.
+(tests/trainer/data/test_broken_corpus.py), so nothing binary is committed.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from typing import Iterator
 import pytest
 
 # Re-exported: tests import these from here; the bench from tests.orchestrator.specs.
-from tests.orchestrator.specs import PYTHON, REPO, TINY_MODEL, cli, set_path, tiny_spec, write_spec  # noqa: F401
+from tests.orchestrator.specs import PYTHON, REPO, TINY_SWEEP_MODEL, cli, set_path, tiny_spec, write_spec  # noqa: F401
 
 
 def _free_port() -> int:

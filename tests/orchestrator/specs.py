@@ -13,11 +13,13 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 
-# A Mask R-CNN small enough to run a few iterations a second on one CPU thread.
-TINY_MODEL = {"backbone": "R18", "norm": "GN", "min_size": 64, "max_size": 64, "rpn_batch_size_per_image": 32,
-              "rpn_pre_nms_top_n_train": 100, "rpn_post_nms_top_n_train": 50, "rpn_pre_nms_top_n_test": 100,
-              "rpn_post_nms_top_n_test": 50, "box_batch_size_per_image": 32, "box_detections_per_img": 10,
-              "representation_size": 128, "sampling_ratio": 1, "fpn_channels": 64}
+# A Mask R-CNN small enough to run a few iterations a second on one CPU thread. Half the RPN proposals
+# and detections of the trainer tests' TINY_MODEL (tests/conftest.py): a sweep test trains many trials,
+# and these values are part of the trial ids of the sweep fixtures made with them.
+TINY_SWEEP_MODEL = {"backbone": "R18", "norm": "GN", "min_size": 64, "max_size": 64, "rpn_batch_size_per_image": 32,
+                    "rpn_pre_nms_top_n_train": 100, "rpn_post_nms_top_n_train": 50, "rpn_pre_nms_top_n_test": 100,
+                    "rpn_post_nms_top_n_test": 50, "box_batch_size_per_image": 32, "box_detections_per_img": 10,
+                    "representation_size": 128, "sampling_ratio": 1, "fpn_channels": 64}
 
 
 def tiny_spec(tmp: Path, name: str = "tiny", **changes: Any) -> dict[str, Any]:
@@ -26,7 +28,7 @@ def tiny_spec(tmp: Path, name: str = "tiny", **changes: Any) -> dict[str, Any]:
         "dataset": {"root": str(tmp / "data"), "train_split": "train", "val_split": "val",
                     "generate": {"train": 16, "val": 4, "size": 64}},
         "grid": {"init": ["random"], "data": ["all", 8], "schedule": ["1x"], "backbone": ["R18"]},
-        "base": {"model": dict(TINY_MODEL), "data": {"num_workers": 0},
+        "base": {"model": dict(TINY_SWEEP_MODEL), "data": {"num_workers": 0},
                  "optim": {"batch_size": 1, "grad_clip": 1.0},
                  "schedule": {"iters_per_x": 6, "warmup_iters": 1},
                  "eval": {"period": 3, "batch_size": 4, "num_workers": 0}, "checkpoint": {"period": 3},

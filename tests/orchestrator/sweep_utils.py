@@ -158,8 +158,8 @@ def uninterrupted_run(trial: Path, out: Path, world: int = 2) -> dict:
     import torch.multiprocessing as mp
     import yaml
 
-    from tests.trainer.test_ddp import _port
-    from tests.trainer.test_preemption import _rank
+    from tests.trainer.engine.test_ddp import _port
+    from tests.trainer.engine.test_preemption import _rank
 
     cfg = yaml.safe_load((trial / "config.yaml").read_text())
     cfg["runtime"]["output_dir"] = str(out)

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from orchestrator.cli import main as orchestrator_main
-from tests.orchestrator.conftest import TINY_MODEL, cli, set_path, tiny_spec, write_spec
+from tests.orchestrator.conftest import TINY_SWEEP_MODEL, cli, set_path, tiny_spec, write_spec
 
 Edit = Callable[[dict[str, Any], Path], Any]
 
@@ -239,8 +239,8 @@ def tiny_data(tmp_path_factory) -> Path:
 
 
 def _trainer_cfg(data: Path, out: Path) -> dict[str, Any]:
-    return {"model": dict(TINY_MODEL), "data": {"root": str(data), "train_split": "train", "val_split": "val",
-                                               "num_workers": 0},
+    return {"model": dict(TINY_SWEEP_MODEL), "data": {"root": str(data), "train_split": "train", "val_split": "val",
+                                                     "num_workers": 0},
             "optim": {"batch_size": 1}, "schedule": {"iters_per_x": 2, "warmup_iters": 1},
             "eval": {"period": 2, "batch_size": 2}, "checkpoint": {"period": 2},
             "runtime": {"device": "cpu", "threads": 1, "output_dir": str(out)}}

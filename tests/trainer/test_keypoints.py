@@ -13,7 +13,7 @@ from trainer.__main__ import main as trainer_main
 from trainer.config import ModelConfig, build_config
 from trainer.engine.train_loop import train
 from trainer.evaluation.keypoints import keypoint_results, score_keypoints
-from trainer.data.keypoints import CocoTaskDataset, flip_index
+from trainer.data.keypoints import CocoBoxKeypointDataset, flip_index
 from trainer.modeling.model import build_model
 from trainer.engine.reporters import JsonlReporter, Reporter, read_metrics
 from trainer.synthetic.datasets import generate_keypoints
@@ -51,7 +51,7 @@ def test_synthetic_keypoint_file_is_coco_and_seeded(kp_root, tmp_path):
 
 
 def test_keypoint_flip_swaps_sides_and_is_an_involution(kp_root):
-    ds = CocoTaskDataset(kp_root / "annotations" / "person_keypoints_train.json", kp_root / "train", "keypoints", 17, train=True)
+    ds = CocoBoxKeypointDataset(kp_root / "annotations" / "person_keypoints_train.json", kp_root / "train", "keypoints", 17, train=True)
     assert flip_index(KEYPOINT_NAMES)[:5] == [0, 2, 1, 4, 3]
     image, target = ds[(0, 0)]
     flipped_image, flipped = ds.flip(image, target)

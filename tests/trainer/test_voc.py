@@ -103,7 +103,7 @@ def test_bad_voc_file_is_refused_with_one_line(voc_root, tmp_path, capsys, edit,
 
 
 def test_synthetic_cli_writes_voc_and_keypoint_sets(tmp_path):
-    from trainer.synthetic.datasets import main
+    from trainer.synthetic.cli import main
 
     assert main(["--out", str(tmp_path), "--voc", "--keypoints", "--train", "4", "--val", "2"]) == 0
     voc = tmp_path / "VOCdevkit" / "VOC2007"

@@ -1,6 +1,6 @@
 """COCO instance data for training and evaluation.
 
-Owns: locating a split for every COCO task (ROOT/annotations/instances_{split}.json, or
+Owns: locating a split for every COCO detector (ROOT/annotations/instances_{split}.json, or
 person_keypoints_{split}.json, and ROOT/{split}/ images, or any `data.{train,val}_json` +
 `_image_dir`), running the up-front dataset check (`trainer.data.dataset_check`),
 the seeded nested train subsets (`data.train_images`), the evaluation dataset, image decoding (uint8
@@ -39,9 +39,9 @@ logger = logging.getLogger(__name__)
 ANNOTATION_PREFIX = {"mask": "instances", "box": "instances", "keypoints": "person_keypoints"}
 
 
-def split_paths(root: Path, split: str, task: str = "mask") -> tuple[Path, Path]:
+def split_paths(root: Path, split: str, detector: str = "mask") -> tuple[Path, Path]:
     """(annotation file, image folder) of a split, or a DatasetError saying what to put where."""
-    prefix = ANNOTATION_PREFIX[task]
+    prefix = ANNOTATION_PREFIX[detector]
     ann = Path(root) / "annotations" / f"{prefix}_{split}.json"
     images = Path(root) / split
     if not ann.is_file():
@@ -49,19 +49,19 @@ def split_paths(root: Path, split: str, task: str = "mask") -> tuple[Path, Path]
             f"annotation file not found: {ann} (expected a COCO layout: ROOT/annotations/{prefix}_{split}.json "
             f"and images in ROOT/{split}/, or set data.{{train,val}}_json and data.{{train,val}}_image_dir; "
             f"set data.root, or generate offline data with `python -m trainer.synthetic --out {root}"
-            f"{' --keypoints' if task == 'keypoints' else ''}`)"
+            f"{' --keypoints' if detector == 'keypoints' else ''}`)"
         )
     if not images.is_dir():
         raise DatasetError(f"image folder not found: {images} (the images of split '{split}' belong there)")
     return ann, images
 
 
-def split_files(cfg: DataConfig, which: str, task: str = "mask") -> tuple[Path, Path]:
+def split_files(cfg: DataConfig, which: str, detector: str = "mask") -> tuple[Path, Path]:
     """(annotation file, image folder) of the "train" or "val" split of a data config: the layout
     fields when set, else the COCO layout under `data.root` (person_keypoints_* for keypoints)."""
     ann, images = getattr(cfg, f"{which}_json"), getattr(cfg, f"{which}_image_dir")
     if ann is None:
-        return split_paths(cfg.root, getattr(cfg, f"{which}_split"), task)
+        return split_paths(cfg.root, getattr(cfg, f"{which}_split"), detector)
     if not Path(ann).is_file():
         raise DatasetError(f"annotation file not found: {ann} (data.{which}_json)")
     if not Path(images).is_dir():
@@ -239,10 +239,10 @@ def collate(batch: list[tuple[torch.Tensor, dict]]) -> tuple[tuple, tuple]:
     return tuple(zip(*batch))  # type: ignore[return-value]
 
 
-def check_data(cfg: DataConfig, task: str = "mask") -> dict[str, tuple[AnnotationFile, Path]]:
-    """Locate and check both splits of any COCO task (trainer.data.dataset_check) before anything is
+def check_data(cfg: DataConfig, detector: str = "mask") -> dict[str, tuple[AnnotationFile, Path]]:
+    """Locate and check both splits of any COCO detector (trainer.data.dataset_check) before anything is
     built from them; the AnnotationFiles come back without what the check dropped."""
-    located = {which: split_files(cfg, which, task) for which in ("train", "val")}  # both exist, or fail now
+    located = {which: split_files(cfg, which, detector) for which in ("train", "val")}  # both exist, or fail now
     allow = [name for name in ALLOW_SWITCHES if getattr(cfg, name)]
     found = {}
     for which, (path, images) in located.items():

@@ -1,5 +1,5 @@
 """Up-front checks of a COCO split (instances or person keypoints): every defect found in one pass,
-before the model is built, for the train and val splits of every task alike.
+before the model is built, for the train and val splits of every detector alike.
 
 Owns `AnnotationFile` (a JSON file read at most once, with its content hash, and the annotations and
 images the check dropped) and `check_split`, which looks at the annotation file and its images:

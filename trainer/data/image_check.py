@@ -1,6 +1,6 @@
 """Image files of a split: the one decoder the loaders use, and the full-decode pass of the up-front check.
 
-Owns `read_image` (uint8 RGB pixels of a file, or a one-line DatasetError naming it; every task's
+Owns `read_image` (uint8 RGB pixels of a file, or a one-line DatasetError naming it; every detector's
 loader and the check call it, so what the check accepts the loaders can read) and `decode_findings`,
 which decodes every listed file fully, in a process pool, and reports the files that are missing or
 undecodable (a truncated PNG or JPEG whose header is intact included) and those whose decoded size
@@ -26,7 +26,7 @@ from trainer.errors import DatasetError
 
 logger = logging.getLogger(__name__)
 
-CHUNK = 64  # files per pool task: big enough to amortise the pickling, small enough to balance
+CHUNK = 64  # files per pool job: big enough to amortise the pickling, small enough to balance
 POOL_MIN = 4 * CHUNK  # below this many files the pool's start-up costs more than it saves
 
 

@@ -1,10 +1,11 @@
-"""COCO data for the box and keypoint tasks, read through pycocotools.
+"""COCO data for the box and keypoint detectors, read through pycocotools.
 
 Owns the COCO datasets of `model.task: box` (instances files, boxes and labels only, never masks)
 and `model.task: keypoints` (person_keypoints files: K keypoints per instance as flat [x, y, v]
 triples, v = 0 unlabeled, 1 labeled but hidden, 2 visible), with the same seeded nested subsets and
-(seed, position)-fixed flips as trainer.data. The files are found by the same layout fields and pass
-the same up-front check as the mask task's (`trainer.data.coco.check_data`); the keypoint fields are then
+(seed, position)-fixed flips as trainer.data.coco (the items and flips: `trainer.data.split`). The
+files are found by the same layout fields and pass the same up-front check as the mask detector's
+(`trainer.data.coco.check_data`); the keypoint fields are then
 checked before pycocotools indexes them, so a malformed file is refused with one line naming what is
 wrong. A keypoint flip also swaps the left_*/right_* keypoints.
 Training uses the non-crowd instances with a box of at least 1x1; a keypoint image needs at least one
@@ -19,13 +20,12 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from trainer.config import DataConfig, ModelConfig
 from trainer.data.coco import check_data, read_image, select_subset
 from trainer.data.dataset_check import AnnotationFile, box_finite
+from trainer.data.split import DetectionSplit
 from trainer.errors import DatasetError
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def _check_keypoint_doc(doc: dict, path: Path, k: int) -> None:
             raise DatasetError(f"{path}: annotation {ann.get('id')} has no integer 'num_keypoints'")
 
 
-def load_task_coco(source: Path | AnnotationFile, task: str, num_keypoints: int):
+def load_box_keypoint_coco(source: Path | AnnotationFile, detector: str, num_keypoints: int):
     """A pycocotools COCO of a checked instances / person_keypoints file (its prints captured); an
     AnnotationFile's parsed JSON, without what the dataset check dropped, is used as it is."""
     from pycocotools.coco import COCO
@@ -60,7 +60,7 @@ def load_task_coco(source: Path | AnnotationFile, task: str, num_keypoints: int)
         if "image_id" not in entry or "category_id" not in entry or not box_finite(entry.get("bbox")):
             raise DatasetError(f"{ann.path}: annotation {entry.get('id')} needs image_id, category_id and a "
                                f"4-number bbox")
-    if task == "keypoints":
+    if detector == "keypoints":
         _check_keypoint_doc(doc, ann.path, num_keypoints)
     coco = COCO()
     coco.dataset = doc
@@ -82,46 +82,40 @@ def flip_index(names: Sequence[str]) -> list[int]:
     return out
 
 
-class CocoTaskDataset(Dataset):
-    """One split for the box or keypoint task; items as trainer.data.coco.CocoInstances (eval: (image,
+class CocoBoxKeypointDataset(DetectionSplit):
+    """One split for the box or keypoint detector; items as trainer.data.coco.CocoInstances (eval: (image,
     {"image_id"}); train, keyed (position, index): (image, target) with boxes, labels, image_id,
     image_size and, for keypoints, keypoints [N, K, 3])."""
 
-    def __init__(self, ann_file: Path | AnnotationFile, image_dir: Path, task: str, num_keypoints: int,
+    def __init__(self, ann_file: Path | AnnotationFile, image_dir: Path, detector: str, num_keypoints: int,
                  image_ids: Sequence[int] | None = None, *, train: bool = False, hflip: bool = False, seed: int = 0,
                  coco: Any = None):
         self.image_dir = Path(image_dir)
-        self.coco = coco if coco is not None else load_task_coco(ann_file, task, num_keypoints)
+        self.coco = coco if coco is not None else load_box_keypoint_coco(ann_file, detector, num_keypoints)
         split = Path(getattr(ann_file, "path", ann_file)).name
-        self.task, self.k = task, num_keypoints
+        self.detector, self.k = detector, num_keypoints
         self.cat_ids = sorted(self.coco.getCatIds())
         if not self.cat_ids:
             raise DatasetError(f"{ann_file}: no categories")
         self.cat_to_label = {c: i + 1 for i, c in enumerate(self.cat_ids)}
         self.label_to_cat = {i: c for c, i in self.cat_to_label.items()}
-        names = self.coco.cats[self.cat_ids[0]].get("keypoints", []) if task == "keypoints" else []
+        names = self.coco.cats[self.cat_ids[0]].get("keypoints", []) if detector == "keypoints" else []
         self.keypoint_names = list(names)
         self.flip_index = flip_index(names)
         ids = sorted(self.coco.getImgIds()) if image_ids is None else list(image_ids)
         self.train, self.hflip, self.seed = train, hflip, seed
         if train:
-            usable = [i for i in ids if self._trainable(i)]
-            what = "labeled keypoints" if task == "keypoints" else "instances"
-            logger.info("%s: %d of %d images have %s (others skipped in training)", split, len(usable), len(ids), what)
-            if not usable:
-                raise DatasetError(f"{split}: none of the {len(ids)} selected images has {what}")
-            ids = usable
+            what = "labeled keypoints" if detector == "keypoints" else "instances"
+            ids = self._keep_trainable(ids, split, what, f"{split}: none of the {len(ids)} selected images has {what}")
         self.image_ids = ids
 
     @property
     def num_classes(self) -> int:
         return len(self.cat_ids)
 
-    def aspect_groups(self) -> list[int]:
-        return [0 if info["width"] >= info["height"] else 1 for info in (self.coco.imgs[i] for i in self.image_ids)]
-
-    def __len__(self) -> int:
-        return len(self.image_ids)
+    def _size(self, image_id: int) -> tuple[int, int]:
+        info = self.coco.imgs[image_id]
+        return info["height"], info["width"]
 
     def _anns(self, image_id: int) -> list[dict]:
         anns = self.coco.imgToAnns.get(image_id, [])
@@ -129,22 +123,10 @@ class CocoTaskDataset(Dataset):
 
     def _trainable(self, image_id: int) -> bool:
         anns = self._anns(image_id)
-        return any(a["num_keypoints"] > 0 for a in anns) if self.task == "keypoints" else bool(anns)
+        return any(a["num_keypoints"] > 0 for a in anns) if self.detector == "keypoints" else bool(anns)
 
     def _read(self, image_id: int) -> torch.Tensor:
         return read_image(self.image_dir / self.coco.imgs[image_id]["file_name"])  # uint8 until on the device
-
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, dict[str, Any]]:
-        if not self.train:
-            image_id = self.image_ids[int(key)]
-            return self._read(image_id), {"image_id": image_id}
-        position, index = key
-        image_id = self.image_ids[index]
-        image = self._read(image_id)
-        target = self._target(image_id, image.shape[-2:])
-        if self.hflip and np.random.default_rng([self.seed, position]).random() < 0.5:
-            image, target = self.flip(image, target)
-        return image, target
 
     def _target(self, image_id: int, hw: torch.Size) -> dict[str, Any]:
         anns = self._anns(image_id)
@@ -158,38 +140,36 @@ class CocoTaskDataset(Dataset):
             "image_id": image_id,
             "image_size": (int(hw[0]), int(hw[1])),
         }
-        if self.task == "keypoints":
+        if self.detector == "keypoints":
             target["keypoints"] = torch.tensor([a["keypoints"] for a in anns], dtype=torch.float32).reshape(-1, self.k, 3)
         return target
 
     def flip(self, image: torch.Tensor, target: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         width = image.shape[-1]
-        boxes = target["boxes"].clone()
-        boxes[:, [0, 2]] = width - target["boxes"][:, [2, 0]]
-        out = {**target, "boxes": boxes}
+        image, out = super().flip(image, target)
         if "keypoints" in target:
             kps = target["keypoints"][:, self.flip_index].clone()
             labeled = kps[..., 2] > 0
             kps[..., 0] = torch.where(labeled, width - kps[..., 0], kps[..., 0])
             out["keypoints"] = kps
-        return image.flip(-1), out
+        return image, out
 
 
-def build_coco_task_datasets(cfg: DataConfig, model: ModelConfig, stream_seed: int = 0
-                             ) -> tuple[CocoTaskDataset, CocoTaskDataset, list[int]]:
+def build_box_keypoint_datasets(cfg: DataConfig, model: ModelConfig, stream_seed: int = 0
+                                ) -> tuple[CocoBoxKeypointDataset, CocoBoxKeypointDataset, list[int]]:
     """(train set, val set, chosen train image ids) of a COCO box or keypoint trial.
 
-    The splits are located and checked as the mask task's are (`trainer.data.coco.check_data`: the same
+    The splits are located and checked as the mask detector's are (`trainer.data.coco.check_data`: the same
     layout fields, the same up-front check and drops), before pycocotools indexes them.
     """
-    task, k = model.task, model.num_keypoints
-    (train_ann, train_dir), (val_ann, val_dir) = check_data(cfg, task).values()
-    coco = load_task_coco(train_ann, task, k)
-    val_coco = load_task_coco(val_ann, task, k)  # fail before anything trains
+    detector, k = model.task, model.num_keypoints
+    (train_ann, train_dir), (val_ann, val_dir) = check_data(cfg, detector).values()
+    coco = load_box_keypoint_coco(train_ann, detector, k)
+    val_coco = load_box_keypoint_coco(val_ann, detector, k)  # fail before anything trains
     chosen = select_subset(coco.getImgIds(), cfg.train_images, cfg.subset_seed)
-    train = CocoTaskDataset(train_ann, train_dir, task, k, chosen, train=True, hflip=cfg.hflip,
-                            seed=stream_seed, coco=coco)
-    val = CocoTaskDataset(val_ann, val_dir, task, k, coco=val_coco)
+    train = CocoBoxKeypointDataset(train_ann, train_dir, detector, k, chosen, train=True, hflip=cfg.hflip,
+                                   seed=stream_seed, coco=coco)
+    val = CocoBoxKeypointDataset(val_ann, val_dir, detector, k, coco=val_coco)
     if cfg.val_images != "all":
         val.image_ids = val.image_ids[: cfg.val_images]
     if val.cat_ids != train.cat_ids:

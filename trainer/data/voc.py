@@ -1,4 +1,4 @@
-"""Pascal VOC for the box task: VOC XML annotations and ImageSets split lists, with difficult flags.
+"""Pascal VOC for the box detector: VOC XML annotations and ImageSets split lists, with difficult flags.
 
 `data.format: voc`, `data.root` = a VOC20xx folder (VOCdevkit/VOC2007), `data.train_split` /
 `data.val_split` = ImageSets/Main list names (trainval, test, train, val). Image ids are VOC's own
@@ -21,12 +21,12 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from trainer.config import DataConfig
 from trainer.data.coco import read_image, select_subset
-from trainer.errors import DatasetError
 from trainer.data.image_check import decode_findings
+from trainer.data.split import DetectionSplit
+from trainer.errors import DatasetError
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def parse_annotation(path: Path, class_index: dict[str, int]) -> dict[str, Any]:
             "labels": np.asarray(labels, np.int64), "difficult": np.asarray(difficult, bool)}
 
 
-class VocDetection(Dataset):
+class VocDetection(DetectionSplit):
     """One VOC split; items as trainer.data.coco.CocoInstances (eval: (image, {"image_id"}); train, keyed
     (position, index): (image, {boxes, labels, image_id, image_size}))."""
 
@@ -111,40 +111,27 @@ class VocDetection(Dataset):
         self.label_to_cat = {i + 1: c for i, c in enumerate(self.classes)}
         self.train, self.hflip, self.seed = train, hflip, seed
         if train:
-            usable = [i for i in ids if len(self.records[i]["labels"])]
-            logger.info("VOC %s: %d of %d images have objects (others skipped in training)", split, len(usable), len(ids))
-            if not usable:
-                raise DatasetError(f"VOC split '{split}': none of the {len(ids)} selected images has an object")
-            ids = usable
+            ids = self._keep_trainable(ids, f"VOC {split}", "objects",
+                                       f"VOC split '{split}': none of the {len(ids)} selected images has an object")
         self.image_ids = ids
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def aspect_groups(self) -> list[int]:
-        return [0 if self.records[i]["width"] >= self.records[i]["height"] else 1 for i in self.image_ids]
+    def _size(self, image_id: str) -> tuple[int, int]:
+        return self.records[image_id]["height"], self.records[image_id]["width"]
 
-    def __len__(self) -> int:
-        return len(self.image_ids)
+    def _trainable(self, image_id: str) -> bool:
+        return bool(len(self.records[image_id]["labels"]))
 
     def _read(self, image_id: str) -> torch.Tensor:
         return read_image(self.root / "JPEGImages" / f"{image_id}.jpg")  # uint8 until on the device
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, dict[str, Any]]:
-        if not self.train:
-            image_id = self.image_ids[int(key)]
-            return self._read(image_id), {"image_id": image_id}
-        position, index = key
-        image_id = self.image_ids[index]
-        image = self._read(image_id)
+    def _target(self, image_id: str, hw: torch.Size) -> dict[str, Any]:
         rec = self.records[image_id]
-        boxes = torch.from_numpy(rec["boxes"].copy())
-        if self.hflip and np.random.default_rng([self.seed, position]).random() < 0.5:
-            image = image.flip(-1)
-            boxes[:, [0, 2]] = image.shape[-1] - boxes[:, [2, 0]]
-        return image, {"boxes": boxes, "labels": torch.from_numpy(rec["labels"].copy()), "image_id": image_id,
-                       "image_size": (int(image.shape[-2]), int(image.shape[-1]))}
+        return {"boxes": torch.from_numpy(rec["boxes"].copy()), "labels": torch.from_numpy(rec["labels"].copy()),
+                "image_id": image_id, "image_size": (int(hw[0]), int(hw[1]))}
 
 
 def check_voc_images(root: Path, split: str, ids: list[str], records: dict, cfg: DataConfig) -> list[str]:

@@ -94,9 +94,9 @@ class EvalHook(Hook):
             self.run(trainer)
 
     def run(self, trainer: "Trainer") -> None:
-        from trainer.modeling.detectors import evaluator
+        from trainer.modeling.detectors import evaluate_function
 
-        evaluate = evaluator(trainer.cfg)  # COCO bbox/segm, bbox/keypoints or VOC mAP by model.task
+        evaluate = evaluate_function(trainer.cfg)  # COCO bbox/segm, bbox/keypoints or VOC mAP by model.task
         st = trainer.state
         if st.last_eval.get("step") == st.iteration:
             return  # already evaluated at this iteration (resumed right after it)

@@ -15,7 +15,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -31,7 +31,7 @@ from trainer.engine.hooks import CheckpointHook, EvalHook, FinalMetricsHook, Hoo
 from trainer.engine.preemption import PreemptedError, PreemptionHook, armed, ignore_in_worker
 from trainer.engine.reporters import Reporter, RunInfo
 from trainer.engine.schedule import resolve_schedule
-from trainer.modeling.detectors import build_task_datasets, image_hw, loss_names, uses_task_data
+from trainer.modeling.detectors import build_detector_datasets, image_hw, loss_names, uses_detector_data
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +100,19 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.SGD:
     return torch.optim.SGD([g for g in groups if g["params"]], lr=cfg.base_lr, momentum=cfg.momentum)
 
 
+def place_scheduler(scheduler: torch.optim.lr_scheduler.LambdaLR, lr_factor: Callable[[int], float],
+                    iteration: int) -> None:
+    """Put `scheduler` and its optimizer's LRs at `iteration` of the schedule `lr_factor`, without a step.
+
+    torch has no public way to place a scheduler: `step()` would also count a step in the state
+    that checkpoints save (and warn that it ran before `optimizer.step()`). So this is the one place
+    that writes its private `_last_lr`, what `get_last_lr()` and the saved scheduler state report."""
+    scheduler.last_epoch = iteration
+    for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base * lr_factor(iteration)
+    scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
+
+
 class Trainer:
     """Holds a run's objects and state; `fit()` runs the loop with its hooks."""
 
@@ -119,8 +132,8 @@ class Trainer:
         speed.apply_backend_flags(rt, self.device)
         self.output_dir = Path(rt.output_dir)
         self.ckpt_dir = self.output_dir / "checkpoints"
-        if datasets is None and uses_task_data(cfg):  # box / keypoint / VOC trials (trainer.modeling.detectors)
-            datasets = build_task_datasets(cfg, stream_seed=rt.seed)
+        if datasets is None and uses_detector_data(cfg):  # box / keypoint / VOC trials (trainer.modeling.detectors)
+            datasets = build_detector_datasets(cfg, stream_seed=rt.seed)
         self.train_set, self.val_set, self.train_ids = datasets or build_datasets(cfg.data, stream_seed=rt.seed)
         model, model_cfg = build_model(cfg.model, num_classes=self.train_set.num_classes + 1)
         self.cfg = cfg.model_copy(update={"model": model_cfg})
@@ -206,11 +219,7 @@ class Trainer:
         self.load_state_dict(state, path)
         # The LR comes from this run's schedule, not the saved one: a branch forked from a trunk
         # checkpoint (same iterations so far, no drops yet) must take its own drops from here on.
-        it = self.state.iteration
-        self.scheduler.last_epoch = it
-        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
-            group["lr"] = base * self.schedule.lr_factor(it)
-        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        place_scheduler(self.scheduler, self.schedule.lr_factor, self.state.iteration)
         if self.state.iteration > self.total_iters:
             raise CheckpointError(f"{path} is at iteration {self.state.iteration}, past this schedule's "
                                   f"{self.total_iters} iterations")

@@ -1,5 +1,7 @@
 """Evaluation: inference over a data set and scoring it (COCO bbox/segm/keypoints, VOC mAP).
 
-`coco` scores COCO results (pycocotools or faster-coco-eval), `convert` turns model outputs into COCO
-results, `keypoints` and `voc` evaluate the box, keypoint and VOC detectors.
+`inference` owns the one inference loop (`inference_on_dataset(model, loader, evaluator)`) and the
+evaluator protocol (reset / process(inputs, outputs) / evaluate() -> dict); `coco` (Mask R-CNN: bbox
+and segm, and the COCO scoring every COCO evaluator uses), `keypoints` (box and keypoint detectors)
+and `voc` (VOC mAP) are its evaluators; `convert` turns model outputs into COCO results.
 """

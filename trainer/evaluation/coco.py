@@ -1,7 +1,8 @@
 """COCO bbox and segm evaluation of a torchvision Mask R-CNN.
 
-This module owns scoring and the inference loop; `trainer.evaluation.convert` owns the conversion
-of model outputs to COCO results (`predictions_to_coco`, re-exported here):
+This module owns COCO scoring and the COCO evaluator; `trainer.evaluation.convert` owns the
+conversion of model outputs to COCO results (`predictions_to_coco`, re-exported here), and
+`trainer.evaluation.inference` the inference loop every evaluator runs in:
 
 * `score_coco`: COCO results -> a flat dict of floats ("bbox/AP", ..., "segm/APl") on pycocotools'
   [0, 1] scale, with pycocotools or, when it is installed and agrees with pycocotools on a built-in
@@ -9,16 +10,11 @@ of model outputs to COCO results (`predictions_to_coco`, re-exported here):
 * `RunScorer`: the "auto" backend of one training run, verified on the run's own detections: its
   first scoring runs both pycocotools and faster-coco-eval, compares every AP to 1e-4 and logs the
   result; later scorings use faster-coco-eval if they agreed, else pycocotools (with one warning).
-* `evaluate`: inference over a dataset without side effects on the model's train/eval modes or on
-  the global RNG state (resumed training must draw the same numbers whether or not it evaluated).
-  A torchvision Mask R-CNN is run under `roi_mask_outputs`, so its masks go from the mask head
-  straight to RLE (`paste_masks_rle`) instead of through full-image float masks.
-  Sharded as detectron2's `inference_on_dataset`: in a process group of W ranks, rank r infers on
-  the r-th contiguous slice of the dataset, rank 0 gathers the results in rank order (the same list
-  one process would make) and scores once; the other ranks return {}.
-  Every image is its own forward pass, as in Detectron (one image per GPU at test time): a batch
-  pads its images to a common size and GroupNorm's statistics would include that padding, making
-  AP depend on `eval.batch_size`. The batch size only sets how many images a loader step decodes.
+* `COCOEvaluator` and `evaluate(model, dataset, ...)`: bbox and segm AP through
+  `inference_on_dataset` (one image per forward pass, no side effects on train/eval modes or RNG
+  states, sharded over the ranks with rank 0 scoring). A torchvision Mask R-CNN is run under
+  `roi_mask_outputs`, so its masks go from the mask head straight to RLE (`paste_masks_rle`)
+  instead of through full-image float masks.
 
 Conventions: APs/APm/APl are -1.0 when the split has no ground truth of that size, exactly as
 pycocotools reports them (callers that plot should treat negative values as "undefined"). For segm,
@@ -32,7 +28,6 @@ import contextlib
 import functools
 import io
 import logging
-import random
 import time
 from typing import Any, Callable, Sequence
 
@@ -42,11 +37,14 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from trainer.data.coco import collate as collate_batch
-from trainer.data.coco import to_device_float
+from trainer.data.coco import collate as collate_batch  # noqa: F401 - re-exported (DataLoader workers pickle it)
+from trainer.data.coco import to_device_float  # noqa: F401 - re-exported
 from trainer.evaluation.convert import EvaluationError, predictions_to_coco, roi_mask_outputs
+from trainer.evaluation.inference import DatasetEvaluator, bare_model, evaluate_on
+from trainer.evaluation.inference import shard_bounds  # noqa: F401 - re-exported
 
-__all__ = ["EvaluationError", "predictions_to_coco", "score_coco", "resolve_backend", "evaluate", "shard_bounds",
+__all__ = ["EvaluationError", "predictions_to_coco", "score_coco", "resolve_backend", "evaluate", "COCOEvaluator",
+           "shard_bounds",
            "to_device_float",
            "faster_coco_eval_verified", "collate_batch", "RunScorer", "IOU_TYPES", "BACKENDS", "METRIC_NAMES"]
 
@@ -296,6 +294,40 @@ def _self_check_case() -> tuple[COCO, list[dict]]:
 # ----------------------------------------------------------------------------- inference
 
 
+class COCOEvaluator(DatasetEvaluator):
+    """bbox and segm AP of a Mask R-CNN's outputs against `dataset.coco` (see `score_coco`).
+
+    Outputs are converted to COCO results batch by batch, so masks never pile up on the device; only
+    the images that were run count (a dataset may hold a subset of its COCO split)."""
+
+    def __init__(self, dataset: Any, backend: "str | RunScorer" = "auto", rank: int = 0, world_size: int = 1):
+        super().__init__(rank, world_size)
+        for attr in ("coco", "label_to_cat"):
+            if not hasattr(dataset, attr):
+                raise EvaluationError(f"evaluation dataset has no '{attr}' attribute")
+        resolve_backend(backend)  # fail on a bad backend before spending minutes on inference
+        self.coco, self.label_to_cat, self.backend = dataset.coco, dataset.label_to_cat, backend
+        self.results: list[dict] = []
+        self.image_ids: list[int] = []
+
+    def reset(self) -> None:
+        super().reset()
+        self.results, self.image_ids = [], []
+
+    def process(self, inputs: Sequence[dict], outputs: Sequence[dict]) -> None:
+        image_ids = [int(target["image_id"]) for target in inputs]
+        self.results.extend(predictions_to_coco(outputs, image_ids, self.label_to_cat))
+        self.image_ids.extend(image_ids)
+
+    def evaluate(self) -> dict[str, float]:
+        log.info("inference on %d images (rank %d of %d): %d detections in %.1fs", len(self.image_ids),
+                 self.rank, self.world_size, len(self.results), time.perf_counter() - self.started)
+        results, image_ids = self.gather(self.results, self.image_ids)
+        if self.rank != 0:
+            return {}
+        return score_coco(self.coco, results, backend=self.backend, image_ids=image_ids)
+
+
 def evaluate(
     model: torch.nn.Module,
     dataset: Any,
@@ -310,85 +342,10 @@ def evaluate(
     """Run `model` over `dataset` and score it against `dataset.coco` (see `score_coco`).
 
     With `world_size` > 1 (an initialised process group), every rank calls this with the same
-    dataset; each infers on its slice and only rank 0 scores and returns metrics (see the module
-    docstring). The model's per-module train/eval flags and the global RNG states (torch, the
-    device's, numpy, random) are exactly as before on return, also when inference raises.
+    dataset; each infers on its slice and only rank 0 scores and returns metrics. The model's
+    per-module train/eval flags and the global RNG states are exactly as before on return, also
+    when inference raises (`trainer.evaluation.inference`).
     """
-    for attr in ("coco", "label_to_cat"):
-        if not hasattr(dataset, attr):
-            raise EvaluationError(f"evaluation dataset has no '{attr}' attribute")
-    resolve_backend(backend)  # fail on a bad backend before spending minutes on inference
-    net = model.module if isinstance(model, (torch.nn.parallel.DistributedDataParallel,
-                                             torch.nn.DataParallel)) else model
-    device = torch.device(device)
-    modes = [(module, module.training) for module in net.modules()]
-    started = time.perf_counter()
-    lo, hi = shard_bounds(len(dataset), rank, world_size)
-    with _preserved_rng(device):
-        net.eval()
-        try:
-            results, image_ids = _predict(net, dataset, range(lo, hi), device, batch_size, num_workers)
-        finally:
-            for module, training in modes:
-                module.training = training
-    log.info("inference on %d images (rank %d of %d): %d detections in %.1fs",
-             hi - lo, rank, world_size, len(results), time.perf_counter() - started)
-    if world_size > 1:
-        results, image_ids = gather_results(results, image_ids, rank, world_size)
-        if rank != 0:
-            return {}
-    # Only the images that were run count: a dataset may hold a subset of its COCO split.
-    return score_coco(dataset.coco, results, backend=backend, image_ids=image_ids)
-
-
-def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
-    """[lo, hi) of rank's contiguous slice of n items; slices differ in size by at most one."""
-    if not 0 <= rank < world_size:
-        raise EvaluationError(f"rank {rank} outside a world of {world_size}")
-    return n * rank // world_size, n * (rank + 1) // world_size
-
-
-def gather_results(results: list, image_ids: list, rank: int, world_size: int) -> tuple[list, list]:
-    """Every rank's (results, image ids), concatenated in rank order on rank 0 (elsewhere: empty)."""
-    import torch.distributed as dist
-
-    parts: list[Any] | None = [None] * world_size if rank == 0 else None
-    dist.gather_object((results, image_ids), parts, dst=0)
-    if rank != 0:
-        return [], []
-    assert parts is not None
-    return [r for part in parts for r in part[0]], [i for part in parts for i in part[1]]
-
-
-@contextlib.contextmanager
-def _preserved_rng(device: torch.device):
-    # The DataLoader draws its base seed from the global torch generator; transforms may use
-    # numpy or random. Resumed training must not see whether an evaluation happened.
-    devices = [device] if device.type == "cuda" else []
-    py_state, np_state = random.getstate(), np.random.get_state()
-    try:
-        with torch.random.fork_rng(devices=devices):
-            yield
-    finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
-
-
-def _predict(net: torch.nn.Module, dataset: Any, indices: range, device: torch.device, batch_size: int,
-             num_workers: int) -> tuple[list[dict], list[int]]:
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(dataset, indices), batch_size=batch_size, shuffle=False,
-        num_workers=num_workers, collate_fn=collate_batch, pin_memory=device.type == "cuda",
-    )
-    results: list[dict] = []
-    seen: list[int] = []
-    with torch.inference_mode(), roi_mask_outputs(net):
-        for images, targets in loader:
-            # One image per forward pass: see the module docstring (GroupNorm and padding).
-            outputs = [net([to_device_float(image, device)])[0] for image in images]
-            image_ids = [int(target["image_id"]) for target in targets]
-            # Converted per batch so masks never pile up on the device.
-            results.extend(predictions_to_coco(outputs, image_ids, dataset.label_to_cat))
-            seen.extend(image_ids)
-    return results, seen
-
+    evaluator = COCOEvaluator(dataset, backend, rank, world_size)
+    with roi_mask_outputs(bare_model(model)):  # masks straight from the mask head to RLE
+        return evaluate_on(model, dataset, evaluator, batch_size=batch_size, device=device, num_workers=num_workers)

@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from trainer.evaluation.keypoints import predict
+from trainer.evaluation.inference import OutputsEvaluator, evaluate_on
 
 log = logging.getLogger(__name__)
 
@@ -101,17 +101,25 @@ def score_voc(detections: Sequence[dict], records: Mapping[Any, dict], classes: 
     return {"voc/mAP": float(np.mean(aps07)), "voc/mAP_area": float(np.mean(aps))}
 
 
+class VOCEvaluator(OutputsEvaluator):
+    """VOC07 11-point mAP@0.5 (and the area mAP) of a Faster R-CNN's outputs on a VOC split."""
+
+    def __init__(self, dataset: Any, rank: int = 0, world_size: int = 1):
+        super().__init__(rank, world_size)
+        self.dataset = dataset
+
+    def score(self, outputs: list[dict], image_ids: list[Any]) -> dict[str, float]:
+        dets = [{"image_id": i, "label": int(lab), "score": float(s), "box": b}
+                for o, i in zip(outputs, image_ids)
+                for b, s, lab in zip(o["boxes"].tolist(), o["scores"].tolist(), o["labels"].tolist())]
+        log.info("inference on %d images: %d detections in %.1fs", len(image_ids), len(dets),
+                 time.perf_counter() - self.started)
+        return score_voc(dets, {i: self.dataset.records[i] for i in image_ids}, self.dataset.classes)
+
+
 def evaluate_voc(model: torch.nn.Module, dataset: Any, *, batch_size: int = 2, device: torch.device | str = "cpu",
                  backend: str = "auto", num_workers: int = 0, rank: int = 0, world_size: int = 1) -> dict[str, float]:
     """Run `model` over a trainer.data.voc.VocDetection split and score it (`backend` is COCO's; unused).
-    Sharded over the ranks as `predict` does; rank 0 scores, the others get {}."""
-    started = time.perf_counter()
-    outputs, ids = predict(model, dataset, batch_size=batch_size, device=device, num_workers=num_workers,
-                           rank=rank, world_size=world_size)
-    if rank != 0:
-        return {}
-    dets = [{"image_id": i, "label": int(lab), "score": float(s), "box": b}
-            for o, i in zip(outputs, ids)
-            for b, s, lab in zip(o["boxes"].tolist(), o["scores"].tolist(), o["labels"].tolist())]
-    log.info("inference on %d images: %d detections in %.1fs", len(ids), len(dets), time.perf_counter() - started)
-    return score_voc(dets, {i: dataset.records[i] for i in ids}, dataset.classes)
+    Sharded over the ranks (`trainer.evaluation.inference`); rank 0 scores, the others get {}."""
+    evaluator = VOCEvaluator(dataset, rank, world_size)
+    return evaluate_on(model, dataset, evaluator, batch_size=batch_size, device=device, num_workers=num_workers)

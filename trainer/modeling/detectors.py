@@ -38,9 +38,9 @@ LOSS_NAMES = {
 }
 
 
-def loss_names(task: str) -> tuple[str, ...]:
-    """The reported losses of a task, total first (`train/<name>` metrics)."""
-    return LOSS_NAMES[task]
+def loss_names(detector: str) -> tuple[str, ...]:
+    """The reported losses of a detector, total first (`train/<name>` metrics)."""
+    return LOSS_NAMES[detector]
 
 
 class KeypointHead(nn.Sequential):
@@ -59,9 +59,9 @@ class KeypointHead(nn.Sequential):
         super().__init__(*modules)
 
 
-def task_detector(cfg: ModelConfig, heads: dict, head_norm: Callable[[int], nn.Module] | None
+def detector_and_heads(cfg: ModelConfig, heads: dict, head_norm: Callable[[int], nn.Module] | None
                   ) -> tuple[type, dict]:
-    """(torchvision detector class, its head modules) for a non-mask task; `heads` holds the RPN
+    """(torchvision detector class, its head modules) for a non-mask detector; `heads` holds the RPN
     and box modules the mask model would get (same norms and init), no mask modules."""
     if cfg.task == "box":
         return FasterRCNN, dict(heads)
@@ -73,28 +73,30 @@ def task_detector(cfg: ModelConfig, heads: dict, head_norm: Callable[[int], nn.M
             keypoint_predictor=KeypointRCNNPredictor(cfg.keypoint_head_channels, cfg.num_keypoints),
         )
         return KeypointRCNN, {**heads, **extra}
-    raise ValueError(f"no detector for task {cfg.task!r}")
+    raise ValueError(f"no detector for model.task {cfg.task!r}")
 
 
-def uses_task_data(cfg: TrainConfig) -> bool:
+def uses_detector_data(cfg: TrainConfig) -> bool:
     """False for the original path (Mask R-CNN on COCO instances, trainer.data)."""
     return cfg.model.task != "mask" or cfg.data.format != "coco"
 
 
-def build_task_datasets(cfg: TrainConfig, stream_seed: int = 0) -> tuple[Any, Any, list]:
+def build_detector_datasets(cfg: TrainConfig, stream_seed: int = 0) -> tuple[Any, Any, list]:
     """(train set, val set, chosen train ids) of a box or keypoint trial."""
     if cfg.data.format == "voc":
         from trainer.data.voc import build_voc_datasets
 
         return build_voc_datasets(cfg.data, stream_seed)
-    from trainer.data.keypoints import build_coco_task_datasets
+    from trainer.data.keypoints import build_box_keypoint_datasets
 
-    return build_coco_task_datasets(cfg.data, cfg.model, stream_seed)
+    return build_box_keypoint_datasets(cfg.data, cfg.model, stream_seed)
 
 
-def evaluator(cfg: TrainConfig) -> Callable[..., dict[str, float]]:
-    """evaluate(model, dataset, *, batch_size, device, backend) for the config's task and data."""
-    if not uses_task_data(cfg):
+def evaluate_function(cfg: TrainConfig) -> Callable[..., dict[str, float]]:
+    """evaluate(model, dataset, *, batch_size, device, backend, ...) for the config's detection task
+    and data: each runs its evaluator (`trainer.evaluation.inference.DatasetEvaluator`) in the one
+    inference loop."""
+    if not uses_detector_data(cfg):
         from trainer.evaluation.coco import evaluate
 
         return evaluate
@@ -102,13 +104,13 @@ def evaluator(cfg: TrainConfig) -> Callable[..., dict[str, float]]:
         from trainer.evaluation.voc import evaluate_voc
 
         return evaluate_voc
-    from trainer.evaluation.keypoints import evaluate_task
+    from trainer.evaluation.keypoints import evaluate_box_keypoints
 
-    return evaluate_task
+    return evaluate_box_keypoints
 
 
 def image_hw(target: dict) -> tuple[int, int]:
-    """Height and width of a training target's image (masks carry it; other tasks store it)."""
+    """Height and width of a training target's image (masks carry it; other detectors store it)."""
     if "masks" in target:
         return tuple(target["masks"].shape[-2:])  # type: ignore[return-value]
     return tuple(int(v) for v in target["image_size"])  # type: ignore[return-value]

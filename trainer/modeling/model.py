@@ -127,7 +127,7 @@ def _heads(cfg: ModelConfig, num_classes: int) -> dict:
             (channels, 7, 7), [channels] * 4, [cfg.representation_size], norm_layer=norm
         ),
         box_predictor=FastRCNNPredictor(cfg.representation_size, num_classes),
-    ) | (dict(  # box and keypoint tasks have no mask head at all (trainer.modeling.detectors adds theirs)
+    ) | (dict(  # box and keypoint detectors have no mask head at all (trainer.modeling.detectors adds theirs)
         mask_roi_pool=MultiScaleRoIAlign(FEATURE_MAPS, output_size=14, sampling_ratio=cfg.sampling_ratio),
         mask_head=MaskRCNNHeads(channels, [channels] * 4, 1, norm_layer=norm),
         mask_predictor=MaskRCNNPredictor(channels, channels, num_classes),
@@ -146,9 +146,9 @@ def build_model(cfg: ModelConfig, num_classes: int) -> tuple[MaskRCNN, ModelConf
     image_mean, image_std = pixel_normalisation(init_fields["pixel_convention"])
     detector, heads = MaskRCNN, _heads(cfg, num_classes)
     if cfg.task != "mask":  # Faster R-CNN / Keypoint R-CNN on the same backbone, RPN and box head
-        from trainer.modeling.detectors import task_detector
+        from trainer.modeling.detectors import detector_and_heads
 
-        detector, heads = task_detector(cfg, heads, _head_norm(cfg.norm))
+        detector, heads = detector_and_heads(cfg, heads, _head_norm(cfg.norm))
     model = detector(
         backbone,
         num_classes=None,  # the predictors below carry it

@@ -1,7 +1,7 @@
 """Pretraining's schedule in iterations and its process group: the parts of a recipe that need the data.
 
 A `PretrainConfig` may give its length, warm-up and LR steps in epochs (the paper's ImageNet recipe
-is 100 epochs with steps at 30/60/90); `resolve_schedule` turns them into iterations once the train
+is 100 epochs with steps at 30/60/90); `resolve_pretrain_schedule` turns them into iterations once the train
 folder's size is known (an epoch is len(train) // batch_size iterations, as `StreamBatchSampler`
 counts it). `process_group` joins the data-parallel group a launcher set up: Ray Train's (already
 initialised) or torchrun's (RANK / WORLD_SIZE / MASTER_ADDR in the environment).
@@ -33,7 +33,8 @@ class PretrainSchedule:
     iters_per_epoch: int
 
 
-def resolve_schedule(cfg: PretrainConfig, num_images: int) -> PretrainSchedule:
+def resolve_pretrain_schedule(cfg: PretrainConfig, num_images: int) -> PretrainSchedule:
+    """A pretraining config's length, warm-up and LR steps in iterations (epochs need the set's size)."""
     per_epoch = num_images // cfg.batch_size
     if cfg.epochs is not None:
         if per_epoch < 1:

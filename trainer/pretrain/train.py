@@ -28,7 +28,7 @@ from trainer.engine import checkpoint as ckpt
 from trainer.config import PRETRAIN_PRESETS, PretrainConfig, config_to_dict, dump_config, load_pretrain_config
 from trainer.data.coco import StreamBatchSampler
 from trainer.errors import DatasetError, NonFiniteLossError, TrainerError
-from trainer.pretrain.recipe import Group, lr_factor, process_group, resolve_schedule
+from trainer.pretrain.recipe import Group, lr_factor, process_group, resolve_pretrain_schedule
 
 __all__ = ["PretrainConfig", "load_pretrain_config", "pretrain", "build_classifier"]
 
@@ -127,7 +127,7 @@ def _pretrain(cfg: PretrainConfig, group: Group, resume: bool, stop_after: int |
     device = _device(cfg, group)
     out = Path(cfg.output_dir)
     train_set = _Folder(Path(cfg.data_root) / "train", cfg.image_size, True, cfg.seed, cfg.crop_scale)
-    sched_plan = resolve_schedule(cfg, len(train_set))
+    sched_plan = resolve_pretrain_schedule(cfg, len(train_set))
     net = build_classifier(cfg, len(train_set.classes)).to(device)
     model = net if group.world == 1 else torch.nn.parallel.DistributedDataParallel(
         net, device_ids=[device.index] if device.type == "cuda" else None)

@@ -349,7 +349,7 @@ def _check_loaded(body: nn.Module, state: dict) -> None:
 
 
 def test_syncbn_body_gets_torchvision_bn_weights_and_fine_tunes_them(tmp_path):
-    from tests.trainer.test_model import batch
+    from tests.trainer.modeling.test_model import batch
 
     state = bn_weights_file(tmp_path / "resnet18-bn.pth")
     model, resolved = build_model(syncbn_cfg(tmp_path / "resnet18-bn.pth"), 3)

@@ -54,12 +54,12 @@ def test_missing_folder(tmp_path):
 
 def test_imagenet_gn_preset_is_the_papers_recipe():
     from trainer.pretrain.train import _optimizer, build_classifier
-    from trainer.pretrain.recipe import lr_factor, resolve_schedule
+    from trainer.pretrain.recipe import lr_factor, resolve_pretrain_schedule
 
     cfg = load_pretrain_config(None, ["preset=imagenet-gn"])
     assert (cfg.backbone, cfg.norm, cfg.batch_size, cfg.base_lr, cfg.weight_decay) == ("R50", "GN", 256, 0.1, 1e-4)
     assert load_pretrain_config(None, ["preset=imagenet-gn", "backbone=R101"]).backbone == "R101"
-    sched = resolve_schedule(cfg, 1_281_167)  # ImageNet-1k train
+    sched = resolve_pretrain_schedule(cfg, 1_281_167)  # ImageNet-1k train
     per_epoch = 1_281_167 // 256
     assert sched.iters == 100 * per_epoch and sched.warmup == 5 * per_epoch
     assert sched.drops == (30 * per_epoch, 60 * per_epoch, 90 * per_epoch)

@@ -16,10 +16,11 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from trainer.errors import ConfigError
-from trainer.synthetic.datasets import CATEGORIES, generate_classification, generate_detection, main
+from trainer.synthetic.cli import main
+from trainer.synthetic.datasets import CATEGORIES, generate_classification, generate_detection
 from trainer.synthetic.draw import CLS_SHAPES, SHAPES
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 # Small but with high empty/crowd rates, so every annotation path shows up in a few dozen images.
 SMALL = dict(num_train=40, num_val=8, empty_prob=0.15, crowd_prob=0.4)
 

@@ -21,7 +21,7 @@ from tests.data.make_broken import DEFECTS, layout, make_corpus
 from trainer.__main__ import main
 from trainer.config import build_config
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 TASKS = ("mask", "box", "keypoints")
 
 
@@ -103,10 +103,10 @@ def test_layout_fields_alone_train_and_evaluate(corpus, tmp_path, caplog, task, 
 
 def _datasets(task: str, folder: Path, **data):
     from trainer.data.coco import build_datasets
-    from trainer.modeling.detectors import build_task_datasets
+    from trainer.modeling.detectors import build_detector_datasets
 
     cfg = build_config(_config(task, folder, folder / "unused", **data))
-    return build_datasets(cfg.data) if task == "mask" else build_task_datasets(cfg)
+    return build_datasets(cfg.data) if task == "mask" else build_detector_datasets(cfg)
 
 
 def _train_ids(train) -> set:

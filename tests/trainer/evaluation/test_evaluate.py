@@ -342,7 +342,7 @@ def test_predictions_to_coco_errors_and_bbox_only():
 
 
 # ----------------------------------------------------------------------------- ROI masks
-# (paste_masks_rle against torchvision's paste, pixel by pixel: tests/trainer/test_evaluate_convert.py)
+# (paste_masks_rle against torchvision's paste, pixel by pixel: tests/trainer/evaluation/test_evaluate_convert.py)
 
 
 def _real_mask_rcnn() -> torch.nn.Module:

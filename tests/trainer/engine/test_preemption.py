@@ -21,14 +21,14 @@ import torch.multiprocessing as mp
 import yaml
 
 from tests.conftest import tiny_config
-from tests.trainer.test_ddp import _port
+from tests.trainer.engine.test_ddp import _port
 from trainer.engine import checkpoint as ckpt
 from trainer.engine import preemption
 from trainer.config import build_config
 from trainer.engine.train_loop import init_distributed, train
 from trainer.engine.reporters import JsonlReporter, read_metrics
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 SCHED = {"iters": 12, "drops": [9], "warmup_iters": 2}
 LEVELS = {"schedule": SCHED, "eval": {"period": 6}, "checkpoint": {"period": 0}}  # no periodic checkpoint
 
