@@ -39,10 +39,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-# The test's own shape and counting (pytest-free modules), so the bench measures what the test proves.
-from tests.orchestrator.load_shape import count_arrivals, load_spec  # noqa: E402
-from tests.orchestrator.mlflow_server import MlflowServer  # noqa: E402
-from tests.orchestrator.specs import write_spec  # noqa: E402
+# The harness the load test uses too (pytest-free), so the bench measures what the test proves.
+from bench.harness.load_shape import count_arrivals, load_spec  # noqa: E402
+from bench.harness.mlflow_server import MlflowServer  # noqa: E402
+from bench.harness.specs import write_spec  # noqa: E402
 
 log = logging.getLogger("bench.load_sweep")
 NEEDED_GB = 8  # a few trials' checkpoints while they run, Ray's session logs, the MLflow store

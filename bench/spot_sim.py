@@ -171,7 +171,7 @@ class Injector(threading.Thread):
     def run(self) -> None:
         import ray
 
-        from tests.orchestrator.fake_autoscaler import node_pids
+        from bench.harness.fake_autoscaler import node_pids
 
         while not _busy_nodes():  # the times count from the first gang placed (nodes take a while to come)
             if self.stop.wait(0.5):
@@ -316,8 +316,8 @@ def main() -> int:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     import ray
 
-    from tests.orchestrator.conftest import auth_disabled
-    from tests.orchestrator.fake_autoscaler import fake_cluster
+    from bench.harness.local import auth_disabled
+    from bench.harness.fake_autoscaler import fake_cluster
 
     workers = {"gpu": {"resources": {"CPU": args.node_gpus * 6, "GPU": args.node_gpus}, "max_workers": args.nodes}}
     results = []

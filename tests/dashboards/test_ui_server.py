@@ -8,7 +8,7 @@ import urllib.request
 import pytest
 
 from tests.orchestrator.conftest import cli
-from tests.orchestrator.mlflow_server import MlflowServer, free_port
+from bench.harness.mlflow_server import MlflowServer, free_port
 
 
 @pytest.fixture(scope="module")

@@ -4,23 +4,15 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
-# Re-exported: tests import these from here; the bench from tests.orchestrator.specs.
-from tests.orchestrator.specs import PYTHON, REPO, TINY_SWEEP_MODEL, cli, set_path, tiny_spec, write_spec  # noqa: F401
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# Re-exported: tests import these from here; the benchmarks from bench.harness.
+from bench.harness.local import auth_disabled, free_port as _free_port  # noqa: F401
+from bench.harness.specs import PYTHON, REPO, TINY_SWEEP_MODEL, cli, set_path, tiny_spec, write_spec  # noqa: F401
 
 
 def start_node(log_path: Path, head: str | None = None, num_cpus: float = 2, num_gpus: float = 0,
@@ -68,21 +60,6 @@ def stop_node(proc: subprocess.Popen) -> None:
         proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
         kill_node(proc)
-
-
-@contextmanager
-def auth_disabled() -> Iterator[None]:
-    """Ray >= 2.59 turns token auth on for local clusters; a test head and its drivers on one host do
-    without (drivers and `ray start` inherit os.environ)."""
-    saved_mode = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    try:
-        yield
-    finally:
-        if saved_mode is None:
-            os.environ.pop("RAY_AUTH_MODE", None)
-        else:
-            os.environ["RAY_AUTH_MODE"] = saved_mode
 
 
 @pytest.fixture(scope="module")

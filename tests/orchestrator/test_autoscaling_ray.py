@@ -22,7 +22,7 @@ import time
 import pytest
 
 from tests.orchestrator.conftest import tiny_spec, write_spec
-from tests.orchestrator.fake_autoscaler import HEAD_ID, Timeline, fake_cluster, node_pids
+from bench.harness.fake_autoscaler import HEAD_ID, Timeline, fake_cluster, node_pids
 from tests.orchestrator.sweep_utils import (attempts, check_children, duplicate_points, mlflow_contents,
                                             start_driver, uninterrupted_run, wait_for)
 from tests.orchestrator.test_gangs_ray import (EVALS, GRID, LOST, _checkpointed, _curve, _gang_rows, _intervals,

@@ -8,7 +8,7 @@ from orchestrator.dataset import missing_files
 from orchestrator.errors import SpecError
 from orchestrator.expand import expand
 from orchestrator.spec import parse_spec
-from tests.orchestrator.specs import tiny_spec
+from bench.harness.specs import tiny_spec
 
 
 def _layout(tmp_path):

@@ -20,7 +20,7 @@ from orchestrator.spec import load_spec
 from orchestrator.state import metric_rows, trained_iterations
 from tests.plugins.faults import FAULTS
 from tests.orchestrator.conftest import cli, tiny_spec, write_spec
-from tests.orchestrator.load_shape import logged_to_mlflow
+from bench.harness.load_shape import logged_to_mlflow
 from tests.orchestrator.sweep_utils import (attempts, check_children, duplicate_points, kill_driver_when,
                                             mlflow_contents)
 

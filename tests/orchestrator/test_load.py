@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.orchestrator.load_shape import count_arrivals, load_spec
-from tests.orchestrator.mlflow_server import MlflowServer
-from tests.orchestrator.specs import cli, write_spec
+from bench.harness.load_shape import count_arrivals, load_spec
+from bench.harness.mlflow_server import MlflowServer
+from bench.harness.specs import cli, write_spec
 
 pytestmark = pytest.mark.slow
 N_TRIALS = 10  # the suite's time budget; bench/load_sweep.py runs 200

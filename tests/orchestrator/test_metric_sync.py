@@ -10,7 +10,7 @@ import pytest
 
 from orchestrator.metric_sync import MetricSync
 from orchestrator.tracking import SweepTracker
-from tests.orchestrator.mlflow_server import MlflowServer
+from bench.harness.mlflow_server import MlflowServer
 
 PLAIN, TRUNK, BRANCH = "t-plain", "t-trunk", "t-branch"
 

@@ -18,7 +18,7 @@ import pytest
 from orchestrator.state import metric_rows
 from tests.plugins.faults import FAULTS
 from tests.orchestrator.conftest import cli, tiny_spec, write_spec
-from tests.orchestrator.load_shape import logged_to_mlflow
+from bench.harness.load_shape import logged_to_mlflow
 from tests.orchestrator.sweep_utils import (attempts, check_children, duplicate_points, kill_driver_when,
                                             mlflow_contents, progress, store_rows, wait_unlocked)
 from trainer.engine.checkpoint import list_checkpoints

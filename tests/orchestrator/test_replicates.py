@@ -10,7 +10,7 @@ from orchestrator.expand import bind_config, expand
 from orchestrator.plan import render_plan
 from orchestrator.spec import parse_spec
 from orchestrator.state import make_record
-from tests.orchestrator.specs import tiny_spec
+from bench.harness.specs import tiny_spec
 
 GRID = {"init": ["random"], "data": [8], "schedule": ["1x", "2x"], "backbone": ["R18"], "replicate": [0, 1]}
 

@@ -10,7 +10,7 @@ from orchestrator.dataset import generate, needs_generation
 from orchestrator.errors import SpecError
 from orchestrator.expand import expand
 from orchestrator.spec import load_spec, parse_spec
-from tests.orchestrator.specs import tiny_spec
+from bench.harness.specs import tiny_spec
 from trainer.engine.schedule import resolve_schedule
 
 REPO = Path(__file__).resolve().parents[2]

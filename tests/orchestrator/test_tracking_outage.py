@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 
 from tests.plugins.faults import FAULTS
-from tests.orchestrator.load_shape import logged_to_mlflow
+from bench.harness.load_shape import logged_to_mlflow
 
 from tests.orchestrator.conftest import PYTHON, REPO, cli, tiny_spec, write_spec
-from tests.orchestrator.mlflow_server import MlflowServer
+from bench.harness.mlflow_server import MlflowServer
 
 pytestmark = pytest.mark.slow
 PREFIXES = ("train/", "bbox/", "segm/", "seen/")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.orchestrator.mlflow_server import MlflowServer
-from tests.orchestrator.specs import tiny_spec
+from bench.harness.mlflow_server import MlflowServer
+from bench.harness.specs import tiny_spec
 
 PREFIXES = ("train/", "bbox/", "segm/", "seen/")
 

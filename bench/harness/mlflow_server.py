@@ -16,13 +16,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+from bench.harness.local import free_port  # noqa: F401  (re-exported for the UI test)
+
 PYTHON = sys.executable
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class MlflowServer:

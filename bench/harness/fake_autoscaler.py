@@ -20,7 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from tests.orchestrator.conftest import PYTHON, REPO, _free_port, auth_disabled
+from bench.harness.local import auth_disabled, free_port as _free_port
+from bench.harness.specs import PYTHON, REPO
 
 HEAD_ID = "f" * 51 + "00000"  # the fake provider's node ids: the head, then ...00001, ...00002
 
