@@ -1,7 +1,7 @@
 """Benchmark: the paper grid's shape as whole-gang trials on a fake-GPU Ray cluster (project issue 12, item 7).
 
 The tasks are the paper grid's own (`sweeps/paper_grid.yaml`, expanded and forked as `run` does:
-20 trunks + 120 branches), each lasting its planned hours on its gang (`orchestrator.plan`: the
+20 trunks + 120 branches), each lasting its planned hours on its gang (`orchestrator.sweep.plan`: the
 iterations it trains itself at the spec's images/s, over its GPUs), scaled so the sweep's makespan
 lower bound is `--bound-s` seconds. They run through the orchestrator's own Tune path
 (`ray_backend.run_tune`: the gang's placement group per trial, the fork queue deciding who starts,
@@ -67,10 +67,10 @@ def sim_trial(config: dict[str, Any]) -> None:
 
 def build_tasks(gpus: int, bound_s: float, folder: Path) -> tuple[list[dict[str, Any]], Any, float]:
     """The paper grid's tasks with scaled lengths; (tasks, resources, seconds per planned hour)."""
-    from orchestrator.expand import expand
-    from orchestrator.plan import makespan_bound, plan_rows, trunk_rows
-    from orchestrator.run import priorities
-    from orchestrator.spec import load_spec
+    from orchestrator.sweep.expand import expand
+    from orchestrator.sweep.plan import makespan_bound, plan_rows, trunk_rows
+    from orchestrator.execution.run import priorities
+    from orchestrator.sweep.spec import load_spec
 
     os.environ.setdefault("COCO_ROOT", str(folder / "coco"))
     exp = expand(load_spec(REPO / "sweeps" / "paper_grid.yaml"))
@@ -105,9 +105,9 @@ def one_run(gpus: int, nodes: int, bound_s: float) -> dict[str, Any]:
     import ray
     from ray.cluster_utils import Cluster
 
-    from orchestrator import ray_backend as rb
-    from orchestrator.fit import max_concurrent
-    from orchestrator.plan import makespan_bound
+    import orchestrator.execution.ray_backend as rb
+    from orchestrator.sweep.fit import max_concurrent
+    from orchestrator.sweep.plan import makespan_bound
 
     folder = Path(tempfile.mkdtemp(prefix="cluster-sim-"))
     (folder / "marks").mkdir()
@@ -136,8 +136,8 @@ def one_run(gpus: int, nodes: int, bound_s: float) -> dict[str, Any]:
         now += step
         peak = max(peak, now)
     span = max(r["end"] for r in rows) - min(r["start"] for r in rows)
-    from orchestrator.expand import expand
-    from orchestrator.spec import load_spec
+    from orchestrator.sweep.expand import expand
+    from orchestrator.sweep.spec import load_spec
 
     m = makespan_bound(expand(load_spec(REPO / "sweeps" / "paper_grid.yaml")), gpus)
     bound = m.bound_h * scale

@@ -87,7 +87,7 @@ def logging_rates(server: MlflowServer, steps: int = 2000, keys: int = 12) -> tu
     """Rows/s of per-step requests vs batched ones (the driver's syncer), on two fresh runs of one server."""
     from mlflow import MlflowClient
 
-    from orchestrator.tracking import MetricLogger
+    from orchestrator.tracking.mlflow_runs import MetricLogger
 
     client = MlflowClient(server.uri)
     exp = client.create_experiment("bench-logging")

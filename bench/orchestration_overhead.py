@@ -49,8 +49,8 @@ from concurrent.futures import ProcessPoolExecutor
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from orchestrator.dataset import generate, needs_generation  # noqa: E402
-from orchestrator.spec import parse_spec  # noqa: E402
+from orchestrator.sweep.dataset import generate, needs_generation  # noqa: E402
+from orchestrator.sweep.spec import parse_spec  # noqa: E402
 
 PHASES = ("start-up", "hand-over", "step", "shut-down", "total")
 STARTED = re.compile(r"^(\d\d:\d\d:\d\d) .*training iterations \d+ -> \d+")

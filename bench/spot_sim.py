@@ -51,8 +51,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.cluster_sim import STEP_S, build_tasks  # noqa: E402  (after the path is set)
-from orchestrator.trainable import PreemptionNotice  # noqa: E402
-from orchestrator.trial_report import K_EVENT, PREEMPTED  # noqa: E402
+from orchestrator.worker.trainable import PreemptionNotice  # noqa: E402
+from orchestrator.worker.reporting import K_EVENT, PREEMPTED  # noqa: E402
 
 
 class _SimRun:
@@ -250,12 +250,12 @@ def _end_counts(tasks: list[dict[str, Any]], rows: list[dict[str, Any]]) -> dict
 def one_arm(address: str, sid: int, args: argparse.Namespace, notice: bool, ckpt: int) -> dict[str, Any]:
     import ray
 
-    from orchestrator import autoscale
-    from orchestrator import ray_backend as rb
-    from orchestrator.capacity import Capacity, most_at_once
-    from orchestrator.expand import expand
-    from orchestrator.plan import makespan_bound
-    from orchestrator.spec import load_spec
+    import orchestrator.execution.autoscale as autoscale
+    import orchestrator.execution.ray_backend as rb
+    from orchestrator.execution.capacity import Capacity, most_at_once
+    from orchestrator.sweep.expand import expand
+    from orchestrator.sweep.plan import makespan_bound
+    from orchestrator.sweep.spec import load_spec
 
     gpus = args.nodes * args.node_gpus
     folder = Path(tempfile.mkdtemp(prefix="spot-sim-"))

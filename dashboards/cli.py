@@ -46,7 +46,7 @@ def dispatch(args: argparse.Namespace) -> int:
         sys.stdout.write(f"{report.index}\n")
         return 0
     from dashboards.ui import serve
-    from orchestrator.tracking import resolve_uri
+    from orchestrator.tracking.mlflow_runs import resolve_uri
 
     def announce(url: str, served_here: bool = True) -> None:
         sys.stdout.write(f"MLflow UI: {url}" + ("  (Ctrl-C stops it)\n" if served_here else "  (the tracking server's own UI)\n"))

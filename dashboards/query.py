@@ -27,8 +27,8 @@ import yaml
 
 from dashboards.errors import SweepDataError
 from dashboards.paper import init_kind
-from orchestrator.run_notes import claims_note
-from orchestrator.tracking import latest_metrics
+from orchestrator.tracking.run_notes import claims_note
+from orchestrator.tracking.mlflow_runs import latest_metrics
 
 logger = logging.getLogger(__name__)
 REPORT_PREFIXES = ("bbox/", "segm/", "seen/", "keypoints/", "voc/")  # keypoints/voc: dashboards.keypoints_voc
@@ -67,9 +67,9 @@ def find_sweep(target: str | Path | None, tracking_uri: str | None = None) -> Sw
     record's `cwd`), else to the current one, like `run` itself; a `--set tracking_uri=...` that `run`
     stored in the record counts, as it does for `resume`.
     """
-    from orchestrator import state as st
-    from orchestrator.sets import apply_sets
-    from orchestrator.tracking import resolve_uri
+    import orchestrator.state.folder as st
+    from orchestrator.sweep.sets import apply_sets
+    from orchestrator.tracking.mlflow_runs import resolve_uri
 
     if target is None:
         return None

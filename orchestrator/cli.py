@@ -7,7 +7,7 @@
     status SPEC|FOLDER   the trial table from the stored state (no Ray); --json as data
 
 `plan`, `run` and `resume` take `--set KEY=VALUE` (or `--set KEY VALUE`) overrides of the spec
-(`orchestrator.sets`).
+(`orchestrator.sweep.sets`).
 
 Other packages add subcommands as plugins: an entry point in the group `rethink_sweeps.commands`
 names a module with `COMMANDS`, `add_commands(subparsers)` and `dispatch(args)`. The dashboards add
@@ -114,8 +114,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "plan":
         return _plan(args)
     if args.command == "status":
-        from orchestrator.state import find_sweep_dir
-        from orchestrator.status import render_status, status_json
+        from orchestrator.state.folder import find_sweep_dir
+        from orchestrator.views.status import render_status, status_json
 
         folder = find_sweep_dir(args.target)
         sys.stdout.write((_json(status_json(folder)) if args.json else render_status(folder)) + "\n")
@@ -123,8 +123,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     for plugin in _plugins():
         if args.command in plugin.COMMANDS:
             return plugin.dispatch(args)
-    from orchestrator.run import run
-    from orchestrator.sets import pair_tokens
+    from orchestrator.execution.run import run
+    from orchestrator.sweep.sets import pair_tokens
 
     spec, storage, sets = args.spec, args.storage, pair_tokens(args.sets)
     if args.command == "resume" and args.spec.is_dir():
@@ -134,10 +134,10 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from orchestrator.expand import expand
-    from orchestrator.plan import plan_json, render_plan, show_task
-    from orchestrator.sets import pair_tokens
-    from orchestrator.spec import load_spec
+    from orchestrator.sweep.expand import expand
+    from orchestrator.sweep.plan import plan_json, render_plan, show_task
+    from orchestrator.sweep.sets import pair_tokens
+    from orchestrator.sweep.spec import load_spec
 
     if args.gpus is not None and args.gpus < 1:
         raise SpecError(f"--gpus {args.gpus}: a cluster has at least 1 GPU")
@@ -161,7 +161,7 @@ def _json(data: object) -> str:
 
 def _spec_of_folder(folder: Path) -> tuple[Path, Path, list[str]]:
     """A sweep folder's stored spec and `--set`s, read from the working directory the sweep was started in."""
-    from orchestrator.state import read_record
+    from orchestrator.state.folder import read_record
 
     folder = folder.resolve()
     record = read_record(folder)

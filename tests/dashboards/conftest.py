@@ -53,7 +53,7 @@ def fake_ap(trial: FakeTrial, step: int) -> float:
 def fake_sweep(tmp: Path, name: str = "fake", unfinished: str | None = None) -> str:
     """Write the runs of FAKE_GRID to sqlite:///tmp/mlflow.db; returns the URI. `unfinished`: a
     trial name left RUNNING at half its schedule."""
-    from orchestrator.tracking import SweepTracker
+    from orchestrator.tracking.mlflow_runs import SweepTracker
 
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     tracker = SweepTracker(uri, name, "abc123", "test")

@@ -16,7 +16,7 @@ ARMS = {"imagenet-all-2x-R50": "GN", "imagenet-frozenbn-all-2x-R50": "FrozenBN",
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
-    from orchestrator.tracking import SweepTracker
+    from orchestrator.tracking.mlflow_runs import SweepTracker
 
     tmp = tmp_path_factory.mktemp("bodynorm")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"

@@ -47,7 +47,7 @@ def write_sweep(tmp: Path, name: str, arms: dict[tuple, tuple[Curve, float]],
     """One child run per arm ((init, data, schedule) or with a replicate index last, tagged
     axis.replicate), `bbox/AP` every EVAL iterations and at the end; AP75 = AP x the arm's ratio,
     AP50 = AP x 1.5. Names in `unfinished` stop at half their schedule, RUNNING."""
-    from orchestrator.tracking import SweepTracker
+    from orchestrator.tracking.mlflow_runs import SweepTracker
 
     uri = f"sqlite:///{tmp / (name + '.db')}"
     tracker = SweepTracker(uri, name, "hash", "test")

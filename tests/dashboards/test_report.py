@@ -174,7 +174,7 @@ def test_a_sweep_folder_finds_the_store_a_set_named(tmp_path):
 
 
 def test_unknown_and_empty_sweeps_exit_2_with_one_line(fake, tmp_path, capsys):
-    from orchestrator.tracking import SweepTracker
+    from orchestrator.tracking.mlflow_runs import SweepTracker
 
     uri = fake[0].uri
     assert main(["report", "nosuch", "--tracking-uri", uri]) == 2

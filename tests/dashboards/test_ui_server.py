@@ -20,7 +20,7 @@ def server(tmp_path_factory):
 
 
 def test_ui_on_a_tracking_server_prints_its_experiment_url(server):
-    from orchestrator.tracking import SweepTracker
+    from orchestrator.tracking.mlflow_runs import SweepTracker
 
     tracker = SweepTracker(server.uri, "served-sweep", "abc123", "test")
     tracker.open_parent("name: served-sweep\n")

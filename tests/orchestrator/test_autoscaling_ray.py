@@ -84,7 +84,7 @@ def test_sweep_grows_from_no_gpu_node_and_lets_the_nodes_go(tmp_path, autoscalin
     assert _peak(_intervals(rows)) == 2 and any(a[3] != b[3] for a, b in overlap), gangs
     assert all(HEAD_ID[-5:] not in g[3] for g in gangs), gangs
     # The queue's order holds (tasks released together may start in either order).
-    released = re.findall(r"(\d\d:\d\d:\d\d) \S+ orchestrator.fork: queue: (\S+) starts \(critical path (\d+)\)", text)
+    released = re.findall(r"(\d\d:\d\d:\d\d) \S+ orchestrator.sweep.fork: queue: (\S+) starts \(critical path (\d+)\)", text)
     started = [n for _, _, n, a in _intervals(rows) if a == 1]
     assert _release_groups(released, started) == _release_groups(released, [n for _, n, _ in released]), \
         (released, gangs)

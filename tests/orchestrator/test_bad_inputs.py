@@ -188,7 +188,7 @@ def test_plan_exits_2_when_a_trial_cannot_fit_the_gpus(tmp_path, capsys):
 def test_bare_dollar_var_is_warned_not_expanded(tmp_path, capsys, caplog, monkeypatch):
     monkeypatch.setenv("H27_ROOT", "/expanded")
     path = write_spec(tmp_path, tiny_spec(tmp_path, dataset__root="$H27_ROOT/data"))
-    with caplog.at_level("WARNING", logger="orchestrator.spec"):
+    with caplog.at_level("WARNING", logger="orchestrator.sweep.spec"):
         assert orchestrator_main(["plan", str(path), "--show", "0"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["data"]["root"].endswith("$H27_ROOT/data")
     warned = [r.getMessage() for r in caplog.records if "without braces" in r.getMessage()]
@@ -197,9 +197,9 @@ def test_bare_dollar_var_is_warned_not_expanded(tmp_path, capsys, caplog, monkey
 
 
 def test_spec_changed_between_run_and_resume(tmp_path, capsys):
-    from orchestrator.expand import expand
-    from orchestrator.spec import parse_spec
-    from orchestrator.state import create_sweep
+    from orchestrator.sweep.expand import expand
+    from orchestrator.sweep.spec import parse_spec
+    from orchestrator.state.folder import create_sweep
 
     sweep = tmp_path / "runs" / "tiny"
     create_sweep(sweep, expand(parse_spec(tiny_spec(tmp_path))), "old\n", "v0")

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from orchestrator.cli import main
-from orchestrator.expand import expand
-from orchestrator.spec import parse_spec
-from orchestrator.state import create_sweep, write_json
+from orchestrator.sweep.expand import expand
+from orchestrator.sweep.spec import parse_spec
+from orchestrator.state.folder import create_sweep, write_json
 from tests.orchestrator.conftest import tiny_spec, write_spec
 
 

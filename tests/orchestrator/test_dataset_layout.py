@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.dataset import missing_files
+from orchestrator.sweep.dataset import missing_files
 from orchestrator.errors import SpecError
-from orchestrator.expand import expand
-from orchestrator.spec import parse_spec
+from orchestrator.sweep.expand import expand
+from orchestrator.sweep.spec import parse_spec
 from bench.harness.specs import tiny_spec
 
 

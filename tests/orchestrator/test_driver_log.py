@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import logging
 
-from orchestrator.driver_log import sweep_log
+from orchestrator.state.driver_log import sweep_log
 
 
 def test_ray_traceback_is_one_terminal_line_and_whole_in_the_sweep_log(tmp_path):

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator.errors import SpecError
-from orchestrator.expand import bind_config, expand, set_key
-from orchestrator.spec import load_spec, parse_spec
+from orchestrator.sweep.expand import bind_config, expand, set_key
+from orchestrator.sweep.spec import load_spec, parse_spec
 from tests.orchestrator.conftest import tiny_spec
 
 REPO = Path(__file__).resolve().parents[2]

@@ -9,13 +9,13 @@ import time
 
 import pytest
 
-from orchestrator import autoscale
-from orchestrator.capacity import Capacity, most_at_once
+import orchestrator.execution.autoscale as autoscale
+from orchestrator.execution.capacity import Capacity, most_at_once
 from orchestrator.errors import ClusterError, SpecError
-from orchestrator.expand import expand
-from orchestrator.fit import NodeType, autoscaler_nodes, trials_at_once
-from orchestrator.plan import makespan_bound, render_makespan
-from orchestrator.spec import Resources, load_spec
+from orchestrator.sweep.expand import expand
+from orchestrator.sweep.fit import NodeType, autoscaler_nodes, trials_at_once
+from orchestrator.sweep.plan import makespan_bound, render_makespan
+from orchestrator.sweep.spec import Resources, load_spec
 from tests.orchestrator.conftest import REPO, tiny_spec, write_spec
 
 FULL = {"gpus_per_trial": 2, "cpus_per_trial": 4}  # the workers fill a 4-CPU node: the trial's own 0.01 does not fit
@@ -63,9 +63,9 @@ class _Cluster:
 
     def __init__(self, monkeypatch, total: dict[str, dict], free: dict[str, dict]):
         self.total, self.free = total, free
-        monkeypatch.setattr("orchestrator.ray_backend.alive_nodes", lambda: dict(self.total))
+        monkeypatch.setattr("orchestrator.execution.ray_backend.alive_nodes", lambda: dict(self.total))
         monkeypatch.setattr(autoscale, "free_resources", lambda: dict(self.free))
-        monkeypatch.setattr("orchestrator.capacity.LIMIT_TTL_S", 0.0)
+        monkeypatch.setattr("orchestrator.execution.capacity.LIMIT_TTL_S", 0.0)
 
 
 def test_the_queue_counts_free_resources_and_checks_nodes_that_join(monkeypatch):

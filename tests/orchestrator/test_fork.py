@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.expand import expand
-from orchestrator.fork import FINISHED, ForkQueue, checkpoint_file
-from orchestrator.plan import forked_totals, plan_rows, trunk_rows
-from orchestrator.spec import load_spec, parse_spec
-from orchestrator.state import describe_changes
+from orchestrator.sweep.expand import expand
+from orchestrator.sweep.fork import FINISHED, ForkQueue, checkpoint_file
+from orchestrator.sweep.plan import forked_totals, plan_rows, trunk_rows
+from orchestrator.sweep.spec import load_spec, parse_spec
+from orchestrator.state.folder import describe_changes
 from tests.orchestrator.conftest import tiny_spec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -149,8 +149,8 @@ def test_queue_holds_pretrained_tasks_until_their_backbone_is_on_disk():
 
 def test_a_branch_forks_once_then_resumes_its_own(tmp_path):
     from orchestrator.errors import ForkError
-    from orchestrator.trainable import fork_source
-    from orchestrator.trial_report import TuneReporter
+    from orchestrator.worker.trainable import fork_source
+    from orchestrator.worker.reporting import TuneReporter
     from trainer.engine.reporters import RunInfo
 
     trunk_ckpt = checkpoint_file(tmp_path / "trunk", 2)

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.expand import expand
-from orchestrator.plan import forked_totals, plan_rows, trunk_rows
-from orchestrator.spec import load_spec
-from orchestrator.state import metric_rows, trained_iterations
+from orchestrator.sweep.expand import expand
+from orchestrator.sweep.plan import forked_totals, plan_rows, trunk_rows
+from orchestrator.sweep.spec import load_spec
+from orchestrator.state.folder import metric_rows, trained_iterations
 from tests.plugins.faults import FAULTS
 from tests.orchestrator.conftest import cli, tiny_spec, write_spec
 from bench.harness.load_shape import logged_to_mlflow

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.errors import ClusterError
-from orchestrator.fit import gang_bundles, gangs_that_fit, max_concurrent, without
-from orchestrator.ray_backend import trial_resources
-from orchestrator.spec import Resources
+from orchestrator.sweep.fit import gang_bundles, gangs_that_fit, max_concurrent, without
+from orchestrator.execution.ray_backend import trial_resources
+from orchestrator.sweep.spec import Resources
 
 NODE = {"CPU": 3.0, "GPU": 2.0}
 

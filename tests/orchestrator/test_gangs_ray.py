@@ -181,7 +181,7 @@ def test_forked_gang_sweep_holds_at_most_two(tmp_path, gpu_cluster):
     # The queue decided the start order: each task started in the order the queue released it (tasks
     # released together, within 2 s, into gangs freed at once, may start in either order), and
     # the queue released the longest critical path among the ready ones.
-    released = re.findall(r"(\d\d:\d\d:\d\d) \S+ orchestrator.fork: queue: (\S+) starts \(critical path (\d+)\); "
+    released = re.findall(r"(\d\d:\d\d:\d\d) \S+ orchestrator.sweep.fork: queue: (\S+) starts \(critical path (\d+)\); "
                           r"ready behind it: (.*)", out.stderr)
     started = [n for _, _, n, a in spans if a == 1]
     assert _release_groups(released, started) == _release_groups(released, [n for _, n, _, _ in released]), \

@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 from orchestrator.cli import main
-from orchestrator.expand import expand, pretrain_dir
-from orchestrator.spec import parse_spec
-from orchestrator.state import create_sweep, write_json
+from orchestrator.sweep.expand import expand, pretrain_dir
+from orchestrator.sweep.spec import parse_spec
+from orchestrator.state.folder import create_sweep, write_json
 from tests.orchestrator.conftest import tiny_spec, write_spec
 
 FORKED = {"init": ["random"], "data": ["all"], "schedule": ["1x", "2x"], "backbone": ["R18"]}
@@ -172,7 +172,7 @@ def test_status_json(tmp_path, capsys):
 def test_live_table_has_pretrain_rows_and_logs_progress_without_a_tty(tmp_path, caplog):
     import io
 
-    from orchestrator.monitor import LiveView, SweepMonitor
+    from orchestrator.views.monitor import LiveView, SweepMonitor
 
     exp, sweep = _sweep(tmp_path, grid={"init": ["random", "pretrained:shapes"], "backbone": ["R18"]},
                         pretrain={"shapes": {"config": {"backbone": "R18", "iters": 40, "batch_size": 8}}})
@@ -181,7 +181,7 @@ def test_live_table_has_pretrain_rows_and_logs_progress_without_a_tty(tmp_path, 
     write_json(folder / "progress.json", {"iteration": 8, "total": 40, "rate": None, "time": 0})
     out = io.StringIO()  # not a terminal: the table every `period` s, and a log line a minute
     monitor = SweepMonitor(sweep, json.loads((sweep / "sweep.json").read_text()), view=LiveView(out=out))
-    with caplog.at_level("INFO", logger="orchestrator.monitor"):
+    with caplog.at_level("INFO", logger="orchestrator.views.monitor"):
         monitor.tick()
         monitor.tick()  # within the minute: no second line
     assert "pretrain:shapes" in out.getvalue() and "8/40" in out.getvalue()

@@ -1,4 +1,4 @@
-"""The one path to MLflow (`orchestrator.metric_sync`), without Ray: hand-written metrics.jsonl files
+"""The one path to MLflow (`orchestrator.tracking.metric_sync`), without Ray: hand-written metrics.jsonl files
 tailed into a real MLflow store (SQLite, and a real `mlflow server` stopped and restarted)."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.metric_sync import MetricSync
-from orchestrator.tracking import SweepTracker
+from orchestrator.tracking.metric_sync import MetricSync
+from orchestrator.tracking.mlflow_runs import SweepTracker
 from bench.harness.mlflow_server import MlflowServer
 
 PLAIN, TRUNK, BRANCH = "t-plain", "t-trunk", "t-branch"
@@ -116,5 +116,5 @@ def test_one_call_site_writes_metric_points_and_no_test_hook_in_product_code():
                     writes.append(f"{path.name}:{no}")
                 if "ORCHESTRATOR_FAIL_ONCE" in line or "ORCHESTRATOR_DELAY" in line:
                     hooks.append(f"{path.name}:{no}")
-    assert len(writes) == 1 and writes[0].startswith("tracking.py:"), writes
+    assert len(writes) == 1 and writes[0].startswith("mlflow_runs.py:"), writes
     assert hooks == []

@@ -7,9 +7,9 @@ import sys
 import time
 from pathlib import Path
 
-from orchestrator.expand import expand
-from orchestrator.plan import plan_rows, resized_area
-from orchestrator.spec import load_spec
+from orchestrator.sweep.expand import expand
+from orchestrator.sweep.plan import plan_rows, resized_area
+from orchestrator.sweep.spec import load_spec
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -46,7 +46,7 @@ def test_plan_numbers():
 
 
 def test_plan_gpus_gives_trials_at_once_and_the_makespan_bound():
-    from orchestrator.plan import makespan_bound, render_makespan, trunk_rows
+    from orchestrator.sweep.plan import makespan_bound, render_makespan, trunk_rows
 
     exp = expand(load_spec(REPO / "sweeps" / "paper_grid.yaml"))
     rows, trunks = plan_rows(exp), trunk_rows(exp)

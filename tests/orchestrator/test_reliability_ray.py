@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.state import metric_rows
+from orchestrator.state.folder import metric_rows
 from tests.plugins.faults import FAULTS
 from tests.orchestrator.conftest import cli, tiny_spec, write_spec
 from bench.harness.load_shape import logged_to_mlflow

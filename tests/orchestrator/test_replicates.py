@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.dataset import generate, needs_generation
+from orchestrator.sweep.dataset import generate, needs_generation
 from orchestrator.errors import DatasetMismatchError, SpecError
-from orchestrator.expand import bind_config, expand
-from orchestrator.plan import render_plan
-from orchestrator.spec import parse_spec
-from orchestrator.state import make_record
+from orchestrator.sweep.expand import bind_config, expand
+from orchestrator.sweep.plan import render_plan
+from orchestrator.sweep.spec import parse_spec
+from orchestrator.state.folder import make_record
 from bench.harness.specs import tiny_spec
 
 GRID = {"init": ["random"], "data": [8], "schedule": ["1x", "2x"], "backbone": ["R18"], "replicate": [0, 1]}

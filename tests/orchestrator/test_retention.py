@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.retention import WEIGHTS_FILE, apply_retention
-from orchestrator.spec import parse_spec
-from orchestrator.trainable import _retain
+from orchestrator.state.retention import WEIGHTS_FILE, apply_retention
+from orchestrator.sweep.spec import parse_spec
+from orchestrator.worker.trainable import _retain
 from tests.orchestrator.conftest import tiny_spec
 from trainer.engine.checkpoint import checkpoint_path, list_checkpoints, load, save_atomic
 
@@ -87,7 +87,7 @@ def test_a_trunk_prunes_a_fork_point_once_every_branch_there_has_started(tmp_pat
     (b8 / "final_metrics.json").write_text("{}")
     _retain(trunk, out)
     assert kept(out) == []
-    from orchestrator.state import trunk_done
+    from orchestrator.state.folder import trunk_done
 
     sweep = tmp_path / "sweep"
     (sweep / "trials").mkdir(parents=True)
@@ -96,7 +96,7 @@ def test_a_trunk_prunes_a_fork_point_once_every_branch_there_has_started(tmp_pat
 
 
 def test_the_policy_is_not_part_of_the_sweep_identity(tmp_path):
-    from orchestrator.expand import expand
+    from orchestrator.sweep.expand import expand
 
     specs = [parse_spec(tiny_spec(tmp_path, keep_checkpoints=p)) for p in ("final", "none")]
     assert specs[0].keep_checkpoints == "final" and specs[1].keep_checkpoints == "none"

@@ -2,7 +2,7 @@
 names, nothing from a spec executed.
 
 The servers are started for real and their listening sockets read from /proc: the local Ray cluster
-`orchestrator.ray_backend.connect` starts (GCS, raylet, workers, agents) and the MLflow UI of
+`orchestrator.execution.ray_backend.connect` starts (GCS, raylet, workers, agents) and the MLflow UI of
 `python -m orchestrator ui`. A malicious pickle, YAML tags and shell/Python text in a spec each try
 to create a marker file; the marker must never appear.
 """
@@ -24,7 +24,7 @@ from tests.orchestrator.sockets import listening, loopback, tree
 
 _RAY_PROBE = textwrap.dedent("""
     import os, sys
-    from orchestrator import ray_backend as rb
+    import orchestrator.execution.ray_backend as rb
     rb.connect(None, {})
     import ray
     ray.get(ray.remote(lambda: os.getpid()).remote())  # a worker process, listening too
@@ -121,8 +121,8 @@ def test_yaml_is_loaded_safely(tmp_path, capsys):
 
 
 def test_trial_names_are_sanitised_before_they_become_paths(tmp_path):
-    from orchestrator.expand import bind_config, expand
-    from orchestrator.spec import parse_spec
+    from orchestrator.sweep.expand import bind_config, expand
+    from orchestrator.sweep.spec import parse_spec
 
     evil = "checkpoint:/tmp/../../etc/x/../$(touch pwned) `id`;rm -rf ~.pt"
     spec = tiny_spec(tmp_path, grid={"init": ["random", evil], "data": ["all"]})

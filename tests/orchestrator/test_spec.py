@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.errors import SpecError
-from orchestrator.spec import interpolate, load_spec, parse_spec
+from orchestrator.sweep.spec import interpolate, load_spec, parse_spec
 from tests.orchestrator.conftest import tiny_spec, write_spec
 
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.dataset import generate, needs_generation
+from orchestrator.sweep.dataset import generate, needs_generation
 from orchestrator.errors import SpecError
-from orchestrator.expand import expand
-from orchestrator.spec import load_spec, parse_spec
+from orchestrator.sweep.expand import expand
+from orchestrator.sweep.spec import load_spec, parse_spec
 from bench.harness.specs import tiny_spec
 from trainer.engine.schedule import resolve_schedule
 

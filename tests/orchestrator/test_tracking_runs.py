@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 import time
 
-from orchestrator.metric_sync import MetricSync
-from orchestrator.run_notes import claims_note, sweep_note, sweep_params
-from orchestrator.tracking import SweepTracker
+from orchestrator.tracking.metric_sync import MetricSync
+from orchestrator.tracking.run_notes import claims_note, sweep_note, sweep_params
+from orchestrator.tracking.mlflow_runs import SweepTracker
 
 RECORD = {"name": "glance", "spec_hash": "f" * 64, "pretrain": [], "trunks": [], "trials": [
     {"trial_id": "a", "name": "random-all-1x-R18", "total_iters": 6,

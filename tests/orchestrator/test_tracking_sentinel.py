@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from orchestrator.tracking import MetricLogger
+from orchestrator.tracking.mlflow_runs import MetricLogger
 
 
 def test_minus_one_ap_is_not_logged(tmp_path):

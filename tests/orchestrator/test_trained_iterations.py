@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from orchestrator.state import trained_iterations
+from orchestrator.state.folder import trained_iterations
 
 
 def _write(path: Path, rows: list[dict]) -> None:

@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from orchestrator.trial_report import K_WARNINGS, TuneReporter, checkpoint_warnings
+from orchestrator.worker.reporting import K_WARNINGS, TuneReporter, checkpoint_warnings
 from trainer.engine import checkpoint as ckpt
 from trainer.engine.reporters import RunInfo
 
@@ -39,10 +39,10 @@ def test_a_skipped_damaged_checkpoint_is_named_in_the_attempt_row_and_first_repo
 
 def test_a_preempted_attempt_is_recorded_and_shown_apart_from_failures(tmp_path):
     """Its attempt's second row and last report; the driver's row, state.json, `status` and the table."""
-    from orchestrator import state as st
-    from orchestrator.monitor import SweepMonitor
-    from orchestrator.status import render_status
-    from orchestrator.trainable import _next_attempt
+    import orchestrator.state.folder as st
+    from orchestrator.views.monitor import SweepMonitor
+    from orchestrator.views.status import render_status
+    from orchestrator.worker.trainable import _next_attempt
     from trainer.engine.preemption import PreemptedError
 
     record = {"name": "sw", "spec_hash": "h", "code_version": "c",

@@ -44,7 +44,7 @@ class FailOnce(Reporter):
 
 
 def reporters(task: dict[str, Any]) -> list[Reporter]:
-    """The plugin entry point (orchestrator.trial_report.PLUGINS_ENV)."""
+    """The plugin entry point (orchestrator.worker.reporting.PLUGINS_ENV)."""
     found: list[Reporter] = []
     at = _setting(FAIL_ENV, task["name"])
     if at is not None:

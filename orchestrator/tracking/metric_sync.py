@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from orchestrator import state as st
+import orchestrator.state.folder as st
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ A trial's config is built as base -> axis values -> matching overrides, then val
 `trainer.config.build_config` on the driver; machine-specific paths (the pretrained backbone file,
 the output folder) are placeholders until `bind_config` fills them in at launch. The trial id is a
 hash of the validated config without defaults or paths, so it is stable across machines and across
-trainer versions that only add fields. With `fork_schedules`, `orchestrator.fork` adds the trunks the
+trainer versions that only add fields. With `fork_schedules`, `orchestrator.sweep.fork` adds the trunks the
 schedules of a cell share; their ids join the spec hash, so toggling forking is a different sweep.
 """
 
@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import SpecError
-from orchestrator.fork import ForkPlan, Trunk, plan_forks, trunk_identity
-from orchestrator.spec import AXES, SEED_STRIDE, Resources, SweepSpec, matches, normalize_axis_value, task_name
+from orchestrator.sweep.fork import ForkPlan, Trunk, plan_forks, trunk_identity
+from orchestrator.sweep.spec import AXES, SEED_STRIDE, Resources, SweepSpec, matches, normalize_axis_value, task_name
 from trainer.config import ModelConfig, TrainConfig, build_config, config_identity, config_to_dict, flatten
 from trainer.config import digest as _digest
 from trainer.errors import ConfigError

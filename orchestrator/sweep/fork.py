@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from orchestrator.spec import task_name
+from orchestrator.sweep.spec import task_name
 from trainer.config import TrainConfig, build_config, config_identity, config_to_dict
 from trainer.config import digest as _digest
 from trainer.engine.schedule import resolve_schedule

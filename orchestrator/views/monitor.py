@@ -2,7 +2,7 @@
 
 Ray-free and MLflow-free itself: the Tune callback in `ray_backend` forwards events here. Tune
 results drive the table and state.json (status, iteration, rate, AP) only; metric points reach
-MLflow by one path, `orchestrator.metric_sync` tailing each trial's metrics.jsonl. What a run's
+MLflow by one path, `orchestrator.tracking.metric_sync` tailing each trial's metrics.jsonl. What a run's
 MLflow record needs besides (RUNNING / FINISHED / FAILED, the failure reason, the final artifacts)
 is posted to that syncer (`sync`, or None without tracking), which sends it after the run's rows.
 
@@ -14,7 +14,7 @@ The table's rows are the tasks, then the pretrain jobs (read from their folders'
 the table is not redrawn in place (no terminal, or `--no-view`), the driver logs its total line once a
 minute.
 
-A preempted attempt (its last result has event "preempted", `orchestrator.trial_report`) is counted
+A preempted attempt (its last result has event "preempted", `orchestrator.worker.reporting`) is counted
 apart from failures: the row's "preemptions" and its reason "preempted at iteration N"; the error
 that follows is its rescheduling, not a failure (`ray_backend` gave Tune one more allowed failure).
 
@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from orchestrator import state as st
-from orchestrator.view import render, total_line
+import orchestrator.state.folder as st
+from orchestrator.views.view import render, total_line
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class SweepMonitor:
                  view: LiveView | None = None):
         self.sweep_dir = Path(sweep_dir)
         self.record = record
-        self.sync = sync  # an orchestrator.metric_sync.MetricSync, or None
+        self.sync = sync  # an orchestrator.tracking.metric_sync.MetricSync, or None
         self.view = view or LiveView(enabled=False)
         self.started = time.time()
         old = st.read_state(self.sweep_dir)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import DatasetMismatchError, DatasetMissingError
-from orchestrator.spec import Dataset
+from orchestrator.sweep.spec import Dataset
 
 logger = logging.getLogger(__name__)
 MARKER = ".generated.json"

@@ -1,7 +1,7 @@
 """What a trial attempt reports: Tune results, attempts.jsonl rows, segments, and plugin reporters.
 
 Ray-free (the Tune `report` call is handed in as `emit`), so it runs and is tested without a cluster;
-`orchestrator.trainable` wires it into the Tune function. `TuneReporter` holds back a checkpoint
+`orchestrator.worker.trainable` wires it into the Tune function. `TuneReporter` holds back a checkpoint
 step's metrics until that step's checkpoint is written, so an evaluation goes out together with the
 Tune checkpoint that points at it. Each attempt's row in attempts.jsonl says where it ran (host,
 pid, Ray node, the GPU ids Ray assigned) and from where it started; a damaged checkpoint the trainer
@@ -10,10 +10,10 @@ report (`trial/warnings`), which the driver logs, so the skip is seen where the 
 An attempt stopped on a preemption notice (`trainer.engine.preemption`) adds a second row for the same
 attempt, {"preempted_at": N, "reason": "preempted at iteration N"}, and sends a last result with
 event "preempted" before its error reaches Tune: the driver counts it as a preemption, not a failure
-(`orchestrator.ray_backend`).
+(`orchestrator.execution.ray_backend`).
 
 The trainer's metrics go to the trial's metrics.jsonl (`JsonlReporter`), the record the driver's
-`orchestrator.metric_sync` tails into MLflow; the Tune results only feed the driver's live view.
+`orchestrator.tracking.metric_sync` tails into MLflow; the Tune results only feed the driver's live view.
 
 Plugin reporters: ORCHESTRATOR_REPORTERS="MODULE[,MODULE...]" names modules importable in the trial
 process, each with `reporters(task) -> list[trainer.engine.reporters.Reporter]` added to every attempt's
@@ -33,8 +33,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from orchestrator.monitor import K_ATTEMPT, K_EVENT, K_ITER, K_RUN, K_TOTAL
-from orchestrator.state import record_divergence
+from orchestrator.views.monitor import K_ATTEMPT, K_EVENT, K_ITER, K_RUN, K_TOTAL
+from orchestrator.state.folder import record_divergence
 from trainer.errors import NonFiniteLossError
 from trainer.engine.preemption import PreemptedError
 from trainer.engine.reporters import Reporter, RunInfo

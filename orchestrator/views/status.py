@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from orchestrator import state as st
-from orchestrator.view import render
+import orchestrator.state.folder as st
+from orchestrator.views.view import render
 
 
 def status_rows(sweep_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:

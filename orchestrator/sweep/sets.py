@@ -10,7 +10,7 @@ The trainer's syntax (`--set optim.base_lr=0.01`, the value read as YAML), and d
     refused: that would make every trial the same (`grid.KEY=[...]` changes the axis).
 Either way the result goes through the spec's models and the trial expansion, so a bad key or value is
 refused as in the file. The trials' configs change as with the same edit to the YAML, and so does the
-spec hash; `run` stores the sets in sweep.json and `resume` reapplies them (`orchestrator.run`).
+spec hash; `run` stores the sets in sweep.json and `resume` reapplies them (`orchestrator.execution.run`).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def pair_tokens(groups: Sequence[Sequence[str]] | None) -> list[str]:
 
 def apply_sets(data: dict[str, Any], sets: Sequence[str]) -> dict[str, Any]:
     """The spec's data with the sets applied (a copy); raises SpecError naming the `--set` at fault."""
-    from orchestrator.spec import NAMED_KEYS, AXES, SweepSpec, trainer_key_exists
+    from orchestrator.sweep.spec import NAMED_KEYS, AXES, SweepSpec, trainer_key_exists
 
     out = copy.deepcopy(data)
     for item in sets:

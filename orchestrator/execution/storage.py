@@ -37,7 +37,7 @@ def write_token(sweep_dir: Path) -> tuple[Path, str]:
 
 def shared_paths(dataset_root: Path, configs: list[Any]) -> list[tuple[str, str]]:
     """(what, absolute path) that every node must find: the dataset root and the weights files configs name."""
-    from orchestrator.expand import _PLACEHOLDER_INIT
+    from orchestrator.sweep.expand import _PLACEHOLDER_INIT
 
     needed = [("dataset root", str(Path(dataset_root).resolve()))]
     for cfg in configs:

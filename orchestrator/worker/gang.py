@@ -41,7 +41,7 @@ from ray.util.queue import Empty, Queue
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from orchestrator.errors import OrchestratorError
-from orchestrator.trial_report import append_row
+from orchestrator.worker.reporting import append_row
 
 logger = logging.getLogger(__name__)
 POLL_S = 0.5

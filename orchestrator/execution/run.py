@@ -6,9 +6,9 @@ the spec generates it), the Ray connection (and the autoscaler's node types, if 
 none of them could hold is refused there), the pretrain jobs (Ray tasks: they train beside the
 trials that do not need their backbone, while those that do wait in the queue), the MLflow parent
 run and one child run per trial, and the Tune run of the trials, longest first (it keeps the tail
-short), on the nodes alive now and those that join (`orchestrator.capacity`).
+short), on the nodes alive now and those that join (`orchestrator.execution.capacity`).
 With schedule forking the trunks run as tasks too (no MLflow run of their own), and each branch is
-released to Tune once its trunk's checkpoint at its fork point is on disk (`orchestrator.fork`).
+released to Tune once its trunk's checkpoint at its fork point is on disk (`orchestrator.sweep.fork`).
 A SIGTERM to the driver (its own node preempted, a SLURM job's end, `kill`) stops it as Ctrl-C does
 (Tune saves its state and stops the trials), then it ends with `SweepInterrupted`: `resume` continues.
 """
@@ -25,21 +25,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from orchestrator import state as st
-from orchestrator.dataset import check_defects, generate, needs_generation
-from orchestrator.driver_log import sweep_log
+import orchestrator.state.folder as st
+from orchestrator.sweep.dataset import check_defects, generate, needs_generation
+from orchestrator.state.driver_log import sweep_log
 from orchestrator.errors import (DatasetMissingError, InputsMissingError, OrchestratorError, SweepInterrupted,
                                  SweepNotFoundError)
-from orchestrator.expand import Expansion, backbone_file, bind_config, bind_pretrain, expand, missing_weight_files
-from orchestrator.fork import Trunk, checkpoint_file, priorities
-from orchestrator.monitor import LiveView, SweepMonitor
-from orchestrator.run_notes import sweep_note, sweep_params
-from orchestrator.spec import SweepSpec, load_spec
+from orchestrator.sweep.expand import Expansion, backbone_file, bind_config, bind_pretrain, expand, missing_weight_files
+from orchestrator.sweep.fork import Trunk, checkpoint_file, priorities
+from orchestrator.views.monitor import LiveView, SweepMonitor
+from orchestrator.tracking.run_notes import sweep_note, sweep_params
+from orchestrator.sweep.spec import SweepSpec, load_spec
 from trainer.config import config_to_dict, flatten
-from orchestrator.view import duration
+from orchestrator.views.view import duration
 
 logger = logging.getLogger(__name__)
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 FORWARD_PREFIX = "ORCHESTRATOR_"  # the driver's ORCHESTRATOR_* variables reach every trial (trial_report.PLUGINS_ENV)
 
 
@@ -58,9 +58,9 @@ class Prepared:
 def prepare(spec_path: Path, storage: Path | None = None, sets: list[str] | None = None) -> Prepared:
     """All refusals, nothing created: spec, trials, identity, inputs, MLflow, Ray address.
 
-    Without `sets`, an existing sweep's stored ones are reapplied (`orchestrator.sets`)."""
-    from orchestrator.ray_backend import check_address, resolve_address
-    from orchestrator.tracking import check_reachable, resolve_uri
+    Without `sets`, an existing sweep's stored ones are reapplied (`orchestrator.sweep.sets`)."""
+    from orchestrator.execution.ray_backend import check_address, resolve_address
+    from orchestrator.tracking.mlflow_runs import check_reachable, resolve_uri
 
     spec = _load(spec_path, storage, sets or [])
     sweep_dir = st.sweep_dir_for(spec.storage_path, spec.name)
@@ -106,10 +106,10 @@ def _check_inputs(exp: Expansion) -> None:
 def run(spec_path: Path, *, storage: Path | None = None, must_exist: bool = False, view: bool = True,
         sets: list[str] | None = None) -> int:
     """Start or resume a sweep; returns 0 when every trial finished, 1 otherwise."""
-    from orchestrator import autoscale
-    from orchestrator import ray_backend as rb
-    from orchestrator.capacity import Capacity, most_at_once
-    from orchestrator.metric_sync import MetricSync
+    import orchestrator.execution.autoscale as autoscale
+    import orchestrator.execution.ray_backend as rb
+    from orchestrator.execution.capacity import Capacity, most_at_once
+    from orchestrator.tracking.metric_sync import MetricSync
 
     p = prepare(spec_path, storage, sets)
     if must_exist and p.record is None:
@@ -185,8 +185,8 @@ def _sigterm_as_ctrl_c() -> Iterator[list[int]]:
 
 def _check_storage(exp: Expansion, sweep_dir: Path) -> tuple[set[str], Any]:
     """Check every alive node now; (their ids, the check of nodes that join later)."""
-    from orchestrator import ray_backend as rb
-    from orchestrator.storage import refusal, shared_paths, write_token
+    import orchestrator.execution.ray_backend as rb
+    from orchestrator.execution.storage import refusal, shared_paths, write_token
 
     token_path, token = write_token(sweep_dir)
     paths = shared_paths(exp.spec.dataset.root, [t.config for t in [*exp.trials, *exp.forks.trunks]])
@@ -200,7 +200,7 @@ def _check_storage(exp: Expansion, sweep_dir: Path) -> tuple[set[str], Any]:
 
 def _open_tracking(p: Prepared, record: dict[str, Any]) -> tuple[Any, dict[str, str]]:
     """The sweep's parent run and the trials' runs it has already; the others are made as trials start."""
-    from orchestrator.tracking import SweepTracker
+    from orchestrator.tracking.mlflow_runs import SweepTracker
 
     tracker = SweepTracker(p.tracking_uri, p.spec.name, p.exp.spec_hash, record["code_version"],
                            source="python -m orchestrator run")
@@ -224,7 +224,7 @@ def _child_runs(tracker: Any, exp: Expansion, sweep_dir: Path, record: dict[str,
 
 def _start_pretrain(exp: Expansion, sweep_dir: Path, retries: int) -> Any:
     """The pretrain jobs not done yet, started as Ray tasks (an `ray_backend.PretrainJobs`), or None."""
-    from orchestrator.ray_backend import PretrainJobs
+    from orchestrator.execution.ray_backend import PretrainJobs
 
     todo = [(j.name, bind_pretrain(j, sweep_dir), j.resources) for j in exp.pretrain
             if not _done_marker(sweep_dir, j.name).exists()]

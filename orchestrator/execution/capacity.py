@@ -16,9 +16,9 @@ import logging
 import time
 from typing import Any, Callable
 
-from orchestrator import autoscale
-from orchestrator.fit import autoscaler_nodes, gang_bundles, max_concurrent, trials_at_once
-from orchestrator.spec import Resources
+import orchestrator.execution.autoscale as autoscale
+from orchestrator.sweep.fit import autoscaler_nodes, gang_bundles, max_concurrent, trials_at_once
+from orchestrator.sweep.spec import Resources
 
 logger = logging.getLogger(__name__)
 LIMIT_TTL_S = 1.0  # how often the free resources of the (changing) cluster are re-read
@@ -49,7 +49,7 @@ class Capacity:
     def limit(self) -> int:
         """How many trials may run or wait now: the gangs that the checked nodes' resources hold, less
         what others hold (this sweep's own gangs count as its own: they run or wait for reuse)."""
-        from orchestrator.ray_backend import alive_nodes
+        from orchestrator.execution.ray_backend import alive_nodes
 
         if self.pretrain is not None:
             self.pretrain.poll()  # a job that ended frees its resources and readies its trials

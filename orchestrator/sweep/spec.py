@@ -21,8 +21,8 @@ Ray, no MLflow, no torch. A spec looks like
     tracking: {metric_period: 100}  # losses, LR, seen/* to MLflow every N iterations (evaluations: all)
     storage_path: runs
     retry: {max_failures: 2}
-    fork_schedules: null     # default: on when the grid has a schedule axis (see orchestrator/fork.py)
-    keep_checkpoints: final  # what a finished trial keeps: all | final | weights | none (orchestrator/retention.py)
+    fork_schedules: null     # default: on when the grid has a schedule axis (see orchestrator/sweep/fork.py)
+    keep_checkpoints: final  # what a finished trial keeps: all | final | weights | none (orchestrator/state/retention.py)
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from typing import Any, Literal, Sequence, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from orchestrator.errors import SpecError
-from orchestrator.retention import KeepCheckpoints
+from orchestrator.state.retention import KeepCheckpoints
 from trainer.config import ModelConfig, TrainConfig, check_layout_pairs, flatten, format_validation_error
 
 logger = logging.getLogger(__name__)
@@ -244,9 +244,9 @@ def task_name(labels: dict[str, str], axes: Any) -> str:
 
 
 def load_spec(path: str | Path, sets: Sequence[str] = ()) -> SweepSpec:
-    """Read, interpolate and validate a spec file (plus `--set` overrides, `orchestrator.sets`);
+    """Read, interpolate and validate a spec file (plus `--set` overrides, `orchestrator.sweep.sets`);
     raise a one-line SpecError naming the field."""
-    from orchestrator.sets import apply_sets
+    from orchestrator.sweep.sets import apply_sets
     from trainer.config import read_yaml
     from trainer.errors import ConfigError
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import ray
 
-from orchestrator.fit import NodeType
+from orchestrator.sweep.fit import NodeType
 
 logger = logging.getLogger(__name__)
 _STATUS_KEY = "__autoscaling_status"  # ray_constants.DEBUG_AUTOSCALING_STATUS: the v1 monitor's record

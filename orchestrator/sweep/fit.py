@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from orchestrator.errors import ClusterError
-from orchestrator.spec import Resources
+from orchestrator.sweep.spec import Resources
 
 DRIVER_CPU = 0.01  # what a DDP trial's own process holds while its gang's workers hold the rest
 

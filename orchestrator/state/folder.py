@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import SpecChangedError, SweepNotFoundError
-from orchestrator.expand import Expansion, flat_items
-from orchestrator.fork import checkpoint_file
+from orchestrator.sweep.expand import Expansion, flat_items
+from orchestrator.sweep.fork import checkpoint_file
 from trainer.atomic import write_atomic
 from trainer.engine.schedule import resolve_schedule
 
@@ -103,7 +103,7 @@ def _axes_labels(trial) -> dict[str, str]:
 def create_sweep(sweep_dir: Path, exp: Expansion, spec_text: str, code_version: str,
                  sets: list[str] | None = None) -> dict[str, Any]:
     record = make_record(exp, spec_text, code_version)
-    if sets:  # the command line's `--set`s, which `resume` reapplies (orchestrator.sets)
+    if sets:  # the command line's `--set`s, which `resume` reapplies (orchestrator.sweep.sets)
         record["sets"] = list(sets)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / "spec.yaml").write_text(spec_text)
@@ -163,7 +163,7 @@ def find_sweep_dir(target: str | Path) -> Path:
         return path.resolve()
     if path.is_dir():
         raise SweepNotFoundError(f"{path}: not a sweep folder (no {RECORD})")
-    from orchestrator.spec import load_spec
+    from orchestrator.sweep.spec import load_spec
 
     spec = load_spec(path)
     folder = sweep_dir_for(spec.storage_path, spec.name)
@@ -300,7 +300,7 @@ def disk_progress(sweep_dir: Path, name: str, trunk_stop: int | None = None) -> 
 
 def pretrain_row(sweep_dir: Path, name: str) -> dict[str, Any]:
     """A pretrain job as a table row, from its folder: progress.json (`trainer.pretrain`), done.json."""
-    from orchestrator.expand import pretrain_dir
+    from orchestrator.sweep.expand import pretrain_dir
 
     folder = pretrain_dir(sweep_dir, name)
     progress = read_json(folder / "progress.json", {})
@@ -333,7 +333,7 @@ def driver_alive(driver: dict[str, Any]) -> bool:
 
 def code_version(root: Path | None = None) -> str:
     """git commit (+ '-dirty'), else a hash of the trainer and orchestrator sources."""
-    root = Path(root or Path(__file__).resolve().parents[1])
+    root = Path(root or Path(__file__).resolve().parents[2])
     try:
         rev = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=root, capture_output=True,
                              text=True, timeout=5)

@@ -5,7 +5,7 @@ trial, found or created by its tags, so a restarted driver never makes a second 
 the flat resolved trial config as params and `axis.*`, `trial_id`, `sweep`, `spec_hash`,
 `code_version` and `body_norm` (the ResNet body's norm) as tags; they are named by the readable trial name.
 Every run also gets MLflow's own `mlflow.source.git.commit`, `mlflow.user`, `mlflow.source.name` and a
-description (`mlflow.note.content`, words from `orchestrator.run_notes`); the parent the sweep's
+description (`mlflow.note.content`, words from `orchestrator.tracking.run_notes`); the parent the sweep's
 params (spec hash, axes, counts) and, as trials finish, their final APs as `final/<trial>/bbox_AP`;
 a trial's run its training set (`log_input`). A trial's run is made when the trial starts
 (`plan_child` now, `ensure_child` then), so its start and end times are the trial's own: MLflow
@@ -14,7 +14,7 @@ cannot move a run's start time afterwards.
 Metrics are append-only in MLflow, so `MetricLogger` never writes a (run, key, step) twice: it asks
 MLflow once per run for the last step of each key already logged and drops anything at or before
 it (a retried trial replays the steps after its last checkpoint). Its `log_rows` is the one place
-metric points are written; `orchestrator.metric_sync` feeds it from the trials' metrics.jsonl files,
+metric points are written; `orchestrator.tracking.metric_sync` feeds it from the trials' metrics.jsonl files,
 from one driver thread (a SQLite store wants a single writer; a server is fine with it too). MLflow's
 own HTTP retries (7, ~4 min by default) are lowered for our clients (`HTTP_ENV`): the syncer's own
 retry loop waits out an outage, and one stuck request must not hold a driver for minutes.
@@ -32,7 +32,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from orchestrator import run_notes
+import orchestrator.tracking.run_notes as run_notes
 from orchestrator.errors import TrackingError
 
 logger = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ small Tune checkpoint that points at the trainer's checkpoint of that step and c
 `tracking` dict (the MLflow child run id) persisted in it.
 
 With one worker the trainer runs in the trial's own process; with several (DDP over a trial's GPUs)
-the trial starts its gang of workers in its own placement group (`orchestrator.gang`), and rank 0
+the trial starts its gang of workers in its own placement group (`orchestrator.worker.gang`), and rank 0
 sends its reports back through a Ray queue.
 
 Schedule forking (task role): a trunk trains its cell's base-LR schedule up to its last fork point
@@ -17,16 +17,16 @@ attempt's attempts.jsonl row); once it has checkpoints of its own it resumes fro
 retried or resumed branch never forks twice. Each attempt appends (start, end) to segments.jsonl:
 the iterations it actually trained.
 
-What an attempt reports (and plugin reporters) live in `orchestrator.trial_report` (Ray-free); this
+What an attempt reports (and plugin reporters) live in `orchestrator.worker.reporting` (Ray-free); this
 module adds where it runs (Ray node, assigned GPU ids) to its attempts.jsonl row.
 
 Preemption with notice: the trial's process routes SIGTERM to `trainer.engine.preemption`'s flag (installed
 by `PreemptionNotice.setup`, which Tune runs in the actor's main thread, where Python runs signal
 handlers; Tune runs `run_trial` itself in another thread). A single-worker trial's trainer stops at
-its step's end; a gang's trial passes the notice on to its ranks (`orchestrator.gang`), each of which
+its step's end; a gang's trial passes the notice on to its ranks (`orchestrator.worker.gang`), each of which
 also takes a SIGTERM of its own. The attempt then ends with `PreemptedError` after writing the
 checkpoint of the iteration reached. A drain of the trial's node (`ray drain-node`) is the same notice
-(`_drain_watch` here, `orchestrator.gang` for a gang's nodes).
+(`_drain_watch` here, `orchestrator.worker.gang` for a gang's nodes).
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from orchestrator.errors import ForkError
-from orchestrator.state import recorded_divergence
-from orchestrator.trial_report import append_row, checkpoint_warnings, reporters_for
+from orchestrator.state.folder import recorded_divergence
+from orchestrator.worker.reporting import append_row, checkpoint_warnings, reporters_for
 from trainer.atomic import write_atomic
 from trainer.engine.preemption import armed
 
@@ -97,8 +97,8 @@ run_trial.__mixins__ = (PreemptionNotice,)  # type: ignore[attr-defined]  # Tune
 
 def _done(task: dict[str, Any], out: Path) -> bool:
     if task.get("role") == "trunk":
-        from orchestrator.fork import checkpoint_file
-        from orchestrator.retention import TRUNK_DONE
+        from orchestrator.sweep.fork import checkpoint_file
+        from orchestrator.state.retention import TRUNK_DONE
 
         return (out / TRUNK_DONE).exists() or checkpoint_file(out, int(task["stop_after"])).exists()
     return (out / "final_metrics.json").exists()
@@ -106,7 +106,7 @@ def _done(task: dict[str, Any], out: Path) -> bool:
 
 def _retain(task: dict[str, Any], out: Path) -> None:
     """A finished trial's checkpoint policy; a trunk's fork points go once all their branches have started."""
-    from orchestrator.retention import TRUNK_DONE, apply_retention, prune_trunk
+    from orchestrator.state.retention import TRUNK_DONE, apply_retention, prune_trunk
 
     policy = task.get("keep_checkpoints", "final")
     if task.get("role") == "trunk":
@@ -162,7 +162,7 @@ def _drain_watch() -> Iterator[None]:
 
     import ray
 
-    from orchestrator.gang import DRAIN_POLL_S, drain_notice
+    from orchestrator.worker.gang import DRAIN_POLL_S, drain_notice
     from trainer.engine.preemption import request
 
     node, stop = ray.get_runtime_context().get_node_id(), threading.Event()
@@ -202,8 +202,8 @@ def _tune_report(metrics: dict[str, Any], pointer: dict[str, Any] | None) -> Non
 
 
 def _run_ddp(task: dict[str, Any], attempt: int, start_from: Path | None) -> None:
-    """The trial runs its gang of workers (`orchestrator.gang`); rank 0's reports come back via a queue."""
-    from orchestrator.gang import run_gang
+    """The trial runs its gang of workers (`orchestrator.worker.gang`); rank 0's reports come back via a queue."""
+    from orchestrator.worker.gang import run_gang
 
     loop_config = {"task": task, "attempt": attempt, "start_from": str(start_from) if start_from else None}
     run_gang(task, _ddp_worker, loop_config, _tune_report)
@@ -292,6 +292,6 @@ def _file_log(path: Path) -> logging.Handler:
 
 def _next_attempt(path: Path) -> int:
     """One more than the attempts recorded (a preempted attempt has two rows)."""
-    from orchestrator.state import attempt_rows
+    from orchestrator.state.folder import attempt_rows
 
     return max((int(r["attempt"]) for r in attempt_rows(path) if "attempt" in r), default=0) + 1

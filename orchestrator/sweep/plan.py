@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.errors import SpecError
-from orchestrator.expand import Expansion, Trial
-from orchestrator.fit import nodes_of_shape, trials_at_once
-from orchestrator.fork import Trunk, trained_iters
-from orchestrator.spec import SweepSpec
+from orchestrator.sweep.expand import Expansion, Trial
+from orchestrator.sweep.fit import nodes_of_shape, trials_at_once
+from orchestrator.sweep.fork import Trunk, trained_iters
+from orchestrator.sweep.spec import SweepSpec
 from trainer.resize import resized_area
 from trainer.engine.schedule import resolve_schedule
 
@@ -103,7 +103,7 @@ def makespan_bound(exp: Expansion, gpus: int | None = None, node: tuple[int, flo
 
     Default cluster: enough GPUs for every task that can start at once (each trunk and unforked
     trial), where the critical path is the bound. `node` (GPUs, CPUs of one node): the cluster is
-    gpus/GPUs such nodes and the trials at once are `run`'s count (`orchestrator.fit`: CPUs too,
+    gpus/GPUs such nodes and the trials at once are `run`'s count (`orchestrator.sweep.fit`: CPUs too,
     the trial's own bundle included); without it, GPUs alone bound them.
     """
     rows, trunks = plan_rows(exp), trunk_rows(exp)
@@ -264,8 +264,8 @@ def show_task(exp: Expansion, which: str) -> str:
     is its name, id, or row number in the plan (`3`, `T0`)."""
     import yaml
 
-    from orchestrator.expand import backbone_file, bind_config
-    from orchestrator.state import sweep_dir_for
+    from orchestrator.sweep.expand import backbone_file, bind_config
+    from orchestrator.state.folder import sweep_dir_for
     from trainer.config import config_to_dict
 
     tasks: list[Trial | Trunk] = [*exp.trials, *exp.forks.trunks]

@@ -7,20 +7,20 @@ interrupted and errored ones continue from their own checkpoints. Tune pickles t
 stateless shim that forwards to whichever `SweepMonitor` this driver process registered.
 
 The trials are not a fixed grid: a `ForkSearcher` (equally a stateless shim, forwarding to this
-driver's `orchestrator.fork.ForkQueue`) hands Tune each task when it is ready (a branch as soon as
+driver's `orchestrator.sweep.fork.ForkQueue`) hands Tune each task when it is ready (a branch as soon as
 its trunk's fork checkpoint is on disk, while the trunk trains on) and when the cluster has room
 for it. Tune asks it at every step; the callback tells the queue, at every step, which tasks Tune
 already holds as trials (restored ones included), so a restarted driver releases nothing twice and
 loses nothing the killed one released. The queue hands out a task only while fewer trials than the
-cluster holds now run or wait (`orchestrator.capacity`: free resources of checked nodes, re-read as
+cluster holds now run or wait (`orchestrator.execution.capacity`: free resources of checked nodes, re-read as
 nodes join or leave; with an autoscaler, it also asks for the gangs that wait), so a freed gang goes
 to the queue's choice at that moment.
 
 A DDP trial's resources are its whole gang, one placement group (`trial_resources`; the gang itself
-runs in `orchestrator.gang`; the count is `orchestrator.fit`). `check_nodes` runs the shared-storage
-check (`orchestrator.storage`) as one task pinned to each alive node, or to each node that joins.
+runs in `orchestrator.worker.gang`; the count is `orchestrator.sweep.fit`). `check_nodes` runs the shared-storage
+check (`orchestrator.execution.storage`) as one task pinned to each alive node, or to each node that joins.
 
-A preempted attempt is no failure: it first reports event "preempted" (`orchestrator.trial_report`;
+A preempted attempt is no failure: it first reports event "preempted" (`orchestrator.worker.reporting`;
 Tune takes reports synchronously), on which the callback allows the trial one more failure, so its
 error reschedules it like a retry (newest checkpoint, same MLflow run) and `retry.max_failures` is
 spent on real failures only.
@@ -39,16 +39,16 @@ from ray import tune
 from ray.tune.search import Searcher
 
 from orchestrator.errors import ClusterError, OrchestratorError
-from orchestrator.fit import gang_bundles
-from orchestrator.monitor import K_EVENT
-from orchestrator.spec import Resources
-from orchestrator.trial_report import K_WARNINGS, PREEMPTED
+from orchestrator.sweep.fit import gang_bundles
+from orchestrator.views.monitor import K_EVENT
+from orchestrator.sweep.spec import Resources
+from orchestrator.worker.reporting import K_WARNINGS, PREEMPTED
 
 logger = logging.getLogger(__name__)
 
 _MONITOR: Any = None  # the SweepMonitor of this driver process (see module docstring)
 _QUEUE: Any = None  # the ForkQueue of this driver process, with schedule branches
-_LIMIT: Any = None  # this driver's view of the cluster (an orchestrator.capacity.Capacity)
+_LIMIT: Any = None  # this driver's view of the cluster (an orchestrator.execution.capacity.Capacity)
 
 
 def resolve_address(spec_address: str | None) -> str | None:
@@ -122,7 +122,7 @@ def alive_nodes() -> dict[str, dict[str, float]]:
 
 
 def trial_resources(res: Resources) -> Any:
-    """Tune's resource request of a trial: the whole gang as one placement group (see `orchestrator.gang`).
+    """Tune's resource request of a trial: the whole gang as one placement group (see `orchestrator.worker.gang`).
 
     Tune starts a trial only once its group is placed, and frees it when the trial ends, so a
     RUNNING trial holds all its GPUs and a trial waiting for them is PENDING.
@@ -138,7 +138,7 @@ def check_nodes(token_path: Path, token: str, paths: list[tuple[str, str]],
     node id -> (host, what it misses), for the nodes that miss something."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from orchestrator.storage import check_here
+    from orchestrator.execution.storage import check_here
 
     probe = ray.remote(_probe)
     refs = {n["NodeID"]: (n.get("NodeManagerHostname") or n.get("NodeManagerAddress", "?"), probe.options(
@@ -170,7 +170,7 @@ class PretrainJobs:
     """
 
     def __init__(self, jobs: list[tuple[str, dict[str, Any], Resources]], max_retries: int):
-        from orchestrator.trainable import run_pretrain_job
+        from orchestrator.worker.trainable import run_pretrain_job
 
         remote = ray.remote(run_pretrain_job)
         self.refs: dict[str, Any] = {}
@@ -215,12 +215,12 @@ def run_tune(sweep_dir: Path, tasks: list[dict[str, Any]], res: Resources, max_f
     `trainable` (default: `trainable.run_trial`) is what each trial runs; bench/cluster_sim.py
     passes a paced stand-in to measure the scheduling alone. `pretrain`: the sweep's pretrain jobs
     still running; the trials that need one of them are released once its backbone is on disk.
-    `capacity`: the driver's `orchestrator.capacity.Capacity` (default: every alive node counts,
+    `capacity`: the driver's `orchestrator.execution.capacity.Capacity` (default: every alive node counts,
     no autoscaler); `concurrent` is only the figure logged at start.
     """
-    from orchestrator.capacity import Capacity
-    from orchestrator.fork import ForkQueue
-    from orchestrator.trainable import run_trial
+    from orchestrator.execution.capacity import Capacity
+    from orchestrator.sweep.fork import ForkQueue
+    from orchestrator.worker.trainable import run_trial
 
     global _MONITOR, _QUEUE, _LIMIT
     _MONITOR = monitor
@@ -266,7 +266,7 @@ class ForkSearcher(Searcher):
     """Stateless (picklable) shim: Tune's "next trial?" -> this process's ForkQueue."""
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
-        from orchestrator.fork import FINISHED
+        from orchestrator.sweep.fork import FINISHED
 
         if _QUEUE is None:
             return None

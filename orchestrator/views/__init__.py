@@ -1,0 +1,1 @@
+"""What the terminal shows: the live table and progress lines (monitor, view) and `status` from disk."""
