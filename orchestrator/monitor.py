@@ -33,12 +33,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from orchestrator import state as st
+from orchestrator.task import K_EVENT, K_ITER, PREEMPTED
+from orchestrator.trial_report import recorded_divergence
 from orchestrator.view import render, total_line
 
 logger = logging.getLogger(__name__)
-
-# Keys a trial adds to every report (the rest are trainer metrics).
-K_ITER, K_TOTAL, K_ATTEMPT, K_EVENT, K_RUN = "trial/iteration", "trial/total", "trial/attempt", "trial/event", "trial/run_id"
 LOG_PERIOD = 60.0  # s between progress log lines when the table is not redrawn on a terminal
 
 
@@ -77,21 +76,21 @@ class SweepMonitor:
         self.trials: dict[str, dict[str, Any]] = {}
         self.branches: dict[str, list[tuple[str, int]]] = {}  # trunk -> [(branch, fork point)]
         for t in st.task_rows(record):
-            prev = old.get("trials", {}).get(t["trial_id"], {})
-            row = {"name": t["name"], "status": prev.get("status", st.PENDING), "total": t["total_iters"],
+            prev = old.get("trials", {}).get(t.trial_id, {})
+            row = {"name": t.name, "status": prev.get("status", st.PENDING), "total": t.total,
                    "iteration": prev.get("iteration", 0), "attempts": prev.get("attempts", 0)}
-            if t.get("role") == "trunk":
+            if t.role == "trunk":
                 row["role"] = "trunk"
-            if t.get("needs"):
-                row["needs"] = list(t["needs"])  # pretrain jobs it waits for (view.render)
-            if t.get("fork"):
-                self.branches.setdefault(t["fork"]["trunk_id"], []).append((t["trial_id"], int(t["fork"]["at"])))
-                row.update(role="branch", start=int(t["fork"]["at"]))
+            if t.needs:
+                row["needs"] = list(t.needs)  # pretrain jobs it waits for (view.render)
+            if t.fork:
+                self.branches.setdefault(t.fork.trunk_id, []).append((t.trial_id, t.fork.at))
+                row.update(role="branch", start=t.fork.at)
             row.update({k: prev[k] for k in ("bbox/AP", "segm/AP", "reason", "diverged", "preemptions",
                                              "preempted_at") if k in prev})
             if row["status"] == st.RUNNING:
                 row["status"] = st.PENDING  # its process died with the previous driver
-            self.trials[t["trial_id"]] = row
+            self.trials[t.trial_id] = row
         self._dirty_at = 0.0
         self._logged = 0.0
         self.save(force=True)
@@ -111,7 +110,7 @@ class SweepMonitor:
     def on_result(self, trial_id: str, result: dict[str, Any]) -> None:
         row = self.trials[trial_id]
         step = int(result.get(K_ITER, row.get("iteration", 0)))
-        if result.get(K_EVENT) == "preempted":
+        if result.get(K_EVENT) == PREEMPTED:
             self._preempted(trial_id, step)
             return
         now = time.monotonic()
@@ -159,7 +158,7 @@ class SweepMonitor:
             row.update(status=st.PENDING, rate=None, eta_s=None)
             self.save(force=True)
             return
-        diverged = st.recorded_divergence(st.trial_dir(self.sweep_dir, row["name"]))
+        diverged = recorded_divergence(st.trial_dir(self.sweep_dir, row["name"]))
         if diverged is not None:
             self._diverged(trial_id, diverged)
             return

@@ -24,17 +24,17 @@ def status_rows(sweep_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     alive = st.driver_alive(saved.get("driver", {}))
     rows = []
     for t in st.task_rows(record):
-        prev = saved.get("trials", {}).get(t["trial_id"], {})
-        trunk = t.get("role") == "trunk"
-        disk = st.disk_progress(sweep_dir, t["name"], trunk_stop=t["total_iters"] if trunk else None)
-        row: dict[str, Any] = {"name": t["name"], "total": t["total_iters"], "attempts": prev.get("attempts", 0),
+        prev = saved.get("trials", {}).get(t.trial_id, {})
+        trunk = t.role == "trunk"
+        disk = st.disk_progress(sweep_dir, t.name, trunk_stop=t.total if trunk else None)
+        row: dict[str, Any] = {"name": t.name, "total": t.total, "attempts": prev.get("attempts", 0),
                                "iteration": max(int(prev.get("iteration") or 0), int(disk.get("iteration") or 0))}
         if trunk:
             row["role"] = "trunk"
-        if t.get("needs"):
-            row["needs"] = list(t["needs"])  # pretrain jobs it waits for (view.render)
-        if t.get("fork"):
-            row.update(role="branch", start=int(t["fork"]["at"]))
+        if t.needs:
+            row["needs"] = list(t.needs)  # pretrain jobs it waits for (view.render)
+        if t.fork:
+            row.update(role="branch", start=t.fork.at)
         for key in ("bbox/AP", "segm/AP"):
             value = disk.get(key, prev.get(key))
             if value is not None:
@@ -42,7 +42,7 @@ def status_rows(sweep_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         row["status"] = _status(prev.get("status"), disk, alive, row["iteration"])
         if row["status"] == st.ERROR and prev.get("reason"):
             row["reason"] = prev["reason"]
-        preempted = st.preemptions(sweep_dir, t["name"])
+        preempted = st.preemptions(sweep_dir, t.name)
         if preempted:
             row.update(preemptions=len(preempted), preempted_at=int(preempted[-1]["preempted_at"]))
         if row["status"] == "RUNNING" and prev.get("eta_s") is not None:
@@ -61,7 +61,7 @@ def status_json(sweep_dir: Path) -> dict[str, Any]:
     """`status --json`: the sweep's identity, the driver's state and one dict per row (AP as fractions)."""
     record = st.read_record(sweep_dir) or {}
     saved, rows = status_rows(sweep_dir)
-    axes = {t["name"]: t.get("axes", {}) for t in st.task_rows(record)}
+    axes = {t.name: t.axes for t in st.task_rows(record)}
     for row in rows:
         if row["name"] in axes:
             row["axes"] = axes[row["name"]]

@@ -11,7 +11,6 @@ resumed from such a checkpoint runs the missing evaluation before its first step
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from typing import TYPE_CHECKING
@@ -19,8 +18,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from trainer import checkpoint as ckpt
-from trainer.atomic import write_atomic
 from trainer.errors import NonFiniteLossError
+from trainer.trial_dir import TrialDir
 
 if TYPE_CHECKING:
     from trainer.engine import Trainer
@@ -157,8 +156,7 @@ class FinalMetricsHook(Hook):
         final.update({f"seen/{k}": float(v) for k, v in st.counters.items()})
         final["iteration"] = float(st.iteration)
         safe = {k: (v if math.isfinite(v) else None) for k, v in final.items()}
-        path = trainer.output_dir / "final_metrics.json"
-        write_atomic(path, json.dumps(safe, indent=2, sort_keys=True))
+        TrialDir(trainer.output_dir).write_final(safe)
         trainer.final_metrics = final
 
 
