@@ -55,10 +55,7 @@ def _write_weights(source, dest) -> None:
     from trainer.checkpoint import load, save_atomic
 
     state = load(source)
-    slim = {"model": state["model"], "iteration": state["iteration"]}
-    if "config" in state:
-        slim["config"] = state["config"]
-    save_atomic(slim, dest)
+    save_atomic({k: state[k] for k in ("model", "iteration", "config") if k in state}, dest)
 
 
 def prune_trunk(trunk: TrialDir, branches: Sequence, policy: KeepCheckpoints) -> int:

@@ -29,6 +29,7 @@ from typing import Any
 from orchestrator.errors import SpecChangedError, SweepNotFoundError
 from orchestrator.expand import Expansion, flat_items
 from orchestrator.task import ERROR, FINISHED, PENDING, RUNNING, Branch, Fork, TaskPlan, read_plans  # noqa: F401
+from orchestrator.view import Row
 from trainer.atomic import write_atomic
 from trainer.schedule import resolve_schedule
 from trainer.trial_dir import ATTEMPTS, SEGMENTS, TRUNK_DONE, TrialDir
@@ -247,20 +248,25 @@ def disk_progress(sweep_dir: Path, name: str, trunk_stop: int | None = None) -> 
     return out
 
 
-def pretrain_row(sweep_dir: Path, name: str) -> dict[str, Any]:
+def pretrain_jobs(record: dict[str, Any]) -> list[str]:
+    """The names of the sweep's pretrain jobs (sweep.json's "pretrain" rows: name, job id)."""
+    return [str(job.get("name")) for job in record.get("pretrain", [])]
+
+
+def pretrain_row(sweep_dir: Path, name: str) -> Row:
     """A pretrain job as a table row, from its folder: progress.json (`trainer.pretrain`), done.json."""
     from orchestrator.expand import pretrain_dir
 
     folder = pretrain_dir(sweep_dir, name)
     progress = read_json(folder / "progress.json", {})
-    row: dict[str, Any] = {"name": f"pretrain:{name}", "role": "pretrain", "total": int(progress.get("total") or 0),
-                           "iteration": int(progress.get("iteration") or 0), "status": PENDING}
+    row = Row(name=f"pretrain:{name}", role="pretrain", total=int(progress.get("total") or 0),
+              iteration=int(progress.get("iteration") or 0), status=PENDING)
     if (folder / "done.json").exists():
-        row.update(status=FINISHED, iteration=row["total"])
+        row.status, row.iteration = FINISHED, row.total
     elif progress:
-        row["status"] = RUNNING
+        row.status = RUNNING
         if progress.get("rate"):
-            row["eta_s"] = (row["total"] - row["iteration"]) / progress["rate"]
+            row.eta_s = (row.total - row.iteration) / progress["rate"]
     return row
 
 
