@@ -112,12 +112,13 @@ def _make_trunk(members: list[tuple[Any, int]], index: int, job_ids: dict[str, s
     # hold the warmup, which the longest member's total does.
     tree["schedule"] = {**sched, "iters": longest, "drops": []}
     tree["checkpoint"]["at"] = sorted(set(tree["checkpoint"].get("at") or []) | set(forks.values()))
+    tree["runtime"]["output_dir"] = f"trials/{name}"  # not part of its identity (`config_identity`)
     cfg = build_config(tree, source=f"trunk {name}")  # the trunk's one validation in `expand`
     identity = config_identity(cfg)
     trunk_id = _digest({"trunk": identity, "pretrain": {n: job_ids[n] for n in first.needs}})[:10]
     if name in taken:
         name = f"{name}-{trunk_id[:6]}"
-    cfg = cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"output_dir": Path(f"trials/{name}")})})
+        cfg = cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"output_dir": Path(f"trials/{name}")})})
     axes = {a: v for a, v in first.axes.items() if a != "schedule"}
     return Trunk(index, trunk_id, name, axes, labels, cfg, stop, forks, first.init, tuple(first.needs))
 

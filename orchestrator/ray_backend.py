@@ -7,9 +7,9 @@ interrupted and errored ones continue from their own checkpoints. Tune pickles t
 stateless shim that forwards to whichever `SweepMonitor` this driver process registered.
 
 The trials are not a fixed grid: a `ForkSearcher` (equally a stateless shim, forwarding to this
-driver's `orchestrator.release.ReleaseQueue`) hands Tune each task (`Task.to_wire`) when it is ready (a branch as soon as
-its trunk's fork checkpoint is on disk, while the trunk trains on) and when the cluster has room
-for it. Tune asks it at every step; the callback tells the queue, at every step, which tasks Tune
+driver's `orchestrator.release.ReleaseQueue`) hands Tune each task (`Task.to_wire`) when it is
+ready (a branch as soon as its trunk's fork checkpoint is on disk, while the trunk trains on) and
+when the cluster has room for it. Tune asks it at every step; the callback tells the queue, at every step, which tasks Tune
 already holds as trials (restored ones included), so a restarted driver releases nothing twice and
 loses nothing the killed one released. The queue hands out a task only while fewer trials than the
 cluster holds now run or wait (`orchestrator.capacity`: free resources of checked nodes, re-read as

@@ -8,7 +8,9 @@ trials that do not need their backbone, while those that do wait in the queue), 
 run and one child run per trial, and the Tune run of the trials, longest first (it keeps the tail
 short), on the nodes alive now and those that join (`orchestrator.capacity`).
 With schedule forking the trunks run as tasks too (no MLflow run of their own), and each branch is
-released to Tune once its trunk's checkpoint at its fork point is on disk (`orchestrator.fork`).
+released to Tune once its trunk's checkpoint at its fork point is on disk (`orchestrator.release`).
+Each trial, trunk and branch becomes one `orchestrator.task.Task` here (`build_tasks`), its config
+bound and validated once (`bound_configs`); sweep.json holds their plans (`state.task_plans`).
 A SIGTERM to the driver (its own node preempted, a SLURM job's end, `kill`) stops it as Ctrl-C does
 (Tune saves its state and stops the trials), then it ends with `SweepInterrupted`: `resume` continues.
 """
@@ -210,7 +212,8 @@ def _open_tracking(p: Prepared, record: dict[str, Any],
     return tracker, _child_runs(tracker, p.exp, record, configs)
 
 
-def _child_runs(tracker: Any, exp: Expansion, record: dict[str, Any], configs: dict[str, TrainConfig]) -> dict[str, str]:
+def _child_runs(tracker: Any, exp: Expansion, record: dict[str, Any],
+                configs: dict[str, TrainConfig]) -> dict[str, str]:
     """The runs a resumed sweep has; the others are planned, made as their trials start (`MetricSync`)."""
     axes = {t.trial_id: t.axes for t in st.task_rows(record)}
     for trial in exp.trials:

@@ -53,7 +53,8 @@ def status_json(sweep_dir: Path) -> dict[str, Any]:
     """`status --json`: the sweep's identity, the driver's state and one dict per row (AP as fractions)."""
     record = st.read_record(sweep_dir) or {}
     saved, rows = status_rows(sweep_dir)
-    return {"name": record.get("name"), "spec_hash": record.get("spec_hash"), "code_version": record.get("code_version"),
+    return {"name": record.get("name"), "spec_hash": record.get("spec_hash"),
+            "code_version": record.get("code_version"),
             "sets": record.get("sets", []), "sweep_dir": str(sweep_dir), "driver": saved.get("driver", {}),
             "rows": [r.to_json() for r in rows]}
 

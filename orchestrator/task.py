@@ -153,7 +153,7 @@ def upgrade(row: dict[str, Any], names: dict[str, str] | None = None) -> dict[st
     needs = row.get("needs") or ()
     out.update(needs=list(needs.keys()) if isinstance(needs, dict) else list(needs))
     branches = row.get("branches") or (fork or {}).get("branches") or []
-    if isinstance(row.get("forks"), dict):
+    if isinstance(row.get("forks"), dict) and not branches:
         branches = [{"name": (names or {}).get(tid, tid), "at": at} for tid, at in row.get("forks").items()]
     out.update(branches=[b if isinstance(b, dict) else {"name": Path(b[0]).name, "at": b[1]} for b in branches])
     return out
