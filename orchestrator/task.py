@@ -23,7 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 from trainer.config import TrainConfig, build_config, config_to_dict
 from trainer.trial_dir import TrialDir
@@ -89,10 +89,12 @@ class Task(TaskPlan):
 
     @field_validator("config", mode="plain")
     @classmethod
-    def _config(cls, value: Any) -> TrainConfig:
+    def _config(cls, value: Any, info: ValidationInfo) -> TrainConfig:
         # Plain: an already validated config (the driver's) is kept as is; a dict (off the wire) is
         # validated once, by the trainer's own entry point.
-        return value if isinstance(value, TrainConfig) else build_config(value, source="task config")
+        if isinstance(value, TrainConfig):
+            return value
+        return build_config(value, source=f"task {info.data.get('name', '?')}")
 
     @property
     def folder(self) -> TrialDir:
