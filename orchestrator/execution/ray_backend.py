@@ -7,9 +7,9 @@ interrupted and errored ones continue from their own checkpoints. Tune pickles t
 stateless shim that forwards to whichever `SweepMonitor` this driver process registered.
 
 The trials are not a fixed grid: a `ForkSearcher` (equally a stateless shim, forwarding to this
-driver's `orchestrator.sweep.fork.ForkQueue`) hands Tune each task when it is ready (a branch as soon as
-its trunk's fork checkpoint is on disk, while the trunk trains on) and when the cluster has room
-for it. Tune asks it at every step; the callback tells the queue, at every step, which tasks Tune
+driver's `orchestrator.execution.release.ReleaseQueue`) hands Tune each task (`Task.to_wire`) when it is
+ready (a branch as soon as its trunk's fork checkpoint is on disk, while the trunk trains on) and
+when the cluster has room for it. Tune asks it at every step; the callback tells the queue, at every step, which tasks Tune
 already holds as trials (restored ones included), so a restarted driver releases nothing twice and
 loses nothing the killed one released. The queue hands out a task only while fewer trials than the
 cluster holds now run or wait (`orchestrator.execution.capacity`: free resources of checked nodes, re-read as
@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import Any, Collection
 
@@ -40,14 +41,17 @@ from ray.tune.search import Searcher
 
 from orchestrator.errors import ClusterError, OrchestratorError
 from orchestrator.sweep.fit import gang_bundles
-from orchestrator.views.monitor import K_EVENT
 from orchestrator.sweep.spec import Resources
-from orchestrator.worker.reporting import K_WARNINGS, PREEMPTED
+from orchestrator.worker.task import K_EVENT, K_WARNINGS, PREEMPTED, Task, wire_id, wire_name
+
+# Sweeps started before the orchestrator had rooms pickled Tune's searcher and callback (`ForkSearcher`,
+# `ForwardToMonitor`) under this module's old path; `resume` unpickles them through that name.
+sys.modules.setdefault("orchestrator.ray_backend", sys.modules[__name__])
 
 logger = logging.getLogger(__name__)
 
 _MONITOR: Any = None  # the SweepMonitor of this driver process (see module docstring)
-_QUEUE: Any = None  # the ForkQueue of this driver process, with schedule branches
+_QUEUE: Any = None  # the ReleaseQueue of this driver process
 _LIMIT: Any = None  # this driver's view of the cluster (an orchestrator.execution.capacity.Capacity)
 
 
@@ -204,22 +208,23 @@ class PretrainJobs:
 
 
 def _trial_name(trial) -> str:
-    return trial.config["trial"]["name"]
+    return wire_name(trial.config["trial"])
 
 
-def run_tune(sweep_dir: Path, tasks: list[dict[str, Any]], res: Resources, max_failures: int,
+def run_tune(sweep_dir: Path, tasks: list[Task], res: Resources, max_failures: int,
              concurrent: int, monitor: Any, trainable: Any = None, pretrain: PretrainJobs | None = None,
-             capacity: Any = None) -> None:
+             capacity: Any = None, job_done: Any = None) -> None:
     """Fan the trials out (or restore the sweep's experiment) and block until Tune is done.
 
     `trainable` (default: `trainable.run_trial`) is what each trial runs; bench/cluster_sim.py
     passes a paced stand-in to measure the scheduling alone. `pretrain`: the sweep's pretrain jobs
     still running; the trials that need one of them are released once its backbone is on disk.
     `capacity`: the driver's `orchestrator.execution.capacity.Capacity` (default: every alive node counts,
-    no autoscaler); `concurrent` is only the figure logged at start.
+    no autoscaler); `concurrent` is only the figure logged at start. `job_done(job)`: whether a
+    pretrain job's backbone is on disk (default: no pretrain jobs, always).
     """
     from orchestrator.execution.capacity import Capacity
-    from orchestrator.sweep.fork import ForkQueue
+    from orchestrator.execution.release import ReleaseQueue
     from orchestrator.worker.trainable import run_trial
 
     global _MONITOR, _QUEUE, _LIMIT
@@ -228,7 +233,7 @@ def run_tune(sweep_dir: Path, tasks: list[dict[str, Any]], res: Resources, max_f
     _LIMIT.pretrain = pretrain
     # Every task goes through the queue, forked or not: it releases a task when the cluster has room
     # for it now (nodes that join count at once) and when it is ready (a trunk's checkpoint, a backbone).
-    _QUEUE = ForkQueue(tasks)
+    _QUEUE = ReleaseQueue(tasks, job_done or (lambda job: True))
     _QUEUE.limit = _LIMIT.limit()
     trainable = tune.with_resources(trainable or run_trial, trial_resources(res))
     exp_dir = Path(sweep_dir) / "tune"
@@ -247,26 +252,29 @@ def _fit(exp_dir: Path, sweep_dir: Path, trainable: Any, max_failures: int) -> N
         # num_samples=-1: as many as the searcher hands out, until it says FINISHED. No
         # max_concurrent_trials: it would be fixed at start, and its ConcurrencyLimiter would persist
         # live-trial ids a killed driver can leave stale; the queue bounds the trials running or waiting
-        # itself (`ForkQueue.limit`, re-read from the cluster as nodes leave or join).
+        # itself (`ReleaseQueue.limit`, re-read from the cluster as nodes leave or join).
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(search_alg=ForkSearcher(), num_samples=-1, reuse_actors=True, **names),
             run_config=tune.RunConfig(
                 name="tune", storage_path=str(sweep_dir), verbose=0, callbacks=[ForwardToMonitor()],
                 failure_config=tune.FailureConfig(max_failures=max_failures),
-                # Keep every (tiny, pointer-only) Tune checkpoint: with num_to_keep the driver deletes
-                # older ones between its experiment-state snapshots, and a driver killed in between
-                # leaves a state that names a deleted checkpoint, which Tune then cannot restore.
+                # Trials report progress only, no Tune checkpoints (`orchestrator.worker.reporting`); an
+                # experiment of older code holds some: keep them all, as that code did (a driver killed
+                # between Tune's deletion and its state snapshot would leave a state naming a deleted one).
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=None)),
         )
     tuner.fit()
 
 
 class ForkSearcher(Searcher):
-    """Stateless (picklable) shim: Tune's "next trial?" -> this process's ForkQueue."""
+    """Stateless (picklable) shim: Tune's "next trial?" -> this process's ReleaseQueue.
+
+    Its name and module are pickled into the Tune experiment (tuner.pkl): an older sweep restores it by them.
+    """
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
-        from orchestrator.sweep.fork import FINISHED
+        from orchestrator.execution.release import FINISHED
 
         if _QUEUE is None:
             return None
@@ -276,7 +284,7 @@ class ForkSearcher(Searcher):
         task = _QUEUE.next()
         if task == FINISHED:
             return Searcher.FINISHED
-        return None if task is None else {"trial": task}
+        return None if task is None else {"trial": task.to_wire()}
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         pass  # the queue reads trial states from Tune's trial list (ForwardToMonitor.on_step_begin)
@@ -290,11 +298,11 @@ class ForkSearcher(Searcher):
 
 
 class ForwardToMonitor(tune.Callback):
-    """Stateless (picklable) shim: Tune events -> this process's SweepMonitor."""
+    """Stateless (picklable) shim: Tune events -> this process's SweepMonitor (pickled by name, as above)."""
 
     @staticmethod
     def _tid(trial) -> str:
-        return trial.config["trial"]["trial_id"]
+        return wire_id(trial.config["trial"])
 
     def on_trial_start(self, iteration, trials, trial, **info):
         if _MONITOR is not None:
@@ -334,7 +342,7 @@ def _refresh(trials: list | None) -> None:
     if _QUEUE is None or _LIMIT is None:
         return
     if trials is not None:
-        _QUEUE.sync((t.config["trial"]["trial_id"], t.status) for t in trials if "trial" in t.config)
+        _QUEUE.sync((wire_id(t.config["trial"]), t.status) for t in trials if "trial" in t.config)
     _QUEUE.limit = _LIMIT.limit()  # logs when the cluster changed
     if _LIMIT.pretrain is not None:
         _QUEUE.failed_jobs = set(_LIMIT.pretrain.failed)

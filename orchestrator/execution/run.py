@@ -8,7 +8,9 @@ trials that do not need their backbone, while those that do wait in the queue), 
 run and one child run per trial, and the Tune run of the trials, longest first (it keeps the tail
 short), on the nodes alive now and those that join (`orchestrator.execution.capacity`).
 With schedule forking the trunks run as tasks too (no MLflow run of their own), and each branch is
-released to Tune once its trunk's checkpoint at its fork point is on disk (`orchestrator.sweep.fork`).
+released to Tune once its trunk's checkpoint at its fork point is on disk (`orchestrator.execution.release`).
+Each trial, trunk and branch becomes one `orchestrator.worker.task.Task` here (`build_tasks`), its config
+bound and validated once (`bound_configs`); sweep.json holds their plans (`state.task_plans`).
 A SIGTERM to the driver (its own node preempted, a SLURM job's end, `kill`) stops it as Ctrl-C does
 (Tune saves its state and stops the trials), then it ends with `SweepInterrupted`: `resume` continues.
 """
@@ -31,16 +33,17 @@ from orchestrator.state.driver_log import sweep_log
 from orchestrator.errors import (DatasetMissingError, InputsMissingError, OrchestratorError, SweepInterrupted,
                                  SweepNotFoundError)
 from orchestrator.sweep.expand import Expansion, backbone_file, bind_config, bind_pretrain, expand, missing_weight_files
-from orchestrator.sweep.fork import Trunk, checkpoint_file, priorities
 from orchestrator.views.monitor import LiveView, SweepMonitor
+from orchestrator.execution.release import priorities
 from orchestrator.tracking.run_notes import sweep_note, sweep_params
 from orchestrator.sweep.spec import SweepSpec, load_spec
-from trainer.config import config_to_dict, flatten
+from orchestrator.worker.task import Task
 from orchestrator.views.view import duration
+from trainer.config import TrainConfig, config_to_dict, flatten
 
 logger = logging.getLogger(__name__)
-REPO_ROOT = Path(__file__).resolve().parents[2]
-FORWARD_PREFIX = "ORCHESTRATOR_"  # the driver's ORCHESTRATOR_* variables reach every trial (trial_report.PLUGINS_ENV)
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FORWARD_PREFIX = "ORCHESTRATOR_"  # the driver's ORCHESTRATOR_* variables reach every trial (plugins' settings)
 
 
 @dataclass
@@ -135,9 +138,9 @@ def run(spec_path: Path, *, storage: Path | None = None, must_exist: bool = Fals
     # for the backbone); MLflow's runs are made meanwhile: a fresh store's migrations and one child
     # run (with all its params) per trial take seconds to a minute on a big grid.
     jobs = _start_pretrain(exp, sweep_dir, spec.retry.max_failures)
-    tracker, run_ids = _open_tracking(p, record)
-    backbones = {j.name: backbone_file(sweep_dir, j.name) for j in exp.pretrain}
-    tasks = _tasks(exp, sweep_dir, backbones, run_ids)
+    configs = bound_configs(exp, sweep_dir)  # each task's config, validated here once
+    tracker, run_ids = _open_tracking(p, record, configs)
+    tasks = build_tasks(exp, configs, run_ids)
     sync = MetricSync(tracker, sweep_dir, record, run_ids, period=spec.tracking.metric_period).start()
     monitor = SweepMonitor(sweep_dir, record, sync, view=LiveView(enabled=view))
     capacity = Capacity(spec.resources, checked, check, jobs, auto, concurrent)
@@ -147,7 +150,7 @@ def run(spec_path: Path, *, storage: Path | None = None, must_exist: bool = Fals
     try:
         with sweep_log(sweep_dir), _sigterm_as_ctrl_c() as stopped:  # Ray/Tune: full text in SWEEP/driver.log
             rb.run_tune(sweep_dir, tasks, spec.resources, spec.retry.max_failures, concurrent, monitor,
-                        pretrain=jobs, capacity=capacity)
+                        pretrain=jobs, capacity=capacity, job_done=lambda job: _done_marker(sweep_dir, job).exists())
             if stopped:
                 raise SweepInterrupted(stopped[0])
             failed = jobs.wait() if jobs is not None else {}
@@ -158,8 +161,8 @@ def run(spec_path: Path, *, storage: Path | None = None, must_exist: bool = Fals
     for name, why in failed.items():
         logger.error("pretrain job %s failed: %s; the trials on its backbone could not run", name, why)
     logger.info("sweep %s %s in %s; %d iterations trained (plan: %d)", spec.name, status.lower(),
-                duration(time.time() - t0), st.trained_iterations(sweep_dir, [t["name"] for t in tasks]),
-                sum(t["total"] - (t.get("fork") or {}).get("at", 0) for t in tasks))
+                duration(time.time() - t0), st.trained_iterations(sweep_dir, [t.name for t in tasks]),
+                sum(t.trained for t in tasks))
     return 0 if status == "FINISHED" else 1
 
 
@@ -198,22 +201,23 @@ def _check_storage(exp: Expansion, sweep_dir: Path) -> tuple[set[str], Any]:
     return alive, lambda nodes: rb.check_nodes(token_path, token, paths, nodes)
 
 
-def _open_tracking(p: Prepared, record: dict[str, Any]) -> tuple[Any, dict[str, str]]:
+def _open_tracking(p: Prepared, record: dict[str, Any],
+                   configs: dict[str, TrainConfig]) -> tuple[Any, dict[str, str]]:
     """The sweep's parent run and the trials' runs it has already; the others are made as trials start."""
     from orchestrator.tracking.mlflow_runs import SweepTracker
 
     tracker = SweepTracker(p.tracking_uri, p.spec.name, p.exp.spec_hash, record["code_version"],
                            source="python -m orchestrator run")
     tracker.open_parent(p.spec_text, sweep_params(record), sweep_note(record))
-    return tracker, _child_runs(tracker, p.exp, p.sweep_dir, record)
+    return tracker, _child_runs(tracker, p.exp, record, configs)
 
 
-def _child_runs(tracker: Any, exp: Expansion, sweep_dir: Path, record: dict[str, Any]) -> dict[str, str]:
+def _child_runs(tracker: Any, exp: Expansion, record: dict[str, Any],
+                configs: dict[str, TrainConfig]) -> dict[str, str]:
     """The runs a resumed sweep has; the others are planned, made as their trials start (`MetricSync`)."""
-    axes = {t["trial_id"]: t["axes"] for t in record["trials"]}
+    axes = {t.trial_id: t.axes for t in st.task_rows(record)}
     for trial in exp.trials:
-        cfg = bind_config(trial, sweep_dir, {j.name: backbone_file(sweep_dir, j.name) for j in exp.pretrain})
-        params = flatten(config_to_dict(cfg))
+        params = flatten(config_to_dict(configs[trial.trial_id]))
         tags = None
         if trial.trial_id in exp.forks.branches:  # the trunk its curve comes from up to the fork point
             trunk_id, at = exp.forks.branches[trial.trial_id]
@@ -236,37 +240,20 @@ def _done_marker(sweep_dir: Path, job: str) -> Path:
     return backbone_file(sweep_dir, job).parent / "done.json"
 
 
-def _tasks(exp: Expansion, sweep_dir: Path, backbones: dict[str, Path],
-           run_ids: dict[str, str]) -> list[dict[str, Any]]:
+def bound_configs(exp: Expansion, sweep_dir: Path) -> dict[str, TrainConfig]:
+    """Task id -> its launch config (`expand.bind_config`): the one validation per task after `expand`."""
+    backbones = {j.name: backbone_file(sweep_dir, j.name) for j in exp.pretrain}
+    return {t.trial_id: bind_config(t, sweep_dir, backbones) for t in [*exp.trials, *exp.forks.trunks]}
+
+
+def build_tasks(exp: Expansion, configs: dict[str, TrainConfig], run_ids: dict[str, str]) -> list[Task]:
+    """The sweep's tasks, longest critical path first (the last to start are short, so the sweep ends sooner)."""
     res = exp.spec.resources
-    tasks = []
-    outputs = {t.trial_id: str(bind_config(t, sweep_dir, backbones).runtime.output_dir) for t in exp.trials}
-    branches_of = {tr.trunk_id: [[outputs[b], at] for b, at in tr.forks.items()] for tr in exp.forks.trunks}
-    for trial in [*exp.trials, *exp.forks.trunks]:
-        cfg = bind_config(trial, sweep_dir, backbones)
-        task = {"trial_id": trial.trial_id, "name": trial.name, "config": config_to_dict(cfg),
-                "run_id": run_ids.get(trial.trial_id, ""), "workers": res.workers,
-                "cpus_per_worker": res.cpus_per_worker, "gpus_per_worker": res.gpus_per_worker,
-                "total": _total(cfg), "role": "trial",
-                "keep_checkpoints": exp.spec.keep_checkpoints,
-                "needs": {job: str(_done_marker(sweep_dir, job)) for job in trial.needs}}
-        if trial.trial_id in exp.forks.branches:
-            trunk_id, at = exp.forks.branches[trial.trial_id]
-            trunk = exp.forks.trunk(trunk_id)
-            source = checkpoint_file(st.trial_dir(sweep_dir, trunk.name), at)
-            task.update(role="branch", fork={"trunk_id": trunk_id, "trunk": trunk.name, "at": at, "checkpoint": str(source),
-                                             "branches": branches_of[trunk_id]})
-        elif isinstance(trial, Trunk):
-            task.update(role="trunk", stop_after=trial.stop, total=trial.stop, branches=branches_of[trial.trunk_id])
-        tasks.append(task)
-    # Longest (critical path) first: the last tasks to start are the short ones, so the sweep ends sooner.
+    tasks = [Task(**dict(plan), config=configs[plan.trial_id], run_id=run_ids.get(plan.trial_id, ""),
+                  workers=res.workers, cpus_per_worker=res.cpus_per_worker, gpus_per_worker=res.gpus_per_worker,
+                  keep_checkpoints=exp.spec.keep_checkpoints)
+             for plan in st.task_plans(exp)]
     prio = priorities(tasks)
-    return sorted(tasks, key=lambda t: -prio[t["trial_id"]])
-
-
-def _total(cfg) -> int:
-    from trainer.engine.schedule import resolve_schedule
-
-    return resolve_schedule(cfg.schedule).total_iters
+    return sorted(tasks, key=lambda t: -prio[t.trial_id])
 
 

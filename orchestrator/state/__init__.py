@@ -1,2 +1,1 @@
-"""A sweep's folder on disk: its identity, stored spec and trials' progress, what finished trials keep, the
-driver's log file."""
+"""A sweep's folder on disk (driver side): its identity, stored spec and trials' progress, the driver's log file."""

@@ -1,14 +1,13 @@
 """A sweep's folder on the storage path: its identity, its stored spec and its trials' progress.
 
-Pure (no Ray, no MLflow): `status` reads everything here without a cluster. Layout:
+Driver side; pure (no Ray, no MLflow): `status` reads everything here without a cluster. Layout:
 
-    STORAGE/NAME/sweep.json       identity: name, spec hash, code version, trials (id, name, axes)
+    STORAGE/NAME/sweep.json       identity: name, spec hash, code version, its tasks' plans
+                                  (`orchestrator.worker.task.TaskPlan`: trials, then trunks)
     STORAGE/NAME/spec.yaml        the spec file as given when the sweep was created
     STORAGE/NAME/identity.json    each trial's defining config, to say what changed on a refusal
     STORAGE/NAME/state.json       live view of the driver: per-trial status, iteration, AP, attempts
-    STORAGE/NAME/trials/TRIAL/    the trainer's output folder (config.yaml, metrics.jsonl, checkpoints/);
-                                  a trunk's too (schedule forking), a branch's fork.json, and
-                                  diverged.json once a trial's loss went non-finite
+    STORAGE/NAME/trials/TRIAL/    a task's folder: its files are `trainer.trial_dir.TrialDir`'s
     STORAGE/NAME/pretrain/JOB/    a pretrain job's output (backbone.pt) and its done.json
     STORAGE/NAME/tune/            Ray Tune's experiment folder (what `run` restores from)
 
@@ -29,14 +28,14 @@ from typing import Any
 
 from orchestrator.errors import SpecChangedError, SweepNotFoundError
 from orchestrator.sweep.expand import Expansion, flat_items
-from orchestrator.sweep.fork import checkpoint_file
+from orchestrator.worker.task import ERROR, FINISHED, PENDING, RUNNING, Branch, Fork, TaskPlan, read_plans  # noqa: F401
+from orchestrator.views.view import Row
 from trainer.atomic import write_atomic
 from trainer.engine.schedule import resolve_schedule
+from trainer.trial_dir import ATTEMPTS, SEGMENTS, TRUNK_DONE, TrialDir
 
 RECORD = "sweep.json"
 STATE = "state.json"
-DIVERGED = "diverged.json"  # in a trial's folder: the iteration and loss it diverged at
-FINISHED, RUNNING, PENDING, ERROR = "FINISHED", "RUNNING", "PENDING", "ERROR"
 
 
 def sweep_dir_for(storage_path: Path, name: str) -> Path:
@@ -55,39 +54,35 @@ def write_json(path: Path, data: Any) -> None:
     write_atomic(path, json.dumps(data, indent=1, sort_keys=True, default=str))
 
 
-def record_divergence(folder: Path, error: Any) -> None:
-    """Called in the trial (a NonFiniteLossError): the reason the driver shows, and a bar to retries."""
-    data = {"iteration": int(error.iteration), "loss": str(error.loss), "message": str(error), "time": time.time()}
-    write_json(Path(folder) / DIVERGED, data)
-
-
-def recorded_divergence(folder: Path) -> Any | None:
-    """The NonFiniteLossError recorded in a trial folder, or None."""
-    from trainer.errors import NonFiniteLossError
-
-    data = read_json(Path(folder) / DIVERGED)
-    return NonFiniteLossError(int(data["iteration"]), float(data["loss"])) if data else None
-
-
 # ----------------------------------------------------------------------------------------------
 # Identity
 
 
-def make_record(exp: Expansion, spec_text: str, code_version: str) -> dict[str, Any]:
-    trials = []
+def task_plans(exp: Expansion) -> list[TaskPlan]:
+    """The plans of the expansion's tasks: its trials, then its trunks (what sweep.json stores)."""
+    trunks = {k.trunk_id: k for k in exp.forks.trunks}
+    names = {t.trial_id: t.name for t in exp.trials}
+    branches = {tid: tuple(Branch(name=names[b], at=at) for b, at in k.forks.items()) for tid, k in trunks.items()}
+    plans = []
     for t in exp.trials:
-        sched = resolve_schedule(t.config.schedule)
-        row = {"trial_id": t.trial_id, "name": t.name, "index": t.index, "axes": _axes_labels(t),
-               "total_iters": sched.total_iters, "needs": list(t.needs)}
+        plan = {"trial_id": t.trial_id, "name": t.name, "index": t.index, "axes": _axes_labels(t),
+                "total": resolve_schedule(t.config.schedule).total_iters, "needs": t.needs}
         if t.trial_id in exp.forks.branches:
             trunk_id, at = exp.forks.branches[t.trial_id]
-            row["fork"] = {"trunk_id": trunk_id, "trunk": exp.forks.trunk(trunk_id).name, "at": at}
-        trials.append(row)
-    trunks = [{"trial_id": k.trunk_id, "name": k.name, "index": k.index, "role": "trunk",
-               "axes": {**_axes_labels(k), "schedule": "trunk"}, "total_iters": k.stop, "needs": list(k.needs),
-               "forks": dict(k.forks)} for k in exp.forks.trunks]
+            plan.update(role="branch", fork=Fork(trunk_id=trunk_id, trunk=trunks[trunk_id].name, at=at),
+                        branches=branches[trunk_id])
+        plans.append(TaskPlan(**plan))
+    plans += [TaskPlan(trial_id=k.trunk_id, name=k.name, role="trunk", index=k.index, total=k.stop, needs=k.needs,
+                       axes={**_axes_labels(k), "schedule": "trunk"}, branches=branches[k.trunk_id])
+              for k in exp.forks.trunks]
+    return plans
+
+
+def make_record(exp: Expansion, spec_text: str, code_version: str) -> dict[str, Any]:
+    plans = [p.model_dump(mode="json") for p in task_plans(exp)]
     return {"name": exp.spec.name, "spec_hash": exp.spec_hash, "code_version": code_version,
-            "created": time.time(), "cwd": os.getcwd(), "trials": trials, "trunks": trunks,
+            "created": time.time(), "cwd": os.getcwd(), "trials": plans[:len(exp.trials)],
+            "trunks": plans[len(exp.trials):],
             "pretrain": [{"name": j.name, "job_id": j.job_id} for j in exp.pretrain],
             "spec_text": spec_text}
 
@@ -177,94 +172,55 @@ def find_sweep_dir(target: str | Path) -> Path:
 # Progress
 
 
-def trial_dir(sweep_dir: Path, name: str) -> Path:
-    return Path(sweep_dir) / "trials" / name
+def trial_dir(sweep_dir: Path, name: str) -> TrialDir:
+    return TrialDir.in_sweep(sweep_dir, name)
 
 
-def task_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
-    """What runs: the record's trials, then its trunks (schedule forking; none in older records)."""
-    return list(record["trials"]) + list(record.get("trunks", []))
+def task_rows(record: dict[str, Any]) -> list[TaskPlan]:
+    """What runs: the record's trials, then its trunks (any version's rows, `orchestrator.worker.task.upgrade`)."""
+    return read_plans(record)
 
 
 def trunk_done(sweep_dir: Path, name: str, stop: int) -> bool:
     """A trunk is done once its checkpoint at its last fork point is on disk (or it was, and was pruned)."""
     folder = trial_dir(sweep_dir, name)
-    return (folder / "trunk_done.json").exists() or checkpoint_file(folder, stop).exists()
+    return folder.has_marker(TRUNK_DONE) or folder.has_checkpoint(stop)
 
 
 def metric_rows(sweep_dir: Path, name: str, upto: int | None = None) -> list[tuple[int, dict[str, float]]]:
     """(step, metrics) of a trial's metrics.jsonl, up to a step; a torn last line is skipped."""
-    out = []
-    try:
-        text = (trial_dir(sweep_dir, name) / "metrics.jsonl").read_text()
-    except FileNotFoundError:
-        return out
-    for line in text.splitlines():
-        try:
-            row = json.loads(line)
-            step = int(row.pop("step"))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            continue
-        if upto is None or step <= upto:
-            out.append((step, row))
-    return out
+    return trial_dir(sweep_dir, name).metric_rows(upto)
 
 
 def trained_iterations(sweep_dir: Path, names: list[str]) -> int:
-    """Iterations the tasks' processes trained: each attempt's segments.jsonl row (start, end).
+    """Iterations the tasks' processes trained: each attempt's segments row (start, end).
 
     An attempt killed outright (SIGKILL, a lost node) never writes its row; its work counts from
-    where it started (attempts.jsonl) to where it got: the next attempt's start (it resumes from the
+    where it started (its attempts row) to where it got: the next attempt's start (it resumes from the
     killed one's newest checkpoint), or, for the last attempt, the largest step of its checkpoints
     and metric rows.
     """
     total = 0
     for name in names:
         folder = trial_dir(sweep_dir, name)
-        ended = {int(row["attempt"]): row for row in _lines(folder / "segments.jsonl") if "attempt" in row}
-        started = [row for row in _lines(folder / "attempts.jsonl") if "start_iter" in row and "attempt" in row]
+        ended = {int(row["attempt"]): row for row in folder.rows(SEGMENTS) if "attempt" in row}
+        started = [row for row in folder.rows(ATTEMPTS) if "start_iter" in row and "attempt" in row]
         for i, row in enumerate(started):
             seg = ended.pop(int(row["attempt"]), None)
             if seg is not None:
                 total += max(int(seg.get("end", 0)) - int(seg.get("start", 0)), 0)
                 continue
             start = int(row["start_iter"])
-            end = int(started[i + 1]["start_iter"]) if i + 1 < len(started) else _reached(folder)
+            end = int(started[i + 1]["start_iter"]) if i + 1 < len(started) else folder.reached()
             total += max(end - start, 0)
-        for seg in ended.values():  # a segment row without its attempts.jsonl row (older sweeps)
+        for seg in ended.values():  # a segment row without its attempts row (older sweeps)
             total += max(int(seg.get("end", 0)) - int(seg.get("start", 0)), 0)
     return total
 
 
-def _reached(folder: Path) -> int:
-    """The largest step a trial folder shows: its newest checkpoint or its last metric row."""
-    steps = [int(p.name[5:-3]) for p in (folder / "checkpoints").glob("ckpt_*.pt") if p.name[5:-3].isdigit()]
-    steps += [int(row["step"]) for row in _lines(folder / "metrics.jsonl") if "step" in row]
-    return max(steps, default=0)
-
-
-def attempt_rows(path: Path) -> list[dict[str, Any]]:
-    """The rows of a JSON-lines record (attempts.jsonl, segments.jsonl); a torn line is skipped."""
-    return _lines(path)
-
-
 def preemptions(sweep_dir: Path, name: str) -> list[dict[str, Any]]:
     """A trial's attempts that stopped on a preemption notice: {"attempt", "preempted_at", "reason", ...}."""
-    return [r for r in _lines(trial_dir(sweep_dir, name) / "attempts.jsonl") if "preempted_at" in r]
-
-
-def _lines(path: Path) -> list[dict[str, Any]]:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return []
-    out = []
-    for line in text.splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
+    return [r for r in trial_dir(sweep_dir, name).rows(ATTEMPTS) if "preempted_at" in r]
 
 
 def read_state(sweep_dir: Path) -> dict[str, Any]:
@@ -277,41 +233,40 @@ def disk_progress(sweep_dir: Path, name: str, trunk_stop: int | None = None) -> 
     out: dict[str, Any] = {}
     if trunk_stop is not None and trunk_done(sweep_dir, name, trunk_stop):
         return {"finished": True, "iteration": trunk_stop}
-    final = read_json(folder / "final_metrics.json")
+    final = folder.final()
     if final is not None:
         out["finished"] = True
         out.update({k: final.get(k) for k in ("bbox/AP", "segm/AP")})
         out["iteration"] = int(final.get("iteration") or 0)
         return out
     last_step, aps = 0, {}
-    path = folder / "metrics.jsonl"
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            last_step = max(last_step, int(row.get("step", 0)))
-            aps.update({k: row[k] for k in ("bbox/AP", "segm/AP") if k in row})
+    for step, row in folder.metric_rows():
+        last_step = max(last_step, step)
+        aps.update({k: row[k] for k in ("bbox/AP", "segm/AP") if k in row})
     out.update(aps)
     out["iteration"] = last_step
     return out
 
 
-def pretrain_row(sweep_dir: Path, name: str) -> dict[str, Any]:
-    """A pretrain job as a table row, from its folder: progress.json (`trainer.pretrain`), done.json."""
+def pretrain_jobs(record: dict[str, Any]) -> list[str]:
+    """The names of the sweep's pretrain jobs (sweep.json's "pretrain" rows: name, job id)."""
+    return [str(job.get("name")) for job in record.get("pretrain", [])]
+
+
+def pretrain_row(sweep_dir: Path, name: str) -> Row:
+    """A pretrain job as a table row, from its folder: progress.json (`trainer.pretrain.train`), done.json."""
     from orchestrator.sweep.expand import pretrain_dir
 
     folder = pretrain_dir(sweep_dir, name)
     progress = read_json(folder / "progress.json", {})
-    row: dict[str, Any] = {"name": f"pretrain:{name}", "role": "pretrain", "total": int(progress.get("total") or 0),
-                           "iteration": int(progress.get("iteration") or 0), "status": PENDING}
+    row = Row(name=f"pretrain:{name}", role="pretrain", total=int(progress.get("total") or 0),
+              iteration=int(progress.get("iteration") or 0), status=PENDING)
     if (folder / "done.json").exists():
-        row.update(status=FINISHED, iteration=row["total"])
+        row.status, row.iteration = FINISHED, row.total
     elif progress:
-        row["status"] = RUNNING
+        row.status = RUNNING
         if progress.get("rate"):
-            row["eta_s"] = (row["total"] - row["iteration"]) / progress["rate"]
+            row.eta_s = (row.total - row.iteration) / progress["rate"]
     return row
 
 

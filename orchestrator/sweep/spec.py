@@ -22,7 +22,7 @@ Ray, no MLflow, no torch. A spec looks like
     storage_path: runs
     retry: {max_failures: 2}
     fork_schedules: null     # default: on when the grid has a schedule axis (see orchestrator/sweep/fork.py)
-    keep_checkpoints: final  # what a finished trial keeps: all | final | weights | none (orchestrator/state/retention.py)
+    keep_checkpoints: final  # what a finished trial keeps: all | final | weights | none (orchestrator/worker/retention.py)
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from typing import Any, Literal, Sequence, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from orchestrator.errors import SpecError
-from orchestrator.state.retention import KeepCheckpoints
+from orchestrator.worker.retention import KeepCheckpoints
 from trainer.config import ModelConfig, TrainConfig, check_layout_pairs, flatten, format_validation_error
 
 logger = logging.getLogger(__name__)

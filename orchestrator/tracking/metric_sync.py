@@ -21,55 +21,19 @@ never waits on it.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import orchestrator.state.folder as st
+from orchestrator.worker.task import read_plans
+from trainer.trial_dir import TrialDir
 
 logger = logging.getLogger(__name__)
 
 PERIODIC = ("train/", "seen/")  # logged every `period` iterations; everything else at every row
 SETTLE_S = 120.0  # how long `close` keeps trying to catch up (a server restart takes a while)
-
-
-class _Tail:
-    """New complete rows of one metrics.jsonl since the last committed read (a replaced file: from the top)."""
-
-    def __init__(self, path: Path, upto: int | None):
-        self.path, self.upto = path, upto
-        self.inode, self.offset = None, 0
-        self._next: tuple[Any, int] | None = None
-
-    def read(self) -> list[tuple[int, dict[str, Any]]]:
-        try:
-            with open(self.path, "rb") as fh:
-                inode = os.fstat(fh.fileno()).st_ino
-                start = self.offset if inode == self.inode else 0  # resume rewrites the file (trainer.engine.reporters)
-                fh.seek(start)
-                data = fh.read()
-        except FileNotFoundError:
-            return []
-        end = data.rfind(b"\n") + 1  # a torn last line waits for the next pass
-        self._next = (inode, start + end)
-        rows = []
-        for line in data[:end].splitlines():
-            try:
-                row = json.loads(line)
-                step = int(row.pop("step"))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                continue
-            if self.upto is None or step <= self.upto:
-                rows.append((step, row))
-        return rows
-
-    def commit(self) -> None:
-        if self._next is not None:
-            self.inode, self.offset = self._next
 
 
 class MetricSync:
@@ -79,16 +43,16 @@ class MetricSync:
                  period: int = 100, interval: float = 1.0, max_wait: float = 15.0):
         self.tracker, self.sweep_dir, self.run_ids = tracker, Path(sweep_dir), run_ids
         self.period, self.interval, self.max_wait = max(int(period), 1), interval, max_wait
-        tasks = {t["trial_id"]: t for t in st.task_rows(record)}
-        self.names = {tid: t["name"] for tid, t in tasks.items()}
-        self.totals = {tid: int(t["total_iters"]) for tid, t in tasks.items()}
-        self.tails: dict[str, list[_Tail]] = {}
+        tasks = {t.trial_id: t for t in read_plans(record)}
+        self.names = {tid: t.name for tid, t in tasks.items()}
+        self.totals = {tid: t.total for tid, t in tasks.items()}
+        self.tails: dict[str, list[Any]] = {}  # trial id -> its `trainer.trial_dir.MetricTail`s
         for tid in [*run_ids, *(t for t in tracker.planned if t not in run_ids)]:
             sources = []
-            fork = tasks[tid].get("fork")
+            fork = tasks[tid].fork
             if fork:  # the trunk's part first: its rows up to the fork point
-                sources.append(_Tail(self._file(self.names[fork["trunk_id"]]), int(fork["at"])))
-            sources.append(_Tail(self._file(self.names[tid]), None))
+                sources.append(self._folder(fork.trunk).tail(fork.at))
+            sources.append(self._folder(self.names[tid]).tail())
             self.tails[tid] = sources
         self.sent = 0
         self._posts: dict[str, dict[str, Any]] = {}  # trial id -> status/tags/artifacts still to send
@@ -97,8 +61,8 @@ class MetricSync:
         self._failing = False
         self._thread: threading.Thread | None = None
 
-    def _file(self, name: str) -> Path:
-        return st.trial_dir(self.sweep_dir, name) / "metrics.jsonl"
+    def _folder(self, name: str) -> TrialDir:
+        return TrialDir.in_sweep(self.sweep_dir, name)
 
     # -- what the monitor asks for ---------------------------------------------------------------
     def post(self, trial_id: str, status: str | None = None, tags: dict[str, str] | None = None,
@@ -203,9 +167,9 @@ class MetricSync:
     def _send(self, trial_id: str, post: dict[str, Any]) -> None:
         run_id = self.run_ids[trial_id]
         if post["artifacts"]:
-            folder = st.trial_dir(self.sweep_dir, self.names[trial_id])
-            self.tracker.log_artifacts(run_id, [folder / "config.yaml", folder / "final_metrics.json"])
-            self.tracker.log_final(self.names[trial_id], st.read_json(folder / "final_metrics.json", {}))
+            folder = self._folder(self.names[trial_id])
+            self.tracker.log_artifacts(run_id, [folder.config_file(), folder.final_file()])
+            self.tracker.log_final(self.names[trial_id], folder.final() or {})
             post["artifacts"] = False
         for key, value in list(post["tags"].items()):
             self.tracker.client.set_tag(run_id, key, value)

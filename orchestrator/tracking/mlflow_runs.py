@@ -155,7 +155,7 @@ class SweepTracker:
             runs.extend(page)
             token = page.token
             if not token:
-                return {r.data.tags["trial_id"]: r.info.run_id for r in runs if r.data.tags.get("trial_id")}
+                return {tid: r.info.run_id for r in runs if (tid := r.data.tags.get("trial_id"))}
 
     @property
     def planned(self) -> list[str]:
@@ -199,8 +199,7 @@ class SweepTracker:
     def _log_dataset(self, run_id: str, data: Mapping[str, str]) -> None:
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
-        dataset = Dataset(data["name"], data["digest"], "local", json.dumps({"uri": data["source"]}),
-                          profile=data["profile"])
+        dataset = Dataset(**{**data, "source_type": "local", "source": json.dumps({"uri": data["source"]})})
         self.client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "train")])])
 
     def log_final(self, trial_name: str, final: Mapping[str, Any]) -> None:

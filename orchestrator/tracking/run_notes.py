@@ -15,20 +15,22 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
+from orchestrator.worker.task import read_plans
+
 FINAL_KEYS = ("bbox/AP", "segm/AP", "keypoints/AP", "voc/mAP")  # the summary metrics a trial can have
 
 
 def sweep_params(record: Mapping[str, Any]) -> dict[str, str]:
     """The sweep's identity and shape: spec hash, each axis's values, how many trials, trunks, jobs; --sets."""
-    trials = record["trials"]
+    trials = _trials(record)
     axes: dict[str, list[str]] = {}
     for t in trials:
-        for axis, label in t["axes"].items():
+        for axis, label in t.axes.items():
             if label not in axes.setdefault(axis, []):
                 axes[axis].append(label)
     params = {"spec_hash": record["spec_hash"], "trials": str(len(trials)),
               "trunks": str(len(record.get("trunks", []))), "pretrain_jobs": str(len(record.get("pretrain", []))),
-              "iterations": str(sum(int(t["total_iters"]) for t in trials))}
+              "iterations": str(sum(t.total for t in trials))}
     params.update({f"axis.{a}": ", ".join(values) for a, values in axes.items()})
     if record.get("sets"):  # the command line's --set overrides, part of the sweep as much as its spec
         params["set"] = "; ".join(record["sets"])
@@ -37,8 +39,8 @@ def sweep_params(record: Mapping[str, Any]) -> dict[str, str]:
 
 def sweep_note(record: Mapping[str, Any]) -> str:
     """The parent run's description (Markdown): what the sweep is and how its runs are named."""
-    trials = record["trials"]
-    varied = [a for a in trials[0]["axes"] if len({t["axes"][a] for t in trials}) > 1] if trials else []
+    trials = _trials(record)
+    varied = [a for a in trials[0].axes if len({t.axes[a] for t in trials}) > 1] if trials else []
     lines = [f"Sweep **{record['name']}** (spec hash `{record['spec_hash'][:12]}`): {len(trials)} trials of "
              f"Mask R-CNN, varying {', '.join(varied) or 'nothing'}.",
              "",
@@ -46,6 +48,11 @@ def sweep_note(record: Mapping[str, Any]) -> str:
              "its final box / mask AP is also this run's metric `final/<trial>/bbox_AP` (`segm_AP`).",
              "The paper's claims are judged by `python -m orchestrator report` (added below when run)."]
     return "\n".join(lines)
+
+
+def _trials(record: Mapping[str, Any]) -> list[Any]:
+    """The record's trials (no trunks), as `orchestrator.worker.task.TaskPlan`s of any record version."""
+    return [t for t in read_plans(dict(record)) if t.role != "trunk"]
 
 
 def claims_note(note: str, verdicts: Mapping[str, Mapping[str, Any]]) -> str:

@@ -6,7 +6,7 @@ MLflow by one path, `orchestrator.tracking.metric_sync` tailing each trial's met
 MLflow record needs besides (RUNNING / FINISHED / FAILED, the failure reason, the final artifacts)
 is posted to that syncer (`sync`, or None without tracking), which sends it after the run's rows.
 
-A trial whose loss became non-finite records diverged.json in its folder (`state.record_divergence`);
+A trial whose loss became non-finite records diverged.json in its folder (`trial_report.record_divergence`);
 it is failed at once, with the iteration and loss as the reason in the table, state.json and its
 run's `failure_reason` tag, and never trained again.
 
@@ -33,12 +33,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import orchestrator.state.folder as st
-from orchestrator.views.view import render, total_line
+from orchestrator.worker.task import K_EVENT, K_ITER, PREEMPTED
+from orchestrator.worker.reporting import recorded_divergence
+from orchestrator.views.view import APS, Row, render, total_line
 
 logger = logging.getLogger(__name__)
-
-# Keys a trial adds to every report (the rest are trainer metrics).
-K_ITER, K_TOTAL, K_ATTEMPT, K_EVENT, K_RUN = "trial/iteration", "trial/total", "trial/attempt", "trial/event", "trial/run_id"
 LOG_PERIOD = 60.0  # s between progress log lines when the table is not redrawn on a terminal
 
 
@@ -74,24 +73,21 @@ class SweepMonitor:
         self.view = view or LiveView(enabled=False)
         self.started = time.time()
         old = st.read_state(self.sweep_dir)
-        self.trials: dict[str, dict[str, Any]] = {}
+        self.trials: dict[str, Row] = {}
         self.branches: dict[str, list[tuple[str, int]]] = {}  # trunk -> [(branch, fork point)]
+        self._since: dict[str, tuple[float, int]] = {}  # trial -> (time, iteration) its rate counts from
+        self._preempting: set[str] = set()  # trials whose next error is their preemption's
         for t in st.task_rows(record):
-            prev = old.get("trials", {}).get(t["trial_id"], {})
-            row = {"name": t["name"], "status": prev.get("status", st.PENDING), "total": t["total_iters"],
-                   "iteration": prev.get("iteration", 0), "attempts": prev.get("attempts", 0)}
-            if t.get("role") == "trunk":
-                row["role"] = "trunk"
-            if t.get("needs"):
-                row["needs"] = list(t["needs"])  # pretrain jobs it waits for (view.render)
-            if t.get("fork"):
-                self.branches.setdefault(t["fork"]["trunk_id"], []).append((t["trial_id"], int(t["fork"]["at"])))
-                row.update(role="branch", start=int(t["fork"]["at"]))
-            row.update({k: prev[k] for k in ("bbox/AP", "segm/AP", "reason", "diverged", "preemptions",
-                                             "preempted_at") if k in prev})
-            if row["status"] == st.RUNNING:
-                row["status"] = st.PENDING  # its process died with the previous driver
-            self.trials[t["trial_id"]] = row
+            prev = old.get("trials", {}).get(t.trial_id, {})
+            keep = {k: v for k, v in prev.items() if k in ("status", "iteration", "attempts", "reason", "diverged",
+                                                              "preemptions", "preempted_at", *APS)}
+            row = Row.from_json(keep, name=t.name, total=t.total, needs=list(t.needs) or None,
+                                role=t.role if t.role != "trial" else None, start=t.fork.at if t.fork else None)
+            if t.fork:
+                self.branches.setdefault(t.fork.trunk_id, []).append((t.trial_id, t.fork.at))
+            if row.status == st.RUNNING:
+                row.status = st.PENDING  # its process died with the previous driver
+            self.trials[t.trial_id] = row
         self._dirty_at = 0.0
         self._logged = 0.0
         self.save(force=True)
@@ -99,86 +95,89 @@ class SweepMonitor:
     # -- events (called from the Tune callback) ------------------------------------------------
     def on_start(self, trial_id: str) -> None:
         row = self.trials[trial_id]
-        if row.get("diverged"):
+        if row.diverged:
             return  # its attempt only re-raises the recorded divergence (trainable.run_trial)
-        row.update(status=st.RUNNING, attempts=row.get("attempts", 0) + 1, rate=None, _t0=None)
+        row.status, row.attempts, row.rate = st.RUNNING, row.attempts + 1, None
+        self._since.pop(trial_id, None)
         for branch, _ in self.branches.get(trial_id, []):
-            if self.trials[branch]["status"] != st.FINISHED:
+            if self.trials[branch].status != st.FINISHED:
                 self._set_run_status(branch, "RUNNING")  # its curve grows from the trunk from now on
         self._set_run_status(trial_id, "RUNNING")
         self.save(force=True)
 
     def on_result(self, trial_id: str, result: dict[str, Any]) -> None:
         row = self.trials[trial_id]
-        step = int(result.get(K_ITER, row.get("iteration", 0)))
-        if result.get(K_EVENT) == "preempted":
+        step = int(result.get(K_ITER, row.iteration))
+        if result.get(K_EVENT) == PREEMPTED:
             self._preempted(trial_id, step)
             return
         now = time.monotonic()
-        if row.get("_t0") is None:
-            row["_t0"], row["_i0"] = now, step
-        elif now > row["_t0"] and step > row["_i0"]:
-            row["rate"] = (step - row["_i0"]) / (now - row["_t0"])
-            row["eta_s"] = (row["total"] - step) / row["rate"]
-        row["iteration"] = step
-        row["status"] = st.RUNNING
-        row.update({k: result[k] for k in ("bbox/AP", "segm/AP") if k in result})
+        t0, i0 = self._since.setdefault(trial_id, (now, step))
+        if now > t0 and step > i0:
+            row.rate = (step - i0) / (now - t0)
+            row.eta_s = (row.total - step) / row.rate
+        row.iteration, row.status = step, st.RUNNING
+        row.ap.update({k: result[k] for k in APS if k in result})
         for branch, at in self.branches.get(trial_id, []):  # a waiting branch's curve is its trunk's so far
-            if self.trials[branch]["status"] == st.PENDING:
-                self.trials[branch]["iteration"] = min(step, at)
+            if self.trials[branch].status == st.PENDING:
+                self.trials[branch].iteration = min(step, at)
         self.save()
 
     def on_complete(self, trial_id: str) -> None:
         row = self.trials[trial_id]
-        if row.get("role") == "trunk":
-            row.update(status=st.FINISHED, eta_s=0, rate=None, iteration=row["total"])
-            logger.info("trunk %s finished: %d branches forked from it", row["name"],
-                        len(self.branches.get(trial_id, [])))
+        row.status, row.eta_s, row.rate = st.FINISHED, 0, None
+        if row.role == "trunk":
+            row.iteration = row.total
+            logger.info("trunk %s finished: %d branches forked from it", row.name, len(self.branches.get(trial_id, [])))
             self.save(force=True)
             return
-        progress = st.disk_progress(self.sweep_dir, row["name"])
-        row.update({k: v for k, v in progress.items() if k != "finished" and v is not None})
-        row.update(status=st.FINISHED, eta_s=0, rate=None)
+        progress = st.disk_progress(self.sweep_dir, row.name)
+        row.iteration = progress.get("iteration", row.iteration)
+        row.ap.update({k: progress[k] for k in APS if progress.get(k) is not None})
         self._set_run_status(trial_id, "FINISHED", artifacts=True)
-        logger.info("trial %s finished: box AP %s", row["name"], _fmt(row.get("bbox/AP")))
+        logger.info("trial %s finished: box AP %s", row.name, _fmt(row.ap.get("bbox/AP")))
         self.save(force=True)
 
     def _preempted(self, trial_id: str, step: int) -> None:
         row = self.trials[trial_id]
-        row.update(iteration=step, preemptions=row.get("preemptions", 0) + 1, preempted_at=step, _preempted=True,
-                   reason=f"preempted at iteration {step}")
+        row.iteration, row.preemptions, row.preempted_at = step, (row.preemptions or 0) + 1, step
+        row.reason = f"preempted at iteration {step}"
+        self._preempting.add(trial_id)
         logger.warning("trial %s preempted at iteration %d (checkpoint written); rescheduled, not counted as a "
-                       "failure", row["name"], step)
+                       "failure", row.name, step)
         self.save(force=True)
 
     def on_error(self, trial_id: str, final: bool, error: str = "") -> None:
         row = self.trials[trial_id]
-        if row.get("diverged"):
+        if row.diverged:
             return  # failed for good when it diverged; Tune's retries only re-raise it
-        if row.pop("_preempted", False) and not final:  # the preemption's own error: rescheduled
-            row.update(status=st.PENDING, rate=None, eta_s=None)
+        row.rate = row.eta_s = None
+        if trial_id in self._preempting and not final:  # the preemption's own error: rescheduled
+            self._preempting.discard(trial_id)
+            row.status = st.PENDING
             self.save(force=True)
             return
-        diverged = st.recorded_divergence(st.trial_dir(self.sweep_dir, row["name"]))
+        self._preempting.discard(trial_id)
+        diverged = recorded_divergence(st.trial_dir(self.sweep_dir, row.name))
         if diverged is not None:
             self._diverged(trial_id, diverged)
             return
         lines = [line for line in error.strip().splitlines() if line.strip()]
-        row.update(status=st.ERROR if final else st.PENDING, rate=None, eta_s=None, error=error[-500:],
-                   reason=lines[-1].strip()[:300] if lines else "")
+        row.status, row.error = st.ERROR if final else st.PENDING, error[-500:]
+        row.reason = lines[-1].strip()[:300] if lines else ""
         if final:
             self._set_run_status(trial_id, "FAILED")
-            logger.error("trial %s failed for good after %d attempts: %s", row["name"], row.get("attempts", 0),
-                         row["reason"] or "?")
+            logger.error("trial %s failed for good after %d attempts: %s", row.name, row.attempts, row.reason or "?")
         else:
-            logger.warning("trial %s failed; retrying from its last checkpoint", row["name"])
+            logger.warning("trial %s failed; retrying from its last checkpoint", row.name)
         self.save(force=True)
 
     def _diverged(self, trial_id: str, error: Any) -> None:
         row = self.trials[trial_id]
         reason = f"diverged: loss {error.loss} at iteration {error.iteration}"
-        row.update(status=st.ERROR, rate=None, eta_s=None, diverged=True, reason=reason, error=str(error))
-        logger.error("trial %s %s; failed, not retried (the same config diverges again)", row["name"], reason)
+        row.status, row.rate, row.eta_s, row.diverged, row.reason, row.error = (st.ERROR, None, None, True, reason,
+                                                                               str(error))
+        logger.error("trial %s %s; failed, not retried (the same config diverges again)", row.name, reason)
         self._set_run_status(trial_id, "FAILED", tags={"failure_reason": reason})
         self.save(force=True)
 
@@ -189,10 +188,9 @@ class SweepMonitor:
             self.sync.post(trial_id, status=status, tags=tags, artifacts=artifacts)
 
     # -- output --------------------------------------------------------------------------------
-    def rows(self) -> list[dict[str, Any]]:
+    def rows(self) -> list[Row]:
         """The tasks, then the pretrain jobs (read from their folders: they report to no one)."""
-        jobs = [st.pretrain_row(self.sweep_dir, j["name"]) for j in self.record.get("pretrain", [])]
-        return list(self.trials.values()) + jobs
+        return list(self.trials.values()) + [st.pretrain_row(self.sweep_dir, j) for j in st.pretrain_jobs(self.record)]
 
     def tick(self, force: bool = False) -> None:
         rows, elapsed = self.rows(), time.time() - self.started
@@ -208,7 +206,7 @@ class SweepMonitor:
         if not force and time.monotonic() - self._dirty_at < 2.0:
             self._dirty_at = self._dirty_at or time.monotonic()
             return
-        trials = {tid: {k: v for k, v in row.items() if not k.startswith("_")} for tid, row in self.trials.items()}
+        trials = {tid: row.to_json() for tid, row in self.trials.items()}
         driver = {"pid": os.getpid(), "host": socket.gethostname(), "started": self.started, "updated": time.time()}
         st.write_json(self.sweep_dir / st.STATE, {"driver": driver, "trials": trials})
         self._dirty_at = 0.0
@@ -220,9 +218,9 @@ class SweepMonitor:
         """
         if self.sync is not None:
             self.sync.close()
-        statuses = {row["status"] for row in self.trials.values()}
+        statuses = {row.status for row in self.trials.values()}
         status = "FINISHED" if statuses == {st.FINISHED} else ("FAILED" if st.ERROR in statuses else "KILLED")
-        trials = {tid: {k: v for k, v in row.items() if not k.startswith("_")} for tid, row in self.trials.items()}
+        trials = {tid: row.to_json() for tid, row in self.trials.items()}
         driver = {"pid": os.getpid(), "host": socket.gethostname(), "started": self.started, "updated": time.time(),
                   "finished": time.time() if finished else None, "status": status}
         st.write_json(self.sweep_dir / st.STATE, {"driver": driver, "trials": trials})

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import orchestrator.state.folder as st
-from orchestrator.views.view import render
+from orchestrator.views.view import APS, Row, render
 
 
-def status_rows(sweep_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def status_rows(sweep_dir: Path) -> tuple[dict[str, Any], list[Row]]:
     record = st.read_record(sweep_dir)
     if record is None:
         raise FileNotFoundError(sweep_dir / st.RECORD)
@@ -24,35 +24,27 @@ def status_rows(sweep_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     alive = st.driver_alive(saved.get("driver", {}))
     rows = []
     for t in st.task_rows(record):
-        prev = saved.get("trials", {}).get(t["trial_id"], {})
-        trunk = t.get("role") == "trunk"
-        disk = st.disk_progress(sweep_dir, t["name"], trunk_stop=t["total_iters"] if trunk else None)
-        row: dict[str, Any] = {"name": t["name"], "total": t["total_iters"], "attempts": prev.get("attempts", 0),
-                               "iteration": max(int(prev.get("iteration") or 0), int(disk.get("iteration") or 0))}
-        if trunk:
-            row["role"] = "trunk"
-        if t.get("needs"):
-            row["needs"] = list(t["needs"])  # pretrain jobs it waits for (view.render)
-        if t.get("fork"):
-            row.update(role="branch", start=int(t["fork"]["at"]))
-        for key in ("bbox/AP", "segm/AP"):
-            value = disk.get(key, prev.get(key))
-            if value is not None:
-                row[key] = value
-        row["status"] = _status(prev.get("status"), disk, alive, row["iteration"])
-        if row["status"] == st.ERROR and prev.get("reason"):
-            row["reason"] = prev["reason"]
-        preempted = st.preemptions(sweep_dir, t["name"])
+        prev = saved.get("trials", {}).get(t.trial_id, {})
+        trunk = t.role == "trunk"
+        disk = st.disk_progress(sweep_dir, t.name, trunk_stop=t.total if trunk else None)
+        row = Row(name=t.name, total=t.total, attempts=prev.get("attempts", 0),
+                  iteration=max(int(prev.get("iteration") or 0), int(disk.get("iteration") or 0)),
+                  role=t.role if t.role != "trial" else None, needs=list(t.needs) or None,
+                  start=t.fork.at if t.fork else None, axes=t.axes)
+        row.ap.update({k: disk.get(k, prev.get(k)) for k in APS if disk.get(k, prev.get(k)) is not None})
+        row.status = _status(prev.get("status"), disk, alive, row.iteration)
+        if row.status == st.ERROR and prev.get("reason"):
+            row.reason = prev.get("reason")
+        preempted = st.preemptions(sweep_dir, t.name)
         if preempted:
-            row.update(preemptions=len(preempted), preempted_at=int(preempted[-1]["preempted_at"]))
-        if row["status"] == "RUNNING" and prev.get("eta_s") is not None:
-            row["eta_s"] = prev["eta_s"]
-            row["rate"] = prev.get("rate")
+            row.preemptions, row.preempted_at = len(preempted), int(preempted[-1]["preempted_at"])
+        if row.status == "RUNNING" and prev.get("eta_s") is not None:
+            row.eta_s, row.rate = prev.get("eta_s"), prev.get("rate")
         rows.append(row)
-    for job in record.get("pretrain", []):  # after the tasks, so their numbers are the plan's
-        row = st.pretrain_row(sweep_dir, job["name"])
-        if row["status"] == st.RUNNING and not alive:
-            row.update(status="INTERRUPTED", eta_s=None)
+    for job in st.pretrain_jobs(record):  # after the tasks, so their numbers are the plan's
+        row = st.pretrain_row(sweep_dir, job)
+        if row.status == st.RUNNING and not alive:
+            row.status, row.eta_s = "INTERRUPTED", None
         rows.append(row)
     return saved, rows
 
@@ -61,13 +53,10 @@ def status_json(sweep_dir: Path) -> dict[str, Any]:
     """`status --json`: the sweep's identity, the driver's state and one dict per row (AP as fractions)."""
     record = st.read_record(sweep_dir) or {}
     saved, rows = status_rows(sweep_dir)
-    axes = {t["name"]: t.get("axes", {}) for t in st.task_rows(record)}
-    for row in rows:
-        if row["name"] in axes:
-            row["axes"] = axes[row["name"]]
-    return {"name": record.get("name"), "spec_hash": record.get("spec_hash"), "code_version": record.get("code_version"),
+    return {"name": record.get("name"), "spec_hash": record.get("spec_hash"),
+            "code_version": record.get("code_version"),
             "sets": record.get("sets", []), "sweep_dir": str(sweep_dir), "driver": saved.get("driver", {}),
-            "rows": rows}
+            "rows": [r.to_json() for r in rows]}
 
 
 def _status(saved: str | None, disk: dict[str, Any], alive: bool, iteration: int) -> str:
@@ -98,6 +87,6 @@ def render_status(sweep_dir: Path) -> str:
     elapsed = (end - started) if started and end else None
     title = (f"sweep {record['name']} (spec hash {record['spec_hash']}, code {record['code_version']}) "
              f"in {sweep_dir}: {state}")
-    trained = st.trained_iterations(sweep_dir, [r["name"] for r in rows])
+    trained = st.trained_iterations(sweep_dir, [r.name for r in rows])
     return render(title, rows, elapsed) + f"\niterations trained by all attempts (segments.jsonl): {trained}"
 

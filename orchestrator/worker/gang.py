@@ -32,7 +32,6 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import ray
@@ -41,7 +40,8 @@ from ray.util.queue import Empty, Queue
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from orchestrator.errors import OrchestratorError
-from orchestrator.worker.reporting import append_row
+from orchestrator.worker.task import Task
+from trainer.trial_dir import GANG
 
 logger = logging.getLogger(__name__)
 POLL_S = 0.5
@@ -85,11 +85,11 @@ class GangWorker:
 
         import torch.distributed as dist
 
-        from trainer.config import build_config
         from trainer.engine.train_loop import init_distributed
 
-        cfg = build_config(loop_config["task"]["config"], source=f"trial {loop_config['task']['name']}")
-        backend = init_distributed(cfg.runtime, rank, world, master)
+        task = Task.from_wire(loop_config["task"])  # this rank's one validation of the task
+        loop_config = {**loop_config, "task": task}
+        backend = init_distributed(task.config.runtime, rank, world, master)
         logging.getLogger(__name__).info("rank %d/%d joined %s (%s)", rank, world, master, backend)
         row = {"attempt": loop_config["attempt"], "rank": rank, "world": world, "backend": backend,
                "node_id": ray.get_runtime_context().get_node_id(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
@@ -99,33 +99,31 @@ class GangWorker:
         finally:
             dist.destroy_process_group()
             # Each rank's own record of when it trained where (gang.jsonl in the trial folder).
-            append_row(Path(cfg.runtime.output_dir) / "gang.jsonl", {**row, "end": time.time()})
+            task.folder.add_row(GANG, {**row, "end": time.time()})
 
 
-def run_gang(task: dict[str, Any], fn: Callable[[dict[str, Any], int], None], loop_config: dict[str, Any],
-             report: Callable[[dict[str, Any], dict[str, Any] | None], None]) -> None:
+def run_gang(task: Task, fn: Callable[[dict[str, Any], int], None], loop_config: dict[str, Any],
+             report: Callable[[dict[str, Any]], None]) -> None:
     """Run `fn(loop_config, rank)` on every rank of the trial's gang; forward rank 0's queue to `report`."""
     pg = get_current_placement_group()
     if pg is None:
-        raise OrchestratorError(f"trial {task['name']}: a DDP trial must run in its gang's placement group")
-    world = int(task["workers"])
+        raise OrchestratorError(f"trial {task.name}: a DDP trial must run in its gang's placement group")
+    world = task.workers
     queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": PlacementGroupSchedulingStrategy(pg, 0)})
     worker_cls = ray.remote(GangWorker)
-    options: dict[str, Any] = {"num_cpus": float(task["cpus_per_worker"]), "max_restarts": 0,
-                               "max_concurrency": 2}
-    if task["gpus_per_worker"]:
-        options["num_gpus"] = float(task["gpus_per_worker"])
+    options: dict[str, Any] = {"num_cpus": task.cpus_per_worker, "max_restarts": 0, "max_concurrency": 2}
+    if task.gpus_per_worker:
+        options["num_gpus"] = task.gpus_per_worker
     workers = [worker_cls.options(**options, scheduling_strategy=PlacementGroupSchedulingStrategy(
         pg, placement_group_bundle_index=rank + 1, placement_group_capture_child_tasks=True)).remote()
         for rank in range(world)]
     try:
         where = ray.get([w.where.remote() for w in workers])
-        logger.info("gang of %s: %s", task["name"], ", ".join(f"rank {r} on node {w['node_id'][:8]} gpus "
-                                                               f"{w['gpu_ids']}" for r, w in enumerate(where)))
+        logger.info("gang of %s: %s", task.name, ", ".join(f"rank {r} on node {w['node_id'][:8]} gpus "
+                                                          f"{w['gpu_ids']}" for r, w in enumerate(where)))
         master = f"{where[0]['ip']}:{where[0]['port']}"
-        append_row(Path(task["config"]["runtime"]["output_dir"]) / "gang.jsonl",
-                   {"attempt": loop_config["attempt"], "placement_group": pg.id.hex(), "gang_start": time.time(),
-                    "nodes": [w["node_id"] for w in where]})
+        task.folder.add_row(GANG, {"attempt": loop_config["attempt"], "placement_group": pg.id.hex(),
+                                   "gang_start": time.time(), "nodes": [w["node_id"] for w in where]})
         config = {**loop_config, "queue": queue}
         node_gpus: dict[str, list[str]] = {}
         for w in where:
@@ -171,10 +169,10 @@ def _wait(refs: list[Any], workers: list[Any], queue: Queue, report: Callable[..
 def _drain(queue: Queue, report: Callable[..., None]) -> None:
     while True:
         try:
-            metrics, pointer = queue.get_nowait()
+            metrics = queue.get_nowait()
         except Empty:
             return
-        report(metrics, pointer)
+        report(metrics)
 
 
 def drain_notice(nodes: Any) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -9,11 +10,13 @@ from pathlib import Path
 import pytest
 
 from orchestrator.sweep.expand import expand
-from orchestrator.sweep.fork import FINISHED, ForkQueue, checkpoint_file
 from orchestrator.sweep.plan import forked_totals, plan_rows, trunk_rows
+from orchestrator.execution.release import FINISHED, ReleaseQueue
 from orchestrator.sweep.spec import load_spec, parse_spec
 from orchestrator.state.folder import describe_changes
 from tests.orchestrator.conftest import tiny_spec
+from tests.orchestrator.task_factory import make_task
+from trainer.trial_dir import TrialDir
 
 REPO = Path(__file__).resolve().parents[2]
 GRID = {"init": ["random"], "data": ["all", 8], "schedule": ["1x", "2x"], "backbone": ["R18"]}
@@ -88,63 +91,67 @@ def test_forking_changes_the_sweep_identity(tmp_path):
 def test_checkpoint_naming_matches_the_trainer(tmp_path):
     from trainer.engine.checkpoint import checkpoint_path
 
-    assert checkpoint_file(tmp_path, 480_000) == checkpoint_path(tmp_path / "checkpoints", 480_000)
+    assert TrialDir(tmp_path).checkpoint(480_000) == checkpoint_path(tmp_path / "checkpoints", 480_000)
 
 
-def _task(tid, total, fork=None):
-    task = {"trial_id": tid, "name": tid, "total": total}
-    if fork:
-        task["fork"] = {"trunk_id": fork[0], "trunk": fork[0], "at": fork[1], "checkpoint": f"{fork[0]}@{fork[1]}"}
-    return task
+def checkpoint_file(folder, at):
+    return TrialDir(folder).checkpoint(at)
+
+
+def _task(tid, total, fork=None, needs=()):
+    return make_task(tid, total, fork=fork, needs=needs)
+
+
+def _on_disk(names):
+    """exists() over "TRUNK@AT" names of fork checkpoints (the tasks live in /nonexistent/trials)."""
+    return lambda path: f"{Path(path).parents[1].name}@{int(Path(path).stem.split('_')[1])}" in names
 
 
 def test_queue_releases_branches_once_their_fork_checkpoint_exists():
     on_disk: set[str] = set()
     tasks = [_task("plain", 10), _task("b1", 6, ("T", 2)), _task("b2", 12, ("T", 8)), _task("T", 8)]
-    q = ForkQueue(tasks, exists=on_disk.__contains__)
+    q = ReleaseQueue(tasks, exists=_on_disk(on_disk))
     # Longest critical path first: the trunk (8 + its longest branch's 4) before a 10-iteration trial.
-    assert q.next()["trial_id"] == "T" and q.next()["trial_id"] == "plain" and q.next() is None
+    assert q.next().trial_id == "T" and q.next().trial_id == "plain" and q.next() is None
     on_disk.add("T@2")
-    assert q.next()["trial_id"] == "b1" and q.next() is None
+    assert q.next().trial_id == "b1" and q.next() is None
     # A restarted driver learns from Tune's trial list what was released before: nothing twice.
-    again = ForkQueue(tasks, exists=on_disk.__contains__)
+    again = ReleaseQueue(tasks, exists=_on_disk(on_disk))
     again.sync([("T", "RUNNING"), ("plain", "TERMINATED"), ("b1", "PENDING")])
     assert again.next() is None
     # A trunk that ended without the checkpoint releases its branch (which then fails saying why).
     again.sync([("T", "ERROR"), ("plain", "TERMINATED"), ("b1", "RUNNING")])
-    assert again.next()["trial_id"] == "b2" and again.next() == FINISHED
+    assert again.next().trial_id == "b2" and again.next() == FINISHED
 
 
 def test_queue_hands_out_no_more_than_the_cluster_holds():
     on_disk = {"T@2", "T@8"}
     tasks = [_task("plain", 10), _task("b1", 6, ("T", 2)), _task("b2", 14, ("T", 8)), _task("T", 8)]
-    q = ForkQueue(tasks, exists=on_disk.__contains__)
+    q = ReleaseQueue(tasks, exists=_on_disk(on_disk))
     q.limit = 2
-    assert q.next()["trial_id"] == "T" and q.next()["trial_id"] == "plain"
+    assert q.next().trial_id == "T" and q.next().trial_id == "plain"
     assert q.next() is None  # two running or waiting: a third waits in the queue, not in Tune
     q.sync([("T", "TERMINATED"), ("plain", "PENDING")])  # a gang freed: the longest ready, b2 (6 to b1's 4)
-    assert q.next()["trial_id"] == "b2" and q.next() is None
+    assert q.next().trial_id == "b2" and q.next() is None
     q.limit = 3  # a node joined
     q.sync([("T", "TERMINATED"), ("plain", "RUNNING"), ("b2", "RUNNING")])
-    assert q.next()["trial_id"] == "b1" and q.next() == FINISHED
+    assert q.next().trial_id == "b1" and q.next() == FINISHED
 
 
 def test_queue_holds_pretrained_tasks_until_their_backbone_is_on_disk():
-    on_disk: set[str] = set()
-    pre = {"synthetic-r18": "pretrain/synthetic-r18/done.json"}
-    tasks = [_task("pre-long", 20), _task("random", 10), _task("random-short", 4)]
-    tasks[0]["needs"] = pre
-    q = ForkQueue(tasks, exists=on_disk.__contains__)
+    done: set[str] = set()
+    tasks = [_task("pre-long", 20, needs=("synthetic-r18",)), _task("random", 10), _task("random-short", 4)]
+    q = ReleaseQueue(tasks, job_done=done.__contains__)
     q.limit = 1  # one slot left beside the running pretrain job
-    assert q.next()["trial_id"] == "random" and q.next() is None  # the longer task waits for its backbone
-    on_disk.add(pre["synthetic-r18"])
+    assert q.next().trial_id == "random" and q.next() is None  # the longer task waits for its backbone
+    done.add("synthetic-r18")
     q.limit = 2  # the job ended: its slot is free again
-    assert q.next()["trial_id"] == "pre-long" and q.next() is None
+    assert q.next().trial_id == "pre-long" and q.next() is None
     # A failed job releases its trials (they fail on the missing backbone instead of holding the sweep).
-    failed = ForkQueue([{**tasks[0], "needs": {"other": "nowhere/done.json"}}], exists=on_disk.__contains__)
+    failed = ReleaseQueue([_task("pre-long", 20, needs=("other",))], job_done=done.__contains__)
     assert failed.next() is None
     failed.failed_jobs = {"other"}
-    assert failed.next()["trial_id"] == "pre-long" and failed.next() == FINISHED
+    assert failed.next().trial_id == "pre-long" and failed.next() == FINISHED
 
 
 def test_a_branch_forks_once_then_resumes_its_own(tmp_path):
@@ -154,20 +161,20 @@ def test_a_branch_forks_once_then_resumes_its_own(tmp_path):
     from trainer.engine.reporters import RunInfo
 
     trunk_ckpt = checkpoint_file(tmp_path / "trunk", 2)
-    task = {"trial_id": "b1", "name": "b1", "run_id": "run-b1", "config": {"checkpoint": {"period": 3, "at": []}},
-            "fork": {"trunk_id": "T", "trunk": "trunk", "at": 2, "checkpoint": str(trunk_ckpt)}}
     out = tmp_path / "b1"
+    task = make_task("b1", 6, folder=out, fork=("trunk", 2), run_id="run-b1", config={"checkpoint": {"period": 3}})
     out.mkdir()
     with pytest.raises(ForkError, match="trunk trunk has no checkpoint at iteration 2"):
-        fork_source(task, out)
+        fork_source(task)
     trunk_ckpt.parent.mkdir(parents=True)
     trunk_ckpt.write_bytes(b"x")
-    assert fork_source(task, out) == trunk_ckpt and (out / "fork.json").exists()
+    assert fork_source(task) == trunk_ckpt and (out / "fork.json").exists()
     checkpoint_file(out, 3).parent.mkdir()
     checkpoint_file(out, 3).write_bytes(b"x")
-    assert fork_source(task, out) is None  # its own checkpoints from now on: never forked twice
+    assert fork_source(task) is None  # its own checkpoints from now on: never forked twice
     # Started from the trunk's checkpoint, the branch reports into its own run, not the trunk's.
     sent = []
     info = RunInfo(None, out, 2, 6, {"mlflow_run_id": "", "trial_id": "T"})
-    TuneReporter(lambda m, p: sent.append(m), task, 1, trunk_ckpt).start(info)
-    assert info.tracking == {"mlflow_run_id": "run-b1", "trial_id": "b1"} and sent[0]["trial/run_id"] == "run-b1"
+    TuneReporter(sent.append, task, 1, trunk_ckpt).start(info)
+    row = json.loads((out / "attempts.jsonl").read_text())
+    assert info.tracking == {"mlflow_run_id": "run-b1", "trial_id": "b1"} and row["run_id"] == "run-b1"

@@ -8,11 +8,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.state.retention import WEIGHTS_FILE, apply_retention
+import orchestrator.worker.retention as retention
 from orchestrator.sweep.spec import parse_spec
 from orchestrator.worker.trainable import _retain
 from tests.orchestrator.conftest import tiny_spec
+from tests.orchestrator.task_factory import make_task
 from trainer.engine.checkpoint import checkpoint_path, list_checkpoints, load, save_atomic
+from trainer.trial_dir import TrialDir
+
+WEIGHTS_FILE = "model_final.pt"
+
+
+def apply_retention(out: Path, policy: str) -> int:
+    return retention.apply_retention(TrialDir(out), policy)
 
 
 def make_trial(tmp_path: Path, iters=(3, 6, 9), finished: bool = True) -> Path:
@@ -66,26 +74,25 @@ def test_none_removes_them_all_and_all_keeps_them(tmp_path):
 def test_a_trunk_prunes_a_fork_point_once_every_branch_there_has_started(tmp_path):
     out = make_trial(tmp_path, iters=(2, 3, 6, 8), finished=False)  # fork points 3 and 8; 2 and 6 periodic
     b3, b3b, b8 = (tmp_path / n for n in ("b3", "b3b", "b8"))
-    trunk = {"role": "trunk", "keep_checkpoints": "none", "stop_after": 8,
-             "branches": [[str(b3), 3], [str(b3b), 3], [str(b8), 8]]}
-    _retain({**trunk, "keep_checkpoints": "all"}, out)
+    branches = [{"name": "b3", "at": 3}, {"name": "b3b", "at": 3}, {"name": "b8", "at": 8}]
+    trunk = make_task("trial", 8, folder=out, role="trunk", keep_checkpoints="none", branches=branches)
+    _retain(trunk.model_copy(update={"keep_checkpoints": "all"}))
     assert kept(out) == [2, 3, 6, 8]  # `all` keeps everything
-    _retain(trunk, out)  # done: its periodic checkpoints go, every fork point is still needed
+    _retain(trunk)  # done: its periodic checkpoints go, every fork point is still needed
     assert kept(out) == [3, 8] and (out / "trunk_done.json").exists()
     save_atomic({"model": {}, "iteration": 4}, checkpoint_path(b3 / "checkpoints", 4))
-    branch = {"role": "branch", "keep_checkpoints": "none",
-              "fork": {"checkpoint": str(checkpoint_path(out / "checkpoints", 3)), "branches": trunk["branches"]}}
-    _retain(branch, b3)
+    branch = make_task("b3", 9, folder=b3, fork=("trial", 3), keep_checkpoints="none", branches=branches)
+    _retain(branch)
     assert kept(out) == [3, 8]  # b3b has not started from 3 yet (a retry of it would fork again)
     (b3b / "final_metrics.json").parent.mkdir()
     (b3b / "final_metrics.json").write_text("{}")
-    _retain(branch, b3)
+    _retain(branch)
     assert kept(out) == [8]
-    _retain(trunk, out)
+    _retain(trunk)
     assert kept(out) == [8]
     (b8 / "final_metrics.json").parent.mkdir()
     (b8 / "final_metrics.json").write_text("{}")
-    _retain(trunk, out)
+    _retain(trunk)
     assert kept(out) == []
     from orchestrator.state.folder import trunk_done
 

@@ -7,6 +7,7 @@ import json
 import torch
 
 from orchestrator.worker.reporting import K_WARNINGS, TuneReporter, checkpoint_warnings
+from tests.orchestrator.task_factory import make_task
 from trainer.engine import checkpoint as ckpt
 from trainer.engine.reporters import RunInfo
 
@@ -17,10 +18,10 @@ def test_a_skipped_damaged_checkpoint_is_named_in_the_attempt_row_and_first_repo
         ckpt.save_atomic({"model": {"w": torch.ones(4)}, "iteration": it}, ckpt.checkpoint_path(folder, it))
     newest = ckpt.checkpoint_path(folder, 6)
     newest.write_bytes(newest.read_bytes()[:20])
-    task = {"trial_id": "t1", "name": "t1", "run_id": "run-1", "config": {"checkpoint": {"period": 3, "at": []}}}
+    task = make_task("t1", 12, folder=tmp_path, run_id="run-1", config={"checkpoint": {"period": 3}})
     sent = []
     with checkpoint_warnings() as warnings:
-        reporter = TuneReporter(lambda m, p: sent.append(m), task, 2, warnings=warnings,
+        reporter = TuneReporter(sent.append, task, 2, warnings=warnings,
                                 placement={"node_id": "n1", "gpu_ids": ["0"]})
         path, state = ckpt.load_latest(folder)
         reporter.start(RunInfo(None, tmp_path, state["iteration"], 12, {"mlflow_run_id": "run-1"}))
@@ -31,7 +32,7 @@ def test_a_skipped_damaged_checkpoint_is_named_in_the_attempt_row_and_first_repo
     assert str(newest) in sent[0][K_WARNINGS] and sent[0]["trial/event"] == "start"
     # Nothing skipped, nothing to warn about; and the capture is gone after its block.
     with checkpoint_warnings() as quiet:
-        TuneReporter(lambda m, p: sent.append(m), task, 3, warnings=quiet).start(
+        TuneReporter(sent.append, task, 3, warnings=quiet).start(
             RunInfo(None, tmp_path, 3, 12, {"mlflow_run_id": "run-1"}))
     ckpt.load_latest(folder)
     assert quiet == [] and K_WARNINGS not in sent[-1]
@@ -42,25 +43,24 @@ def test_a_preempted_attempt_is_recorded_and_shown_apart_from_failures(tmp_path)
     import orchestrator.state.folder as st
     from orchestrator.views.monitor import SweepMonitor
     from orchestrator.views.status import render_status
-    from orchestrator.worker.trainable import _next_attempt
+    from orchestrator.worker.trainable import next_attempt
     from trainer.engine.preemption import PreemptedError
 
     record = {"name": "sw", "spec_hash": "h", "code_version": "c",
               "trials": [{"trial_id": "t1", "name": "t1", "total_iters": 12}]}
     sweep = tmp_path / "sw"
-    out = st.trial_dir(sweep, "t1")
-    out.mkdir(parents=True)
+    out = st.trial_dir(sweep, "t1").make().path
     st.write_json(sweep / st.RECORD, record)
-    task = {"trial_id": "t1", "name": "t1", "run_id": "run-1", "config": {"checkpoint": {"period": 3, "at": []}}}
+    task = make_task("t1", 12, folder=out, run_id="run-1", config={"checkpoint": {"period": 3}})
     monitor = SweepMonitor(sweep, record)
-    reporter = TuneReporter(lambda m, p: monitor.on_result("t1", m), task, 1)
+    reporter = TuneReporter(lambda m: monitor.on_result("t1", m), task, 1)
     reporter.start(RunInfo(None, out, 0, 12, {}))
     reporter.finish("preempted", PreemptedError(5, "SIGTERM"))
     monitor.on_error("t1", final=False, error="PreemptedError: preempted at iteration 5")
     rows = [json.loads(x) for x in (out / "attempts.jsonl").read_text().splitlines()]
     assert rows[1] == {**rows[1], "attempt": 1, "preempted_at": 5, "notice": "SIGTERM",
                        "reason": "preempted at iteration 5"}
-    assert _next_attempt(out / "attempts.jsonl") == 2  # two rows, one attempt
+    assert next_attempt(st.trial_dir(sweep, "t1")) == 2  # two rows, one attempt
     row = st.read_state(sweep)["trials"]["t1"]
     assert (row["status"], row["preemptions"], row["iteration"]) == ("PENDING", 1, 5)
     assert "error" not in row  # no failure recorded

@@ -1,1 +1,1 @@
-"""Test-only plugins the trials load through `ORCHESTRATOR_REPORTERS` (see orchestrator.worker.reporting)."""
+"""Test-only plugins the trials load as `orchestrator.reporters` entry points (see faults.py)."""

@@ -1,5 +1,11 @@
 """Fault injection for the reliability tests, loaded into each trial as a plugin reporter module.
 
+The seam is the tests' own: `FAULTS` puts tests/plugins/site on the driver's PYTHONPATH, which the
+driver passes to its trials; the dist-info folder there registers `reporters` below under the
+`orchestrator.reporters` entry-point group (`orchestrator.worker.reporting`), so only a trial of a test
+that asked for faults loads this module, and no product code names it or reads a variable for it.
+(Not Ray's `worker_process_setup_hook`: that would need the product's `ray.init` to take it.)
+
 Set in the driver's environment (it forwards ORCHESTRATOR_* to the trials), with `FAULTS` added:
 ORCHESTRATOR_FAIL_ONCE="TRIAL_NAME@ITER[,...]" makes that trial raise once, at its first report at
 or after ITER (a marker file in its folder keeps it to once); ORCHESTRATOR_DELAY=
@@ -11,11 +17,12 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
 
 from trainer.engine.reporters import Reporter
 
-FAULTS = {"ORCHESTRATOR_REPORTERS": "tests.plugins.faults"}  # what a test adds to the driver's env
+REPO = Path(__file__).resolve().parents[2]
+SITE = Path(__file__).resolve().parent / "site"  # holds the entry point's dist-info
+FAULTS = {"PYTHONPATH": os.pathsep.join([str(REPO), str(SITE)])}  # what a test adds to the driver's env
 FAIL_ENV = "ORCHESTRATOR_FAIL_ONCE"
 DELAY_ENV = "ORCHESTRATOR_DELAY"
 
@@ -43,13 +50,13 @@ class FailOnce(Reporter):
             raise RuntimeError(f"injected failure at iteration {step} ({FAIL_ENV})")
 
 
-def reporters(task: dict[str, Any]) -> list[Reporter]:
-    """The plugin entry point (orchestrator.worker.reporting.PLUGINS_ENV)."""
+def reporters(task) -> list[Reporter]:
+    """The plugin entry point (an `orchestrator.worker.task.Task` in, reporters out)."""
     found: list[Reporter] = []
-    at = _setting(FAIL_ENV, task["name"])
+    at = _setting(FAIL_ENV, task.name)
     if at is not None:
-        found.append(FailOnce(int(at), Path(task["config"]["runtime"]["output_dir"])))
-    delay = _setting(DELAY_ENV, task["name"])
+        found.append(FailOnce(int(at), task.folder.path))
+    delay = _setting(DELAY_ENV, task.name)
     if delay is not None:
         found.append(Delay(float(delay)))
     return found

@@ -5,6 +5,9 @@ A checkpoint is one `torch.save`d dict of plain types and tensors (so it loads w
 position, metric window, counters, the resolved config and an opaque `tracking` dict. Files are
 named `ckpt_{iteration:07d}.pt`; a write goes to a temporary file in the same folder, is fsynced,
 then renamed, so a crash never leaves a half-written file under the final name.
+
+torch is imported where a checkpoint is written or read, not here: the names (`checkpoint_path`,
+`list_checkpoints`) serve `trainer.trial_dir`, which the driver and the dashboards use without torch.
 """
 
 from __future__ import annotations
@@ -14,8 +17,6 @@ import random
 import re
 from pathlib import Path
 from typing import Any, Iterable
-
-import torch
 
 from trainer.atomic import write_atomic
 from trainer.errors import CheckpointError
@@ -39,11 +40,15 @@ def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
 
 
 def save_atomic(state: dict[str, Any], path: Path) -> Path:
+    import torch
+
     return write_atomic(path, lambda fh: torch.save(state, fh))
 
 
 def load(path: Path) -> dict[str, Any]:
     """Load a checkpoint safely (`weights_only=True`); any damage becomes a CheckpointError."""
+    import torch
+
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, bad pickle, ...: all mean "not usable"
@@ -74,6 +79,8 @@ def prune(folder: Path, keep_last: int, protect: Iterable[int] = ()) -> list[Pat
 
 
 def rng_state() -> dict[str, Any]:
+    import torch
+
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": list(_py_state())}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -86,6 +93,8 @@ def _py_state() -> tuple:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    import torch
+
     torch.set_rng_state(state["torch"])
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))

@@ -11,7 +11,6 @@ resumed from such a checkpoint runs the missing evaluation before its first step
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from typing import TYPE_CHECKING
@@ -19,8 +18,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from trainer.engine import checkpoint as ckpt
-from trainer.atomic import write_atomic
 from trainer.errors import NonFiniteLossError
+from trainer.trial_dir import TrialDir
 
 if TYPE_CHECKING:
     from trainer.engine.train_loop import Trainer
@@ -63,12 +62,12 @@ class MetricsHook(Hook):
         sums = trainer.reduce_mean(st.window_sums).tolist()
         metrics = {f"train/{k}": v / st.window_count for k, v in zip(trainer.loss_names, sums)}
         # The LR of the step just taken (the optimizer already holds the next step's).
-        metrics["train/lr"] = trainer.cfg.optim.base_lr * trainer.schedule.lr_factor(st.iteration - 1)
+        metrics["train/lr"] = trainer.cfg.optim.base_lr * trainer.engine.schedule.lr_factor(st.iteration - 1)
         trainer.sync_counters()
         metrics.update({f"seen/{k}": float(v) for k, v in st.counters.items()})
         st.window_sums.zero_()
         st.window_count = 0
-        trainer.report(st.iteration, metrics)
+        trainer.engine.reporters(st.iteration, metrics)
 
 
 class EvalHook(Hook):
@@ -115,7 +114,7 @@ class EvalHook(Hook):
         trainer.barrier()
         st.last_eval = {"step": st.iteration, **metrics}
         if trainer.rank == 0:
-            trainer.report(st.iteration, metrics)
+            trainer.engine.reporters(st.iteration, metrics)
 
 
 class CheckpointHook(Hook):
@@ -157,8 +156,7 @@ class FinalMetricsHook(Hook):
         final.update({f"seen/{k}": float(v) for k, v in st.counters.items()})
         final["iteration"] = float(st.iteration)
         safe = {k: (v if math.isfinite(v) else None) for k, v in final.items()}
-        path = trainer.output_dir / "final_metrics.json"
-        write_atomic(path, json.dumps(safe, indent=2, sort_keys=True))
+        TrialDir(trainer.output_dir).write_final(safe)
         trainer.final_metrics = final
 
 

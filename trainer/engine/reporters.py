@@ -1,7 +1,7 @@
 """Where a run's numbers go: the `Reporter` seam and the two reporters the trainer ships.
 
 The loop never knows who listens. A reporter gets `start` once (it may read and write
-`info.tracking`, a dict saved in every checkpoint — the orchestrator keeps its MLflow run id there),
+`info.tracking`, a dict saved in every checkpoint),
 `log` for every batch of metrics (step = iteration), `checkpoint` after each checkpoint is safely on
 disk, and `finish` with the final status. Metric names are flat strings: `train/loss`, `train/lr`,
 `bbox/AP`, `segm/AP50`, `seen/images`, ...
@@ -9,7 +9,6 @@ disk, and `finish` with the final status. Metric names are flat strings: `train/
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -17,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from trainer.atomic import write_atomic
+from trainer.trial_dir import TrialDir, parse_metric_rows
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +49,7 @@ class Reporter:
         pass
 
     def finish(self, status: str, error: BaseException | None = None) -> None:
-        """status: 'finished' | 'failed' | 'stopped' | 'preempted' (trainer.preemption)."""
+        """status: 'finished' | 'failed' | 'stopped' | 'preempted' (trainer.engine.preemption)."""
 
 
 class ConsoleReporter(Reporter):
@@ -86,51 +85,39 @@ class ConsoleReporter(Reporter):
 
 
 class JsonlReporter(Reporter):
-    """Appends one JSON object per `log` call to OUTPUT/metrics.jsonl ({"step": i, ...metrics}).
+    """Appends one row per `log` call to the run folder's metrics.jsonl (`trainer.trial_dir`).
 
     On resume, rows beyond the resumed iteration (written after the checkpoint, before the crash)
     are dropped first, so the file never holds a step twice.
     """
 
-    def __init__(self, filename: str = "metrics.jsonl") -> None:
-        self.filename = filename
-        self.path: Path | None = None
+    def __init__(self) -> None:
+        self.folder: TrialDir | None = None
 
     def start(self, info: RunInfo) -> None:
         if info.rank != 0:
             return
-        self.path = Path(info.output_dir) / self.filename
-        if self.path.exists():
-            keep = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and (_row_step(ln) < info.start_iter or (
-                        _row_step(ln) == info.start_iter and (info.evaluated_at_start or not _is_eval_row(ln))))]
-            write_atomic(self.path, "".join(ln + "\n" for ln in keep))
+        self.folder = TrialDir(info.output_dir)
+        at = info.start_iter
+        self.folder.keep_metrics(lambda step, row: step < at or (
+            step == at and (info.evaluated_at_start or not _is_eval_row(row))))
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
-        if self.path is None:
-            return
-        with self.path.open("a") as fh:
-            fh.write(json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n")
+        if self.folder is not None:
+            self.folder.append_metrics(step, {k: float(v) for k, v in metrics.items()})
 
 
-def _is_eval_row(line: str) -> bool:
+def _is_eval_row(row: Mapping[str, Any]) -> bool:
     """An evaluation's row: metrics other than the loop's own (train/*, seen/*)."""
-    return any(k != "step" and not k.startswith(("train/", "seen/")) for k in json.loads(line))
-
-
-def _row_step(line: str) -> int:
-    try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return 1 << 62  # unreadable (torn) row: drop it
+    return any(not k.startswith(("train/", "seen/")) for k in row)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, float]]:
-    """Rows of a metrics.jsonl file, in order."""
+    """Rows of a metrics.jsonl file, in order, with their "step" (`trainer.trial_dir` parses them)."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    return [{"step": step, **row} for step, row in parse_metric_rows(path.read_bytes())]
 
 
 def ap_percent(value: float) -> str:

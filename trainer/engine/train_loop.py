@@ -32,6 +32,7 @@ from trainer.engine.preemption import PreemptedError, PreemptionHook, armed, ign
 from trainer.engine.reporters import Reporter, RunInfo
 from trainer.engine.schedule import resolve_schedule
 from trainer.modeling.detectors import build_detector_datasets, image_hw, loss_names, uses_detector_data
+from trainer.trial_dir import TrialDir
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ class Trainer:
         self.device = _device(rt.device)
         speed.apply_backend_flags(rt, self.device)
         self.output_dir = Path(rt.output_dir)
-        self.ckpt_dir = self.output_dir / "checkpoints"
+        self.ckpt_dir = TrialDir(self.output_dir).checkpoint_dir
         if datasets is None and uses_detector_data(cfg):  # box / keypoint / VOC trials (trainer.modeling.detectors)
             datasets = build_detector_datasets(cfg, stream_seed=rt.seed)
         self.train_set, self.val_set, self.train_ids = datasets or build_datasets(cfg.data, stream_seed=rt.seed)
@@ -362,14 +363,15 @@ def train(cfg: TrainConfig, *, reporters: Sequence[Reporter] = (), resume: bool 
     trainer = Trainer(cfg, reporters, stop_after)
     trainer.restore(resume, start_from)
     if trainer.rank == 0:
-        dump_config(trainer.cfg, trainer.output_dir / "config.yaml")
-        (trainer.output_dir / "train_image_ids.txt").write_text("".join(f"{i}\n" for i in trainer.train_ids))
+        folder = TrialDir(trainer.output_dir)
+        dump_config(trainer.cfg, folder.config_file())
+        folder.write_image_ids(trainer.train_ids)
     status = "failed"
     error: BaseException | None = None
     try:
         if trainer.state.iteration >= trainer.total_iters and trainer.state.last_eval.get("step") == trainer.total_iters:
             logger.info("already finished (%d iterations)", trainer.total_iters)
-            for hook in trainer.hooks:
+            for hook in trainer.engine.hooks:
                 hook.after_train(trainer)
         else:
             with armed():  # a SIGTERM from here on stops at a step's end (trainer.engine.preemption)
