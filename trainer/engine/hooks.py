@@ -62,12 +62,12 @@ class MetricsHook(Hook):
         sums = trainer.reduce_mean(st.window_sums).tolist()
         metrics = {f"train/{k}": v / st.window_count for k, v in zip(trainer.loss_names, sums)}
         # The LR of the step just taken (the optimizer already holds the next step's).
-        metrics["train/lr"] = trainer.cfg.optim.base_lr * trainer.engine.schedule.lr_factor(st.iteration - 1)
+        metrics["train/lr"] = trainer.cfg.optim.base_lr * trainer.schedule.lr_factor(st.iteration - 1)
         trainer.sync_counters()
         metrics.update({f"seen/{k}": float(v) for k, v in st.counters.items()})
         st.window_sums.zero_()
         st.window_count = 0
-        trainer.engine.reporters(st.iteration, metrics)
+        trainer.report(st.iteration, metrics)
 
 
 class EvalHook(Hook):
@@ -114,7 +114,7 @@ class EvalHook(Hook):
         trainer.barrier()
         st.last_eval = {"step": st.iteration, **metrics}
         if trainer.rank == 0:
-            trainer.engine.reporters(st.iteration, metrics)
+            trainer.report(st.iteration, metrics)
 
 
 class CheckpointHook(Hook):

@@ -371,7 +371,7 @@ def train(cfg: TrainConfig, *, reporters: Sequence[Reporter] = (), resume: bool 
     try:
         if trainer.state.iteration >= trainer.total_iters and trainer.state.last_eval.get("step") == trainer.total_iters:
             logger.info("already finished (%d iterations)", trainer.total_iters)
-            for hook in trainer.engine.hooks:
+            for hook in trainer.hooks:
                 hook.after_train(trainer)
         else:
             with armed():  # a SIGTERM from here on stops at a step's end (trainer.engine.preemption)
