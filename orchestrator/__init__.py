@@ -1,12 +1,15 @@
 """Sweep orchestrator for "Rethinking ImageNet Pre-training": spec -> grid -> Ray Tune -> MLflow.
 
-`python -m orchestrator {plan,run,resume,status} SPEC`. The pure parts (spec, expand, plan, state,
-status, view, monitor) import neither Ray nor MLflow; `ray_backend` and `trainable` are the only
-modules that import Ray, `tracking` the only one that imports MLflow.
+`python -m orchestrator {plan,run,resume,status,report,ui} SPEC` (`cli`). Rooms by side:
 
-Two sides. The worker side is what a trial process loads: `task` (the typed unit of work and the
-strings both sides share), `trainable` (the worker entry), `trial_report`, `gang`, `retention`,
-`errors`; it imports nothing of the driver side, which is everything else (the spec and its
-expansion, `release` — the order tasks start in —, `run`, `ray_backend`'s driver part, the monitor,
-views, state, MLflow sync and tracking). A trial's folder belongs to `trainer.trial_dir`.
+- worker side, what a trial's process loads (`worker/`): `task` (the typed unit of work and the strings
+  both sides share), `trainable` (the entry Tune calls), `reporting`, `gang`, `retention`; with `errors`,
+  it imports nothing of the driver side;
+- driver side: the sweep's definition (`sweep/`, no Ray, no torch), execution on Ray (`execution/`:
+  `run`, the Ray adapter `ray_backend`, `release` — the order tasks start in —, `capacity`,
+  `autoscale`, `storage`), MLflow (`tracking/`, `mlflow_runs` the only module that imports it), the
+  sweep's folder (`state/`) and the terminal (`views/`).
+
+Only `execution/ray_backend`, `execution/autoscale`, `worker/trainable` and `worker/gang` import Ray. A
+trial's folder belongs to `trainer.trial_dir`.
 """

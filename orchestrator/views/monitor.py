@@ -6,7 +6,7 @@ MLflow by one path, `orchestrator.tracking.metric_sync` tailing each trial's met
 MLflow record needs besides (RUNNING / FINISHED / FAILED, the failure reason, the final artifacts)
 is posted to that syncer (`sync`, or None without tracking), which sends it after the run's rows.
 
-A trial whose loss became non-finite records diverged.json in its folder (`trial_report.record_divergence`);
+A trial whose loss became non-finite records diverged.json in its folder (`orchestrator.worker.reporting.record_divergence`);
 it is failed at once, with the iteration and loss as the reason in the table, state.json and its
 run's `failure_reason` tag, and never trained again.
 

@@ -1,6 +1,6 @@
 """The worker entry: what runs inside a Ray Tune trial, and inside a pretrain task (a Ray adapter module).
 
-Worker side: it and what it imports (`orchestrator.worker.task`, `trial_report`, `gang`, `retention`,
+Worker side: it and what it imports (`orchestrator.worker.task`, `reporting`, `gang`, `retention`,
 `errors`, the trainer) never load a driver module. A trial gets its `Task` as a plain dict in
 Tune's config and validates it once (`Task.from_wire`, older tasks included), then always calls
 `trainer.engine.train_loop.train(cfg, resume=True)` on its own folder on the sweep's storage path, so a retried
