@@ -39,24 +39,27 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 STEP_S = 0.1
+SIM_TABLE = "CLUSTER_SIM_TABLE"  # the env var naming the sim table (steps and fork files per task)
 
 
 def sim_trial(config: dict[str, Any]) -> None:
-    """Tune trainable: one task, paced to its scaled length; a trunk writes its fork-point files."""
+    """Tune trainable: one task (the product's wire dict), paced to its scaled length; a trunk writes the
+    checkpoint files its branches fork from (empty: the release queue only checks that they exist)."""
     import numpy as np
     import ray
     from ray import tune
 
     task = config["trial"]
-    sim = task["sim"]
+    sim = json.loads(Path(os.environ[SIM_TABLE]).read_text())[task["trial_id"]]
     t0 = time.time()
     x = np.full((32, 32), 1e-3)
     marks = {int(k): v for k, v in sim["forks"].items()}
     for step in range(1, sim["steps"] + 1):
         x = x @ x + 1e-3  # a tiny real CPU step
         time.sleep(max(0.0, t0 + step * STEP_S - time.time()))
-        if step in marks:
-            Path(marks[step]).touch()
+        for path in marks.get(step, []):
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).touch()
     pg = ray.util.get_current_placement_group()
     row = {"name": task["name"], "start": t0, "end": time.time(), "node": ray.get_runtime_context().get_node_id(),
            "pg": pg.id.hex() if pg else None}
@@ -65,40 +68,31 @@ def sim_trial(config: dict[str, Any]) -> None:
     tune.report({"done": 1.0})
 
 
-def build_tasks(gpus: int, bound_s: float, folder: Path) -> tuple[list[dict[str, Any]], Any, float]:
-    """The paper grid's tasks with scaled lengths; (tasks, resources, seconds per planned hour)."""
+def build_tasks(gpus: int, bound_s: float, folder: Path) -> tuple[list[Any], Any, float]:
+    """The paper grid's tasks, built as `run` builds them, with scaled lengths written to the sim table;
+    (tasks, resources, seconds per planned hour)."""
+    from orchestrator.execution.run import bound_configs, build_tasks as product_tasks
     from orchestrator.sweep.expand import expand
     from orchestrator.sweep.plan import makespan_bound, plan_rows, trunk_rows
-    from orchestrator.execution.run import priorities
     from orchestrator.sweep.spec import load_spec
 
     os.environ.setdefault("COCO_ROOT", str(folder / "coco"))
     exp = expand(load_spec(REPO / "sweeps" / "paper_grid.yaml"))
     g = exp.spec.resources.gpus_per_trial
     scale = bound_s / makespan_bound(exp, gpus).bound_h  # seconds per hour
-    rows, trunks = plan_rows(exp), trunk_rows(exp)
-    log = str(folder / "tasks.jsonl")
-    tasks, marks = [], {}
-    for r in trunks:
-        steps = max(1, round(r.trains_hours / g * scale / STEP_S))
-        forks = {}
-        for branch_id, at in r.trial.forks.items():
-            path = str(folder / "marks" / f"{r.trial.name}-{at}")
-            forks[max(1, round(steps * at / r.trial.stop))] = path
-            marks[branch_id] = path
-        tasks.append({"trial_id": r.trial.trial_id, "name": r.trial.name, "total": r.trial.stop, "role": "trunk",
-                      "sim": {"steps": steps, "forks": forks, "log": log}})
-    for r in rows:
-        steps = max(1, round(r.trains_hours / g * scale / STEP_S))
-        task = {"trial_id": r.trial.trial_id, "name": r.trial.name, "total": r.iters, "role": "trial",
-                "sim": {"steps": steps, "forks": {}, "log": log}}
-        if r.fork is not None:
-            trunk_id, at = exp.forks.branches[r.trial.trial_id]
-            task.update(role="branch", fork={"trunk_id": trunk_id, "trunk": exp.forks.trunk(trunk_id).name,
-                                             "at": at, "checkpoint": marks[r.trial.trial_id]})
-        tasks.append(task)
-    prio = priorities(tasks)
-    return sorted(tasks, key=lambda t: -prio[t["trial_id"]]), exp.spec.resources, scale
+    tasks = product_tasks(exp, bound_configs(exp, folder / "sweep"), {})
+    steps = {r.trial.trial_id: max(1, round(r.trains_hours / g * scale / STEP_S)) for r in [*trunk_rows(exp),
+                                                                                         *plan_rows(exp)]}
+    log, table = str(folder / "tasks.jsonl"), {}
+    for t in tasks:
+        forks: dict[int, list[str]] = {}
+        if t.role == "trunk":
+            for b in t.branches:
+                forks.setdefault(max(1, round(steps[t.trial_id] * b.at / t.total)), []).append(
+                    str(t.folder.checkpoint(b.at)))
+        table[t.trial_id] = {"steps": steps[t.trial_id], "forks": forks, "log": log}
+    (folder / "sim.json").write_text(json.dumps(table))
+    return tasks, exp.spec.resources, scale
 
 
 def one_run(gpus: int, nodes: int, bound_s: float) -> dict[str, Any]:
@@ -110,7 +104,6 @@ def one_run(gpus: int, nodes: int, bound_s: float) -> dict[str, Any]:
     from orchestrator.sweep.plan import makespan_bound
 
     folder = Path(tempfile.mkdtemp(prefix="cluster-sim-"))
-    (folder / "marks").mkdir()
     tasks, res, scale = build_tasks(gpus, bound_s, folder)
     per_node = gpus // nodes
     cluster = Cluster(initialize_head=True, connect=False,
@@ -119,11 +112,11 @@ def one_run(gpus: int, nodes: int, bound_s: float) -> dict[str, Any]:
         cluster.add_node(num_cpus=per_node * 6, num_gpus=per_node)  # the spec asks 5 CPUs per GPU
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False, configure_logging=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO), SIM_TABLE: str(folder / "sim.json")}})
     try:
         concurrent = max_concurrent(res, rb.node_resources())
         t0 = time.time()
-        rb.run_tune(folder, tasks, res, 0, concurrent, None, trainable=sim_trial)
+        rb.run_tune(folder / "sweep", tasks, res, 0, concurrent, None, trainable=sim_trial)
         wall = time.time() - t0
         table = ray.util.placement_group_table()
     finally:
