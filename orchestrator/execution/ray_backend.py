@@ -39,7 +39,7 @@ import ray
 from ray import tune
 from ray.tune.search import Searcher
 
-from orchestrator.errors import ClusterError, OrchestratorError
+from orchestrator.errors import ClusterError
 from orchestrator.sweep.fit import gang_bundles
 from orchestrator.sweep.spec import Resources
 from orchestrator.worker.task import K_EVENT, K_WARNINGS, PREEMPTED, Task, wire_id, wire_name

@@ -244,7 +244,7 @@ def test_sigterm_to_a_single_worker_trial_process(tmp_path, gpu_node):
                                     sigterm_trial_process)
     assert len(cut) == 1 and cut[0]["notice"] == "SIGTERM" and len(starts) == 2, (cut, starts)
     at = cut[0]["preempted_at"]
-    assert seen <= at <= seen + 1 and starts[1]["start_iter"] == at, (seen, rows)
+    assert seen <= at <= seen + 1 and starts[1]["start_iter"] == at, (seen, cut, starts)
     ml = mlflow_contents(tmp_path, "single")
     check_children(ml, {TRIAL: [3, 6, 9, 12]})
     assert duplicate_points(tmp_path) == [] and ml["history"][TRIAL]["train/loss"] == list(range(1, 13))
