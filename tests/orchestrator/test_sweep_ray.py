@@ -74,8 +74,10 @@ def test_driver_killed_mid_sweep_then_resumed(tmp_path, ray_cluster):
     tries = attempts(sweep, "random-all-1x-R18")
     resumed = [a for a in tries if a["time"] > killed_at and "start_iter" in a]
     assert resumed and resumed[0]["start_iter"] >= 3
-    assert len({a["run_id"] for a in tries if "run_id" in a}) == 1
     ml = mlflow_contents(tmp_path, "tiny")
+    # One run per trial (check_children); an attempt names it, or none when it was launched before the
+    # driver made the run (a kill before Tune saved its state re-releases the trial with the run's id).
+    assert {a.get("run_id", "") for a in tries} - {""} <= {ml["children"]["random-all-1x-R18"].info.run_id}
     check_children(ml, {"random-all-2x-R18": [3, 6, 9, 12], "random-8-2x-R18": [3, 6, 9, 12],
                         "random-all-1x-R18": [3, 6]})
     assert duplicate_points(tmp_path) == []
