@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.worker.object_store import ObjectStore
-from orchestrator.worker.store_sync import committed, newest_view, trial_key
+from orchestrator.worker.store_sync import committed, newest_view
 from trainer.atomic import write_atomic
 from trainer.trial_dir import MANIFEST, METRICS
 
@@ -65,16 +65,18 @@ class SweepMirror:
 
     # -- the tasks' folders ---------------------------------------------------------------------
     def pull_trials(self) -> None:
-        by_task: dict[str, dict[str, Any]] = {}
-        for key, stamp in self.store.list("trials").items():
-            parts = key.split("/")
-            if len(parts) > 2:
-                by_task.setdefault(parts[1], {})[key] = stamp
-        for name, listing in sorted(by_task.items()):
-            self._pull_task(name, listing)
+        """Every task's folder (trials/NAME) and pretrain job's (pretrain/NAME: its done.json, its backbone)."""
+        for kind in ("trials", "pretrain"):
+            by_task: dict[str, dict[str, Any]] = {}
+            for key, stamp in self.store.list(kind).items():
+                parts = key.split("/")
+                if len(parts) > 2:
+                    by_task.setdefault(parts[1], {})[key] = stamp
+            for name, listing in sorted(by_task.items()):
+                self._pull_task(f"{kind}/{name}", listing)
 
-    def _pull_task(self, name: str, listing: dict[str, Any]) -> None:
-        prefix, folder = trial_key(name), self.local / "trials" / name
+    def _pull_task(self, prefix: str, listing: dict[str, Any]) -> None:
+        name, folder = prefix, self.local / prefix
         files, chunks = newest_view(listing, prefix)
         for fname, key in files.items():
             self._fetch(key, listing[key], folder / fname)
