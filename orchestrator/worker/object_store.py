@@ -101,6 +101,13 @@ class ObjectStore:
         return {i.path[cut:]: (int(i.size or 0), int(i.mtime_ns or 0))
                 for i in infos if i.type == pafs.FileType.File}
 
+    def folders(self, prefix: str) -> list[str]:
+        """The names of the "folders" right under `prefix` (common prefixes of its keys)."""
+        from pyarrow import fs as pafs
+
+        infos = self.fs.get_file_info(pafs.FileSelector(self._path(prefix), recursive=False, allow_not_found=True))
+        return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
     def delete(self, key: str) -> None:
         try:
             self.fs.delete_file(self._path(key))

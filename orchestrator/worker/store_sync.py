@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 BIG = ".pt"
 PUSH_INTERVAL_S = 2.0
 LOG_PUSH_S = 30.0
+CLOSED = "closed"  # the last object of a stream: its attempt pushed everything
+METRICS_PUSH_S = 10.0  # and with every new checkpoint, and at the attempt's end
 
 
 def trial_key(name: str) -> str:
@@ -158,7 +160,7 @@ class TrialSync:
         self._wake, self._stop = threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
         self._push_lock = threading.Lock()
-        self._log_at = 0.0
+        self._log_at = self._rows_at = 0.0
 
     @staticmethod
     def _big_here(folder: TrialDir) -> dict[str, tuple[int, int]]:
@@ -192,11 +194,14 @@ class TrialSync:
         if self._thread is not None:
             self._thread.join()
         self.push(final=True)
+        self.store.put_bytes(f"{self.prefix}/streams/{self.stream}/{CLOSED}", b"")  # nothing more comes
 
     def push(self, final: bool = False) -> None:
         with self._push_lock:
             on_disk = self._big_here(self.folder)  # first: rows written before a checkpoint go out before it
-            self._push_metrics()
+            new_big = any(self.big.get(rel) != stamp for rel, stamp in on_disk.items())
+            if final or new_big or time.monotonic() - self._rows_at >= METRICS_PUSH_S:
+                self._push_metrics()  # a chunk per METRICS_PUSH_S at most: listings stay short
             self._push_files(final)
             self._push_big(on_disk)
 
@@ -215,6 +220,7 @@ class TrialSync:
         except FileNotFoundError:
             return
         data = data[:data.rfind(b"\n") + 1]  # a torn last line waits
+        self._rows_at = time.monotonic()
         if data or self.seq == 0:
             self.store.put_bytes(self._stream_key("metrics", f"{self.gen:02d}-{self.seq:06d}.jsonl"), data)
             self.offset += len(data)

@@ -113,16 +113,16 @@ def test_mirror_appends_chunks_and_rewrites_on_a_new_generation(store, tmp_path)
     mirror = SweepMirror(store, tmp_path / "mirror")
     local = tmp_path / "mirror" / "trials" / NAME / "metrics.jsonl"
     a.append_metrics(1, {"x": 1.0})
-    sync.push()
+    sync.push(final=True)
     mirror.pull_trials()
     inode = os.stat(local).st_ino
     a.append_metrics(2, {"x": 2.0})
-    sync.push()
+    sync.push(final=True)
     mirror.pull_trials()
     assert _rows(local) == [1, 2] and os.stat(local).st_ino == inode  # appended: the tail reads on
     a.keep_metrics(lambda step, row: step <= 1)  # a resume's rewrite: a new generation, read anew
     a.append_metrics(2, {"x": 2.5})
-    sync.push()
+    sync.push(final=True)
     mirror.pull_trials()
     assert _rows(local) == [1, 2] and os.stat(local).st_ino != inode
     assert json.loads(local.read_text().splitlines()[-1])["x"] == 2.5
@@ -131,3 +131,18 @@ def test_mirror_appends_chunks_and_rewrites_on_a_new_generation(store, tmp_path)
     mirror.push_root()
     other = SweepMirror(store, tmp_path / "elsewhere")
     assert other.pull_root() == 1 and (tmp_path / "elsewhere" / "sweep.json").read_text() == '{"name": "t"}'
+
+
+def test_the_mirror_lists_an_ended_task_until_its_stream_is_closed(store, tmp_path):
+    a = TrialDir(tmp_path / "node" / NAME).make()
+    sync = TrialSync(store, a, attempt=1)
+    mirror = SweepMirror(store, tmp_path / "mirror")
+    a.append_metrics(1, {"x": 1.0})
+    a.write_final({"bbox/AP": 0.1})
+    sync.push()  # the thread's pass: final_metrics.json goes, the last rows may not yet (METRICS_PUSH_S)
+    mirror.pull_trials()
+    assert f"trials/{NAME}" not in mirror.ended
+    sync.close()  # the attempt's end: everything, then the stream's closing object
+    mirror.pull_trials()
+    assert f"trials/{NAME}" in mirror.ended
+    assert [s for s, _ in TrialDir(tmp_path / "mirror" / "trials" / NAME).metric_rows()] == [1]
