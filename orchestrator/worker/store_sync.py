@@ -15,9 +15,11 @@ it and the metric rows from the newest stream that has chunks (`newest_view`): a
 an older one off. Within a stream, a rewrite of metrics.jsonl (a resume drops rows past its checkpoint)
 starts a new generation GG whose chunk 0 holds the whole file, so a generation is complete on its own.
 
-Order of a push (`TrialSync.push`): note the checkpoints on disk, push the metric rows, then upload
-those checkpoints. The trainer writes a step's rows before its checkpoint, so a committed checkpoint
-never has rows missing before it, and a resume from it never leaves a gap in the curve.
+Order of a push (`TrialSync.push`): note the checkpoints on disk, push the metric rows, upload those
+checkpoints (then delete in the store those pruned here), then the small files. The trainer writes a
+step's rows before its checkpoint, so a committed checkpoint never has rows missing before it (a resume
+from it leaves no gap in the curve); and a marker (final metrics, trunk done) never reaches the store
+before the checkpoints it vouches for (a new attempt would skip the task, its checkpoints lost).
 
 `pull_trial` makes a scratch folder equal to the store's view before an attempt: small files and
 metrics from the newest streams, every committed checkpoint (verified; a local one the store has not
@@ -188,8 +190,10 @@ class TrialSync:
             new_big = any(self.big.get(rel) != stamp for rel, stamp in on_disk.items())
             if final or new_big or time.monotonic() - self._rows_at >= METRICS_PUSH_S:
                 self._push_metrics()  # a chunk per METRICS_PUSH_S at most: listings stay short
-            self._push_files(final)
             self._push_big(on_disk)
+            # Last: a marker (final metrics, trunk done) must never reach the store before the
+            # checkpoints it vouches for, or a new attempt would skip a task whose checkpoints are lost.
+            self._push_files(final)
 
     def _stream_key(self, kind: str, name: str) -> str:
         return f"{self.prefix}/streams/{self.stream}/{kind}/{name}"
@@ -229,9 +233,6 @@ class TrialSync:
 
     def _push_big(self, on_disk: dict[str, tuple[int, int]]) -> None:
         known, prefix = self.big, self.prefix
-        for rel in sorted(set(known) - set(on_disk)):  # pruned here since: pruned in the store
-            self.store.delete_committed(f"{prefix}/{rel}")
-            del known[rel]
         for rel, stamp in sorted(on_disk.items()):
             if known.get(rel) == stamp:
                 continue
@@ -244,6 +245,9 @@ class TrialSync:
             logger.info("uploaded %s/%s (%.1f MB in %.2f s)", prefix, rel, manifest["size"] / 1e6,
                         self.uploads[-1][2])
             known[rel] = stamp
+        for rel in sorted(set(known) - set(on_disk)):  # pruned here since: pruned in the store, after the
+            self.store.delete_committed(f"{prefix}/{rel}")  # uploads (the store never holds fewer than here)
+            del known[rel]
 
     def upload_cost(self) -> dict[str, float]:
         """The checkpoints this attempt uploaded: count, MB and seconds (recorded in its segments row)."""
