@@ -1,0 +1,42 @@
+"""A local S3-compatible server for tests and benches: moto's server mode on 127.0.0.1, one bucket.
+
+`s3_server()` starts moto's `ThreadedMotoServer` on a free port (a thread of this process: it ends
+with the process, and nothing is left behind), creates the bucket with boto3 and yields the
+environment a client needs to reach it (endpoint and dummy credentials, as pyarrow and boto read
+them). Ray nodes and drivers started with these variables in their environment see the same store.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Iterator
+
+REGION = "us-east-1"
+
+
+@contextmanager
+def s3_server(bucket: str = "sweeps") -> Iterator[dict[str, str]]:
+    """Yields {AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION}."""
+    from moto.server import ThreadedMotoServer
+
+    # werkzeug logs every request at INFO: thousands of lines in a sweep's test output.
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+               "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": REGION}
+        client(env).create_bucket(Bucket=bucket)
+        yield env
+    finally:
+        server.stop()
+
+
+def client(env: dict[str, str]):
+    """A boto3 S3 client for the server whose `env` `s3_server` yielded."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"])
