@@ -9,6 +9,7 @@ them). Ray nodes and drivers started with these variables in their environment s
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -40,3 +41,19 @@ def client(env: dict[str, str]):
 
     return boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
                         aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"])
+
+
+@contextmanager
+def exported(env: dict[str, str]) -> Iterator[None]:
+    """`env` in os.environ for a while (pyarrow in this process, and the nodes and drivers a test starts,
+    which copy os.environ, read the endpoint and credentials there); the old values after."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

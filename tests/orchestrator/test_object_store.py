@@ -18,29 +18,21 @@ from pathlib import Path
 
 import pytest
 
-from bench.harness.s3_server import client, s3_server
+from bench.harness.s3_server import client, exported, s3_server
 from tests.orchestrator.conftest import REPO
 from trainer.engine.checkpoint import checkpoint_path, list_checkpoints, load_latest, save_atomic
 
 BUCKET = "sweeps"
-TRIAL = "trials/random-all-1x-R18"
+NAME = "random-all-1x-R18"
+TRIAL = f"trials/{NAME}"  # the trial's keys under the sweep's root
 MiB = 1 << 20
 
 
 @pytest.fixture(scope="module")
 def s3():
     """The server's environment, also in os.environ (pyarrow reads the endpoint and credentials there)."""
-    with s3_server(BUCKET) as env:
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            yield env
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+    with s3_server(BUCKET) as env, exported(env):
+        yield env
 
 
 @pytest.fixture
@@ -78,7 +70,7 @@ def _resume_sees(store, tmp: Path) -> tuple[list[int], int | None]:
     from orchestrator.worker.store_sync import pull_trial
 
     local = tmp / "pulled"
-    pull_trial(store, TRIAL, local)
+    pull_trial(store, NAME, local)
     found = load_latest(local / "checkpoints")
     return [i for i, _ in list_checkpoints(local / "checkpoints")], found[1]["iteration"] if found else None
 
