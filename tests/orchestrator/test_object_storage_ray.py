@@ -177,7 +177,7 @@ def test_forked_sweep_on_object_storage(tmp_path, cluster):
     spec = tiny_spec(tmp_path, name=SWEEP, grid=GRID, fork_schedules=True, base__runtime__log_period=1,
                      storage_path=f"s3://{BUCKET}/{PREFIX}", local_cache=str(cache))
     path = write_spec(tmp_path, spec)
-    mirror = cache / "mirror" / BUCKET / ROOT
+    mirror = cache / "mirror" / "s3" / BUCKET / ROOT
     # A delay (test hook) holds the trunk's window between its first checkpoint and its end open.
     denv = {"RAY_ADDRESS": address, **FAULTS, "ORCHESTRATOR_DELAY": f"{TRUNK}@0.5"}
     poller = StorePoller(env)
@@ -197,8 +197,10 @@ def test_forked_sweep_on_object_storage(tmp_path, cluster):
             new_worker()
             state["joined"] = time.time() - state["lost_at"]
             return False
-        # A checkpoint newer than the loss committed: only an attempt on the new node could have.
-        return bool(_streams(poller, TRUNK) - state["streams"]) and _manifests(poller, TRUNK)[-1] > state["newest"]
+        # A checkpoint newer than the loss committed (only an attempt on the new node could have), or
+        # none left: the trunk finished there and its checkpoints were pruned.
+        committed = _manifests(poller, TRUNK)
+        return bool(_streams(poller, TRUNK) - state["streams"]) and (not committed or committed[-1] > state["newest"])
 
     try:
         killed_at = kill_driver_when(["run", str(path), "--no-view"], ready, tmp_path / "driver1.log", denv,
