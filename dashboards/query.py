@@ -74,8 +74,8 @@ def find_sweep(target: str | Path | None, tracking_uri: str | None = None) -> Sw
     if target is None:
         return None
     path = Path(target)
-    if path.is_dir() or path.is_file():
-        sweep_dir = st.find_sweep_dir(path)  # a folder without sweep.json / an unstarted spec: typed error
+    if str(target).startswith(("s3://", "gs://")) or path.is_dir() or path.is_file():
+        sweep_dir = st.find_sweep_dir(target)  # an object store's sweep: mirrored here first  # a folder without sweep.json / an unstarted spec: typed error
         record = st.read_record(sweep_dir) or {}
         spec = apply_sets(yaml.safe_load((sweep_dir / "spec.yaml").read_text()) or {}, record.get("sets") or [])
         cwd = Path(record["cwd"]) if record.get("cwd") and Path(record["cwd"]).is_dir() else None

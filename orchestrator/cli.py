@@ -30,6 +30,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Sequence
 
+import yaml
+
 from orchestrator.errors import OrchestratorError, SpecError, SweepInterrupted, SweepNotFoundError
 from trainer.errors import TrainerError
 
@@ -60,16 +62,21 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_text in (("run", "start the sweep (or resume it if it exists)"),
                             ("resume", "resume an existing sweep (SPEC or its folder)")):
         sp = sub.add_parser(name, help=help_text)
-        sp.add_argument("spec", type=Path, metavar="SPEC" if name == "run" else "SPEC|FOLDER")
-        sp.add_argument("--storage", type=Path, help="override the spec's storage_path")
+        sp.add_argument("spec", type=_place, metavar="SPEC" if name == "run" else "SPEC|FOLDER|s3://...")
+        sp.add_argument("--storage", type=_place, help="override the spec's storage_path (a folder or s3://...)")
         sp.add_argument("--no-view", action="store_true", help="no live table (a progress log line a minute)")
         _add_sets(sp)
     sp = sub.add_parser("status", help="the trial table from the stored state (no Ray)")
-    sp.add_argument("target", type=Path, metavar="SPEC|FOLDER")
+    sp.add_argument("target", type=_place, metavar="SPEC|FOLDER|s3://BUCKET/PREFIX/NAME")
     sp.add_argument("--json", action="store_true", help="the table as JSON")
     for plugin in _plugins():
         plugin.add_commands(sub)
     return p
+
+
+def _place(text: str) -> Path | str:
+    """A path, or an object store's URI kept as written (a Path would fold its "//")."""
+    return text if text.startswith(("s3://", "gs://")) else Path(text)
 
 
 def _add_sets(sp: argparse.ArgumentParser) -> None:
@@ -127,6 +134,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     from orchestrator.sweep.sets import pair_tokens
 
     spec, storage, sets = args.spec, args.storage, pair_tokens(args.sets)
+    if args.command == "resume" and isinstance(args.spec, str):  # an object store's sweep: its mirror's spec
+        from orchestrator.state.folder import find_sweep_dir
+
+        args.spec = find_sweep_dir(args.spec)
     if args.command == "resume" and args.spec.is_dir():
         spec, storage, stored = _spec_of_folder(args.spec)
         sets = sets or stored
@@ -169,7 +180,10 @@ def _spec_of_folder(folder: Path) -> tuple[Path, Path, list[str]]:
         raise SweepNotFoundError(f"{folder}: not a sweep folder (no sweep.json)")
     if record.get("cwd") and Path(record["cwd"]).is_dir():
         os.chdir(record["cwd"])  # the spec's relative paths (dataset root, mlflow.db) are relative to it
-    return folder / "spec.yaml", folder.parent, list(record.get("sets") or [])
+    # The mirror of an object-store sweep is not its storage: the stored spec names the store.
+    stored = str((yaml.safe_load((folder / "spec.yaml").read_text()) or {}).get("storage_path", ""))
+    storage = None if stored.startswith(("s3://", "gs://")) else folder.parent
+    return folder / "spec.yaml", storage, list(record.get("sets") or [])
 
 
 def _node_shape(text: str) -> tuple[int, float]:

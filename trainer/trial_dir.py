@@ -24,8 +24,9 @@ never of open file handles: `metric_rows`/`tail` hand out parsed rows, `add_row`
 read JSON-lines records by kind, `mark`/`marker` write and read small JSON markers, `checkpoint`/
 `checkpoints` go through `trainer.engine.checkpoint`. Only `path` (and the few methods that return a Path
 for a library that wants one: the config file for MLflow's artifact upload, a checkpoint for
-torch) expose the POSIX layout, so a backend keyed by (trial, name) can replace this one by
-reimplementing these methods; `lock` is the one thing that needs a real lock service there.
+torch) expose the POSIX layout. On object storage (`orchestrator.worker.store_sync`) the folder is a
+node-local copy of the store's view: the same files, plus a manifest beside each checkpoint the
+store has committed and this copy has not fetched (`has_checkpoint`, `committed_checkpoints`).
 
 Pure: JSON and the file system only (no torch: `trainer.engine.checkpoint` imports it where it loads).
 """
@@ -50,6 +51,9 @@ LOG = "train.log"
 CHECKPOINTS = "checkpoints"
 WEIGHTS = "model_final.pt"
 LOCK = "trial.lock"
+# Beside a big file on object storage (`orchestrator.worker.object_store`): its size and sha256, written
+# after the file; a folder mirrored from a store holds just this for a checkpoint it has not fetched.
+MANIFEST = ".manifest.json"
 # JSON-lines records (append-only) and JSON markers, by kind
 ATTEMPTS, SEGMENTS, GANG = "attempts", "segments", "gang"
 FORK, TRUNK_DONE, DIVERGED = "fork", "trunk_done", "diverged"
@@ -240,14 +244,32 @@ class TrialDir:
         return self._file(WEIGHTS)
 
     def has_checkpoint(self, iteration: int) -> bool:
-        return self.checkpoint(iteration).exists()
+        """On disk here, or committed in the sweep's object store (its manifest here)."""
+        return checkpoint_exists(self.checkpoint(iteration))
+
+    def committed_checkpoints(self) -> list[int]:
+        """Iterations of the checkpoints on disk here or committed in the store (manifests here)."""
+        names = {p.name.removesuffix(MANIFEST) for p in self.checkpoint_dir.glob(f"*.pt{MANIFEST}")}
+        found = {it for it, _ in self.checkpoints()}
+        return sorted(found | {it for it in map(_iteration, names) if it is not None})
 
     def reached(self) -> int:
         """The largest step the folder shows: its newest checkpoint or its last metric row."""
-        return max([it for it, _ in self.checkpoints()] + [self.last_step()], default=0)
+        return max(self.committed_checkpoints() + [self.last_step()], default=0)
 
     def _file(self, name: str) -> Path:
         return self.path / name
+
+
+def checkpoint_exists(path: str | Path) -> bool:
+    """A checkpoint file is on disk, or committed in the object store (its manifest is)."""
+    return os.path.exists(path) or os.path.exists(f"{path}{MANIFEST}")
+
+
+def _iteration(name: str) -> int | None:
+    from trainer.engine.checkpoint import iteration_of
+
+    return iteration_of(name)
 
 
 def _read_json(path: Path) -> Any:

@@ -136,8 +136,8 @@ def trial_resources(res: Resources) -> Any:
     return tune.PlacementGroupFactory(gang_bundles(res), strategy="STRICT_PACK" if res.one_node else "PACK")
 
 
-def check_nodes(token_path: Path, token: str, paths: list[tuple[str, str]],
-                only: Collection[str] | None = None) -> dict[str, tuple[str, list[str]]]:
+def check_nodes(token_path: Path | str, token: str, paths: list[tuple[str, str]],
+                only: Collection[str] | None = None, scratch: str | None = None) -> dict[str, tuple[str, list[str]]]:
     """One task pinned to each alive node (of `only`, if given) checks the shared storage there;
     node id -> (host, what it misses), for the nodes that miss something."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -147,7 +147,7 @@ def check_nodes(token_path: Path, token: str, paths: list[tuple[str, str]],
     probe = ray.remote(_probe)
     refs = {n["NodeID"]: (n.get("NodeManagerHostname") or n.get("NodeManagerAddress", "?"), probe.options(
         num_cpus=0, max_retries=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
-    ).remote(check_here, str(token_path), token, paths)) for n in ray.nodes()
+    ).remote(check_here, str(token_path), token, paths, scratch)) for n in ray.nodes()
             if n.get("Alive") and (only is None or n["NodeID"] in only)}
     failures = {}
     for node, (host, ref) in refs.items():
@@ -213,9 +213,11 @@ def _trial_name(trial) -> str:
 
 def run_tune(sweep_dir: Path, tasks: list[Task], res: Resources, max_failures: int,
              concurrent: int, monitor: Any, trainable: Any = None, pretrain: PretrainJobs | None = None,
-             capacity: Any = None, job_done: Any = None) -> None:
+             capacity: Any = None, job_done: Any = None, store_uri: str | None = None) -> None:
     """Fan the trials out (or restore the sweep's experiment) and block until Tune is done.
 
+    `store_uri`: an object-store sweep's root; Tune keeps its experiment there (STORE/tune), not in
+    the driver's local mirror, so a driver on another machine restores it.
     `trainable` (default: `trainable.run_trial`) is what each trial runs; bench/cluster_sim.py
     passes a paced stand-in to measure the scheduling alone. `pretrain`: the sweep's pretrain jobs
     still running; the trials that need one of them are released once its backbone is on disk.
@@ -236,14 +238,14 @@ def run_tune(sweep_dir: Path, tasks: list[Task], res: Resources, max_failures: i
     _QUEUE = ReleaseQueue(tasks, job_done or (lambda job: True))
     _QUEUE.limit = _LIMIT.limit()
     trainable = tune.with_resources(trainable or run_trial, trial_resources(res))
-    exp_dir = Path(sweep_dir) / "tune"
+    root = store_uri or str(sweep_dir)
     try:
-        _fit(exp_dir, sweep_dir, trainable, max_failures)
+        _fit(f"{root}/tune", root, trainable, max_failures)
     finally:
         _LIMIT.close()
 
 
-def _fit(exp_dir: Path, sweep_dir: Path, trainable: Any, max_failures: int) -> None:
+def _fit(exp_dir: str, sweep_dir: str, trainable: Any, max_failures: int) -> None:
     if tune.Tuner.can_restore(str(exp_dir)):
         logger.info("restoring the sweep's Tune experiment from %s", exp_dir)
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)

@@ -13,11 +13,11 @@ MLflow, torch.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from orchestrator.worker.task import Task, TaskPlan
+from trainer.trial_dir import checkpoint_exists
 
 FINISHED = "FINISHED"
 logger = logging.getLogger(__name__)
@@ -36,13 +36,14 @@ def priorities(tasks: Sequence[TaskPlan]) -> dict[str, int]:
 class ReleaseQueue:
     """The driver's answer to "which task next?" (Tune asks through a searcher in `ray_backend`).
 
-    `job_done(job)`: whether a pretrain job's backbone is on disk; `exists(path)`: whether a file is.
+    `job_done(job)`: whether a pretrain job's backbone is on disk; `exists(path)`: whether a checkpoint
+    is (on disk, or committed in an object store: its manifest in the driver's mirror).
     """
 
     TERMINAL = ("TERMINATED", "ERROR")  # Tune trial states after which a trial no longer runs
 
     def __init__(self, tasks: Sequence[Task], job_done: Callable[[str], bool] = lambda job: True,
-                 exists: Callable[[Path], bool] = os.path.exists):
+                 exists: Callable[[Path], bool] = checkpoint_exists):
         self.prio = priorities(tasks)
         self.order = sorted(tasks, key=lambda t: (-self.prio[t.trial_id], t.name))
         self.job_done, self.exists = job_done, exists

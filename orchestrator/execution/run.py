@@ -37,7 +37,7 @@ from orchestrator.views.monitor import LiveView, SweepMonitor
 from orchestrator.execution.release import priorities
 from orchestrator.tracking.run_notes import sweep_note, sweep_params
 from orchestrator.sweep.spec import SweepSpec, load_spec
-from orchestrator.worker.task import Task
+from orchestrator.worker.task import StoreRef, Task
 from orchestrator.views.view import duration
 from trainer.config import TrainConfig, config_to_dict, flatten
 
@@ -56,9 +56,10 @@ class Prepared:
     tracking_uri: str
     address: str | None
     sets: list[str]
+    mirror: Any = None  # an object-store sweep's `orchestrator.state.mirror.SweepMirror` (driver side)
 
 
-def prepare(spec_path: Path, storage: Path | None = None, sets: list[str] | None = None) -> Prepared:
+def prepare(spec_path: Path, storage: Path | str | None = None, sets: list[str] | None = None) -> Prepared:
     """All refusals, nothing created: spec, trials, identity, inputs, MLflow, Ray address.
 
     Without `sets`, an existing sweep's stored ones are reapplied (`orchestrator.sweep.sets`)."""
@@ -66,7 +67,8 @@ def prepare(spec_path: Path, storage: Path | None = None, sets: list[str] | None
     from orchestrator.tracking.mlflow_runs import check_reachable, resolve_uri
 
     spec = _load(spec_path, storage, sets or [])
-    sweep_dir = st.sweep_dir_for(spec.storage_path, spec.name)
+    sweep_dir = st.sweep_dir_for(spec.storage_path, spec.name, spec.local_cache)
+    mirror = _pull_mirror(spec, sweep_dir)
     record = st.read_record(sweep_dir)
     if not sets and record is not None and record.get("sets"):
         sets = list(record["sets"])
@@ -84,12 +86,34 @@ def prepare(spec_path: Path, storage: Path | None = None, sets: list[str] | None
     check_reachable(uri)
     address = resolve_address(spec.ray_address)
     check_address(address)
-    return Prepared(spec, exp, sweep_dir, record, Path(spec_path).read_text(), uri, address, list(sets or []))
+    return Prepared(spec, exp, sweep_dir, record, Path(spec_path).read_text(), uri, address, list(sets or []),
+                    mirror)
 
 
-def _load(spec_path: Path, storage: Path | None, sets: list[str]) -> SweepSpec:
+def _load(spec_path: Path, storage: Path | str | None, sets: list[str]) -> SweepSpec:
     spec = load_spec(spec_path, sets)
-    return spec if storage is None else spec.model_copy(update={"storage_path": storage})
+    if storage is None:
+        return spec
+    try:  # validated again: an object store refuses what it cannot hold yet (SweepSpec._storage)
+        return SweepSpec.model_validate({**dict(spec), "storage_path": storage})
+    except ValueError as exc:
+        raise OrchestratorError(f"--storage {storage}: {str(exc).splitlines()[-1].strip()}") from None
+
+
+def _pull_mirror(spec: SweepSpec, sweep_dir: Path) -> Any:
+    """An object-store sweep's mirror with the store's top-level files (a sweep started elsewhere, or
+    on a cluster that is gone, resumes from them), or None on shared storage."""
+    if spec.store_uri is None:
+        return None
+    from orchestrator.worker.object_store import credentials_hint
+
+    copy = st.mirror(spec.store_uri, sweep_dir)
+    try:
+        copy.pull_root()
+    except Exception as exc:  # pyarrow's errors differ by store and version: all mean "cannot use it"
+        raise OrchestratorError(f"cannot read the object store {spec.store_uri} ({type(exc).__name__}: "
+                                f"{str(exc)[:200]}); credentials set here: {credentials_hint()}") from None
+    return copy
 
 
 def _check_inputs(exp: Expansion) -> None:
@@ -106,7 +130,7 @@ def _check_inputs(exp: Expansion) -> None:
             f"({i}) {line}" for i, line in enumerate(missing, 1)))
 
 
-def run(spec_path: Path, *, storage: Path | None = None, must_exist: bool = False, view: bool = True,
+def run(spec_path: Path, *, storage: Path | str | None = None, must_exist: bool = False, view: bool = True,
         sets: list[str] | None = None) -> int:
     """Start or resume a sweep; returns 0 when every trial finished, 1 otherwise."""
     import orchestrator.execution.autoscale as autoscale
@@ -127,20 +151,24 @@ def run(spec_path: Path, *, storage: Path | None = None, must_exist: bool = Fals
     # A trial that never fits (on any node the autoscaler could launch) is refused here.
     concurrent = most_at_once(spec.resources, auto, rb.node_resources())
     record = p.record or st.create_sweep(sweep_dir, exp, p.spec_text, st.code_version(), p.sets)
+    if p.mirror is not None:  # the store holds the truth: the driver's files up, the trials' state down
+        p.mirror.sync()
     logger.info("%s sweep %s (%d trials, spec hash %s) in %s", "resuming" if p.record else "starting", spec.name,
                 len(exp.trials), exp.spec_hash, sweep_dir)
     if needs_generation(spec.dataset, need_classification=bool(exp.pretrain)):
         generate(spec.dataset)
     check_defects(exp.trials)  # dataset defects: one line before any trial starts
     # Every node sees the sweep folder, dataset and weights, or nothing starts; nodes that join are checked too.
-    checked, check = _check_storage(exp, sweep_dir)
+    checked, check = _check_storage(exp, sweep_dir, p.mirror)
     # The pretrain jobs train beside the trials that do not need them (those that do wait in the queue
     # for the backbone); MLflow's runs are made meanwhile: a fresh store's migrations and one child
     # run (with all its params) per trial take seconds to a minute on a big grid.
     jobs = _start_pretrain(exp, sweep_dir, spec.retry.max_failures)
     configs = bound_configs(exp, sweep_dir)  # each task's config, validated here once
     tracker, run_ids = _open_tracking(p, record, configs)
-    tasks = build_tasks(exp, configs, run_ids)
+    tasks = build_tasks(exp, configs, run_ids, _store_ref(spec))
+    if p.mirror is not None:
+        p.mirror.start()
     sync = MetricSync(tracker, sweep_dir, record, run_ids, period=spec.tracking.metric_period).start()
     monitor = SweepMonitor(sweep_dir, record, sync, view=LiveView(enabled=view))
     capacity = Capacity(spec.resources, checked, check, jobs, auto, concurrent)
@@ -150,14 +178,19 @@ def run(spec_path: Path, *, storage: Path | None = None, must_exist: bool = Fals
     try:
         with sweep_log(sweep_dir), _sigterm_as_ctrl_c() as stopped:  # Ray/Tune: full text in SWEEP/driver.log
             rb.run_tune(sweep_dir, tasks, spec.resources, spec.retry.max_failures, concurrent, monitor,
-                        pretrain=jobs, capacity=capacity, job_done=lambda job: _done_marker(sweep_dir, job).exists())
+                        pretrain=jobs, capacity=capacity, job_done=lambda job: _done_marker(sweep_dir, job).exists(),
+                        store_uri=spec.store_uri)
             if stopped:
                 raise SweepInterrupted(stopped[0])
             failed = jobs.wait() if jobs is not None else {}
         finished = True
     finally:
+        if p.mirror is not None:
+            p.mirror.sync()  # the trials' last pushes, before the metric syncer's last pass
         status = monitor.close(finished)
         tracker.finish(status if finished else "KILLED")
+        if p.mirror is not None:
+            p.mirror.close()  # state.json and driver.log up
     for name, why in failed.items():
         logger.error("pretrain job %s failed: %s; the trials on its backbone could not run", name, why)
     logger.info("sweep %s %s in %s; %d iterations trained (plan: %d)", spec.name, status.lower(),
@@ -186,19 +219,28 @@ def _sigterm_as_ctrl_c() -> Iterator[list[int]]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _check_storage(exp: Expansion, sweep_dir: Path) -> tuple[set[str], Any]:
+def _check_storage(exp: Expansion, sweep_dir: Path, mirror: Any = None) -> tuple[set[str], Any]:
     """Check every alive node now; (their ids, the check of nodes that join later)."""
     import orchestrator.execution.ray_backend as rb
-    from orchestrator.execution.storage import refusal, shared_paths, write_token
+    from orchestrator.execution.storage import refusal, shared_paths, write_store_token, write_token
 
-    token_path, token = write_token(sweep_dir)
-    paths = shared_paths(exp.spec.dataset.root, [t.config for t in [*exp.trials, *exp.forks.trunks]])
+    spec = exp.spec
+    token_path, token = write_store_token(mirror.store) if mirror is not None else write_token(sweep_dir)
+    scratch = str(st.scratch_dir_for(spec.store_uri, spec.local_cache)) if spec.store_uri else None
+    paths = shared_paths(spec.dataset.root, [t.config for t in [*exp.trials, *exp.forks.trunks]])
     alive = set(rb.alive_nodes())
-    failures = rb.check_nodes(token_path, token, paths, alive)
+    failures = rb.check_nodes(token_path, token, paths, alive, scratch=scratch)
     if failures:
         raise refusal(failures)
-    logger.info("shared storage: every node sees the sweep folder and %s", ", ".join(p for _, p in paths))
-    return alive, lambda nodes: rb.check_nodes(token_path, token, paths, nodes)
+    where = f"the object store {spec.store_uri} (scratch {scratch})" if scratch else "the sweep folder"
+    logger.info("storage: every node sees %s and %s", where, ", ".join(p for _, p in paths))
+    return alive, lambda nodes: rb.check_nodes(token_path, token, paths, nodes, scratch=scratch)
+
+
+def _store_ref(spec: SweepSpec) -> StoreRef | None:
+    if spec.store_uri is None:
+        return None
+    return StoreRef(uri=spec.store_uri, scratch=str(st.scratch_dir_for(spec.store_uri, spec.local_cache)))
 
 
 def _open_tracking(p: Prepared, record: dict[str, Any],
@@ -246,10 +288,11 @@ def bound_configs(exp: Expansion, sweep_dir: Path) -> dict[str, TrainConfig]:
     return {t.trial_id: bind_config(t, sweep_dir, backbones) for t in [*exp.trials, *exp.forks.trunks]}
 
 
-def build_tasks(exp: Expansion, configs: dict[str, TrainConfig], run_ids: dict[str, str]) -> list[Task]:
+def build_tasks(exp: Expansion, configs: dict[str, TrainConfig], run_ids: dict[str, str],
+                store: StoreRef | None = None) -> list[Task]:
     """The sweep's tasks, longest critical path first (the last to start are short, so the sweep ends sooner)."""
     res = exp.spec.resources
-    tasks = [Task(**dict(plan), config=configs[plan.trial_id], run_id=run_ids.get(plan.trial_id, ""),
+    tasks = [Task(**dict(plan), config=configs[plan.trial_id], run_id=run_ids.get(plan.trial_id, ""), store=store,
                   workers=res.workers, cpus_per_worker=res.cpus_per_worker, gpus_per_worker=res.gpus_per_worker,
                   keep_checkpoints=exp.spec.keep_checkpoints)
              for plan in st.task_plans(exp)]

@@ -7,7 +7,8 @@ every node must see all of them at the same paths (NFS or another shared mount, 
 at the same path on every node). Before any trial starts, the driver writes a fresh token file into
 the sweep folder and asks each alive node (one Ray task pinned to it, `ray_backend.check_nodes`)
 to read it back and to find the dataset root and the weights; a node that cannot is named in a
-one-line `StorageError` (exit 2). Pure file work here: no Ray.
+one-line `StorageError` (exit 2). On an object store the token is an object each node reads through
+the store with its own credentials, and each node must be able to write its scratch folder. No Ray here.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import OrchestratorError
+from orchestrator.worker.object_store import is_store_uri
 from trainer.atomic import write_atomic
 
 TOKEN_FILE = ".storage-check"
@@ -49,15 +51,49 @@ def shared_paths(dataset_root: Path, configs: list[Any]) -> list[tuple[str, str]
     return sorted(set(needed), key=needed.index)
 
 
-def check_here(token_path: str, token: str, paths: list[tuple[str, str]]) -> list[str]:
-    """Run on a node: what it cannot see (empty when it sees everything)."""
+def write_store_token(store: Any) -> tuple[str, str]:
+    """A fresh token object in an object-store sweep's root (`ObjectStore`); (its URI, the token)."""
+    token = secrets.token_hex(16)
+    store.put_bytes(TOKEN_FILE, token)
+    return f"{store.uri}/{TOKEN_FILE}", token
+
+
+def check_here(token_path: str, token: str, paths: list[tuple[str, str]], scratch: str | None = None) -> list[str]:
+    """Run on a node: what it cannot see (empty when it sees everything).
+
+    On an object store (`token_path` is its URI) the node must read the token through the store with
+    its own credentials and be able to write its scratch folder instead."""
+    if is_store_uri(token_path):
+        missing = _check_store(token_path, token, scratch)
+    else:
+        missing = []
+        try:
+            if Path(token_path).read_text() != token:
+                missing.append(f"the sweep folder {Path(token_path).parent} (another folder at that path)")
+        except OSError:
+            missing.append(f"the sweep folder {Path(token_path).parent}")
+    missing += [f"the {what} {path}" for what, path in paths if not os.path.exists(path)]
+    return missing
+
+
+def _check_store(token_uri: str, token: str, scratch: str | None) -> list[str]:
+    from orchestrator.worker.object_store import ObjectStore, credentials_hint
+
+    root, _, name = token_uri.rpartition("/")
     missing = []
     try:
-        if Path(token_path).read_text() != token:
-            missing.append(f"the sweep folder {Path(token_path).parent} (another folder at that path)")
-    except OSError:
-        missing.append(f"the sweep folder {Path(token_path).parent}")
-    missing += [f"the {what} {path}" for what, path in paths if not os.path.exists(path)]
+        if (ObjectStore.from_uri(root).get_bytes(name) or b"").decode() != token:
+            missing.append(f"the object store {root} (another sweep there, or no read access)")
+    except Exception as exc:  # pyarrow raises OSError/ValueError/... per store and client version
+        missing.append(f"the object store {root} ({type(exc).__name__}: {str(exc)[:120]}; credentials set: "
+                       f"{credentials_hint()})")
+    try:
+        Path(scratch or ".").mkdir(parents=True, exist_ok=True)
+        probe = Path(scratch or ".") / f".probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        missing.append(f"a writable scratch folder {scratch} ({exc.strerror})")
     return missing
 
 
@@ -66,4 +102,5 @@ def refusal(failures: dict[str, tuple[str, list[str]]]) -> StorageError:
     node, (host, missing) = next(iter(failures.items()))
     more = f" (and {len(failures) - 1} more node(s))" if len(failures) > 1 else ""
     return StorageError(f"node {node[:12]} ({host}) does not see {', '.join(missing)}{more}; every node must see "
-                        "the sweep folder, dataset and weights at the same paths (shared storage, see README)")
+                        "the sweep folder (or its object store), dataset and weights at the same paths (see README: "
+                        "storage)")

@@ -11,6 +11,10 @@ Driver side; pure (no Ray, no MLflow): `status` reads everything here without a 
     STORAGE/NAME/pretrain/JOB/    a pretrain job's output (backbone.pt) and its done.json
     STORAGE/NAME/tune/            Ray Tune's experiment folder (what `run` restores from)
 
+On an object store (`storage_path: s3://...`) STORAGE/NAME is the driver's local mirror of the store
+(`orchestrator.state.mirror`; Tune's experiment stays in the store) and the tasks train in each node's
+scratch folder (`orchestrator.worker.store_sync`).
+
 The sweep's identity is its name + spec hash; `ensure_same_spec` refuses a changed spec with the
 keys that differ.
 """
@@ -30,6 +34,7 @@ from orchestrator.errors import SpecChangedError, SweepNotFoundError
 from orchestrator.sweep.expand import Expansion, flat_items
 from orchestrator.worker.task import ERROR, FINISHED, PENDING, RUNNING, Branch, Fork, TaskPlan, read_plans  # noqa: F401
 from orchestrator.views.view import Row
+from orchestrator.worker.object_store import is_store_uri, split_uri
 from trainer.atomic import write_atomic
 from trainer.engine.schedule import resolve_schedule
 from trainer.trial_dir import ATTEMPTS, SEGMENTS, TRUNK_DONE, TrialDir
@@ -38,8 +43,29 @@ RECORD = "sweep.json"
 STATE = "state.json"
 
 
-def sweep_dir_for(storage_path: Path, name: str) -> Path:
+DEFAULT_CACHE = Path("/tmp/orchestrator")  # the spec's `local_cache` default
+
+
+def sweep_dir_for(storage_path: Path | str, name: str, local_cache: Path = DEFAULT_CACHE) -> Path:
+    """The sweep's folder: STORAGE/NAME on shared storage, the driver's mirror of it on an object store."""
+    if is_store_uri(storage_path):
+        scheme, root = split_uri(str(storage_path))
+        return (Path(local_cache) / "mirror" / scheme / root / name).resolve()
     return (Path(storage_path) / name).resolve()
+
+
+def scratch_dir_for(store_uri: str, local_cache: Path = DEFAULT_CACHE) -> Path:
+    """Where every node trains an object-store sweep's tasks (`Task.store.scratch`): node-local disk."""
+    scheme, root = split_uri(store_uri)
+    return (Path(local_cache) / "scratch" / scheme / root).resolve()
+
+
+def mirror(store_uri: str, local: Path) -> Any:
+    """The driver's `orchestrator.state.mirror.SweepMirror` of an object-store sweep."""
+    from orchestrator.state.mirror import SweepMirror
+    from orchestrator.worker.object_store import ObjectStore
+
+    return SweepMirror(ObjectStore.from_uri(store_uri), local)
 
 
 def read_json(path: Path, default: Any = None) -> Any:
@@ -152,7 +178,11 @@ def _show(value: Any) -> str:
 
 
 def find_sweep_dir(target: str | Path) -> Path:
-    """A sweep folder given itself (has sweep.json) or its spec file (STORAGE/NAME)."""
+    """A sweep folder given itself (has sweep.json), its spec file (STORAGE/NAME) or its object-store root
+    (s3://BUCKET/PREFIX/NAME: mirrored first into the default local cache)."""
+    if is_store_uri(target):
+        storage, _, name = str(target).rstrip("/").rpartition("/")
+        return _pulled(str(target), sweep_dir_for(storage, name), str(target))
     path = Path(target)
     if path.is_dir() and (path / RECORD).exists():
         return path.resolve()
@@ -161,10 +191,22 @@ def find_sweep_dir(target: str | Path) -> Path:
     from orchestrator.sweep.spec import load_spec
 
     spec = load_spec(path)
-    folder = sweep_dir_for(spec.storage_path, spec.name)
+    folder = sweep_dir_for(spec.storage_path, spec.name, spec.local_cache)
+    if spec.store_uri is not None:
+        return _pulled(spec.store_uri, folder, str(target))
     if not (folder / RECORD).exists():
         raise SweepNotFoundError(f"sweep {spec.name!r} has not been started (no {folder / RECORD}); "
                                  f"start it with: python -m orchestrator run {target}")
+    return folder
+
+
+def _pulled(store_uri: str, folder: Path, target: str) -> Path:
+    """An object-store sweep's mirror, brought up to date from the store (`status`, `report`, `ui`)."""
+    copy = mirror(store_uri, folder)
+    if not copy.pull_root() or not (folder / RECORD).exists():
+        raise SweepNotFoundError(f"no sweep at {store_uri} (no {RECORD} there); start it with: "
+                                 f"python -m orchestrator run SPEC")
+    copy.pull_trials()
     return folder
 
 

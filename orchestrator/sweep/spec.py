@@ -19,7 +19,8 @@ Ray, no MLflow, no torch. A spec looks like
     ray_address: null        # else RAY_ADDRESS, else a local cluster
     tracking_uri: null       # default: sqlite:///mlflow.db in the working directory
     tracking: {metric_period: 100}  # losses, LR, seen/* to MLflow every N iterations (evaluations: all)
-    storage_path: runs
+    storage_path: runs       # a shared folder every node mounts, or s3://bucket/prefix (gs:// too)
+    local_cache: /tmp/orchestrator  # object storage: the driver's mirror and each node's scratch
     retry: {max_failures: 2}
     fork_schedules: null     # default: on when the grid has a schedule axis (see orchestrator/sweep/fork.py)
     keep_checkpoints: final  # what a finished trial keeps: all | final | weights | none (orchestrator/worker/retention.py)
@@ -36,6 +37,7 @@ from typing import Any, Literal, Sequence, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from orchestrator.errors import SpecError
+from orchestrator.worker.object_store import is_store_uri, split_uri
 from orchestrator.worker.retention import KeepCheckpoints
 from trainer.config import ModelConfig, TrainConfig, check_layout_pairs, flatten, format_validation_error
 
@@ -212,13 +214,42 @@ class SweepSpec(_Strict):
     ray_address: str | None = None
     tracking_uri: str | None = None
     tracking: Tracking = Tracking()
-    storage_path: Path = Path("runs")
+    # A folder every node mounts at the same path, or an object store (`orchestrator.worker.store_sync`).
+    storage_path: Path | str = Path("runs")
+    # Object storage only: the driver's local mirror (LOCAL_CACHE/mirror/...) and every node's scratch
+    # folder its trials train in (LOCAL_CACHE/scratch/...), checkpoints included: node-local disk.
+    local_cache: Path = Path("/tmp/orchestrator")
     retry: Retry = Retry()
     estimate: Estimate = Estimate()
     # One base-LR trunk per cell shared by its schedules, each branching off at its first LR drop.
     fork_schedules: bool | None = None
     # A storage policy, not part of any trial's identity: changing it never blocks a resume.
     keep_checkpoints: KeepCheckpoints = "final"
+
+    @model_validator(mode="after")
+    def _storage(self) -> "SweepSpec":
+        path = self.storage_path
+        if isinstance(path, str) and not is_store_uri(path):
+            if "://" in path:
+                raise ValueError(f"storage_path {path!r}: an object store is s3://BUCKET/PREFIX or gs://BUCKET/PREFIX")
+            self.storage_path = Path(path)
+        elif isinstance(path, str):
+            if not split_uri(path)[1]:
+                raise ValueError(f"storage_path {path!r}: name the bucket (s3://BUCKET[/PREFIX])")
+            # Not yet on object storage: a DDP gang's ranks may sit on other nodes than the trial that
+            # pulls and pushes its folder, and a pretrain job's backbone is read from the sweep folder.
+            if self.resources.workers > 1:
+                raise ValueError(f"storage_path {path}: DDP trials ({self.resources.workers} workers) need a "
+                                 "shared storage_path for now; object storage takes one worker per trial")
+            if self.pretrain:
+                raise ValueError(f"storage_path {path}: pretrain jobs need a shared storage_path for now; give "
+                                 "the backbone as a weights file (model.imagenet_weights) instead")
+        return self
+
+    @property
+    def store_uri(self) -> str | None:
+        """The sweep's root in its object store (STORAGE/NAME), or None on a shared folder."""
+        return f"{str(self.storage_path).rstrip('/')}/{self.name}" if is_store_uri(self.storage_path) else None
 
     @property
     def forking(self) -> bool:

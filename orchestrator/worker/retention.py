@@ -20,7 +20,8 @@ when the resumed sweep skips it. Pure file work: no Ray, no MLflow.
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from pathlib import Path
+from typing import Callable, Sequence
 
 from orchestrator.worker.task import KeepCheckpoints
 from trainer.trial_dir import TRUNK_DONE, TrialDir
@@ -58,8 +59,12 @@ def _write_weights(source, dest) -> None:
     save_atomic({k: state[k] for k in ("model", "iteration", "config") if k in state}, dest)
 
 
-def prune_trunk(trunk: TrialDir, branches: Sequence, policy: KeepCheckpoints) -> int:
-    """Remove the trunk checkpoints no branch can need again; `branches`: its `orchestrator.worker.task.Branch`es."""
+def prune_trunk(trunk: TrialDir, branches: Sequence, policy: KeepCheckpoints,
+                delete: Callable[[int], int] | None = None) -> int:
+    """Remove the trunk checkpoints no branch can need again; `branches`: its `orchestrator.worker.task.Branch`es.
+
+    `trunk` and its siblings may be views of an object store (manifests for checkpoints): then `delete`
+    removes iteration `it` there and returns the bytes freed (`orchestrator.worker.store_sync`)."""
     if policy == "all" or not branches:  # no branch list (a task from older code): keep everything
         return 0
     forks: dict[int, list[TrialDir]] = {}
@@ -67,12 +72,11 @@ def prune_trunk(trunk: TrialDir, branches: Sequence, policy: KeepCheckpoints) ->
         forks.setdefault(int(b.at), []).append(trunk.sibling(b.name))
     done = trunk.has_marker(TRUNK_DONE)
     freed, removed = 0, []
-    for it, path in trunk.checkpoints():
+    for it in trunk.committed_checkpoints():
         needed = it in forks and not all(_started(b) for b in forks[it])
         if needed or (it not in forks and not done):
             continue
-        freed += path.stat().st_size
-        path.unlink(missing_ok=True)
+        freed += delete(it) if delete is not None else _unlink(trunk.checkpoint(it))
         removed.append(it)
     if removed:
         logger.info("trunk %s: removed checkpoint(s) at %s, %.1f MB (every branch forking there has its own)",
@@ -80,6 +84,15 @@ def prune_trunk(trunk: TrialDir, branches: Sequence, policy: KeepCheckpoints) ->
     return freed
 
 
+def _unlink(path: Path) -> int:
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return 0
+    path.unlink(missing_ok=True)
+    return size
+
+
 def _started(branch: TrialDir) -> bool:
     """A branch that will never fork again: it has checkpoints of its own, or has finished."""
-    return bool(branch.checkpoints()) or branch.finished()
+    return bool(branch.committed_checkpoints()) or branch.finished()

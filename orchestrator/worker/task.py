@@ -77,11 +77,19 @@ class TaskPlan(_Frozen):
         return self.total - (self.fork.at if self.fork else 0)
 
 
+class StoreRef(_Frozen):
+    """An object-store sweep (`orchestrator.worker.store_sync`): its objects' root and each node's scratch."""
+
+    uri: str  # s3://bucket/prefix/SWEEP
+    scratch: str  # the sweep's local folder on every node (the config's output dirs name the driver's mirror)
+
+
 class Task(TaskPlan):
     """A task bound for launch (see the module docstring)."""
 
     config: TrainConfig
     run_id: str = ""
+    store: StoreRef | None = None  # None: the sweep folder is shared storage, the config's paths hold
     workers: int = 1
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
@@ -111,6 +119,21 @@ class Task(TaskPlan):
 
     def trunk_folder(self) -> TrialDir | None:
         return self.folder.sibling(self.fork.trunk) if self.fork else None
+
+    def on_node(self) -> "Task":
+        """The task as it trains on this node: an object-store task's folder is in the node's scratch."""
+        if self.store is None:
+            return self
+        runtime = self.config.runtime.model_copy(
+            update={"output_dir": Path(self.store.scratch) / "trials" / self.name})
+        return self.model_copy(update={"config": self.config.model_copy(update={"runtime": runtime})})
+
+    def fork_copy(self) -> Path | None:
+        """Where an object-store branch fetches its fork checkpoint (never into its trunk's own scratch
+        folder, which the trunk may be training in on this node)."""
+        if not self.fork or self.store is None:
+            return None
+        return Path(self.store.scratch) / "forks" / self.name / self.fork_checkpoint().name
 
     def to_wire(self) -> dict[str, Any]:
         """The plain dict Tune carries (and pickles into its experiment)."""

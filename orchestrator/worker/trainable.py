@@ -41,6 +41,8 @@ from typing import Any, Iterator
 
 from orchestrator.errors import ForkError
 from orchestrator.worker.retention import apply_retention, prune_trunk
+from orchestrator.worker.store_sync import (TrialSync, fetch_fork, finish_sync, open_store, prune_trunk_in_store,
+                                            pull_trial)
 from orchestrator.worker.task import Task
 from orchestrator.worker.reporting import checkpoint_warnings, recorded_divergence, reporters_for
 from trainer.atomic import write_atomic
@@ -66,28 +68,35 @@ class PreemptionNotice:
 
 def run_trial(config: dict[str, Any]) -> None:
     """Tune trainable: one trial (config["trial"] is the task as a plain dict, `Task.to_wire`)."""
-    task = Task.from_wire(config["trial"])
+    task = Task.from_wire(config["trial"]).on_node()
+    store = open_store(task)
+    if store is not None:  # node-local scratch becomes the store's view of the folder before anything reads it
+        pull_trial(store, task.name, task.folder.path)
     folder = task.folder.make()
     log_handler = _file_log(folder.log_file())
+    sync = None
     try:
         with folder.lock():
             attempt = next_attempt(folder)
+            sync = TrialSync(store, folder, attempt).start() if store is not None else None
             if _done(task):
                 folder.add_row(ATTEMPTS, {"attempt": attempt, "skipped": "finished", "time": time.time()})
-                _retain(task)  # again: the attempt that finished it may have died while pruning
+                _retain(task, sync)  # again: the attempt that finished it may have died while pruning
                 return
             diverged = recorded_divergence(folder)
             if diverged is not None:  # deterministic: resuming would diverge at the same iteration again
                 folder.add_row(ATTEMPTS, {"attempt": attempt, "skipped": "diverged", "time": time.time()})
                 raise diverged
-            start_from = fork_source(task)
+            start_from = fork_source(task, store)
             with armed():  # SIGTERM: stop at a step's end (no run in this process otherwise: it exits)
                 if task.workers > 1:
                     _run_ddp(task, attempt, start_from)
                 else:
                     _run_local(task, attempt, start_from)
-            _retain(task)
+            _retain(task, sync)
     finally:
+        if sync is not None:  # whatever happened, what the attempt wrote goes to the store
+            finish_sync(sync, attempt)
         logging.getLogger().removeHandler(log_handler)
         log_handler.close()
 
@@ -101,12 +110,22 @@ def _done(task: Task) -> bool:
     return task.folder.finished()
 
 
-def _retain(task: Task) -> None:
-    """A finished trial's checkpoint policy; a trunk's fork points go once all their branches have started."""
+def _retain(task: Task, sync: Any = None) -> None:
+    """A finished trial's checkpoint policy; a trunk's fork points go once all their branches have started.
+
+    On object storage (`sync`) the folder's own policy applies here and reaches the store with the next
+    push; the trunk's fork points are pruned in the store, from views of the trunk and its branches."""
     policy, folder = task.keep_checkpoints, task.folder
+    if task.role == "trunk" and not folder.has_marker(TRUNK_DONE):
+        folder.mark(TRUNK_DONE, {"stop_after": task.total, "time": time.time()})
+    if sync is not None:
+        if task.role != "trunk":
+            apply_retention(folder, policy)
+        sync.push()
+        if task.role == "trunk" or task.fork:
+            prune_trunk_in_store(sync.store, task)
+        return
     if task.role == "trunk":
-        if not folder.has_marker(TRUNK_DONE):
-            folder.mark(TRUNK_DONE, {"stop_after": task.total, "time": time.time()})
         prune_trunk(folder, task.branches, policy)
         return
     apply_retention(folder, policy)
@@ -114,13 +133,17 @@ def _retain(task: Task) -> None:
         prune_trunk(task.trunk_folder(), task.branches, policy)
 
 
-def fork_source(task: Task) -> Path | None:
-    """The trunk checkpoint a branch starts from, or None: not a branch, or it has checkpoints of its own."""
+def fork_source(task: Task, store: Any = None) -> Path | None:
+    """The trunk checkpoint a branch starts from, or None: not a branch, or it has checkpoints of its own.
+
+    On object storage (`store`) it is fetched (verified) into this node's scratch first."""
     if not task.fork:
         return None
     if task.folder.checkpoints():
         return None  # forked before: continue from its own checkpoints, never from the fork again
     fork, source = task.fork, task.fork_checkpoint()
+    if store is not None:
+        source = fetch_fork(store, task) or source
     if not source.exists():
         raise ForkError(f"trunk {fork.trunk} has no checkpoint at iteration {fork.at} ({source}): it ended "
                         "before this schedule's fork point; see its train.log")

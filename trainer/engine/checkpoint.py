@@ -30,6 +30,12 @@ def checkpoint_path(folder: Path, iteration: int) -> Path:
     return Path(folder) / f"ckpt_{iteration:07d}.pt"
 
 
+def iteration_of(name: str) -> int | None:
+    """The iteration in a checkpoint file's name, or None for another name."""
+    m = _NAME.match(name)
+    return int(m.group(1)) if m else None
+
+
 def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
     """(iteration, path) of every checkpoint file in `folder`, oldest first."""
     folder = Path(folder)
