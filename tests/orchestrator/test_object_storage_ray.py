@@ -30,7 +30,8 @@ from bench.harness.load_shape import logged_to_mlflow
 from bench.harness.s3_server import client, exported, s3_server
 from tests.plugins.faults import FAULTS
 from tests.orchestrator.conftest import auth_disabled, cli, kill_node, start_node, stop_node, tiny_spec, write_spec
-from tests.orchestrator.sweep_utils import attempts, check_children, duplicate_points, kill_driver_when, mlflow_contents
+from tests.orchestrator.sweep_utils import (attempts, check_children, duplicate_points, kill_driver_when,
+                                            mlflow_contents, start_driver, wait_for)
 from trainer.trial_dir import parse_metric_rows
 
 pytestmark = pytest.mark.slow
@@ -149,6 +150,8 @@ def _stored_rows(poller: StorePoller, name: str) -> list[tuple[int, dict]]:
     """A trial's metric rows straight from the store: its newest stream's newest generation of chunks."""
     head = f"{ROOT}/trials/{name}/streams/"
     chunks = sorted(k[len(head):] for k in poller.listing() if k.startswith(head) and "/metrics/" in k)
+    if not chunks:
+        return []
     newest = max(c.split("/")[0] for c in chunks)
     chunks = [c for c in chunks if c.startswith(newest + "/")]
     gen = max(c.split("/")[-1].split("-")[0] for c in chunks)
@@ -170,37 +173,49 @@ def _mlflow_points(ml: dict) -> dict[str, set[tuple[str, int]]]:
     return {name: {(k, s) for k, steps in hist.items() for s in steps} for name, hist in ml["history"].items()}
 
 
+def _spec(tmp: Path, cache: Path) -> Path:
+    spec = tiny_spec(tmp, name=SWEEP, grid=GRID, fork_schedules=True, base__runtime__log_period=1,
+                     storage_path=f"s3://{BUCKET}/{PREFIX}", local_cache=str(cache))
+    return write_spec(tmp, spec)
+
+
+def _lose_worker(state: dict, poller: StorePoller, nodes: list, new_worker) -> None:
+    """SIGKILL the worker node (every trial trains there), then a fresh one joins (an empty tmpfs)."""
+    state.update(newest=_manifests(poller, TRUNK), streams=_streams(poller, TRUNK), lost_at=time.time())
+    kill_node(nodes[-1])
+    new_worker()
+    state["joined"] = time.time() - state["lost_at"]
+
+
 @pytest.mark.timeout(900)
 def test_forked_sweep_on_object_storage(tmp_path, cluster):
     env, address, nodes, cache, new_worker = cluster
     uri = f"s3://{BUCKET}/{ROOT}"
-    spec = tiny_spec(tmp_path, name=SWEEP, grid=GRID, fork_schedules=True, base__runtime__log_period=1,
-                     storage_path=f"s3://{BUCKET}/{PREFIX}", local_cache=str(cache))
-    path = write_spec(tmp_path, spec)
-    mirror = cache / "mirror" / "s3" / BUCKET / ROOT
-    # A delay (test hook) holds the trunk's window between its first checkpoint and its end open.
-    denv = {"RAY_ADDRESS": address, **FAULTS, "ORCHESTRATOR_DELAY": f"{TRUNK}@0.5"}
+    path, mirror = _spec(tmp_path, cache), cache / "mirror" / "s3" / BUCKET / ROOT
+    # A delay (test hook) holds the trunk's window between its first committed checkpoint and its end open:
+    # an upload of one of its ~100 MB checkpoints takes 2-9 s on a loaded 2-core machine, and the store
+    # lags training by that much.
+    denv = {"RAY_ADDRESS": address, **FAULTS, "ORCHESTRATOR_DELAY": f"{TRUNK}@3"}
     poller = StorePoller(env)
     poller.start()
     t0 = time.time()
     state: dict = {}
 
     def ready() -> bool:
-        """First the worker node is lost with the trunk past a committed checkpoint (a fresh worker node
-        joins); then the driver, once the trunk trained again on the new node."""
+        """First the worker node is lost with the trunk mid-way (past a committed checkpoint, its last
+        iteration's row not in the store yet) and a fresh worker node joins; then the driver is killed,
+        once the trunk trained again on the new node."""
         if "lost_at" not in state:
-            committed = _manifests(poller, TRUNK)
-            if not committed or committed[-1] < 3 or committed[-1] >= 8:
+            committed, rows = _manifests(poller, TRUNK), _stored_rows(poller, TRUNK)
+            if not committed or not 3 <= committed[-1] < 8 or not rows or rows[-1][0] >= 8:
                 return False
-            state.update(newest=committed[-1], streams=_streams(poller, TRUNK), lost_at=time.time())
-            kill_node(nodes[-1])
-            new_worker()
-            state["joined"] = time.time() - state["lost_at"]
+            _lose_worker(state, poller, nodes, new_worker)
             return False
         # A checkpoint newer than the loss committed (only an attempt on the new node could have), or
         # none left: the trunk finished there and its checkpoints were pruned.
         committed = _manifests(poller, TRUNK)
-        return bool(_streams(poller, TRUNK) - state["streams"]) and (not committed or committed[-1] > state["newest"])
+        return bool(_streams(poller, TRUNK) - state["streams"]) and (not committed
+                                                                     or committed[-1] > state["newest"][-1])
 
     try:
         killed_at = kill_driver_when(["run", str(path), "--no-view"], ready, tmp_path / "driver1.log", denv,
@@ -220,7 +235,7 @@ def test_forked_sweep_on_object_storage(tmp_path, cluster):
     # The trunk resumed on the fresh node from its newest committed checkpoint at the loss, or later.
     tries = [a for a in attempts(mirror, TRUNK) if "start_iter" in a]
     after = [a for a in tries if a["time"] > state["lost_at"]]
-    assert after and after[0]["start_iter"] >= state["newest"] > 0, (state, tries)
+    assert after and after[0]["start_iter"] >= state["newest"][-1] >= 3, (state, tries)
 
     # MLflow: complete curves, no duplicate point, and exactly the stored chunks' points.
     ml = mlflow_contents(tmp_path, SWEEP)
@@ -238,8 +253,49 @@ def test_forked_sweep_on_object_storage(tmp_path, cluster):
     sizes = [s for k, (s, _) in poller.listing().items() if k.endswith(".pt")]
     print(f"object storage: sweep {wall:.0f}s (resume {time.time() - t_resume:.0f}s of it, after the kill at "
           f"{killed_at - t0:.0f}s); worker node lost with the trunk's newest committed checkpoint at "
-          f"{state['newest']}, a fresh node joined in {state['joined']:.0f}s, the trunk resumed from "
+          f"{state['newest'][-1]}, a fresh node joined in {state['joined']:.0f}s, the trunk resumed from "
           f"{after[0]['start_iter']}; driver SIGKILLed, resume rc 0; {poller.scans} store scans, "
           f"{len(poller.checked)} committed checkpoint versions checked, 0 mismatches; MLflow points "
           f"{sum(map(len, logged.values()))} = stored, duplicates 0; checkpoint objects left {len(sizes)} "
           f"({sum(sizes) / 1e6:.1f} MB)")
+
+
+@pytest.mark.timeout(900)
+def test_worker_node_lost_while_a_finished_trunk_uploads(tmp_path, cluster):
+    """The trunk has finished on its node and the store shows its done marker, but its last fork
+    checkpoint (iteration 8, where the 2x branch starts) is not committed yet: the node is lost then.
+    The sweep must still finish (the trunk trains again from what the store has). If the store never
+    shows that state (the marker goes up only after the checkpoints), there is nothing to lose."""
+    env, address, nodes, cache, new_worker = cluster
+    path, log = _spec(tmp_path, cache), tmp_path / "driver.log"
+    poller = StorePoller(env)
+    done = "/files/trunk_done.json"  # the trunk's done marker, in one of its streams
+    fork8 = f"{ROOT}/trials/{TRUNK}/checkpoints/ckpt_0000008.pt{MANIFEST}"
+    state: dict = {}
+
+    def window() -> bool:
+        """True once the window is open (the marker without the checkpoint) or can no longer open."""
+        keys = poller.listing()
+        marked = any(k.startswith(f"{ROOT}/trials/{TRUNK}/streams/") and k.endswith(done) for k in keys)
+        state["open"] = marked and fork8 not in keys
+        return state["open"] or fork8 in keys
+
+    poller.start()
+    driver = start_driver(["run", str(path), "--no-view"], log, {"RAY_ADDRESS": address})
+    try:
+        wait_for(driver, window, log, timeout=600, poll=0.1)
+        if state["open"]:
+            _lose_worker(state, poller, nodes, new_worker)
+        assert driver.wait(timeout=600) == 0, log.read_text()[-3000:]
+    finally:
+        poller.stop.set()
+        poller.join()
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    assert poller.problems == [], poller.problems
+    check_children(mlflow_contents(tmp_path, SWEEP), EVALS)
+    assert duplicate_points(tmp_path) == []
+    print(f"object storage: trunk done marker in the store before its fork checkpoint 8: "
+          f"{'yes, worker node lost then (committed: ' + str(state['newest']) + ')' if state['open'] else 'never'}"
+          f"; the sweep finished, duplicates 0")
