@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ import pytest
 
 from bench.harness.load_shape import logged_to_mlflow
 from bench.harness.s3_server import client, exported, s3_server
+from orchestrator.state.folder import DEFAULT_CACHE
 from tests.plugins.faults import FAULTS
 from tests.orchestrator.conftest import auth_disabled, cli, kill_node, start_node, stop_node, tiny_spec, write_spec
 from tests.orchestrator.sweep_utils import (attempts, check_children, duplicate_points, kill_driver_when,
@@ -56,6 +58,9 @@ def cluster(tmp_path):
     wrap = ("unshare", "--mount", "--propagation", "private", "sh", "-c",
             f'mount -t tmpfs tmpfs "{cache}" && exec "$0" "$@"')
     nodes: list = []
+    # `status s3://...` (and `resume s3://...`) mirror into the default local cache first: this test's
+    # copy goes with the test (an older one would be another server's sweep under the same URI).
+    shutil.rmtree(DEFAULT_CACHE / "mirror" / "s3" / BUCKET / ROOT, ignore_errors=True)
     with s3_server(BUCKET) as env, exported(env), auth_disabled():
         head, address = start_node(tmp_path / "head.log", num_cpus=0, prefix=wrap)
         nodes.append(head)
@@ -70,6 +75,7 @@ def cluster(tmp_path):
         finally:
             for proc in reversed(nodes):
                 stop_node(proc)
+            shutil.rmtree(DEFAULT_CACHE / "mirror" / "s3" / BUCKET / ROOT, ignore_errors=True)
 
 
 class StorePoller(threading.Thread):
@@ -247,7 +253,8 @@ def test_forked_sweep_on_object_storage(tmp_path, cluster):
                                               sorted(logged[name] - stored[name])[:10])
 
     status = cli("status", uri, timeout=300)
-    assert status.returncode == 0 and "total: 2 trials (2 finished)" in status.stdout, status.stdout + status.stderr
+    assert status.returncode == 0 and "total: 2 trials + 1 trunks (3 finished)" in status.stdout, \
+        status.stdout + status.stderr
     report = cli("report", str(mirror), "--no-log", timeout=600)
     assert report.returncode == 0, report.stderr[-3000:]
     sizes = [s for k, (s, _) in poller.listing().items() if k.endswith(".pt")]
