@@ -257,14 +257,22 @@ def test_forked_sweep_on_object_storage(tmp_path, cluster):
         status.stdout + status.stderr
     report = cli("report", str(mirror), "--no-log", timeout=600)
     assert report.returncode == 0, report.stderr[-3000:]
-    sizes = [s for k, (s, _) in poller.listing().items() if k.endswith(".pt")]
+    # keep_checkpoints: final (the default): each trial's last checkpoint stays, committed; the trunk's
+    # fork points went once both branches had their own.
+    listing = poller.listing()
+    kept = sorted(k[len(ROOT) + 1:-len(MANIFEST)] for k in listing if k.endswith(".pt" + MANIFEST))
+    assert kept == [f"trials/{n}/checkpoints/ckpt_{e[-1]:07d}.pt" for n, e in sorted(EVALS.items())], kept
+    sizes = [s for k, (s, _) in listing.items() if k.endswith(".pt")]
+    cost = [a for n in (TRUNK, *EVALS) for a in attempts(mirror, n) if "uploads" in a]  # attempts that ended
+    uploads, upload_mb, upload_s = (sum(a[k] for a in cost) for k in ("uploads", "upload_mb", "upload_s"))
     print(f"object storage: sweep {wall:.0f}s (resume {time.time() - t_resume:.0f}s of it, after the kill at "
           f"{killed_at - t0:.0f}s); worker node lost with the trunk's newest committed checkpoint at "
           f"{state['newest'][-1]}, a fresh node joined in {state['joined']:.0f}s, the trunk resumed from "
           f"{after[0]['start_iter']}; driver SIGKILLed, resume rc 0; {poller.scans} store scans, "
           f"{len(poller.checked)} committed checkpoint versions checked, 0 mismatches; MLflow points "
           f"{sum(map(len, logged.values()))} = stored, duplicates 0; checkpoint objects left {len(sizes)} "
-          f"({sum(sizes) / 1e6:.1f} MB)")
+          f"({sum(sizes) / 1e6:.1f} MB); checkpoint uploads recorded {uploads}, {upload_mb:.0f} MB in "
+          f"{upload_s:.1f} s ({upload_s / max(uploads, 1):.1f} s each)")
 
 
 @pytest.mark.timeout(900)
