@@ -63,6 +63,11 @@ _MARKERS = {FORK: "fork.json", TRUNK_DONE: "trunk_done.json", DIVERGED: "diverge
 Row = tuple[int, dict[str, Any]]
 
 
+def file_name(kind: str) -> str:
+    """The file of a record or marker kind (`ATTEMPTS`, `TRUNK_DONE`, ...) in a trial's folder."""
+    return {**_RECORDS, **_MARKERS}[kind]
+
+
 def parse_metric_rows(data: bytes, upto: int | None = None) -> list[Row]:
     """The one parser of metrics.jsonl: (step, metrics) of each complete, readable row, up to a step."""
     rows = []

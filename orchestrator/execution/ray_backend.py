@@ -173,7 +173,8 @@ class PretrainJobs:
     What a running job holds is not free, so the queue's count of free resources leaves it out.
     """
 
-    def __init__(self, jobs: list[tuple[str, dict[str, Any], Resources]], max_retries: int):
+    def __init__(self, jobs: list[tuple[str, dict[str, Any], Resources]], max_retries: int,
+                 store: dict[str, Any] | None = None):
         from orchestrator.worker.trainable import run_pretrain_job
 
         remote = ray.remote(run_pretrain_job)
@@ -182,7 +183,7 @@ class PretrainJobs:
         for name, cfg, res in jobs:
             self.refs[name] = remote.options(num_cpus=res.cpus_per_trial, num_gpus=min(res.gpus_per_trial, 1.0),
                                              max_retries=max_retries, retry_exceptions=True,
-                                             name=f"pretrain-{name}").remote(cfg)
+                                             name=f"pretrain-{name}").remote(cfg, store)
             logger.info("pretrain job %s started", name)
 
     def poll(self, timeout: float = 0.0) -> None:

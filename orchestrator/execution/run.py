@@ -105,14 +105,8 @@ def _pull_mirror(spec: SweepSpec, sweep_dir: Path) -> Any:
     on a cluster that is gone, resumes from them), or None on shared storage."""
     if spec.store_uri is None:
         return None
-    from orchestrator.worker.object_store import credentials_hint
-
     copy = st.mirror(spec.store_uri, sweep_dir)
-    try:
-        copy.pull_root()
-    except Exception as exc:  # pyarrow's errors differ by store and version: all mean "cannot use it"
-        raise OrchestratorError(f"cannot read the object store {spec.store_uri} ({type(exc).__name__}: "
-                                f"{str(exc)[:200]}); credentials set here: {credentials_hint()}") from None
+    st.pull_root(copy)
     return copy
 
 
@@ -163,7 +157,7 @@ def run(spec_path: Path, *, storage: Path | str | None = None, must_exist: bool 
     # The pretrain jobs train beside the trials that do not need them (those that do wait in the queue
     # for the backbone); MLflow's runs are made meanwhile: a fresh store's migrations and one child
     # run (with all its params) per trial take seconds to a minute on a big grid.
-    jobs = _start_pretrain(exp, sweep_dir, spec.retry.max_failures)
+    jobs = _start_pretrain(exp, sweep_dir, spec.retry.max_failures, _store_ref(spec))
     configs = bound_configs(exp, sweep_dir)  # each task's config, validated here once
     tracker, run_ids = _open_tracking(p, record, configs)
     tasks = build_tasks(exp, configs, run_ids, _store_ref(spec))
@@ -240,7 +234,8 @@ def _check_storage(exp: Expansion, sweep_dir: Path, mirror: Any = None) -> tuple
 def _store_ref(spec: SweepSpec) -> StoreRef | None:
     if spec.store_uri is None:
         return None
-    return StoreRef(uri=spec.store_uri, scratch=str(st.scratch_dir_for(spec.store_uri, spec.local_cache)))
+    return StoreRef(uri=spec.store_uri, scratch=str(st.scratch_dir_for(spec.store_uri, spec.local_cache)),
+                    mirror=str(st.sweep_dir_for(spec.storage_path, spec.name, spec.local_cache)))
 
 
 def _open_tracking(p: Prepared, record: dict[str, Any],
@@ -268,13 +263,13 @@ def _child_runs(tracker: Any, exp: Expansion, record: dict[str, Any],
     return tracker.find_children()
 
 
-def _start_pretrain(exp: Expansion, sweep_dir: Path, retries: int) -> Any:
+def _start_pretrain(exp: Expansion, sweep_dir: Path, retries: int, store: StoreRef | None = None) -> Any:
     """The pretrain jobs not done yet, started as Ray tasks (an `ray_backend.PretrainJobs`), or None."""
     from orchestrator.execution.ray_backend import PretrainJobs
 
     todo = [(j.name, bind_pretrain(j, sweep_dir), j.resources) for j in exp.pretrain
             if not _done_marker(sweep_dir, j.name).exists()]
-    return PretrainJobs(todo, retries) if todo else None
+    return PretrainJobs(todo, retries, store.model_dump() if store else None) if todo else None
 
 
 def _done_marker(sweep_dir: Path, job: str) -> Path:

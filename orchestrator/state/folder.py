@@ -200,10 +200,22 @@ def find_sweep_dir(target: str | Path) -> Path:
     return folder
 
 
+def pull_root(copy: Any) -> int:
+    """`SweepMirror.pull_root`, its store's errors as one line (naming the credential variables set here)."""
+    from orchestrator.errors import OrchestratorError
+    from orchestrator.worker.object_store import credentials_hint
+
+    try:
+        return copy.pull_root()
+    except Exception as exc:  # pyarrow's errors differ by store and version: all mean "cannot read it"
+        raise OrchestratorError(f"cannot read the object store {copy.store.uri} ({type(exc).__name__}: "
+                                f"{str(exc)[:200]}); credentials set here: {credentials_hint()}") from None
+
+
 def _pulled(store_uri: str, folder: Path, target: str) -> Path:
     """An object-store sweep's mirror, brought up to date from the store (`status`, `report`, `ui`)."""
     copy = mirror(store_uri, folder)
-    if not copy.pull_root() or not (folder / RECORD).exists():
+    if not pull_root(copy) or not (folder / RECORD).exists():
         raise SweepNotFoundError(f"no sweep at {store_uri} (no {RECORD} there); start it with: "
                                  f"python -m orchestrator run SPEC")
     copy.pull_trials()

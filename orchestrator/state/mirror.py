@@ -23,11 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.worker.object_store import ObjectStore
-from orchestrator.worker.store_sync import committed, newest_view, trial_key
+from orchestrator.worker.store_sync import CLOSED, committed, newest_view
 from trainer.atomic import write_atomic
-from trainer.trial_dir import MANIFEST, METRICS
+from trainer.trial_dir import FINAL, MANIFEST, METRICS, TRUNK_DONE, file_name
 
 logger = logging.getLogger(__name__)
+# A task's files that say it has ended: a trial's final metrics, a trunk's marker, a pretrain job's.
+ENDED = {FINAL, file_name(TRUNK_DONE), "done.json"}
 
 
 class SweepMirror:
@@ -38,6 +40,7 @@ class SweepMirror:
         self.fetched: dict[str, tuple[int, int]] = {}  # key -> (size, mtime) of the copy here
         self.streams: dict[str, tuple[str, list[str]]] = {}  # task -> (its metrics' generation, chunks appended)
         self.pushed: dict[str, tuple[int, int]] = {}
+        self.ended: set[str] = set()  # tasks whose end this mirror has (`pull_trials`)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -65,19 +68,24 @@ class SweepMirror:
 
     # -- the tasks' folders ---------------------------------------------------------------------
     def pull_trials(self) -> None:
-        by_task: dict[str, dict[str, Any]] = {}
-        for key, stamp in self.store.list("trials").items():
-            parts = key.split("/")
-            if len(parts) > 2:
-                by_task.setdefault(parts[1], {})[key] = stamp
-        for name, listing in sorted(by_task.items()):
-            self._pull_task(name, listing)
+        """Every task's folder (trials/NAME) and pretrain job's (pretrain/NAME: its done.json, its backbone).
 
-    def _pull_task(self, name: str, listing: dict[str, Any]) -> None:
-        prefix, folder = trial_key(name), self.local / "trials" / name
+        A task that has ended (final metrics, trunk-done or done marker) is listed no more after the pass
+        that saw it end: a paper grid's finished trials hold thousands of chunks."""
+        for kind in ("trials", "pretrain"):
+            for name in self.store.folders(kind):
+                prefix = f"{kind}/{name}"
+                if prefix not in self.ended:
+                    self._pull_task(prefix, self.store.list(prefix))
+
+    def _pull_task(self, prefix: str, listing: dict[str, Any]) -> None:
+        name, folder = prefix, self.local / prefix
         files, chunks = newest_view(listing, prefix)
         for fname, key in files.items():
             self._fetch(key, listing[key], folder / fname)
+        for fname in ENDED & set(files):  # ended, and the attempt that ended it pushed its last rows
+            if files[fname].rsplit("/files/", 1)[0] + f"/{CLOSED}" in listing:
+                self.ended.add(prefix)
         self._pull_metrics(name, folder, chunks)
         wanted = {folder / f"{rel}{MANIFEST}" for rel in committed(listing, prefix)}
         for path in wanted:

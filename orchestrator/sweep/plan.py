@@ -162,7 +162,25 @@ def render_plan(exp: Expansion, gpus: int | None = None, node: tuple[int, float]
     out.append("-" * len(head))
     out.extend(_totals(spec, exp, rows, trunks))
     out.append(render_makespan(exp, gpus, node))
+    out.append(storage_needs(spec)["text"])
     return "\n".join(out)
+
+
+def storage_needs(spec: SweepSpec) -> dict[str, Any]:
+    """What the sweep's storage choice asks of the cluster (`plan` prints it; README: "Storage")."""
+    from orchestrator.state.folder import scratch_dir_for, sweep_dir_for
+
+    folder = sweep_dir_for(spec.storage_path, spec.name, spec.local_cache)
+    inputs = "the dataset and weights files on every node's disk at the same paths"
+    if spec.store_uri is None:
+        return {"kind": "shared", "sweep_dir": str(folder),
+                "text": f"storage: shared folder {folder}: every node (the head too) must see it, and {inputs}"}
+    scratch = scratch_dir_for(spec.store_uri, spec.local_cache)
+    return {"kind": "object_store", "uri": spec.store_uri, "mirror": str(folder), "scratch": str(scratch),
+            "text": f"storage: object store {spec.store_uri} (Tune's experiment, checkpoints, metric chunks, "
+                    f"records); every node reads its credentials from its own environment (AWS_* or "
+                    f"GOOGLE_APPLICATION_CREDENTIALS; never written anywhere) and trains in {scratch} (its own "
+                    f"disk: room for a trial's checkpoints); the driver mirrors the sweep in {folder}; {inputs}"}
 
 
 def _line(number: str, r: PlanRow, width: int, forked: bool) -> str:
@@ -256,7 +274,8 @@ def plan_json(exp: Expansion, gpus: int | None = None, node: tuple[int, float] |
                        "gpu_hours": sum(r.gpu_hours for r in rows),
                        "gpu_hours_with_forking": sum(r.trains_hours for r in rows + trunks)},
             "makespan": {"gpus": m.gpus, "trials_at_once": m.slots, "critical_path_h": m.critical_h,
-                         "gpu_hours": m.gpu_h, "bound_h": m.bound_h}}
+                         "gpu_hours": m.gpu_h, "bound_h": m.bound_h},
+            "storage": {k: v for k, v in storage_needs(spec).items() if k != "text"}}
 
 
 def show_task(exp: Expansion, which: str) -> str:
@@ -274,7 +293,7 @@ def show_task(exp: Expansion, which: str) -> str:
     if found is None:
         names = ", ".join(t.name for t in tasks[:6]) + (", ..." if len(tasks) > 6 else "")
         raise SpecError(f"--show {which}: no such trial (give a name, an id or a row number of the plan: {names})")
-    sweep_dir = sweep_dir_for(exp.spec.storage_path, exp.spec.name)
+    sweep_dir = sweep_dir_for(exp.spec.storage_path, exp.spec.name, exp.spec.local_cache)
     cfg = bind_config(found, sweep_dir, {j.name: backbone_file(sweep_dir, j.name) for j in exp.pretrain})
     head = f"# {found.name} ({found.trial_id}) of sweep {exp.spec.name}, spec hash {exp.spec_hash}\n"
     return head + yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip("\n")

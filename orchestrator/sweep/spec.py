@@ -236,14 +236,10 @@ class SweepSpec(_Strict):
         elif isinstance(path, str):
             if not split_uri(path)[1]:
                 raise ValueError(f"storage_path {path!r}: name the bucket (s3://BUCKET[/PREFIX])")
-            # Not yet on object storage: a DDP gang's ranks may sit on other nodes than the trial that
-            # pulls and pushes its folder, and a pretrain job's backbone is read from the sweep folder.
-            if self.resources.workers > 1:
-                raise ValueError(f"storage_path {path}: DDP trials ({self.resources.workers} workers) need a "
-                                 "shared storage_path for now; object storage takes one worker per trial")
-            if self.pretrain:
-                raise ValueError(f"storage_path {path}: pretrain jobs need a shared storage_path for now; give "
-                                 "the backbone as a weights file (model.imagenet_weights) instead")
+            # The trial's process pulls and pushes the folder its ranks train in: they share its node's scratch.
+            if self.resources.workers > 1 and not self.resources.one_node:
+                raise ValueError(f"storage_path {path}: DDP trials ({self.resources.workers} workers) on an object "
+                                 "store need resources.one_node: true (each gang on one node, sharing its scratch)")
         return self
 
     @property

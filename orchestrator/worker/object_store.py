@@ -4,12 +4,15 @@ Object stores have no append, no rename and no lock, and an object is replaced w
 module guarantees on top of that, through pyarrow's file systems (the client Ray Tune uses; the endpoint
 and credentials come from the environment as pyarrow reads them: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...):
 
-- Big files (checkpoints, weights) are *committed*: `put_file` streams the bytes to their final key, then
+- Big files (checkpoints, weights) are *committed*: `put_file` streams the bytes to a staging key, has
+  the store copy them to the final key (one CopyObject: the object appears whole or not at all), then
   writes `<key>.manifest.json` = {"size", "sha256"}. A reader trusts a big object only when its
-  manifest exists and the bytes it downloaded match it (`get_verified`). This matters: pyarrow's output
-  stream completes a multipart upload when it is closed, and a `with` block closes it on an exception,
-  so an upload that failed midway can leave a truncated object under the final name; a process killed
-  midway leaves none. Either way there is no manifest, so nothing loads it.
+  manifest exists and the bytes it downloaded match it (`get_verified`). The staging step matters:
+  pyarrow's output stream completes a multipart upload when it is closed, and a `with` block closes it
+  on an exception, so a failed upload leaves a truncated object, here only under the staging key
+  (deleted at once). A process killed midway leaves an unfinished multipart upload, which no listing
+  shows (a bucket lifecycle rule aborts those) and, if killed between copy and manifest, an object
+  without a manifest, which no reader loads.
 - Small objects (JSON, metric chunks, logs) are written in one PUT (`put_bytes`) and read whole.
 
 Keys are relative to the store's root (`s3://bucket/prefix` -> "bucket/prefix" in pyarrow's terms).
@@ -21,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -31,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 SCHEMES = ("s3://", "gs://")
 _BLOCK = 8 << 20
+STAGING = ".uploads"  # under the store's root: where big objects are written before their copy to the final key
 
 
 def is_store_uri(value: Any) -> bool:
@@ -96,6 +101,13 @@ class ObjectStore:
         return {i.path[cut:]: (int(i.size or 0), int(i.mtime_ns or 0))
                 for i in infos if i.type == pafs.FileType.File}
 
+    def folders(self, prefix: str) -> list[str]:
+        """The names of the "folders" right under `prefix` (common prefixes of its keys)."""
+        from pyarrow import fs as pafs
+
+        infos = self.fs.get_file_info(pafs.FileSelector(self._path(prefix), recursive=False, allow_not_found=True))
+        return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
     def delete(self, key: str) -> None:
         try:
             self.fs.delete_file(self._path(key))
@@ -104,14 +116,23 @@ class ObjectStore:
 
     # -- committed (big) objects ---------------------------------------------------------------
     def put_file(self, local: str | Path, key: str, source: BinaryIO | None = None) -> dict[str, Any]:
-        """Upload a file's bytes (or `source`'s) to `key`, then commit them with its manifest; returns it."""
+        """Upload a file's bytes (or `source`'s) to `key`, then commit them with its manifest; returns it.
+
+        The bytes go to a staging key first and are copied to `key` by the store (one CopyObject: the
+        object appears whole), because pyarrow completes a multipart upload whose stream is closed on
+        an exception: a failed upload leaves a truncated object only under the staging key, removed here."""
         digest, size = hashlib.sha256(), 0
-        with (source if source is not None else open(local, "rb")) as src, \
-                self.fs.open_output_stream(self._path(key)) as out:
-            while block := src.read(_BLOCK):
-                digest.update(block)
-                out.write(block)
-                size += len(block)
+        staging = f"{STAGING}/{secrets.token_hex(8)}/{key.rsplit('/', 1)[-1]}"
+        try:
+            with (source if source is not None else open(local, "rb")) as src, \
+                    self.fs.open_output_stream(self._path(staging)) as out:
+                while block := src.read(_BLOCK):
+                    digest.update(block)
+                    out.write(block)
+                    size += len(block)
+            self.fs.copy_file(self._path(staging), self._path(key))
+        finally:
+            self.delete(staging)
         manifest = {"size": size, "sha256": digest.hexdigest()}
         self.put_bytes(key + MANIFEST, json.dumps(manifest))  # the commit: written only after the bytes
         return manifest

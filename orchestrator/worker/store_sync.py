@@ -37,12 +37,15 @@ from typing import Any
 
 from orchestrator.worker.object_store import ObjectStore, hexdigest
 from trainer.atomic import write_atomic
-from trainer.trial_dir import LOCK, MANIFEST, METRICS, TrialDir
+from trainer.trial_dir import LOG, LOCK, MANIFEST, METRICS, TrialDir
 
 logger = logging.getLogger(__name__)
 
 BIG = ".pt"
 PUSH_INTERVAL_S = 2.0
+LOG_PUSH_S = 30.0
+CLOSED = "closed"  # the last object of a stream: its attempt pushed everything
+METRICS_PUSH_S = 10.0  # and with every new checkpoint, and at the attempt's end
 
 
 def trial_key(name: str) -> str:
@@ -85,11 +88,12 @@ def committed(listing: dict[str, Any], prefix: str) -> list[str]:
     return sorted(out)
 
 
-def pull_trial(store: ObjectStore, name: str, folder: str | Path, checkpoints: str = "all") -> dict[str, Any]:
-    """Make `folder` the store's view of task `name`; `checkpoints`: "all" (verified bytes), "manifests"
-    (a manifest file beside where each would be: `TrialDir.has_checkpoint` counts them) or a relative
-    key of the one to fetch (a branch's fork checkpoint in its trunk's folder). Returns what it did."""
-    folder, prefix = Path(folder), trial_key(name)
+def pull_trial(store: ObjectStore, name: str, folder: str | Path, checkpoints: str = "all",
+               prefix: str | None = None) -> dict[str, Any]:
+    """Make `folder` the store's view of task `name` (or of the folder at key `prefix`: a pretrain job's);
+    `checkpoints`: "all" (verified bytes) or "manifests" (a manifest file beside where each would be:
+    `TrialDir.has_checkpoint` counts them). Returns what it did."""
+    folder, prefix = Path(folder), prefix or trial_key(name)
     listing = store.list(prefix)
     files, chunks = newest_view(listing, prefix)
     folder.mkdir(parents=True, exist_ok=True)
@@ -112,43 +116,51 @@ def _pull_big(store: ObjectStore, listing: dict[str, Any], prefix: str, folder: 
     got, dropped = [], []
     for path in list(folder.rglob(f"*{BIG}")):  # a local one the store has not committed goes
         rel = path.relative_to(folder).as_posix()
-        if rel not in wanted or which not in ("all", rel):
+        if rel not in wanted or which != "all":
             path.unlink()
             dropped.append(rel)
     for rel in wanted:
         local = folder / rel
         if which == "manifests":
             write_atomic(local.with_name(local.name + MANIFEST), store.get_bytes(f"{prefix}/{rel}{MANIFEST}") or b"")
-            continue
-        if which not in ("all", rel):
-            continue
-        manifest = store.manifest(f"{prefix}/{rel}")
-        if manifest and local.exists() and local.stat().st_size == manifest["size"] \
-                and hexdigest(local) == manifest["sha256"]:
-            got.append(rel)  # this node has it already (an earlier attempt here)
-            continue
-        if store.get_verified(f"{prefix}/{rel}", local, manifest):
+        elif fetch(store, f"{prefix}/{rel}", local):
             got.append(rel)
-        elif local.exists():
-            local.unlink()
     return got, dropped
+
+
+def fetch(store: ObjectStore, key: str, local: Path) -> bool:
+    """A committed object at `local`, verified: kept if this node has it already, else downloaded."""
+    manifest = store.manifest(key)
+    if manifest is None:
+        return False
+    if local.exists() and local.stat().st_size == manifest["size"] and hexdigest(local) == manifest["sha256"]:
+        return True  # an earlier attempt on this node (or another task of the sweep) fetched it
+    if store.get_verified(key, local, manifest):
+        return True
+    local.unlink(missing_ok=True)
+    return False
 
 
 class TrialSync:
     """Pushes one attempt's trial folder to the store: periodically from a thread, and whole at `close`."""
 
-    def __init__(self, store: ObjectStore, folder: TrialDir, attempt: int,
-                 peers: tuple[TrialDir, ...] = ()):
-        self.store, self.folder, self.prefix = store, folder, trial_key(folder.name)
-        self.stream = f"{attempt:04d}.{secrets.token_hex(4)}"
-        self.peers = peers  # folders this process may prune (a branch's trunk): deletions only
+    def __init__(self, store: ObjectStore, folder: TrialDir, attempt: int, prefix: str | None = None):
+        self.store, self.folder, self.prefix = store, folder, prefix or trial_key(folder.name)
+        # After every stream in the store, even one whose attempt died before its attempts row went up.
+        head = f"{self.prefix}/streams/"
+        streams = {k[len(head):].split("/")[0] for k in store.list(head.rstrip("/")) if k.startswith(head)}
+        number = max([attempt] + [int(s.split(".")[0]) + 1 for s in streams if s.split(".")[0].isdigit()])
+        self.stream = f"{number:04d}.{secrets.token_hex(4)}"
         self.pushed: dict[str, tuple[int, int]] = {}  # small file -> (size, mtime) pushed
-        self.big = {d.path: self._big_here(d) for d in (folder, *peers)}  # what the store has committed
+        done = set(committed(store.list(self.prefix), self.prefix))
+        # Big files here that the store has committed (a pull just fetched them): not uploaded again.
+        self.big = {rel: stamp for rel, stamp in self._big_here(folder).items() if rel in done}
         self.inode, self.offset, self.gen, self.seq = None, 0, -1, 0
         self.uploads: list[tuple[str, int, float]] = []  # (key, bytes, seconds): the upload cost
         self._wake, self._stop = threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
         self._push_lock = threading.Lock()
+        self._log_at = self._rows_at = 0.0
 
     @staticmethod
     def _big_here(folder: TrialDir) -> dict[str, tuple[int, int]]:
@@ -181,16 +193,17 @@ class TrialSync:
         self._wake.set()
         if self._thread is not None:
             self._thread.join()
-        self.push()
+        self.push(final=True)
+        self.store.put_bytes(f"{self.prefix}/streams/{self.stream}/{CLOSED}", b"")  # nothing more comes
 
-    def push(self) -> None:
+    def push(self, final: bool = False) -> None:
         with self._push_lock:
             on_disk = self._big_here(self.folder)  # first: rows written before a checkpoint go out before it
-            self._push_metrics()
-            self._push_files()
-            self._push_big(self.folder, on_disk)
-            for peer in self.peers:
-                self._push_big(peer, self._big_here(peer), deletions_only=True)
+            new_big = any(self.big.get(rel) != stamp for rel, stamp in on_disk.items())
+            if final or new_big or time.monotonic() - self._rows_at >= METRICS_PUSH_S:
+                self._push_metrics()  # a chunk per METRICS_PUSH_S at most: listings stay short
+            self._push_files(final)
+            self._push_big(on_disk)
 
     def _stream_key(self, kind: str, name: str) -> str:
         return f"{self.prefix}/streams/{self.stream}/{kind}/{name}"
@@ -207,12 +220,13 @@ class TrialSync:
         except FileNotFoundError:
             return
         data = data[:data.rfind(b"\n") + 1]  # a torn last line waits
+        self._rows_at = time.monotonic()
         if data or self.seq == 0:
             self.store.put_bytes(self._stream_key("metrics", f"{self.gen:02d}-{self.seq:06d}.jsonl"), data)
             self.offset += len(data)
             self.seq += 1
 
-    def _push_files(self) -> None:
+    def _push_files(self, final: bool) -> None:
         for path in sorted(self.folder.path.iterdir()) if self.folder.path.exists() else ():
             name = path.name
             if not path.is_file() or name.startswith(".") or name in (METRICS, LOCK) or name.endswith(BIG) \
@@ -221,22 +235,23 @@ class TrialSync:
             st = path.stat()
             if self.pushed.get(name) == (st.st_size, st.st_mtime_ns):
                 continue
+            if name == LOG and not final and time.monotonic() - self._log_at < LOG_PUSH_S:
+                continue  # the log is uploaded whole: every LOG_PUSH_S, and at the attempt's end
             self.store.put_bytes(self._stream_key("files", name), path.read_bytes())
             self.pushed[name] = (st.st_size, st.st_mtime_ns)
+            self._log_at = time.monotonic() if name == LOG else self._log_at
 
-    def _push_big(self, folder: TrialDir, on_disk: dict[str, tuple[int, int]], deletions_only: bool = False) -> None:
-        known, prefix = self.big[folder.path], trial_key(folder.name)
+    def _push_big(self, on_disk: dict[str, tuple[int, int]]) -> None:
+        known, prefix = self.big, self.prefix
         for rel in sorted(set(known) - set(on_disk)):  # pruned here since: pruned in the store
             self.store.delete_committed(f"{prefix}/{rel}")
             del known[rel]
-        if deletions_only:
-            return
         for rel, stamp in sorted(on_disk.items()):
             if known.get(rel) == stamp:
                 continue
             t0 = time.perf_counter()
             try:
-                manifest = self.store.put_file(folder.path / rel, f"{prefix}/{rel}")
+                manifest = self.store.put_file(self.folder.path / rel, f"{prefix}/{rel}")
             except FileNotFoundError:
                 continue  # pruned between the listing and the upload
             self.uploads.append((rel, manifest["size"], time.perf_counter() - t0))
@@ -256,8 +271,10 @@ class TrialSync:
 
 
 def open_store(task: Any) -> ObjectStore | None:
-    """The sweep's store of an object-store task (`Task.store`), or None: the sweep folder is shared."""
-    return ObjectStore.from_uri(task.store.uri) if task.store is not None else None
+    """The sweep's store of an object-store task (`Task.store`, or a `StoreRef` itself), or None: the
+    sweep folder is shared."""
+    ref = getattr(task, "store", task)
+    return ObjectStore.from_uri(ref.uri) if ref is not None else None
 
 
 def fetch_fork(store: ObjectStore, task: Any) -> Path | None:
@@ -265,7 +282,17 @@ def fetch_fork(store: ObjectStore, task: Any) -> Path | None:
     source = task.fork_checkpoint()
     key = f"{trial_key(task.fork.trunk)}/{source.parent.name}/{source.name}"
     dest = task.fork_copy()
-    return dest if store.get_verified(key, dest) else None
+    return dest if fetch(store, key, dest) else None
+
+
+def fetch_init(store: ObjectStore, task: Any) -> None:
+    """The checkpoint a task's model starts from when the sweep made it (a pretrain job's backbone, in
+    this node's scratch after `Task.on_node`): fetched once per node, verified."""
+    init = task.config.model.init
+    path = Path(init.removeprefix("checkpoint:"))
+    if init.startswith("checkpoint:") and path.is_relative_to(task.store.scratch) and \
+            not fetch(store, task.store.key(path), path):
+        logger.warning("%s is not in the store %s (yet): the trial will fail on it", path, store.uri)
 
 
 def finish_sync(sync: TrialSync, attempt: int) -> None:
@@ -273,7 +300,7 @@ def finish_sync(sync: TrialSync, attempt: int) -> None:
     from trainer.trial_dir import ATTEMPTS
 
     try:
-        sync.push()  # first: the cost row covers every upload
+        sync.push(final=True)  # first: the cost row covers every upload
         cost = sync.upload_cost()
         if cost["uploads"]:
             sync.folder.add_row(ATTEMPTS, {"attempt": attempt, "store": sync.store.uri, **cost, "time": time.time()})

@@ -81,7 +81,19 @@ class StoreRef(_Frozen):
     """An object-store sweep (`orchestrator.worker.store_sync`): its objects' root and each node's scratch."""
 
     uri: str  # s3://bucket/prefix/SWEEP
-    scratch: str  # the sweep's local folder on every node (the config's output dirs name the driver's mirror)
+    scratch: str  # the sweep's local folder on every node
+    mirror: str = ""  # the driver's local folder of the sweep: the paths the configs name
+
+    def on_node(self, path: str | Path) -> Path:
+        """A path in the driver's mirror as the same path in this node's scratch (others as they are)."""
+        path = Path(path)
+        if self.mirror and path.is_relative_to(self.mirror):
+            return Path(self.scratch) / path.relative_to(self.mirror)
+        return path
+
+    def key(self, path: str | Path) -> str:
+        """A scratch path's key in the store (relative to the sweep's root)."""
+        return Path(path).relative_to(self.scratch).as_posix()
 
 
 class Task(TaskPlan):
@@ -121,12 +133,16 @@ class Task(TaskPlan):
         return self.folder.sibling(self.fork.trunk) if self.fork else None
 
     def on_node(self) -> "Task":
-        """The task as it trains on this node: an object-store task's folder is in the node's scratch."""
+        """The task as it trains on this node: an object-store task's folder (and a backbone a pretrain job
+        of the sweep made) in the node's scratch."""
         if self.store is None:
             return self
         runtime = self.config.runtime.model_copy(
             update={"output_dir": Path(self.store.scratch) / "trials" / self.name})
-        return self.model_copy(update={"config": self.config.model_copy(update={"runtime": runtime})})
+        model = self.config.model
+        if model.init.startswith("checkpoint:"):
+            model = model.model_copy(update={"init": f"checkpoint:{self.store.on_node(model.init[11:])}"})
+        return self.model_copy(update={"config": self.config.model_copy(update={"runtime": runtime, "model": model})})
 
     def fork_copy(self) -> Path | None:
         """Where an object-store branch fetches its fork checkpoint (never into its trunk's own scratch

@@ -21,6 +21,11 @@ the iterations it actually trained.
 What an attempt reports (and plugin reporters) live in `orchestrator.worker.reporting` (Ray-free); this
 module adds where it runs (Ray node, assigned GPU ids) to its attempts.jsonl row.
 
+On an object store (`Task.store`) the folder is in this node's scratch (`Task.on_node`): the attempt
+first pulls the store's view of it (`orchestrator.worker.store_sync.pull_trial`), pushes what it writes
+from a thread while it trains (`TrialSync`), and pushes the rest when it ends, whatever ended it; a
+branch fetches its fork checkpoint, a trial the backbone a pretrain job of the sweep made.
+
 Preemption with notice: the trial's process routes SIGTERM to `trainer.engine.preemption`'s flag (installed
 by `PreemptionNotice.setup`, which Tune runs in the actor's main thread, where Python runs signal
 handlers; Tune runs `run_trial` itself in another thread). A single-worker trial's trainer stops at
@@ -41,9 +46,9 @@ from typing import Any, Iterator
 
 from orchestrator.errors import ForkError
 from orchestrator.worker.retention import apply_retention, prune_trunk
-from orchestrator.worker.store_sync import (TrialSync, fetch_fork, finish_sync, open_store, prune_trunk_in_store,
-                                            pull_trial)
-from orchestrator.worker.task import Task
+from orchestrator.worker.store_sync import (TrialSync, fetch_fork, fetch_init, finish_sync, open_store,
+                                            prune_trunk_in_store, pull_trial)
+from orchestrator.worker.task import StoreRef, Task
 from orchestrator.worker.reporting import checkpoint_warnings, recorded_divergence, reporters_for
 from trainer.atomic import write_atomic
 from trainer.engine.preemption import armed
@@ -88,6 +93,8 @@ def run_trial(config: dict[str, Any]) -> None:
                 folder.add_row(ATTEMPTS, {"attempt": attempt, "skipped": "diverged", "time": time.time()})
                 raise diverged
             start_from = fork_source(task, store)
+            if store is not None and start_from is None:
+                fetch_init(store, task)
             with armed():  # SIGTERM: stop at a step's end (no run in this process otherwise: it exits)
                 if task.workers > 1:
                     _run_ddp(task, attempt, start_from)
@@ -124,6 +131,8 @@ def _retain(task: Task, sync: Any = None) -> None:
         sync.push()
         if task.role == "trunk" or task.fork:
             prune_trunk_in_store(sync.store, task)
+        if task.fork_copy() is not None:  # this node's copy of the fork checkpoint: its own ones took over
+            task.fork_copy().unlink(missing_ok=True)
         return
     if task.role == "trunk":
         prune_trunk(folder, task.branches, policy)
@@ -240,23 +249,36 @@ def _ddp_worker(loop_config: dict[str, Any], rank: int) -> None:
 # Pretrain jobs
 
 
-def run_pretrain_job(cfg: dict[str, Any]) -> str:
-    """Ray task: one pretrain job, resumable, done once (done.json marks it); returns the backbone path."""
+def run_pretrain_job(cfg: dict[str, Any], store: dict[str, Any] | None = None) -> str:
+    """Ray task: one pretrain job, resumable, done once (done.json marks it); returns the backbone path.
+
+    `store`: an object-store sweep's `StoreRef` (as a dict): the job trains in this node's scratch,
+    pulled from and pushed to the store as a trial's folder is (its backbone a committed object)."""
     from trainer.config import PretrainConfig
     from trainer.pretrain.train import pretrain
 
-    out = Path(cfg["output_dir"])
+    ref = StoreRef.model_validate(store) if store else None
+    out = ref.on_node(cfg["output_dir"]) if ref else Path(cfg["output_dir"])
+    cfg = {**cfg, "output_dir": str(out)}
+    obj = open_store(ref) if ref else None
+    if obj is not None:
+        pull_trial(obj, out.name, out, prefix=ref.key(out))
     out.mkdir(parents=True, exist_ok=True)
     done = out / "done.json"
     handler = _file_log(out / "pretrain.log")
+    sync = TrialSync(obj, TrialDir(out), 1, prefix=ref.key(out)).start() if obj is not None else None
     try:
         with TrialDir(out).lock():
             if done.exists():
                 return json.loads(done.read_text())["backbone"]
             path = pretrain(PretrainConfig.model_validate(cfg), resume=True)
+            if sync is not None:
+                sync.push(final=True)  # the backbone is committed in the store before the job says done
             write_atomic(done, json.dumps({"backbone": str(path), "time": time.time()}))
             return str(path)
     finally:
+        if sync is not None:
+            sync.close()
         logging.getLogger().removeHandler(handler)
         handler.close()
 

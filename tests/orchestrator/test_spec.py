@@ -37,6 +37,9 @@ def test_tiny_spec_loads(tmp_path):
     ({"tracking__metric_period": 0}, "tracking.metric_period"),
     ({"dataset__generate__cls_detection_shapes": False}, "without the detection shapes"),
     ({"tracking__period": 10}, "tracking.period"),
+    ({"storage_path": "hdfs://nn/runs"}, "an object store is s3://BUCKET/PREFIX or gs://BUCKET/PREFIX"),
+    ({"storage_path": "s3://"}, "name the bucket"),
+    ({"storage_path": "s3://b/p", "resources__gpus_per_trial": 2}, "need resources.one_node: true"),
 ])
 def test_bad_specs_name_the_field(tmp_path, change, needle):
     with pytest.raises(SpecError) as err:
@@ -64,3 +67,19 @@ def test_resources_shapes(tmp_path):
 def test_missing_spec_file(tmp_path):
     with pytest.raises(SpecError, match="spec file not found"):
         load_spec(tmp_path / "nope.yaml")
+
+
+def test_storage_path_is_a_folder_or_an_object_store(tmp_path):
+    from orchestrator.sweep.plan import render_plan, storage_needs
+    from orchestrator.sweep.expand import expand
+
+    folder = load_spec(write_spec(tmp_path, tiny_spec(tmp_path)))
+    assert str(folder.storage_path) == str(tmp_path / "runs") and folder.store_uri is None
+    store = load_spec(write_spec(tmp_path, tiny_spec(tmp_path, storage_path="s3://bkt/pre/",
+                                                     local_cache=str(tmp_path / "cache"),
+                                                     resources={"gpus_per_trial": 2, "one_node": True})))
+    assert store.store_uri == "s3://bkt/pre/tiny"
+    needs = storage_needs(store)
+    assert needs["scratch"] == str(tmp_path / "cache" / "scratch" / "s3" / "bkt" / "pre" / "tiny")
+    assert needs["mirror"] == str(tmp_path / "cache" / "mirror" / "s3" / "bkt" / "pre" / "tiny")
+    assert render_plan(expand(store)).splitlines()[-1].startswith("storage: object store s3://bkt/pre/tiny ")
