@@ -1,6 +1,7 @@
 """The object store of a sweep on `storage_path: s3://...`, against a real S3 server (moto's, on 127.0.0.1)
 through real pyarrow S3: a checkpoint counts only once its manifest (size, sha256) is written after
-its data and matches it, so an upload interrupted midway never leaves an object that resume would load.
+its data and matches it, and its bytes reach their final name whole (through a staging key), so an
+upload interrupted midway never leaves a partial object, nor anything that resume would load.
 
 Each interrupted upload is checked the way resume meets it: `store_sync.pull_trial` brings the trial
 down into an empty folder, and `trainer.engine.checkpoint.load_latest` picks what resume would load.
@@ -26,6 +27,7 @@ BUCKET = "sweeps"
 NAME = "random-all-1x-R18"
 TRIAL = f"trials/{NAME}"  # the trial's keys under the sweep's root
 MiB = 1 << 20
+MANIFEST = ".manifest.json"
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +82,7 @@ def test_put_manifest_get_round_trip(store, tmp_path):
     store.put_file(path, _key(3))
     assert store.manifest(_key(3)) == _digest(path)
     listed = store.list(TRIAL)
-    assert listed[_key(3)][0] == path.stat().st_size and _key(3) + ".manifest.json" in listed, listed
+    assert listed[_key(3)][0] == path.stat().st_size and _key(3) + MANIFEST in listed, listed
     out = tmp_path / "out" / "ckpt.pt"
     assert store.get_verified(_key(3), out) is True
     assert out.read_bytes() == path.read_bytes()
@@ -114,8 +116,9 @@ class _Breaks:
 
 
 def test_upload_failing_midway_leaves_nothing_resume_loads(store, tmp_path):
-    """pyarrow completes a multipart upload whose writer raised (the partial bytes become an object),
-    so the data object may exist; its manifest must not, and resume falls back to the committed one."""
+    """pyarrow completes a multipart upload whose writer raised (the partial bytes become an object): no
+    such object may show under the final name (nor anywhere in the store: a staging copy goes), no
+    manifest, and resume falls back to the committed checkpoint."""
     src = tmp_path / "src"
     store.put_file(_ckpt(src, 3), _key(3))
     big = _ckpt(src, 6, numel=4 * MiB)  # 16 MiB
@@ -127,13 +130,11 @@ def test_upload_failing_midway_leaves_nothing_resume_loads(store, tmp_path):
         source.close()
     assert source.done >= 5 * MiB  # the upload really was under way
     assert store.manifest(_key(6)) is None
-    partial = store.list(TRIAL).get(_key(6), (None,))[0]  # (size, mtime) or absent
-    assert partial is None or partial < big.stat().st_size, partial
+    assert sorted(store.list()) == [_key(3), _key(3) + MANIFEST], store.list()
     assert store.get_verified(_key(6), tmp_path / "six.pt") is False and not (tmp_path / "six.pt").exists()
     assert _resume_sees(store, tmp_path) == ([3], 3)
     print(f"object store: upload failing after {source.done // MiB} MiB of {big.stat().st_size // MiB} MiB left "
-          f"{'no object' if partial is None else f'a {partial // MiB} MiB partial object'} and no manifest; "
-          f"resume loads iteration 3")
+          f"no object and no manifest; resume loads iteration 3")
 
 
 _UPLOADER = textwrap.dedent("""
@@ -184,12 +185,10 @@ def test_uploader_killed_midway_leaves_nothing_resume_loads(store, prefix, s3, t
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert store.manifest(_key(6)) is None
-    partial = store.list(TRIAL).get(_key(6), (None,))[0]  # (size, mtime) or absent
-    assert partial is None or partial < big.stat().st_size, partial
+    assert sorted(store.list()) == [_key(3), _key(3) + MANIFEST], store.list()
     assert _resume_sees(store, tmp_path) == ([3], 3)
-    print(f"object store: uploader SIGKILLed after {handed // MiB} of 64 MiB were handed to it left "
-          f"{'no object' if partial is None else f'a {partial // MiB} MiB partial object'} and no manifest; "
-          f"resume loads iteration 3")
+    print(f"object store: uploader SIGKILLed after {handed // MiB} of 64 MiB were handed to it left no object "
+          f"and no manifest; resume loads iteration 3")
 
 
 @pytest.mark.parametrize("replacement", ["other size", "same size, other bytes"])
