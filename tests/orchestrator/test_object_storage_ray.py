@@ -179,6 +179,27 @@ def _mlflow_points(ml: dict) -> dict[str, set[tuple[str, int]]]:
     return {name: {(k, s) for k, steps in hist.items() for s in steps} for name, hist in ml["history"].items()}
 
 
+def _check_mlflow(tmp: Path, poller: StorePoller) -> int:
+    """Complete curves, no duplicate point, and exactly the stored chunks' points; returns how many."""
+    ml = mlflow_contents(tmp, SWEEP)
+    check_children(ml, EVALS)
+    assert duplicate_points(tmp) == []
+    stored, logged = _expected_points(poller), _mlflow_points(ml)
+    for name in EVALS:
+        assert logged[name] == stored[name], (name, sorted(stored[name] - logged[name])[:10],
+                                              sorted(logged[name] - stored[name])[:10])
+    return sum(map(len, logged.values()))
+
+
+def _check_kept(poller: StorePoller) -> list[int]:
+    """keep_checkpoints: final (the default): each trial's last checkpoint stays, committed; the trunk's
+    fork points went once both branches had their own. Returns the sizes of the checkpoint objects left."""
+    listing = poller.listing()
+    kept = sorted(k[len(ROOT) + 1:-len(MANIFEST)] for k in listing if k.endswith(".pt" + MANIFEST))
+    assert kept == [f"trials/{n}/checkpoints/ckpt_{e[-1]:07d}.pt" for n, e in sorted(EVALS.items())], kept
+    return [size for k, (size, _) in listing.items() if k.endswith(".pt")]
+
+
 def _spec(tmp: Path, cache: Path) -> Path:
     spec = tiny_spec(tmp, name=SWEEP, grid=GRID, fork_schedules=True, base__runtime__log_period=1,
                      storage_path=f"s3://{BUCKET}/{PREFIX}", local_cache=str(cache))
@@ -243,26 +264,13 @@ def test_forked_sweep_on_object_storage(tmp_path, cluster):
     after = [a for a in tries if a["time"] > state["lost_at"]]
     assert after and after[0]["start_iter"] >= state["newest"][-1] >= 3, (state, tries)
 
-    # MLflow: complete curves, no duplicate point, and exactly the stored chunks' points.
-    ml = mlflow_contents(tmp_path, SWEEP)
-    check_children(ml, EVALS)
-    assert duplicate_points(tmp_path) == []
-    stored, logged = _expected_points(poller), _mlflow_points(ml)
-    for name in EVALS:
-        assert logged[name] == stored[name], (name, sorted(stored[name] - logged[name])[:10],
-                                              sorted(logged[name] - stored[name])[:10])
-
+    points = _check_mlflow(tmp_path, poller)
     status = cli("status", uri, timeout=300)
     assert status.returncode == 0 and "total: 2 trials + 1 trunks (3 finished)" in status.stdout, \
         status.stdout + status.stderr
     report = cli("report", str(mirror), "--no-log", timeout=600)
     assert report.returncode == 0, report.stderr[-3000:]
-    # keep_checkpoints: final (the default): each trial's last checkpoint stays, committed; the trunk's
-    # fork points went once both branches had their own.
-    listing = poller.listing()
-    kept = sorted(k[len(ROOT) + 1:-len(MANIFEST)] for k in listing if k.endswith(".pt" + MANIFEST))
-    assert kept == [f"trials/{n}/checkpoints/ckpt_{e[-1]:07d}.pt" for n, e in sorted(EVALS.items())], kept
-    sizes = [s for k, (s, _) in listing.items() if k.endswith(".pt")]
+    sizes = _check_kept(poller)
     cost = [a for n in (TRUNK, *EVALS) for a in attempts(mirror, n) if "uploads" in a]  # attempts that ended
     uploads, upload_mb, upload_s = (sum(a[k] for a in cost) for k in ("uploads", "upload_mb", "upload_s"))
     print(f"object storage: sweep {wall:.0f}s (resume {time.time() - t_resume:.0f}s of it, after the kill at "
@@ -270,7 +278,7 @@ def test_forked_sweep_on_object_storage(tmp_path, cluster):
           f"{state['newest'][-1]}, a fresh node joined in {state['joined']:.0f}s, the trunk resumed from "
           f"{after[0]['start_iter']}; driver SIGKILLed, resume rc 0; {poller.scans} store scans, "
           f"{len(poller.checked)} committed checkpoint versions checked, 0 mismatches; MLflow points "
-          f"{sum(map(len, logged.values()))} = stored, duplicates 0; checkpoint objects left {len(sizes)} "
+          f"{points} = stored, duplicates 0; checkpoint objects left {len(sizes)} "
           f"({sum(sizes) / 1e6:.1f} MB); checkpoint uploads recorded {uploads}, {upload_mb:.0f} MB in "
           f"{upload_s:.1f} s ({upload_s / max(uploads, 1):.1f} s each)")
 
