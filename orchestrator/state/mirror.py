@@ -22,7 +22,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from orchestrator.worker.object_store import ObjectStore
+from orchestrator.worker.object_store import ObjectStore, periodic
 from orchestrator.worker.store_sync import CLOSED, committed, newest_view
 from trainer.atomic import write_atomic
 from trainer.trial_dir import FINAL, MANIFEST, METRICS, TRUNK_DONE, file_name
@@ -125,15 +125,7 @@ class SweepMirror:
             self.pull_trials()
 
     def start(self, interval: float = 2.0) -> "SweepMirror":
-        def loop() -> None:
-            while not self._stop.wait(interval):
-                try:
-                    self.sync()
-                except Exception as exc:  # the store unreachable a while: the next pass catches up
-                    logger.warning("object store %s: %s: %s; retrying", self.store.uri, type(exc).__name__, exc)
-
-        self._thread = threading.Thread(target=loop, name="store-mirror", daemon=True)
-        self._thread.start()
+        self._thread = periodic(self.sync, interval, self._stop, "store-mirror", self.store.uri)
         return self
 
     def close(self) -> None:

@@ -189,3 +189,20 @@ def credentials_hint() -> str:
     names = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_DEFAULT_REGION",
              "GOOGLE_APPLICATION_CREDENTIALS")
     return ", ".join(n for n in names if os.environ.get(n)) or "none of AWS_*/GOOGLE_APPLICATION_CREDENTIALS"
+
+
+def periodic(fn: Any, interval: float, stop: Any, name: str, uri: str) -> Any:
+    """A daemon thread calling `fn` every `interval` s until `stop` (a threading.Event) is set; a failing
+    pass is logged and the next one tries again (a store unreachable a while)."""
+    import threading
+
+    def loop() -> None:
+        while not stop.wait(interval):
+            try:
+                fn()
+            except Exception as exc:  # pyarrow's errors differ by store and version
+                logger.warning("object store %s: %s: %s: %s; retrying", uri, name, type(exc).__name__, exc)
+
+    thread = threading.Thread(target=loop, name=name, daemon=True)
+    thread.start()
+    return thread

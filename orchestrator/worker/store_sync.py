@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from orchestrator.worker.object_store import ObjectStore, hexdigest
+from orchestrator.worker.object_store import ObjectStore, hexdigest, periodic
 from trainer.atomic import write_atomic
 from trainer.trial_dir import LOG, LOCK, MANIFEST, METRICS, TrialDir
 
@@ -157,7 +157,7 @@ class TrialSync:
         self.big = {rel: stamp for rel, stamp in self._big_here(folder).items() if rel in done}
         self.inode, self.offset, self.gen, self.seq = None, 0, -1, 0
         self.uploads: list[tuple[str, int, float]] = []  # (key, bytes, seconds): the upload cost
-        self._wake, self._stop = threading.Event(), threading.Event()
+        self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._push_lock = threading.Lock()
         self._log_at = self._rows_at = 0.0
@@ -171,26 +171,12 @@ class TrialSync:
         return out
 
     def start(self, interval: float = PUSH_INTERVAL_S) -> "TrialSync":
-        def loop() -> None:
-            while not self._stop.is_set():
-                self._wake.wait(interval)
-                self._wake.clear()
-                try:
-                    self.push()
-                except Exception as exc:  # the store unreachable a while: the next pass tries again
-                    logger.warning("push to %s failed (%s: %s); retrying", self.store.uri, type(exc).__name__, exc)
-
-        self._thread = threading.Thread(target=loop, name="store-push", daemon=True)
-        self._thread.start()
+        self._thread = periodic(self.push, interval, self._stop, "store-push", self.store.uri)
         return self
-
-    def wake(self) -> None:
-        self._wake.set()
 
     def close(self) -> None:
         """Stop the thread and push what is left (an error here fails the attempt: nothing may be lost)."""
         self._stop.set()
-        self._wake.set()
         if self._thread is not None:
             self._thread.join()
         self.push(final=True)
