@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import urllib.request
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -29,10 +30,21 @@ def s3_server(bucket: str = "sweeps") -> Iterator[dict[str, str]]:
         host, port = server.get_host_and_port()
         env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
                "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": REGION}
+        # moto keeps its buckets in this process, not in the server: a new server would see the last one's.
+        _reset(env)
         client(env).create_bucket(Bucket=bucket)
-        yield env
+        try:
+            yield env
+        finally:
+            _reset(env)  # and its memory back (a sweep's checkpoints are hundreds of MB)
     finally:
         server.stop()
+
+
+def _reset(env: dict[str, str]) -> None:
+    request = urllib.request.Request(env["AWS_ENDPOINT_URL"] + "/moto-api/reset", method="POST")
+    with urllib.request.urlopen(request, timeout=30) as resp:
+        resp.read()
 
 
 def client(env: dict[str, str]):
