@@ -163,7 +163,8 @@ def run(spec_path: Path, *, storage: Path | str | None = None, must_exist: bool 
     tasks = build_tasks(exp, configs, run_ids, _store_ref(spec))
     if p.mirror is not None:
         p.mirror.start()
-    sync = MetricSync(tracker, sweep_dir, record, run_ids, period=spec.tracking.metric_period).start()
+    sync = MetricSync(tracker, sweep_dir, record, run_ids, period=spec.tracking.metric_period,
+                      final_wait_s=30.0 if p.mirror is not None else 0.0).start()
     monitor = SweepMonitor(sweep_dir, record, sync, view=LiveView(enabled=view))
     capacity = Capacity(spec.resources, checked, check, jobs, auto, concurrent)
     logger.info("running %d trials, at most %d at a time%s; MLflow: %s (experiment %r)", len(tasks), concurrent,

@@ -40,8 +40,11 @@ class MetricSync:
     """Per sweep: tails the tasks' files into their runs from a thread; `post` queues run status/tags/artifacts."""
 
     def __init__(self, tracker: Any, sweep_dir: Path, record: dict[str, Any], run_ids: dict[str, str],
-                 period: int = 100, interval: float = 1.0, max_wait: float = 15.0):
+                 period: int = 100, interval: float = 1.0, max_wait: float = 15.0, final_wait_s: float = 0.0):
         self.tracker, self.sweep_dir, self.run_ids = tracker, Path(sweep_dir), run_ids
+        # An object store's mirror pulls a trial's end a moment after Tune reports it: how long a finished
+        # trial's artifacts wait for its final metrics to appear in the folder.
+        self.final_wait_s = final_wait_s
         self.period, self.interval, self.max_wait = max(int(period), 1), interval, max_wait
         tasks = {t.trial_id: t for t in read_plans(record)}
         self.names = {tid: t.name for tid, t in tasks.items()}
@@ -168,6 +171,10 @@ class MetricSync:
         run_id = self.run_ids[trial_id]
         if post["artifacts"]:
             folder = self._folder(self.names[trial_id])
+            if post["status"] == "FINISHED" and not folder.finished() and \
+                    time.time() - (post["at"] or time.time()) < self.final_wait_s:
+                self._requeue(trial_id, post)  # an object store's mirror has not pulled the trial's end yet
+                return
             self.tracker.log_artifacts(run_id, [folder.config_file(), folder.final_file()])
             self.tracker.log_final(self.names[trial_id], folder.final() or {})
             post["artifacts"] = False

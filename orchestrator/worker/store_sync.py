@@ -15,8 +15,9 @@ it and the metric rows from the newest stream that has chunks (`newest_view`): a
 an older one off. Within a stream, a rewrite of metrics.jsonl (a resume drops rows past its checkpoint)
 starts a new generation GG whose chunk 0 holds the whole file, so a generation is complete on its own.
 
-Order of a push (`TrialSync.push`): note the checkpoints on disk, push the metric rows, upload those
-checkpoints (then delete in the store those pruned here), then the small files. The trainer writes a
+Order of a push (`TrialSync.push`): read the changed small files, note the checkpoints on disk, push the
+metric rows, upload those checkpoints (then delete in the store those pruned here), then the small
+files as read. The trainer writes a
 step's rows before its checkpoint, so a committed checkpoint never has rows missing before it (a resume
 from it leaves no gap in the curve); and a marker (final metrics, trunk done) never reaches the store
 before the checkpoints it vouches for (a new attempt would skip the task, its checkpoints lost).
@@ -186,14 +187,20 @@ class TrialSync:
 
     def push(self, final: bool = False) -> None:
         with self._push_lock:
-            on_disk = self._big_here(self.folder)  # first: rows written before a checkpoint go out before it
+            # Read in this order, sent in the reverse: a marker (final metrics, trunk done) read here was
+            # written after the checkpoints it vouches for, which the listing below then sees and which go
+            # up before it (else a new attempt could skip a task whose checkpoints are lost); rows
+            # written before a checkpoint go up before it (a resume from it leaves no gap in the curve).
+            files = self._changed_files(final)
+            on_disk = self._big_here(self.folder)
             new_big = any(self.big.get(rel) != stamp for rel, stamp in on_disk.items())
             if final or new_big or time.monotonic() - self._rows_at >= METRICS_PUSH_S:
                 self._push_metrics()  # a chunk per METRICS_PUSH_S at most: listings stay short
             self._push_big(on_disk)
-            # Last: a marker (final metrics, trunk done) must never reach the store before the
-            # checkpoints it vouches for, or a new attempt would skip a task whose checkpoints are lost.
-            self._push_files(final)
+            for name, (stamp, data) in files.items():
+                self.store.put_bytes(self._stream_key("files", name), data)
+                self.pushed[name] = stamp
+                self._log_at = time.monotonic() if name == LOG else self._log_at
 
     def _stream_key(self, kind: str, name: str) -> str:
         return f"{self.prefix}/streams/{self.stream}/{kind}/{name}"
@@ -216,7 +223,9 @@ class TrialSync:
             self.offset += len(data)
             self.seq += 1
 
-    def _push_files(self, final: bool) -> None:
+    def _changed_files(self, final: bool) -> dict[str, tuple[tuple[int, int], bytes]]:
+        """The small files changed since their last push: name -> ((size, mtime), bytes)."""
+        out = {}
         for path in sorted(self.folder.path.iterdir()) if self.folder.path.exists() else ():
             name = path.name
             if not path.is_file() or name.startswith(".") or name in (METRICS, LOCK) or name.endswith(BIG) \
@@ -227,9 +236,8 @@ class TrialSync:
                 continue
             if name == LOG and not final and time.monotonic() - self._log_at < LOG_PUSH_S:
                 continue  # the log is uploaded whole: every LOG_PUSH_S, and at the attempt's end
-            self.store.put_bytes(self._stream_key("files", name), path.read_bytes())
-            self.pushed[name] = (st.st_size, st.st_mtime_ns)
-            self._log_at = time.monotonic() if name == LOG else self._log_at
+            out[name] = ((st.st_size, st.st_mtime_ns), path.read_bytes())
+        return out
 
     def _push_big(self, on_disk: dict[str, tuple[int, int]]) -> None:
         known, prefix = self.big, self.prefix
