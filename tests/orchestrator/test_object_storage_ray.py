@@ -19,10 +19,12 @@ measured is printed as one `object storage:` line (pytest -s shows it).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import shutil
 import threading
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -86,6 +88,7 @@ class StorePoller(threading.Thread):
         super().__init__(name="store-poller", daemon=True)
         self.s3, self.stop = client(env), threading.Event()
         self.checked: set[tuple[str, str, str]] = set()
+        self.whole: set[tuple[str, str]] = set()  # (key, etag) of objects without a manifest checked whole
         self.problems: list[str] = []
         self.scans = 0
 
@@ -106,6 +109,12 @@ class StorePoller(threading.Thread):
         found = self.listing()
         self.scans += 1
         for key, (_, etag) in found.items():
+            if key.endswith(".pt") and "/.uploads/" not in key and key + MANIFEST not in found \
+                    and (key, etag) not in self.whole:
+                problem = self.whole_zip(key)  # not committed yet: still never a partial object
+                if problem:
+                    self.problems.append(problem)
+                self.whole.add((key, etag))
             if not key.endswith(".pt" + MANIFEST):
                 continue
             data = key[:-len(MANIFEST)]
@@ -121,6 +130,19 @@ class StorePoller(threading.Thread):
             return self.s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
         except self.s3.exceptions.NoSuchKey:
             return None
+
+    def whole_zip(self, key: str) -> str | None:
+        """An object under a checkpoint's final name is a whole torch file (a zip with its central
+        directory and every member's CRC right), committed or not."""
+        body = self._get(key)
+        if body is None:
+            return None  # pruned since the listing
+        try:
+            with zipfile.ZipFile(io.BytesIO(body)) as z:
+                bad = z.testzip()
+        except zipfile.BadZipFile as exc:
+            return f"{key}: a partial checkpoint object ({len(body)} bytes: {exc})"
+        return f"{key}: member {bad} damaged" if bad else None
 
     def verify(self, data_key: str) -> str | None:
         manifest = self._get(data_key + MANIFEST)
@@ -277,7 +299,8 @@ def test_forked_sweep_on_object_storage(tmp_path, cluster):
           f"{killed_at - t0:.0f}s); worker node lost with the trunk's newest committed checkpoint at "
           f"{state['newest'][-1]}, a fresh node joined in {state['joined']:.0f}s, the trunk resumed from "
           f"{after[0]['start_iter']}; driver SIGKILLed, resume rc 0; {poller.scans} store scans, "
-          f"{len(poller.checked)} committed checkpoint versions checked, 0 mismatches; MLflow points "
+          f"{len(poller.checked)} committed checkpoint versions checked, 0 mismatches, {len(poller.whole)} "
+          f"uncommitted ones whole; MLflow points "
           f"{points} = stored, duplicates 0; checkpoint objects left {len(sizes)} "
           f"({sum(sizes) / 1e6:.1f} MB); checkpoint uploads recorded {uploads}, {upload_mb:.0f} MB in "
           f"{upload_s:.1f} s ({upload_s / max(uploads, 1):.1f} s each)")
@@ -322,3 +345,25 @@ def test_worker_node_lost_while_a_finished_trunk_uploads(tmp_path, cluster):
     print(f"object storage: trunk done marker in the store before its fork checkpoint 8: "
           f"{'yes, worker node lost then (committed: ' + str(state['newest']) + ')' if state['open'] else 'never'}"
           f"; the sweep finished, duplicates 0")
+
+
+@pytest.mark.timeout(600)
+def test_ddp_gang_on_one_node_on_object_storage(tmp_path, cluster):
+    """A 2-rank gang (gloo) with `one_node: true`: its trial's process pulls and pushes the scratch folder
+    its ranks train in on their one node; the run's curve in MLflow is the store's, once each."""
+    env, address, _, cache, _ = cluster
+    spec = tiny_spec(tmp_path, name=SWEEP, grid={**GRID, "schedule": ["1x"]}, base__runtime__log_period=1,
+                     resources={"cpus_per_trial": 1.98, "workers_per_trial": 2, "one_node": True},
+                     base__optim__batch_size=2, storage_path=f"s3://{BUCKET}/{PREFIX}", local_cache=str(cache))
+    out = cli("run", str(write_spec(tmp_path, spec)), "--no-view", env={"RAY_ADDRESS": address}, timeout=500)
+    assert out.returncode == 0, out.stderr[-3000:]
+    name = "random-all-1x-R18"
+    ml = mlflow_contents(tmp_path, SWEEP)
+    check_children(ml, {name: [3, 6]})
+    assert duplicate_points(tmp_path) == []
+    poller = StorePoller(env)
+    stored = {(k, s) for s, r in _stored_rows(poller, name) for k, v in r.items() if logged_to_mlflow(k, v)}
+    assert _mlflow_points(ml)[name] == stored and stored
+    rank0 = attempts(cache / "mirror" / "s3" / BUCKET / ROOT, name)[0]
+    print(f"object storage: 2-rank gang on one node trained {name}; MLflow points {len(stored)} = stored, "
+          f"duplicates 0; attempt on node {rank0.get('node_id', '?')[:12]}")
