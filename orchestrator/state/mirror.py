@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from orchestrator.worker.object_store import ObjectStore, periodic
-from orchestrator.worker.store_sync import CLOSED, committed, newest_view
+from orchestrator.state.driver_log import LOG_NAME
+from orchestrator.worker.store_sync import CLOSED, LOG_PUSH_S, committed, newest_view
 from trainer.atomic import write_atomic
 from trainer.trial_dir import FINAL, MANIFEST, METRICS, TRUNK_DONE, file_name
 
@@ -41,6 +43,7 @@ class SweepMirror:
         self.streams: dict[str, tuple[str, list[str]]] = {}  # task -> (its metrics' generation, chunks appended)
         self.pushed: dict[str, tuple[int, int]] = {}
         self.ended: set[str] = set()  # tasks whose end this mirror has (`pull_trials`)
+        self._log_at = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -57,14 +60,18 @@ class SweepMirror:
                 self.pushed[key] = (st.st_size, st.st_mtime_ns)  # this copy is the store's already
         return len(found)
 
-    def push_root(self) -> None:
+    def push_root(self, final: bool = False) -> None:
         for path in sorted(self.local.iterdir()) if self.local.is_dir() else ():
             if not path.is_file() or path.name.startswith("."):
                 continue
             st = path.stat()
-            if self.pushed.get(path.name) != (st.st_size, st.st_mtime_ns):
-                self.store.put_bytes(path.name, path.read_bytes())
-                self.pushed[path.name] = (st.st_size, st.st_mtime_ns)
+            if self.pushed.get(path.name) == (st.st_size, st.st_mtime_ns):
+                continue
+            if path.name == LOG_NAME and not final and time.monotonic() - self._log_at < LOG_PUSH_S:
+                continue  # the driver's log grows all sweep long and goes up whole: not every pass
+            self.store.put_bytes(path.name, path.read_bytes())
+            self.pushed[path.name] = (st.st_size, st.st_mtime_ns)
+            self._log_at = time.monotonic() if path.name == LOG_NAME else self._log_at
 
     # -- the tasks' folders ---------------------------------------------------------------------
     def pull_trials(self) -> None:
@@ -119,9 +126,9 @@ class SweepMirror:
         self.streams[name] = (generation, list(chunks))
 
     # -- in step, from a thread -----------------------------------------------------------------
-    def sync(self) -> None:
+    def sync(self, final: bool = False) -> None:
         with self._lock:
-            self.push_root()
+            self.push_root(final)
             self.pull_trials()
 
     def start(self, interval: float = 2.0) -> "SweepMirror":
@@ -132,4 +139,4 @@ class SweepMirror:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        self.sync()
+        self.sync(final=True)
