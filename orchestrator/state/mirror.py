@@ -86,14 +86,14 @@ class SweepMirror:
                     self._pull_task(prefix, self.store.list(prefix))
 
     def _pull_task(self, prefix: str, listing: dict[str, Any]) -> None:
-        name, folder = prefix, self.local / prefix
+        folder = self.local / prefix
         files, chunks = newest_view(listing, prefix)
         for fname, key in files.items():
             self._fetch(key, listing[key], folder / fname)
         for fname in ENDED & set(files):  # ended, and the attempt that ended it pushed its last rows
             if files[fname].rsplit("/files/", 1)[0] + f"/{CLOSED}" in listing:
                 self.ended.add(prefix)
-        self._pull_metrics(name, folder, chunks)
+        self._pull_metrics(prefix, folder, chunks)
         wanted = {folder / f"{rel}{MANIFEST}" for rel in committed(listing, prefix)}
         for path in wanted:
             if not path.exists():

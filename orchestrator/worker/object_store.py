@@ -61,10 +61,6 @@ class ObjectStore:
         filesystem, root = pafs.FileSystem.from_uri(uri)
         return cls(filesystem, root, uri)
 
-    def child(self, key: str) -> "ObjectStore":
-        """The store rooted at `key` under this one (a sweep's objects under the storage path)."""
-        return ObjectStore(self.fs, self._path(key), f"{self.uri}/{key.strip('/')}")
-
     def _path(self, key: str) -> str:
         return f"{self.root}/{key.strip('/')}" if key else self.root
 

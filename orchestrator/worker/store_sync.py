@@ -69,7 +69,7 @@ def newest_view(listing: dict[str, Any], prefix: str) -> tuple[dict[str, str], l
             if name not in files or stream > files[name][0]:
                 files[name] = (stream, key)
         elif kind == "metrics" and name.endswith(".jsonl"):
-            gen, _, seq = name[:-6].partition("-")
+            gen = name[:-6].partition("-")[0]
             chunks.setdefault(stream, {}).setdefault(gen, []).append(key)
     rows: list[str] = []
     if chunks:
